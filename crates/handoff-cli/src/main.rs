@@ -1,0 +1,90 @@
+//! `handoff`: the one binary. Clap stays here; each subcommand converts its flags into library
+//! configuration.
+
+mod bench;
+mod commands;
+mod files;
+mod serve;
+mod size;
+
+use clap::{Parser, Subcommand};
+
+// mimalloc reuses large blocks; glibc maps every message over 32 MiB afresh, and page faults on
+// fresh mappings cost 2-3x of DoPut throughput in our measurements.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Hand Spark output straight to distributed PyTorch training over Arrow Flight.
+#[derive(Debug, Parser)]
+#[command(name = "handoff", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the Flight server that producers write to and training ranks read from.
+    Serve(serve::ServeArgs),
+    /// Append a Parquet, Arrow IPC or CSV file to a link as one partition.
+    Put(commands::PutArgs),
+    /// Read a link, or one rank's shard of it, into a Parquet, Arrow IPC or CSV file.
+    Get(commands::GetArgs),
+    /// List links with their state, rows and bytes.
+    Ls(commands::LsArgs),
+    /// Show one link's statistics and schema.
+    Stat(commands::LinkArgs),
+    /// Seal a link: no more writes; readers waiting for the seal start.
+    Seal(commands::LinkArgs),
+    /// Delete a link and free its memory.
+    Rm(commands::LinkArgs),
+    /// Measure this server against a pyarrow Flight server with the same pyarrow client.
+    Bench(bench::BenchArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let default_log = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_tracing(default_log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Put(args) => commands::put(args).await,
+            Command::Get(args) => commands::get(args).await,
+            Command::Ls(args) => commands::ls(args).await,
+            Command::Stat(args) => commands::stat(args).await,
+            Command::Seal(args) => commands::seal(args).await,
+            Command::Rm(args) => commands::rm(args).await,
+            Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+        }
+    });
+    if let Err(message) = result {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,143 @@
+//! `handoff serve`: flags, their conversion into the library config, and signal handling.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use handoff_server::{AuthConfig, ServerConfig};
+use handoff_store::{Store, StoreConfig};
+
+use crate::size::parse_size;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address for Arrow Flight (gRPC). Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8815")]
+    pub listen: SocketAddr,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:8816")]
+    pub http_listen: SocketAddr,
+    /// Admin token: may do everything. Clients send it as `authorization: Bearer <token>`.
+    #[arg(long, env = "HANDOFF_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Token that may write, commit and seal any link, but not read it.
+    #[arg(long, env = "HANDOFF_WRITER_TOKEN", hide_env_values = true)]
+    pub writer_token: Option<String>,
+    /// Token that may read any link, but not write it.
+    #[arg(long, env = "HANDOFF_READER_TOKEN", hide_env_values = true)]
+    pub reader_token: Option<String>,
+    /// Serve without any authentication. Only for local experiments.
+    #[arg(long, conflicts_with_all = ["token", "writer_token", "reader_token"])]
+    pub no_auth: bool,
+    /// Bytes the server may hold, staged and committed, e.g. 8GiB. Writes beyond it fail with
+    /// RESOURCE_EXHAUSTED. Default: no limit.
+    #[arg(long, value_parser = parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Largest gRPC message accepted; clients must accept as large (handoff's do).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub max_message_size: u64,
+    /// Seconds that SIGTERM waits for in-flight calls before closing them.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
+    #[arg(long, hide = true)]
+    pub copying_get: bool,
+}
+
+pub struct ServeConfig {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+}
+
+impl TryFrom<&ServeArgs> for ServeConfig {
+    type Error = String;
+
+    fn try_from(args: &ServeArgs) -> Result<Self, String> {
+        let auth = if args.no_auth {
+            AuthConfig::disabled()
+        } else {
+            let one = |t: &Option<String>| {
+                t.iter()
+                    .filter(|t| !t.is_empty())
+                    .cloned()
+                    .collect::<Vec<_>>()
+            };
+            let auth = AuthConfig {
+                disabled: false,
+                admin_tokens: one(&args.token),
+                writer_tokens: one(&args.writer_token),
+                reader_tokens: one(&args.reader_token),
+            };
+            if !auth.is_configured() {
+                return Err("no token given: pass --token <T> (or set HANDOFF_TOKEN), or --no-auth to serve without authentication".into());
+            }
+            auth
+        };
+        let max_message_bytes = usize::try_from(args.max_message_size)
+            .map_err(|_| "max message size too large".to_string())?;
+        if max_message_bytes < 1 << 20 {
+            return Err("--max-message-size below 1MiB would refuse ordinary batches".into());
+        }
+        Ok(Self {
+            server: ServerConfig {
+                auth,
+                max_message_bytes,
+                max_flight_data_size: handoff_proto::TARGET_FLIGHT_DATA_BYTES
+                    .min(max_message_bytes / 2),
+                zero_copy_get: !args.copying_get,
+                drain_timeout: Duration::from_secs(args.drain_timeout),
+            },
+            store: StoreConfig {
+                memory_limit: args.memory_limit,
+            },
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
+
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let config = ServeConfig::try_from(&args)?;
+    let grpc = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot bind --listen {}: {e}", args.listen))?;
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|e| format!("cannot bind --http-listen {}: {e}", args.http_listen))?;
+    let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    let store = Store::new(config.store);
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, auth = !config.server.auth.disabled, memory_limit = ?args.memory_limit, "serving");
+    // Scripts and tests wait for this line, so it goes to stdout, once, after binding.
+    println!("handoff listening grpc={grpc_addr} http={http_addr}");
+    handoff_server::serve(
+        Arc::clone(&store),
+        config.server,
+        grpc,
+        Some(http),
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}

@@ -1,0 +1,405 @@
+//! A Rust client for the Handoff Flight server.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), handoff_client::ClientError> {
+//! use futures::TryStreamExt;
+//! let mut client = handoff_client::HandoffClient::connect("grpc://127.0.0.1:8815", Some("token".into())).await?;
+//! let batches = client.read_shard(handoff_client::ReadShard {
+//!     link: "features".into(), rank: 0, world_size: 2, batch_rows: 1024, ..Default::default()
+//! }).await?.try_collect::<Vec<_>>().await?;
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::{Action, FlightClient, FlightDescriptor, FlightInfo, Ticket};
+use arrow_schema::SchemaRef;
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message;
+use serde::Deserialize;
+use tonic::transport::{Channel, Endpoint};
+
+use handoff_proto as proto;
+pub use handoff_proto::{CreateLink, ReadMode, ReadShard};
+
+/// What went wrong, with the server's sentence where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid endpoint '{0}': use grpc://host:port")]
+    Endpoint(String),
+    #[error("cannot connect to {endpoint}: {source}; is `handoff serve` running there?")]
+    Connect {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    #[error("{0}")]
+    Flight(FlightError),
+    #[error("unexpected reply from the server: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The gRPC code, where the server answered with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+impl From<FlightError> for ClientError {
+    fn from(e: FlightError) -> Self {
+        match e {
+            FlightError::Tonic(status) => ClientError::Status(*status),
+            other => ClientError::Flight(other),
+        }
+    }
+}
+
+impl From<ClientError> for FlightError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Status(s) => FlightError::Tonic(Box::new(s)),
+            ClientError::Flight(f) => f,
+            other => FlightError::ExternalError(Box::new(other)),
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// The server's answer to a DoPut.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub link: String,
+    pub partition: u64,
+    pub attempt: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub committed: bool,
+}
+
+/// The `stats` action's JSON.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct LinkStats {
+    pub link: String,
+    pub state: String,
+    pub partitions: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub staged_partitions: u64,
+    pub staged_bytes: u64,
+    pub memory_bytes: u64,
+    pub schema: Vec<String>,
+    #[serde(default)]
+    pub server_memory_used: u64,
+    #[serde(default)]
+    pub server_memory_limit: Option<u64>,
+}
+
+/// Client settings; the defaults match the server's.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub endpoint: String,
+    pub token: Option<String>,
+    pub max_message_bytes: usize,
+    pub max_flight_data_size: usize,
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(endpoint: impl Into<String>, token: Option<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            token,
+            max_message_bytes: proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_flight_data_size: proto::TARGET_FLIGHT_DATA_BYTES,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HandoffClient {
+    flight: FlightClient,
+    max_flight_data_size: usize,
+}
+
+fn http_url(endpoint: &str) -> Result<String> {
+    if let Some(rest) = endpoint
+        .strip_prefix("grpc://")
+        .or_else(|| endpoint.strip_prefix("grpc+tcp://"))
+    {
+        return Ok(format!("http://{rest}"));
+    }
+    if endpoint.starts_with("http://") {
+        return Ok(endpoint.to_string());
+    }
+    if !endpoint.contains("://") && endpoint.contains(':') {
+        return Ok(format!("http://{endpoint}"));
+    }
+    Err(ClientError::Endpoint(endpoint.to_string()))
+}
+
+impl HandoffClient {
+    pub async fn connect(endpoint: &str, token: Option<String>) -> Result<Self> {
+        Self::connect_with(ClientConfig::new(endpoint, token)).await
+    }
+
+    pub async fn connect_with(config: ClientConfig) -> Result<Self> {
+        let url = http_url(&config.endpoint)?;
+        let channel: Channel = Endpoint::from_shared(url)
+            .map_err(|_| ClientError::Endpoint(config.endpoint.clone()))?
+            .tcp_nodelay(true)
+            .connect_timeout(config.connect_timeout)
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(16 << 20)
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: config.endpoint.clone(),
+                source,
+            })?;
+        let inner = FlightServiceClient::new(channel)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        let mut flight = FlightClient::new_from_inner(inner);
+        if let Some(token) = config.token.filter(|t| !t.is_empty()) {
+            flight
+                .add_header("authorization", &format!("Bearer {token}"))
+                .map_err(|_| {
+                    ClientError::Protocol("the token is not a valid header value".into())
+                })?;
+        }
+        Ok(Self {
+            flight,
+            max_flight_data_size: config.max_flight_data_size,
+        })
+    }
+
+    async fn put_with(
+        &mut self,
+        descriptor: FlightDescriptor,
+        schema: Option<SchemaRef>,
+        batches: impl Stream<Item = Result<RecordBatch>> + Send + 'static,
+    ) -> Result<PutOutcome> {
+        let mut builder = FlightDataEncoderBuilder::new()
+            .with_max_flight_data_size(self.max_flight_data_size)
+            .with_flight_descriptor(Some(descriptor));
+        if let Some(schema) = schema {
+            // Announce the schema even when there are no batches, so an empty partition commits.
+            builder = builder.with_schema(schema);
+        }
+        let data = builder.build(batches.map_err(FlightError::from));
+        let mut results = self.flight.do_put(data).await?;
+        let mut outcome = None;
+        while let Some(result) = results.next().await {
+            let result = result?;
+            outcome = Some(
+                serde_json::from_slice(&result.app_metadata)
+                    .map_err(|e| ClientError::Protocol(format!("bad PutResult metadata: {e}")))?,
+            );
+        }
+        outcome.ok_or_else(|| ClientError::Protocol("DoPut returned no PutResult".into()))
+    }
+
+    /// Append one partition; it commits when the stream ends cleanly.
+    pub async fn put(
+        &mut self,
+        link: &str,
+        batches: impl Stream<Item = Result<RecordBatch>> + Send + 'static,
+    ) -> Result<PutOutcome> {
+        self.put_with(
+            FlightDescriptor::new_path(vec![link.to_string()]),
+            None,
+            batches,
+        )
+        .await
+    }
+
+    /// Like [`put`](Self::put), with the schema announced up front, so an empty input still
+    /// commits an (empty) partition.
+    pub async fn put_with_schema(
+        &mut self,
+        link: &str,
+        schema: SchemaRef,
+        batches: impl Stream<Item = Result<RecordBatch>> + Send + 'static,
+    ) -> Result<PutOutcome> {
+        self.put_with(
+            FlightDescriptor::new_path(vec![link.to_string()]),
+            Some(schema),
+            batches,
+        )
+        .await
+    }
+
+    /// Stage one attempt of one partition for a later [`commit`](Self::commit).
+    pub async fn put_partition(
+        &mut self,
+        link: &str,
+        partition: u64,
+        attempt: u64,
+        batches: impl Stream<Item = Result<RecordBatch>> + Send + 'static,
+    ) -> Result<PutOutcome> {
+        let cmd = proto::PutPartition {
+            link: link.to_string(),
+            partition,
+            attempt,
+        };
+        self.put_with(
+            FlightDescriptor::new_cmd(cmd.encode_to_vec()),
+            None,
+            batches,
+        )
+        .await
+    }
+
+    async fn action(&mut self, kind: &str, body: impl Into<Bytes>) -> Result<Bytes> {
+        let mut results = self
+            .flight
+            .do_action(Action::new(kind, body.into()))
+            .await?;
+        let mut last = Bytes::new();
+        while let Some(body) = results.next().await {
+            last = body?;
+        }
+        Ok(last)
+    }
+
+    async fn json_action<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        kind: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<T> {
+        let body = self.action(kind, body).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("bad '{kind}' reply: {e}")))
+    }
+
+    pub async fn create(&mut self, request: CreateLink) -> Result<LinkStats> {
+        let mut stats: serde_json::Value = self
+            .json_action(proto::actions::CREATE, request.encode_to_vec())
+            .await?;
+        stats
+            .as_object_mut()
+            .map(|m| m.entry("server_memory_used").or_insert(0.into()));
+        serde_json::from_value(stats).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Publish exactly these (partition, attempt) pairs.
+    pub async fn commit(
+        &mut self,
+        link: &str,
+        attempts: &[(u64, u64)],
+    ) -> Result<serde_json::Value> {
+        let commit = proto::Commit {
+            link: link.to_string(),
+            attempts: attempts
+                .iter()
+                .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
+                .collect(),
+        };
+        self.json_action(proto::actions::COMMIT, commit.encode_to_vec())
+            .await
+    }
+
+    /// Drop staged attempts; all of the link's when `attempts` is empty.
+    pub async fn abort(
+        &mut self,
+        link: &str,
+        attempts: &[(u64, u64)],
+    ) -> Result<serde_json::Value> {
+        let abort = proto::Abort {
+            link: link.to_string(),
+            attempts: attempts
+                .iter()
+                .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
+                .collect(),
+        };
+        self.json_action(proto::actions::ABORT, abort.encode_to_vec())
+            .await
+    }
+
+    pub async fn seal(&mut self, link: &str) -> Result<LinkStats> {
+        self.json_action(proto::actions::SEAL, link.to_string())
+            .await
+    }
+
+    pub async fn delete(&mut self, link: &str) -> Result<serde_json::Value> {
+        self.json_action(proto::actions::DELETE, link.to_string())
+            .await
+    }
+
+    pub async fn stats(&mut self, link: &str) -> Result<LinkStats> {
+        self.json_action(proto::actions::STATS, link.to_string())
+            .await
+    }
+
+    pub async fn list(&mut self) -> Result<Vec<FlightInfo>> {
+        Ok(self
+            .flight
+            .list_flights(Bytes::new())
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    pub async fn flight_info(&mut self, link: &str) -> Result<FlightInfo> {
+        Ok(self
+            .flight
+            .get_flight_info(FlightDescriptor::new_path(vec![link.to_string()]))
+            .await?)
+    }
+
+    pub async fn schema(&mut self, link: &str) -> Result<SchemaRef> {
+        Ok(std::sync::Arc::new(
+            self.flight
+                .get_schema(FlightDescriptor::new_path(vec![link.to_string()]))
+                .await?,
+        ))
+    }
+
+    pub async fn do_get(&mut self, ticket: Ticket) -> Result<FlightRecordBatchStream> {
+        Ok(self.flight.do_get(ticket).await?)
+    }
+
+    /// Every committed row of the link, partition by partition.
+    pub async fn read_link(
+        &mut self,
+        link: &str,
+    ) -> Result<(FlightInfo, Vec<FlightRecordBatchStream>)> {
+        let info = self.flight_info(link).await?;
+        let mut streams = Vec::with_capacity(info.endpoint.len());
+        for endpoint in &info.endpoint {
+            let ticket = endpoint
+                .ticket
+                .clone()
+                .ok_or_else(|| ClientError::Protocol("endpoint without ticket".into()))?;
+            streams.push(self.flight.do_get(ticket).await?);
+        }
+        Ok((info, streams))
+    }
+
+    /// The FlightInfo of one rank's shard: its schema and, for a sealed link, its row count.
+    pub async fn shard_info(&mut self, shard: &ReadShard) -> Result<FlightInfo> {
+        Ok(self
+            .flight
+            .get_flight_info(FlightDescriptor::new_cmd(shard.encode_to_vec()))
+            .await?)
+    }
+
+    /// One rank's shard.
+    pub async fn read_shard(&mut self, shard: ReadShard) -> Result<FlightRecordBatchStream> {
+        let ticket = Ticket::new(proto::Ticket::shard(shard).encode_to_vec());
+        Ok(self.flight.do_get(ticket).await?)
+    }
+}

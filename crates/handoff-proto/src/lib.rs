@@ -1,0 +1,47 @@
+//! Messages of the Handoff Flight protocol.
+//!
+//! The code in `gen/` is generated from `proto/handoff.proto` and checked in, so that building
+//! Handoff needs no `protoc`. `tests/regen.rs` fails when it is stale; regenerate with
+//! `HANDOFF_REGEN=1 cargo test -p handoff-proto --test regen`.
+
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    include!("gen/handoff.v1.rs");
+}
+
+pub use generated::*;
+
+/// The largest gRPC message either side accepts by default. Stored frames are replayed as they
+/// were written, so readers must accept whatever writers were allowed to send: both ends use this.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// What the encoders aim for per FlightData message; well under [`DEFAULT_MAX_MESSAGE_BYTES`], so a
+/// batch that overshoots the target (one very wide row) still fits.
+pub const TARGET_FLIGHT_DATA_BYTES: usize = 8 * 1024 * 1024;
+
+/// Names of the DoAction types the server understands.
+pub mod actions {
+    pub const CREATE: &str = "create";
+    pub const COMMIT: &str = "commit";
+    pub const ABORT: &str = "abort";
+    pub const SEAL: &str = "seal";
+    pub const DELETE: &str = "delete";
+    pub const STATS: &str = "stats";
+}
+
+impl Ticket {
+    pub fn shard(shard: ReadShard) -> Self {
+        Self {
+            kind: Some(ticket::Kind::Shard(shard)),
+        }
+    }
+
+    pub fn partition(link: impl Into<String>, index: u64) -> Self {
+        Self {
+            kind: Some(ticket::Kind::Partition(ReadPartition {
+                link: link.into(),
+                index,
+            })),
+        }
+    }
+}

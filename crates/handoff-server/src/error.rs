@@ -1,0 +1,35 @@
+use handoff_store::StoreError;
+use tonic::{Code, Status};
+
+/// The gRPC code for each store refusal, with the store's sentence as the message.
+pub fn status_of(err: StoreError) -> Status {
+    let code = match &err {
+        StoreError::UnknownLink(_) | StoreError::Deleted(_) => Code::NotFound,
+        StoreError::LinkExists(_) | StoreError::AlreadyCommitted { .. } => Code::AlreadyExists,
+        StoreError::Sealed(_) | StoreError::NotStaged { .. } => Code::FailedPrecondition,
+        StoreError::InvalidLinkName(_)
+        | StoreError::SchemaMismatch { .. }
+        | StoreError::InvalidIpc(_)
+        | StoreError::InvalidArgument(_) => Code::InvalidArgument,
+        StoreError::Unsupported(_) => Code::Unimplemented,
+        StoreError::MemoryExhausted { .. } => Code::ResourceExhausted,
+        StoreError::Corrupt { .. } => Code::DataLoss,
+    };
+    Status::new(code, err.to_string())
+}
+
+/// Errors of setting up and running the server (not of single requests, which are `Status`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}

@@ -1,0 +1,158 @@
+//! Prometheus metrics of the data plane.
+
+use std::sync::atomic::AtomicU64;
+
+use handoff_store::{LinkState, Store};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub rpcs: Family<RpcLabels, Counter>,
+    pub ingested_bytes: Counter,
+    pub ingested_rows: Counter,
+    pub served_bytes: Counter,
+    pub served_rows: Counter,
+    pub broken_puts: Counter,
+    memory_used: Gauge<u64, AtomicU64>,
+    memory_limit: Gauge<u64, AtomicU64>,
+    memory_peak: Gauge<u64, AtomicU64>,
+    links: Family<StateLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("handoff");
+        let m = Self {
+            rpcs: Family::default(),
+            ingested_bytes: Counter::default(),
+            ingested_rows: Counter::default(),
+            served_bytes: Counter::default(),
+            served_rows: Counter::default(),
+            broken_puts: Counter::default(),
+            memory_used: Gauge::default(),
+            memory_limit: Gauge::default(),
+            memory_peak: Gauge::default(),
+            links: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "rpcs",
+            "Flight calls by method and result code",
+            m.rpcs.clone(),
+        );
+        registry.register(
+            "ingested_bytes",
+            "Arrow IPC bytes accepted by DoPut",
+            m.ingested_bytes.clone(),
+        );
+        registry.register(
+            "ingested_rows",
+            "Rows accepted by DoPut",
+            m.ingested_rows.clone(),
+        );
+        registry.register(
+            "served_bytes",
+            "Arrow IPC bytes sent by DoGet",
+            m.served_bytes.clone(),
+        );
+        registry.register("served_rows", "Rows sent by DoGet", m.served_rows.clone());
+        registry.register(
+            "broken_puts",
+            "DoPut streams that ended in an error and left nothing",
+            m.broken_puts.clone(),
+        );
+        registry.register(
+            "memory_used_bytes",
+            "Bytes held, staged and committed",
+            m.memory_used.clone(),
+        );
+        registry.register(
+            "memory_limit_bytes",
+            "The memory limit (0: none)",
+            m.memory_limit.clone(),
+        );
+        registry.register(
+            "memory_peak_bytes",
+            "The most bytes held at once",
+            m.memory_peak.clone(),
+        );
+        registry.register("links", "Links by state", m.links.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn rpc(&self, method: &'static str, code: tonic::Code) {
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text, with gauges read fresh from the store.
+    pub fn render(&self, store: &Store) -> String {
+        let memory = store.memory();
+        self.memory_used.set(memory.used());
+        self.memory_limit.set(memory.limit().unwrap_or(0));
+        self.memory_peak.set(memory.peak());
+        let (mut open, mut sealed) = (0, 0);
+        for link in store.list() {
+            match link.state() {
+                LinkState::Open => open += 1,
+                LinkState::Sealed => sealed += 1,
+                LinkState::Deleted => {}
+            }
+        }
+        self.links
+            .get_or_create(&StateLabels { state: "open" })
+            .set(open);
+        self.links
+            .get_or_create(&StateLabels { state: "sealed" })
+            .set(sealed);
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}

@@ -1,0 +1,675 @@
+//! The Flight service: protocol translation between gRPC and the store, plus auth.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::flight_descriptor::DescriptorType;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+};
+use arrow_ipc::writer::IpcWriteOptions;
+use bytes::Bytes;
+use futures::stream::{self, BoxStream};
+use futures::{Stream, StreamExt};
+use handoff_proto as proto;
+use handoff_store::{
+    Chunk, Link, LinkState, LinkTokens, PutTarget, ReadMode, SchemaFrame, ShardSpec, Store,
+    StoreError,
+};
+use prost::Message;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Access, AuthConfig, Principal};
+use crate::encode::ChunkEncoder;
+use crate::error::status_of;
+use crate::metrics::Metrics;
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The Handoff implementation of `FlightService`.
+#[derive(Clone)]
+pub struct HandoffService {
+    pub(crate) store: Arc<Store>,
+    pub(crate) auth: Arc<AuthConfig>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) max_flight_data_size: usize,
+}
+
+/// What a descriptor names.
+enum Target {
+    Link(String),
+    Shard(proto::ReadShard),
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+fn parse_descriptor(descriptor: &FlightDescriptor) -> Result<Target, Status> {
+    match descriptor.r#type() {
+        DescriptorType::Path => match descriptor.path.as_slice() {
+            [link] => Ok(Target::Link(link.clone())),
+            [link, rank, world] => {
+                let rank = rank
+                    .parse()
+                    .map_err(|_| invalid(format!("rank '{rank}' in the path is not a number")))?;
+                let world_size = world.parse().map_err(|_| {
+                    invalid(format!("world_size '{world}' in the path is not a number"))
+                })?;
+                Ok(Target::Shard(proto::ReadShard {
+                    link: link.clone(),
+                    rank,
+                    world_size,
+                    ..Default::default()
+                }))
+            }
+            other => Err(invalid(format!(
+                "a PATH descriptor is [link] or [link, rank, world_size], got {} elements",
+                other.len()
+            ))),
+        },
+        DescriptorType::Cmd => proto::ReadShard::decode(descriptor.cmd.as_ref())
+            .map(Target::Shard)
+            .map_err(|e| invalid(format!("CMD descriptor is not a handoff.v1.ReadShard: {e}"))),
+        DescriptorType::Unknown => Err(invalid("descriptor type is unknown; use PATH or CMD")),
+    }
+}
+
+pub(crate) fn shard_spec(shard: &proto::ReadShard) -> (ShardSpec, ReadMode) {
+    let spec = ShardSpec {
+        rank: shard.rank,
+        world_size: shard.world_size,
+        epoch: shard.epoch,
+        seed: shard.seed,
+        batch_rows: shard.batch_rows,
+        shuffle: shard.shuffle,
+        drop_last: shard.drop_last,
+        start_batch: shard.start_batch,
+    };
+    let mode = match shard.mode() {
+        proto::ReadMode::Streaming => ReadMode::Streaming,
+        proto::ReadMode::WaitForSeal => ReadMode::WaitForSeal,
+    };
+    (spec, mode)
+}
+
+/// Accepts a bare flatbuffer schema message or the encapsulated form of FlightInfo.schema.
+fn strip_encapsulation(bytes: Bytes) -> Bytes {
+    if bytes.len() >= 8 && bytes[..4] == [0xFF; 4] {
+        let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        return bytes.slice(8..(8 + len).min(bytes.len()));
+    }
+    bytes
+}
+
+fn utf8_link(body: &Bytes, action: &str) -> Result<String, Status> {
+    std::str::from_utf8(body)
+        .map(|s| s.trim().to_string())
+        .map_err(|_| invalid(format!("the body of '{action}' is the link name as UTF-8")))
+}
+
+fn json_result(value: &impl serde::Serialize) -> Result<arrow_flight::Result, Status> {
+    let body = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(arrow_flight::Result { body: body.into() })
+}
+
+impl HandoffService {
+    pub fn new(
+        store: Arc<Store>,
+        auth: AuthConfig,
+        metrics: Arc<Metrics>,
+        max_flight_data_size: usize,
+    ) -> Self {
+        Self {
+            store,
+            auth: Arc::new(auth),
+            metrics,
+            max_flight_data_size,
+        }
+    }
+
+    fn authorize(
+        &self,
+        md: &MetadataMap,
+        access: Access,
+        link: Option<&str>,
+    ) -> Result<Principal, Status> {
+        self.auth.authorize(md, &self.store, access, link)
+    }
+
+    fn link(&self, name: &str) -> Result<Arc<Link>, Status> {
+        self.store.link(name).map_err(status_of)
+    }
+
+    fn schema_of(link: &Link) -> Result<SchemaFrame, Status> {
+        match link.schema() {
+            Some(s) => Ok(s),
+            None => {
+                SchemaFrame::from_schema(Arc::new(arrow_schema::Schema::empty())).map_err(status_of)
+            }
+        }
+    }
+
+    fn link_info(&self, link: &Link) -> Result<FlightInfo, Status> {
+        let snapshot = link.snapshot();
+        let schema = Self::schema_of(link)?;
+        let endpoints = (0..snapshot.partitions.len() as u64).map(|i| {
+            FlightEndpoint::new().with_ticket(Ticket::new(
+                proto::Ticket::partition(link.name(), i).encode_to_vec(),
+            ))
+        });
+        let mut info = FlightInfo::new()
+            .try_with_schema(&schema.schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_descriptor(FlightDescriptor::new_path(vec![link.name().to_string()]))
+            .with_total_records(snapshot.rows as i64)
+            .with_total_bytes(snapshot.bytes as i64)
+            .with_ordered(true);
+        for endpoint in endpoints {
+            info = info.with_endpoint(endpoint);
+        }
+        Ok(info)
+    }
+
+    fn shard_info(
+        &self,
+        link: &Link,
+        shard: proto::ReadShard,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        let (spec, _) = shard_spec(&shard);
+        spec.validate().map_err(status_of)?;
+        let snapshot = link.snapshot();
+        let (records, bytes) = if snapshot.state == LinkState::Sealed {
+            let rows = spec.rows_for_rank(snapshot.rows);
+            let bytes = if snapshot.rows == 0 {
+                0
+            } else {
+                (snapshot.bytes as u128 * rows as u128 / snapshot.rows as u128) as i64
+            };
+            (rows as i64, bytes)
+        } else {
+            (-1, -1)
+        };
+        let schema = Self::schema_of(link)?;
+        FlightInfo::new()
+            .try_with_schema(&schema.schema)
+            .map_err(|e| Status::internal(e.to_string()))
+            .map(|info| {
+                info.with_descriptor(descriptor)
+                    .with_endpoint(
+                        FlightEndpoint::new()
+                            .with_ticket(Ticket::new(proto::Ticket::shard(shard).encode_to_vec())),
+                    )
+                    .with_total_records(records)
+                    .with_total_bytes(bytes)
+                    .with_ordered(true)
+            })
+    }
+
+    /// Authorize a ticket and start producing its FlightData. Shared by tonic's DoGet and the
+    /// zero-copy DoGet path.
+    pub fn ticket_stream(
+        &self,
+        md: &MetadataMap,
+        ticket: &[u8],
+    ) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
+        let ticket = proto::Ticket::decode(ticket).map_err(|e| {
+            invalid(format!(
+                "not a ticket issued by this server ({e}); get one from GetFlightInfo"
+            ))
+        })?;
+        let chunks: BoxStream<'static, Result<Chunk, StoreError>> = match ticket.kind {
+            Some(proto::ticket::Kind::Partition(p)) => {
+                self.authorize(md, Access::Read, Some(&p.link))?;
+                let link = self.link(&p.link)?;
+                let (schema, partition) =
+                    handoff_store::read_partition(&link, p.index).map_err(status_of)?;
+                let frames = partition
+                    .frames
+                    .clone()
+                    .into_iter()
+                    .map(|f| Ok(Chunk::Frame(f)));
+                stream::iter(std::iter::once(Ok(Chunk::Schema(schema))).chain(frames)).boxed()
+            }
+            Some(proto::ticket::Kind::Shard(shard)) => {
+                self.authorize(md, Access::Read, Some(&shard.link))?;
+                let link = self.link(&shard.link)?;
+                let (spec, mode) = shard_spec(&shard);
+                spec.validate().map_err(status_of)?;
+                let rx = handoff_store::read_shard(link, spec, mode);
+                stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                })
+                .boxed()
+            }
+            None => return Err(invalid("empty ticket; get one from GetFlightInfo")),
+        };
+        let mut encoder = ChunkEncoder::new(self.max_flight_data_size);
+        let metrics = Arc::clone(&self.metrics);
+        Ok(chunks
+            .flat_map(move |item| {
+                let mut out = Vec::new();
+                let result = match item {
+                    Ok(chunk) => {
+                        let rows = match &chunk {
+                            Chunk::Frame(frame) => frame.rows,
+                            Chunk::Batch(batch) => batch.num_rows() as u64,
+                            Chunk::Schema(_) => 0,
+                        };
+                        metrics.served_rows.inc_by(rows);
+                        encoder.encode(chunk, &mut out)
+                    }
+                    Err(e) => Err(status_of(e)),
+                };
+                let bytes: usize = out
+                    .iter()
+                    .map(|d| d.data_header.len() + d.data_body.len())
+                    .sum();
+                metrics.served_bytes.inc_by(bytes as u64);
+                let items: Vec<Result<FlightData, Status>> = match result {
+                    Ok(()) => out.into_iter().map(Ok).collect(),
+                    Err(status) => vec![Err(status)],
+                };
+                stream::iter(items)
+            })
+            .boxed())
+    }
+
+    fn create(&self, md: &MetadataMap, body: &Bytes) -> Result<arrow_flight::Result, Status> {
+        let req = proto::CreateLink::decode(body.as_ref()).map_err(|e| {
+            invalid(format!(
+                "the body of 'create' is a handoff.v1.CreateLink message: {e}"
+            ))
+        })?;
+        let with_tokens = !req.writer_token.is_empty() || !req.reader_token.is_empty();
+        let principal = self.authorize(
+            md,
+            if with_tokens {
+                Access::Admin
+            } else {
+                Access::Write
+            },
+            Some(&req.link),
+        )?;
+        if !principal.may_create() {
+            return Err(Status::permission_denied(
+                "this token may not create links; use a server-wide writer or admin token",
+            ));
+        }
+        let schema = if req.schema.is_empty() {
+            None
+        } else {
+            Some(SchemaFrame::parse(strip_encapsulation(req.schema.clone())).map_err(status_of)?)
+        };
+        let tokens = LinkTokens {
+            writer: (!req.writer_token.is_empty()).then(|| req.writer_token.clone()),
+            reader: (!req.reader_token.is_empty()).then(|| req.reader_token.clone()),
+        };
+        let link = self
+            .store
+            .create_link(&req.link, schema, tokens, req.exist_ok)
+            .map_err(status_of)?;
+        json_result(&link.stats())
+    }
+
+    fn stats_json(&self, link: &str) -> Result<arrow_flight::Result, Status> {
+        let stats = self.store.stats(link).map_err(status_of)?;
+        let mut value =
+            serde_json::to_value(&stats).map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(map) = value.as_object_mut() {
+            let memory = self.store.memory();
+            map.insert("server_memory_used".into(), memory.used().into());
+            map.insert("server_memory_limit".into(), memory.limit().into());
+        }
+        json_result(&value)
+    }
+
+    fn action(&self, md: &MetadataMap, action: Action) -> Result<arrow_flight::Result, Status> {
+        let body = action.body;
+        match action.r#type.as_str() {
+            proto::actions::CREATE => self.create(md, &body),
+            proto::actions::COMMIT => {
+                let req = proto::Commit::decode(body.as_ref()).map_err(|e| {
+                    invalid(format!(
+                        "the body of 'commit' is a handoff.v1.Commit message: {e}"
+                    ))
+                })?;
+                self.authorize(md, Access::Write, Some(&req.link))?;
+                if req.attempts.is_empty() {
+                    return Err(invalid(
+                        "commit names no partitions; list the winning (partition, attempt) pairs",
+                    ));
+                }
+                let attempts: Vec<(u64, u64)> = req
+                    .attempts
+                    .iter()
+                    .map(|a| (a.partition, a.attempt))
+                    .collect();
+                let outcomes = self.store.commit(&req.link, &attempts).map_err(status_of)?;
+                let rows: u64 = outcomes.iter().map(|o| o.rows).sum();
+                json_result(&serde_json::json!({"committed": outcomes.len(), "rows": rows}))
+            }
+            proto::actions::ABORT => {
+                let req = proto::Abort::decode(body.as_ref()).map_err(|e| {
+                    invalid(format!(
+                        "the body of 'abort' is a handoff.v1.Abort message: {e}"
+                    ))
+                })?;
+                self.authorize(md, Access::Write, Some(&req.link))?;
+                let attempts: Vec<(u64, u64)> = req
+                    .attempts
+                    .iter()
+                    .map(|a| (a.partition, a.attempt))
+                    .collect();
+                let dropped = self.store.abort(&req.link, &attempts).map_err(status_of)?;
+                json_result(&serde_json::json!({"dropped": dropped}))
+            }
+            proto::actions::SEAL => {
+                let link = utf8_link(&body, "seal")?;
+                self.authorize(md, Access::Write, Some(&link))?;
+                self.store.seal(&link).map_err(status_of)?;
+                self.stats_json(&link)
+            }
+            proto::actions::DELETE => {
+                let link = utf8_link(&body, "delete")?;
+                self.authorize(md, Access::Write, Some(&link))?;
+                json_result(&self.store.delete(&link).map_err(status_of)?)
+            }
+            proto::actions::STATS => {
+                let link = utf8_link(&body, "stats")?;
+                self.authorize(md, Access::Inspect, Some(&link))?;
+                self.stats_json(&link)
+            }
+            other => Err(invalid(format!(
+                "unknown action '{other}'; ListActions names the supported ones"
+            ))),
+        }
+    }
+
+    fn record<T>(&self, method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics.rpc(method, code);
+        if let Err(status) = &result {
+            tracing::debug!(method, code = ?status.code(), message = status.message(), "request refused");
+        }
+        result
+    }
+
+    async fn put(&self, request: Request<Streaming<FlightData>>) -> Result<PutResult, Status> {
+        let md = request.metadata().clone();
+        let mut input = request.into_inner();
+        let first = input.message().await?.ok_or_else(|| {
+            invalid("empty DoPut stream: send a schema message with a FlightDescriptor first")
+        })?;
+        let descriptor = first.flight_descriptor.clone().ok_or_else(|| {
+            invalid("the first DoPut message carries no FlightDescriptor: use PATH [link] or CMD handoff.v1.PutPartition")
+        })?;
+        let (link, target) = match descriptor.r#type() {
+            DescriptorType::Path => match descriptor.path.as_slice() {
+                [link] => (link.clone(), PutTarget::Append),
+                _ => return Err(invalid("DoPut takes a PATH descriptor of exactly [link]")),
+            },
+            DescriptorType::Cmd => {
+                let put = proto::PutPartition::decode(descriptor.cmd.as_ref()).map_err(|e| {
+                    invalid(format!(
+                        "DoPut CMD descriptor is not a handoff.v1.PutPartition: {e}"
+                    ))
+                })?;
+                (
+                    put.link,
+                    PutTarget::Staged {
+                        partition: put.partition,
+                        attempt: put.attempt,
+                    },
+                )
+            }
+            DescriptorType::Unknown => {
+                return Err(invalid("descriptor type is unknown; use PATH or CMD"));
+            }
+        };
+        let principal = self.authorize(&md, Access::Write, Some(&link))?;
+        let mut writer = self
+            .store
+            .begin_put(&link, target, principal.may_create())
+            .map_err(status_of)?;
+        let mut next = Some(first);
+        while let Some(data) = next {
+            if !(data.data_header.is_empty() && data.data_body.is_empty()) {
+                writer
+                    .push(data.data_header, data.data_body)
+                    .map_err(status_of)?;
+            }
+            next = match input.message().await {
+                Ok(next) => next,
+                Err(status) => {
+                    self.metrics.broken_puts.inc();
+                    tracing::warn!(link, code = ?status.code(), "DoPut stream broke; nothing was kept");
+                    return Err(status);
+                }
+            };
+        }
+        let outcome = writer.finish().map_err(status_of)?;
+        self.metrics.ingested_bytes.inc_by(outcome.bytes);
+        self.metrics.ingested_rows.inc_by(outcome.rows);
+        let metadata = serde_json::json!({
+            "link": link,
+            "partition": outcome.partition,
+            "attempt": outcome.attempt,
+            "rows": outcome.rows,
+            "bytes": outcome.bytes,
+            "committed": outcome.committed,
+        });
+        Ok(PutResult {
+            app_metadata: serde_json::to_vec(&metadata).unwrap_or_default().into(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl FlightService for HandoffService {
+    type HandshakeStream = Boxed<HandshakeResponse>;
+    type ListFlightsStream = Boxed<FlightInfo>;
+    type DoGetStream = Boxed<FlightData>;
+    type DoPutStream = Boxed<PutResult>;
+    type DoExchangeStream = Boxed<FlightData>;
+    type DoActionStream = Boxed<arrow_flight::Result>;
+    type ListActionsStream = Boxed<ActionType>;
+
+    async fn handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        let mut md = request.metadata().clone();
+        if crate::auth::token_of(&md).is_none() && !self.auth.disabled {
+            // Clients that put the token in the handshake payload instead of a header.
+            let mut input = request.into_inner();
+            if let Some(first) = input.message().await? {
+                let token = String::from_utf8(first.payload.to_vec()).unwrap_or_default();
+                if let Ok(value) = format!("Bearer {token}").parse() {
+                    md.insert("authorization", value);
+                }
+            }
+        }
+        let result = self.auth.identify(&md, &self.store).map(|_| ());
+        let result = self.record("handshake", result);
+        result?;
+        let mut response = Response::new(
+            stream::iter([Ok(HandshakeResponse {
+                protocol_version: 0,
+                payload: Bytes::from_static(b"ok"),
+            })])
+            .boxed(),
+        );
+        if let Some(token) = crate::auth::token_of(&md) {
+            if let Ok(value) = format!("Bearer {token}").parse() {
+                response.metadata_mut().insert("authorization", value);
+            }
+        }
+        Ok(response)
+    }
+
+    async fn list_flights(
+        &self,
+        request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let result = (|| {
+            let principal = self.auth.identify(request.metadata(), &self.store)?;
+            let prefix = String::from_utf8_lossy(&request.get_ref().expression).to_string();
+            let mut infos = Vec::new();
+            for link in self.store.list() {
+                if principal.sees(link.name()) && link.name().starts_with(&prefix) {
+                    infos.push(Ok(self.link_info(&link)?));
+                }
+            }
+            Ok(Response::new(stream::iter(infos).boxed()))
+        })();
+        self.record("list_flights", result)
+    }
+
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let result = (|| {
+            let descriptor = request.get_ref().clone();
+            match parse_descriptor(&descriptor)? {
+                Target::Link(name) => {
+                    self.authorize(request.metadata(), Access::Inspect, Some(&name))?;
+                    let link = self.link(&name)?;
+                    Ok(Response::new(self.link_info(&link)?))
+                }
+                Target::Shard(shard) => {
+                    self.authorize(request.metadata(), Access::Read, Some(&shard.link))?;
+                    let link = self.link(&shard.link)?;
+                    Ok(Response::new(self.shard_info(&link, shard, descriptor)?))
+                }
+            }
+        })();
+        self.record("get_flight_info", result)
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        self.record(
+            "poll_flight_info",
+            Err(Status::unimplemented(
+                "PollFlightInfo is not supported; use GetFlightInfo",
+            )),
+        )
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        let result = (|| {
+            let name = match parse_descriptor(request.get_ref())? {
+                Target::Link(name) => name,
+                Target::Shard(shard) => shard.link,
+            };
+            self.authorize(request.metadata(), Access::Inspect, Some(&name))?;
+            let link = self.link(&name)?;
+            let schema = Self::schema_of(&link)?;
+            let options = IpcWriteOptions::default();
+            let result: SchemaResult = SchemaAsIpc::new(&schema.schema, &options)
+                .try_into()
+                .map_err(|e: arrow_schema::ArrowError| Status::internal(e.to_string()))?;
+            Ok(Response::new(result))
+        })();
+        self.record("get_schema", result)
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let result = self
+            .ticket_stream(request.metadata(), &request.get_ref().ticket)
+            .map(Response::new);
+        self.record("do_get", result)
+    }
+
+    async fn do_put(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        let result = self
+            .put(request)
+            .await
+            .map(|r| Response::new(stream::iter([Ok(r)]).boxed()));
+        self.record("do_put", result)
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.record(
+            "do_exchange",
+            Err(Status::unimplemented(
+                "DoExchange is not supported; use DoPut to write and DoGet to read",
+            )),
+        )
+    }
+
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        let (md, _, action) = request.into_parts();
+        let result = self
+            .action(&md, action)
+            .map(|r| Response::new(stream::iter([Ok(r)]).boxed()));
+        self.record("do_action", result)
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        let actions = [
+            (
+                proto::actions::CREATE,
+                "Create a link. Body: handoff.v1.CreateLink",
+            ),
+            (
+                proto::actions::COMMIT,
+                "Publish staged partition attempts atomically. Body: handoff.v1.Commit",
+            ),
+            (
+                proto::actions::ABORT,
+                "Drop staged attempts. Body: handoff.v1.Abort",
+            ),
+            (
+                proto::actions::SEAL,
+                "Seal a link: no more writes. Body: the link name (UTF-8)",
+            ),
+            (
+                proto::actions::DELETE,
+                "Delete a link and free its memory. Body: the link name (UTF-8)",
+            ),
+            (
+                proto::actions::STATS,
+                "Link statistics as JSON. Body: the link name (UTF-8)",
+            ),
+        ];
+        let items: Vec<Result<ActionType, Status>> = actions
+            .iter()
+            .map(|(t, d)| {
+                Ok(ActionType {
+                    r#type: t.to_string(),
+                    description: d.to_string(),
+                })
+            })
+            .collect();
+        Ok(Response::new(stream::iter(items).boxed()))
+    }
+}

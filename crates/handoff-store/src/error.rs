@@ -1,0 +1,58 @@
+use thiserror::Error;
+
+/// Everything the store can refuse. Each variant maps to one gRPC code in the server.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("link '{0}' does not exist; list links with `handoff ls`")]
+    UnknownLink(String),
+    #[error("link '{0}' already exists")]
+    LinkExists(String),
+    #[error(
+        "invalid link name '{0}': use 1-253 characters of [A-Za-z0-9._-], optionally as 'namespace/name'"
+    )]
+    InvalidLinkName(String),
+    #[error(
+        "link '{0}' is sealed and takes no more writes; write to a new link or delete it first"
+    )]
+    Sealed(String),
+    #[error("link '{0}' was deleted")]
+    Deleted(String),
+    #[error("schema mismatch on link '{link}': {detail}")]
+    SchemaMismatch { link: String, detail: String },
+    #[error(
+        "partition {partition} of link '{link}' is already committed (attempt {attempt}); a partition commits once"
+    )]
+    AlreadyCommitted {
+        link: String,
+        partition: u64,
+        attempt: u64,
+    },
+    #[error(
+        "partition {partition} attempt {attempt} of link '{link}' is not staged; stage it with DoPut(PutPartition) before committing"
+    )]
+    NotStaged {
+        link: String,
+        partition: u64,
+        attempt: u64,
+    },
+    #[error("invalid Arrow IPC data: {0}")]
+    InvalidIpc(String),
+    #[error("unsupported Arrow data: {0}")]
+    Unsupported(String),
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error(
+        "memory limit reached: {requested} more bytes would bring the {scope} to {would_use} of its {limit} byte limit; \
+         seal and read or delete links to free memory, or raise the limit"
+    )]
+    MemoryExhausted {
+        scope: String,
+        requested: u64,
+        would_use: u64,
+        limit: u64,
+    },
+    #[error("stored data of link '{link}' could not be decoded: {detail}")]
+    Corrupt { link: String, detail: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,505 @@
+//! Arrow IPC frames as they arrive over Flight: validated once at ingest, stored untouched, and
+//! decoded only where a read has to cut or mix rows.
+//!
+//! Ingest checks each message's structure against the link schema (message type, node and buffer
+//! counts, buffer bounds and sizes, the last offset of variable-width columns) without touching
+//! values, which keeps the per-byte ingest cost near zero. Reads that decode use arrow's full
+//! validation, so a value-level corruption surfaces as an error on that read, never as a panic.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_buffer::Buffer;
+use arrow_ipc::{Message, MessageHeader, MetadataVersion};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use bytes::Bytes;
+
+use crate::error::{Result, StoreError};
+
+/// One IPC record batch message, exactly as the client sent it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub header: Bytes,
+    pub body: Bytes,
+    pub rows: u64,
+}
+
+impl Frame {
+    pub fn bytes(&self) -> u64 {
+        (self.header.len() + self.body.len()) as u64
+    }
+
+    /// Decode into a `RecordBatch`, zero-copy where the body is aligned, with full validation.
+    pub fn decode(&self, schema: &SchemaRef) -> Result<RecordBatch> {
+        let header = self.header.clone();
+        let body = self.body.clone();
+        let schema = Arc::clone(schema);
+        guard_panic(move || {
+            let message = arrow_ipc::root_as_message(&header)
+                .map_err(|e| StoreError::InvalidIpc(format!("bad message header: {e}")))?;
+            let batch = message
+                .header_as_record_batch()
+                .ok_or_else(|| StoreError::InvalidIpc("frame is not a record batch".into()))?;
+            let buffer = Buffer::from(body);
+            arrow_ipc::reader::read_record_batch(
+                &buffer,
+                batch,
+                schema,
+                &HashMap::new(),
+                None,
+                &message.version(),
+            )
+            .map_err(|e| StoreError::InvalidIpc(e.to_string()))
+        })
+    }
+}
+
+/// A link schema together with the IPC schema message that announces it on the wire.
+#[derive(Debug, Clone)]
+pub struct SchemaFrame {
+    pub schema: SchemaRef,
+    pub header: Bytes,
+}
+
+impl SchemaFrame {
+    /// Parse and check a schema message from a client.
+    pub fn parse(header: Bytes) -> Result<Self> {
+        let parsed = guard_panic({
+            let header = header.clone();
+            move || {
+                let message = parse_message(&header)?;
+                let fb = message.header_as_schema().ok_or_else(|| {
+                    StoreError::InvalidIpc(format!(
+                        "expected a schema message first, got {:?}",
+                        message.header_type()
+                    ))
+                })?;
+                if fb.fields().is_none() {
+                    return Err(StoreError::InvalidIpc(
+                        "schema message has no fields".into(),
+                    ));
+                }
+                Ok(arrow_ipc::convert::fb_to_schema(fb))
+            }
+        })?;
+        check_supported(&parsed)?;
+        Ok(Self {
+            schema: Arc::new(parsed),
+            header,
+        })
+    }
+
+    /// Build the wire form of a schema we hold as an Arrow `Schema`.
+    pub fn from_schema(schema: SchemaRef) -> Result<Self> {
+        check_supported(&schema)?;
+        let options = arrow_ipc::writer::IpcWriteOptions::default();
+        let mut tracker = arrow_ipc::writer::DictionaryTracker::new(false);
+        let encoded = arrow_ipc::writer::IpcDataGenerator::default()
+            .schema_to_bytes_with_dictionary_tracker(&schema, &mut tracker, &options);
+        Ok(Self {
+            schema,
+            header: Bytes::from(encoded.ipc_message),
+        })
+    }
+}
+
+/// What one incoming message turned out to be.
+pub enum Incoming {
+    Schema(SchemaFrame),
+    Batch(Frame),
+}
+
+/// Classify and validate one message against the schema announced so far.
+pub fn validate_message(
+    schema: Option<&SchemaRef>,
+    header: Bytes,
+    body: Bytes,
+) -> Result<Incoming> {
+    if header.is_empty() {
+        return Err(StoreError::InvalidIpc(
+            "message has an empty IPC header".into(),
+        ));
+    }
+    let message = parse_message(&header)?;
+    match message.header_type() {
+        MessageHeader::Schema => {
+            if !body.is_empty() {
+                return Err(StoreError::InvalidIpc("schema message carries a body".into()));
+            }
+            Ok(Incoming::Schema(SchemaFrame::parse(header)?))
+        }
+        MessageHeader::RecordBatch => {
+            let schema = schema.ok_or_else(|| {
+                StoreError::InvalidIpc("record batch before any schema message; send the schema first".into())
+            })?;
+            let rows = validate_batch(&message, schema, &body)?;
+            Ok(Incoming::Batch(Frame { header, body, rows }))
+        }
+        MessageHeader::DictionaryBatch => Err(StoreError::Unsupported(
+            "dictionary-encoded columns are not supported; cast them to their value type before writing".into(),
+        )),
+        other => Err(StoreError::InvalidIpc(format!("unexpected IPC message type {other:?}"))),
+    }
+}
+
+fn parse_message(header: &[u8]) -> Result<Message<'_>> {
+    let message = arrow_ipc::root_as_message(header)
+        .map_err(|e| StoreError::InvalidIpc(format!("not an Arrow IPC message ({e})")))?;
+    if message.version() < MetadataVersion::V4 {
+        return Err(StoreError::Unsupported(format!(
+            "IPC metadata version {:?} is too old; use Arrow IPC V4 or V5",
+            message.version()
+        )));
+    }
+    Ok(message)
+}
+
+/// Types the store can validate structurally and replay; anything else is refused up front.
+fn check_supported(schema: &Schema) -> Result<()> {
+    fn check(field: &Field) -> Result<()> {
+        use DataType::*;
+        match field.data_type() {
+            Dictionary(_, value) => Err(StoreError::Unsupported(format!(
+                "column '{}' is dictionary-encoded; cast it to {value} before writing",
+                field.name()
+            ))),
+            Union(_, _) | RunEndEncoded(_, _) | ListView(_) | LargeListView(_) => {
+                Err(StoreError::Unsupported(format!(
+                    "column '{}' has type {}, which Handoff does not store; cast it to a plain type",
+                    field.name(),
+                    field.data_type()
+                )))
+            }
+            List(child) | LargeList(child) | FixedSizeList(child, _) | Map(child, _) => {
+                check(child)
+            }
+            Struct(children) => children.iter().try_for_each(|c| check(c)),
+            _ => Ok(()),
+        }
+    }
+    schema.fields().iter().try_for_each(|f| check(f))
+}
+
+/// Structural checks of one record batch message; returns its row count.
+fn validate_batch(message: &Message<'_>, schema: &Schema, body: &[u8]) -> Result<u64> {
+    let batch = message
+        .header_as_record_batch()
+        .ok_or_else(|| StoreError::InvalidIpc("record batch header is missing".into()))?;
+    if batch.compression().is_some() {
+        return Err(StoreError::Unsupported(
+            "compressed IPC bodies are not supported; write without IPC compression".into(),
+        ));
+    }
+    let declared = message.bodyLength();
+    if declared < 0 || declared as usize != body.len() {
+        return Err(StoreError::InvalidIpc(format!(
+            "message declares a {declared} byte body but carries {} bytes",
+            body.len()
+        )));
+    }
+    let rows = batch.length();
+    if rows < 0 {
+        return Err(StoreError::InvalidIpc(format!("negative row count {rows}")));
+    }
+    let nodes = batch
+        .nodes()
+        .ok_or_else(|| StoreError::InvalidIpc("record batch has no field nodes".into()))?;
+    let buffers = batch
+        .buffers()
+        .ok_or_else(|| StoreError::InvalidIpc("record batch has no buffer list".into()))?;
+    let mut walker = Walker {
+        nodes: nodes.iter().map(|n| (n.length(), n.null_count())).collect(),
+        buffers: buffers.iter().map(|b| (b.offset(), b.length())).collect(),
+        variadic: batch.variadicBufferCounts().into_iter().flatten().collect(),
+        body,
+    };
+    for field in schema.fields() {
+        let length = walker.field(field)?;
+        if length != rows as usize {
+            return Err(StoreError::InvalidIpc(format!(
+                "column '{}' has {length} rows but the batch declares {rows}",
+                field.name()
+            )));
+        }
+    }
+    if !walker.nodes.is_empty() || !walker.buffers.is_empty() {
+        return Err(StoreError::InvalidIpc(format!(
+            "batch has {} field nodes and {} buffers more than the link schema needs; is it for another schema?",
+            walker.nodes.len(),
+            walker.buffers.len()
+        )));
+    }
+    Ok(rows as u64)
+}
+
+struct Walker<'a> {
+    nodes: VecDeque<(i64, i64)>,
+    buffers: VecDeque<(i64, i64)>,
+    variadic: VecDeque<i64>,
+    body: &'a [u8],
+}
+
+impl Walker<'_> {
+    fn node(&mut self, field: &Field) -> Result<(usize, usize)> {
+        let (length, nulls) = self.nodes.pop_front().ok_or_else(|| {
+            StoreError::InvalidIpc(format!(
+                "batch ends before column '{}'; it does not match the schema",
+                field.name()
+            ))
+        })?;
+        if length < 0 || nulls < 0 || nulls > length {
+            return Err(StoreError::InvalidIpc(format!(
+                "column '{}' has length {length} and null count {nulls}",
+                field.name()
+            )));
+        }
+        Ok((length as usize, nulls as usize))
+    }
+
+    fn buffer(&mut self, field: &Field) -> Result<&[u8]> {
+        let (offset, length) = self.buffers.pop_front().ok_or_else(|| {
+            StoreError::InvalidIpc(format!(
+                "batch runs out of buffers at column '{}'",
+                field.name()
+            ))
+        })?;
+        if offset < 0
+            || length < 0
+            || (offset as u64).saturating_add(length as u64) > self.body.len() as u64
+        {
+            return Err(StoreError::InvalidIpc(format!(
+                "buffer [{offset}, +{length}) of column '{}' lies outside the {} byte body",
+                field.name(),
+                self.body.len()
+            )));
+        }
+        Ok(&self.body[offset as usize..(offset + length) as usize])
+    }
+
+    fn need(field: &Field, what: &str, have: usize, need: usize) -> Result<()> {
+        if have < need {
+            return Err(StoreError::InvalidIpc(format!(
+                "{what} buffer of column '{}' has {have} bytes, needs {need}",
+                field.name()
+            )));
+        }
+        Ok(())
+    }
+
+    fn validity(&mut self, field: &Field, length: usize, nulls: usize) -> Result<()> {
+        let have = self.buffer(field)?.len();
+        if nulls > 0 {
+            Self::need(field, "validity", have, length.div_ceil(8))?;
+        }
+        Ok(())
+    }
+
+    /// Checks the offsets buffer and returns the last offset, which bounds the values.
+    fn offsets(&mut self, field: &Field, length: usize, wide: bool) -> Result<usize> {
+        let width = if wide { 8 } else { 4 };
+        let offsets = self.buffer(field)?;
+        if length == 0 {
+            return Ok(0);
+        }
+        Self::need(field, "offsets", offsets.len(), (length + 1) * width)?;
+        let read = |i: usize| -> i64 {
+            let raw = &offsets[i * width..(i + 1) * width];
+            if wide {
+                i64::from_le_bytes(raw.try_into().unwrap_or([0; 8]))
+            } else {
+                i32::from_le_bytes(raw.try_into().unwrap_or([0; 4])) as i64
+            }
+        };
+        let (first, last) = (read(0), read(length));
+        if first < 0 || last < first {
+            return Err(StoreError::InvalidIpc(format!(
+                "offsets of column '{}' run from {first} to {last}",
+                field.name()
+            )));
+        }
+        Ok(last as usize)
+    }
+
+    /// Validates one column (recursively) and returns its length.
+    fn field(&mut self, field: &Field) -> Result<usize> {
+        use DataType::*;
+        let data_type = field.data_type();
+        let (length, nulls) = self.node(field)?;
+        match data_type {
+            Null => {
+                if nulls != length {
+                    return Err(StoreError::InvalidIpc(format!(
+                        "null column '{}' has {length} rows but {nulls} nulls",
+                        field.name()
+                    )));
+                }
+            }
+            Boolean => {
+                self.validity(field, length, nulls)?;
+                let have = self.buffer(field)?.len();
+                Self::need(field, "values", have, length.div_ceil(8))?;
+            }
+            Utf8 | Binary | LargeUtf8 | LargeBinary => {
+                self.validity(field, length, nulls)?;
+                let last =
+                    self.offsets(field, length, matches!(data_type, LargeUtf8 | LargeBinary))?;
+                let have = self.buffer(field)?.len();
+                Self::need(field, "values", have, last)?;
+            }
+            BinaryView | Utf8View => {
+                let extra = self.variadic.pop_front().ok_or_else(|| {
+                    StoreError::InvalidIpc(format!(
+                        "missing variadic buffer count for column '{}'",
+                        field.name()
+                    ))
+                })?;
+                if extra < 0 {
+                    return Err(StoreError::InvalidIpc(format!(
+                        "negative variadic count for '{}'",
+                        field.name()
+                    )));
+                }
+                self.validity(field, length, nulls)?;
+                let have = self.buffer(field)?.len();
+                Self::need(field, "views", have, length * 16)?;
+                for _ in 0..extra {
+                    self.buffer(field)?;
+                }
+            }
+            FixedSizeBinary(size) => {
+                self.validity(field, length, nulls)?;
+                let have = self.buffer(field)?.len();
+                Self::need(field, "values", have, length.saturating_mul(*size as usize))?;
+            }
+            List(child) | LargeList(child) | Map(child, _) => {
+                self.validity(field, length, nulls)?;
+                let last = self.offsets(field, length, matches!(data_type, LargeList(_)))?;
+                let child_len = self.field(child)?;
+                if child_len < last {
+                    return Err(StoreError::InvalidIpc(format!(
+                        "list column '{}' points at {last} child values but has {child_len}",
+                        field.name()
+                    )));
+                }
+            }
+            FixedSizeList(child, size) => {
+                self.validity(field, length, nulls)?;
+                let child_len = self.field(child)?;
+                let need = length.saturating_mul(*size as usize);
+                if child_len < need {
+                    return Err(StoreError::InvalidIpc(format!(
+                        "fixed-size list column '{}' needs {need} child values but has {child_len}",
+                        field.name()
+                    )));
+                }
+            }
+            Struct(children) => {
+                self.validity(field, length, nulls)?;
+                for child in children {
+                    let child_len = self.field(child)?;
+                    if child_len < length {
+                        return Err(StoreError::InvalidIpc(format!(
+                            "struct column '{}' has {length} rows but child '{}' has {child_len}",
+                            field.name(),
+                            child.name()
+                        )));
+                    }
+                }
+            }
+            other => {
+                let width = other.primitive_width().ok_or_else(|| {
+                    StoreError::Unsupported(format!(
+                        "column '{}' has unsupported type {other}",
+                        field.name()
+                    ))
+                })?;
+                self.validity(field, length, nulls)?;
+                let have = self.buffer(field)?.len();
+                Self::need(field, "values", have, length.saturating_mul(width))?;
+            }
+        }
+        Ok(length)
+    }
+}
+
+/// Runs arrow code that may panic on hostile input and turns a panic into an error.
+pub fn guard_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("malformed input");
+            Err(StoreError::InvalidIpc(format!(
+                "malformed Arrow IPC data ({detail})"
+            )))
+        }
+    }
+}
+
+/// Names and types must match; a nullable link column accepts non-nullable writes, not the reverse.
+pub fn check_compatible(link: &str, expected: &Schema, got: &Schema) -> Result<()> {
+    let mismatch = |detail: String| StoreError::SchemaMismatch {
+        link: link.to_string(),
+        detail,
+    };
+    if expected.fields().len() != got.fields().len() {
+        return Err(mismatch(format!(
+            "the link has {} columns ({}), the write has {} ({})",
+            expected.fields().len(),
+            describe(expected),
+            got.fields().len(),
+            describe(got)
+        )));
+    }
+    for (want, have) in expected.fields().iter().zip(got.fields()) {
+        if want.name() != have.name() || !types_match(want.data_type(), have.data_type()) {
+            return Err(mismatch(format!(
+                "column '{}: {}' of the link does not match '{}: {}' of the write; cast the data to the link schema",
+                want.name(),
+                want.data_type(),
+                have.name(),
+                have.data_type()
+            )));
+        }
+        if !want.is_nullable() && have.is_nullable() {
+            return Err(mismatch(format!(
+                "column '{}' is non-nullable in the link but nullable in the write",
+                want.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn types_match(a: &DataType, b: &DataType) -> bool {
+    // Nested field names and nullability differ freely between writers (Spark vs pyarrow).
+    match (a, b) {
+        (DataType::List(x), DataType::List(y))
+        | (DataType::LargeList(x), DataType::LargeList(y))
+        | (DataType::Map(x, _), DataType::Map(y, _)) => types_match(x.data_type(), y.data_type()),
+        (DataType::FixedSizeList(x, n), DataType::FixedSizeList(y, m)) => {
+            n == m && types_match(x.data_type(), y.data_type())
+        }
+        (DataType::Struct(x), DataType::Struct(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(f, g)| f.name() == g.name() && types_match(f.data_type(), g.data_type()))
+        }
+        _ => a == b,
+    }
+}
+
+fn describe(schema: &Schema) -> String {
+    schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,157 @@
+//! The Handoff store: links, partitions, two-phase commit, seal, shard plans and memory
+//! accounting. It knows Arrow IPC but nothing of gRPC; the server translates.
+
+pub mod error;
+pub mod ipc;
+pub mod link;
+pub mod memory;
+pub mod read;
+pub mod shard;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+pub use error::{Result, StoreError};
+pub use ipc::{Frame, SchemaFrame};
+pub use link::{
+    Link, LinkSnapshot, LinkState, LinkStats, LinkTokens, Partition, PartitionWriter, PutOutcome,
+    PutTarget,
+};
+pub use memory::{MemoryPool, Reservation};
+pub use read::{Chunk, ReadMode, read_partition, read_shard};
+pub use shard::ShardSpec;
+
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    /// Bytes the whole store may hold, staged and committed; `None` is unlimited.
+    pub memory_limit: Option<u64>,
+}
+
+/// All links of one server.
+#[derive(Debug)]
+pub struct Store {
+    links: RwLock<BTreeMap<String, Arc<Link>>>,
+    memory: Arc<MemoryPool>,
+}
+
+/// Link names look like `features` or `team/features`.
+pub fn validate_link_name(name: &str) -> Result<()> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    let parts: Vec<&str> = name.split('/').collect();
+    if name.len() > 253 || parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
+        return Err(StoreError::InvalidLinkName(name.to_string()));
+    }
+    Ok(())
+}
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Arc<Self> {
+        Arc::new(Self {
+            links: RwLock::new(BTreeMap::new()),
+            memory: MemoryPool::new(config.memory_limit),
+        })
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryPool> {
+        &self.memory
+    }
+
+    /// Declare a link, optionally with its schema and its own tokens.
+    pub fn create_link(
+        &self,
+        name: &str,
+        schema: Option<SchemaFrame>,
+        tokens: LinkTokens,
+        exist_ok: bool,
+    ) -> Result<Arc<Link>> {
+        validate_link_name(name)?;
+        let mut links = self.links.write();
+        if let Some(existing) = links.get(name) {
+            return if exist_ok {
+                Ok(Arc::clone(existing))
+            } else {
+                Err(StoreError::LinkExists(name.to_string()))
+            };
+        }
+        let link = Arc::new(Link::new(name.to_string(), schema, tokens));
+        links.insert(name.to_string(), Arc::clone(&link));
+        tracing::info!(link = name, "link created");
+        Ok(link)
+    }
+
+    pub fn link(&self, name: &str) -> Result<Arc<Link>> {
+        self.links
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownLink(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Link>> {
+        self.links.read().values().cloned().collect()
+    }
+
+    /// Begin one DoPut stream. With `create`, an unknown link is created on first write.
+    pub fn begin_put(
+        &self,
+        name: &str,
+        target: PutTarget,
+        create: bool,
+    ) -> Result<PartitionWriter> {
+        let link = match self.link(name) {
+            Ok(link) => link,
+            Err(StoreError::UnknownLink(_)) if create => {
+                self.create_link(name, None, LinkTokens::default(), true)?
+            }
+            Err(e) => return Err(e),
+        };
+        link.check_writable()?;
+        Ok(PartitionWriter::new(
+            link,
+            target,
+            self.memory.reservation(),
+        ))
+    }
+
+    pub fn commit(&self, name: &str, attempts: &[(u64, u64)]) -> Result<Vec<PutOutcome>> {
+        self.link(name)?.commit(attempts)
+    }
+
+    pub fn abort(&self, name: &str, attempts: &[(u64, u64)]) -> Result<usize> {
+        Ok(self.link(name)?.abort(attempts))
+    }
+
+    pub fn seal(&self, name: &str) -> Result<LinkStats> {
+        let stats = self.link(name)?.seal()?;
+        tracing::info!(
+            link = name,
+            rows = stats.rows,
+            partitions = stats.partitions,
+            "link sealed"
+        );
+        Ok(stats)
+    }
+
+    /// Remove the link; its memory is freed once the last in-flight reader lets go.
+    pub fn delete(&self, name: &str) -> Result<LinkStats> {
+        let link = self
+            .links
+            .write()
+            .remove(name)
+            .ok_or_else(|| StoreError::UnknownLink(name.to_string()))?;
+        let stats = link.stats();
+        link.mark_deleted();
+        tracing::info!(link = name, rows = stats.rows, "link deleted");
+        Ok(stats)
+    }
+
+    pub fn stats(&self, name: &str) -> Result<LinkStats> {
+        Ok(self.link(name)?.stats())
+    }
+}

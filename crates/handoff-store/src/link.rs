@@ -1,0 +1,493 @@
+//! A link: one schema, staged and committed partitions, and its open/sealed/deleted state.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::{Result, StoreError};
+use crate::ipc::{Frame, Incoming, SchemaFrame, check_compatible, validate_message};
+use crate::memory::Reservation;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Open,
+    Sealed,
+    Deleted,
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkState::Open => "open",
+            LinkState::Sealed => "sealed",
+            LinkState::Deleted => "deleted",
+        })
+    }
+}
+
+/// Tokens that grant access to this link only, on top of the server-wide ones.
+#[derive(Debug, Clone, Default)]
+pub struct LinkTokens {
+    pub writer: Option<String>,
+    pub reader: Option<String>,
+}
+
+/// One partition attempt: the frames one writer sent, immutable once finished.
+#[derive(Debug)]
+pub struct Partition {
+    pub id: u64,
+    pub attempt: u64,
+    pub schema: SchemaFrame,
+    pub frames: Vec<Frame>,
+    pub rows: u64,
+    pub bytes: u64,
+    _reservation: Reservation,
+}
+
+/// Where a DoPut's data goes when its stream ends cleanly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutTarget {
+    /// Commit at once under the next free partition id (PATH descriptor).
+    Append,
+    /// Stage under (partition, attempt) for a later `commit` (CMD descriptor, two-phase commit).
+    Staged { partition: u64, attempt: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    pub partition: u64,
+    pub attempt: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub committed: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct LinkInner {
+    pub state: LinkState,
+    pub schema: Option<SchemaFrame>,
+    pub committed: Vec<Arc<Partition>>,
+    committed_ids: HashMap<u64, u64>,
+    staged: BTreeMap<(u64, u64), Partition>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sealed_at_ms: Option<u64>,
+    pub last_write_ms: u64,
+}
+
+/// A consistent view of a link's committed data at one instant.
+#[derive(Debug, Clone)]
+pub struct LinkSnapshot {
+    pub name: String,
+    pub state: LinkState,
+    pub schema: Option<SchemaFrame>,
+    pub partitions: Vec<Arc<Partition>>,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStats {
+    pub link: String,
+    pub state: LinkState,
+    pub partitions: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub staged_partitions: u64,
+    pub staged_bytes: u64,
+    pub memory_bytes: u64,
+    pub schema: Vec<String>,
+    pub created_unix_ms: u64,
+    pub sealed_unix_ms: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Link {
+    name: String,
+    tokens: LinkTokens,
+    created_ms: u64,
+    inner: RwLock<LinkInner>,
+    /// Bumped on every commit, seal and delete, so readers can wait for news.
+    version: watch::Sender<u64>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Link {
+    pub(crate) fn new(name: String, schema: Option<SchemaFrame>, tokens: LinkTokens) -> Self {
+        let now = now_ms();
+        Self {
+            name,
+            tokens,
+            created_ms: now,
+            inner: RwLock::new(LinkInner {
+                state: LinkState::Open,
+                schema,
+                committed: Vec::new(),
+                committed_ids: HashMap::new(),
+                staged: BTreeMap::new(),
+                rows: 0,
+                bytes: 0,
+                sealed_at_ms: None,
+                last_write_ms: now,
+            }),
+            version: watch::channel(0).0,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn tokens(&self) -> &LinkTokens {
+        &self.tokens
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.inner.read().state
+    }
+
+    pub fn schema(&self) -> Option<SchemaFrame> {
+        self.inner.read().schema.clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    pub fn snapshot(&self) -> LinkSnapshot {
+        let inner = self.inner.read();
+        LinkSnapshot {
+            name: self.name.clone(),
+            state: inner.state,
+            schema: inner.schema.clone(),
+            partitions: inner.committed.clone(),
+            rows: inner.rows,
+            bytes: inner.bytes,
+        }
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        let inner = self.inner.read();
+        let staged_bytes: u64 = inner.staged.values().map(|p| p.bytes).sum();
+        LinkStats {
+            link: self.name.clone(),
+            state: inner.state,
+            partitions: inner.committed.len() as u64,
+            rows: inner.rows,
+            bytes: inner.bytes,
+            staged_partitions: inner.staged.len() as u64,
+            staged_bytes,
+            memory_bytes: inner.bytes + staged_bytes,
+            schema: inner
+                .schema
+                .as_ref()
+                .map(|s| {
+                    s.schema
+                        .fields()
+                        .iter()
+                        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            created_unix_ms: self.created_ms,
+            sealed_unix_ms: inner.sealed_at_ms,
+        }
+    }
+
+    fn ensure_open(&self, inner: &LinkInner) -> Result<()> {
+        match inner.state {
+            LinkState::Open => Ok(()),
+            LinkState::Sealed => Err(StoreError::Sealed(self.name.clone())),
+            LinkState::Deleted => Err(StoreError::Deleted(self.name.clone())),
+        }
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        self.ensure_open(&self.inner.read())
+    }
+
+    fn check_schema(&self, inner: &LinkInner, schema: &SchemaFrame) -> Result<()> {
+        match &inner.schema {
+            Some(expected) => check_compatible(&self.name, &expected.schema, &schema.schema),
+            None => Ok(()),
+        }
+    }
+
+    /// Stage or append a finished partition.
+    pub(crate) fn finish_put(&self, target: PutTarget, partition: Partition) -> Result<PutOutcome> {
+        let mut inner = self.inner.write();
+        self.ensure_open(&inner)?;
+        self.check_schema(&inner, &partition.schema)?;
+        inner.last_write_ms = now_ms();
+        match target {
+            PutTarget::Append => {
+                let id = inner
+                    .committed_ids
+                    .keys()
+                    .max()
+                    .map_or(0, |m| m + 1)
+                    .max(inner.staged.keys().map(|(p, _)| p + 1).max().unwrap_or(0));
+                let partition = Partition {
+                    id,
+                    attempt: 0,
+                    ..partition
+                };
+                let outcome = outcome(&partition, true);
+                Self::publish(&mut inner, partition);
+                drop(inner);
+                self.bump();
+                Ok(outcome)
+            }
+            PutTarget::Staged {
+                partition: id,
+                attempt,
+            } => {
+                if let Some(committed) = inner.committed_ids.get(&id) {
+                    return Err(StoreError::AlreadyCommitted {
+                        link: self.name.clone(),
+                        partition: id,
+                        attempt: *committed,
+                    });
+                }
+                let partition = Partition {
+                    id,
+                    attempt,
+                    ..partition
+                };
+                let outcome = outcome(&partition, false);
+                // A retried stream of the same attempt replaces what it staged before.
+                inner.staged.insert((id, attempt), partition);
+                Ok(outcome)
+            }
+        }
+    }
+
+    fn publish(inner: &mut LinkInner, partition: Partition) {
+        if inner.schema.is_none() {
+            inner.schema = Some(partition.schema.clone());
+        }
+        inner.rows += partition.rows;
+        inner.bytes += partition.bytes;
+        inner.committed_ids.insert(partition.id, partition.attempt);
+        inner.committed.push(Arc::new(partition));
+    }
+
+    /// Publish exactly these attempts, atomically, and drop the other staged attempts of the
+    /// same partitions. Nothing changes unless every attempt can commit.
+    pub fn commit(&self, attempts: &[(u64, u64)]) -> Result<Vec<PutOutcome>> {
+        let mut inner = self.inner.write();
+        self.ensure_open(&inner)?;
+        let mut seen = HashSet::new();
+        let mut schema = inner.schema.clone();
+        for &(partition, attempt) in attempts {
+            if !seen.insert(partition) {
+                return Err(StoreError::InvalidArgument(format!(
+                    "partition {partition} appears twice in one commit; commit one attempt per partition"
+                )));
+            }
+            if let Some(committed) = inner.committed_ids.get(&partition) {
+                return Err(StoreError::AlreadyCommitted {
+                    link: self.name.clone(),
+                    partition,
+                    attempt: *committed,
+                });
+            }
+            let staged =
+                inner
+                    .staged
+                    .get(&(partition, attempt))
+                    .ok_or_else(|| StoreError::NotStaged {
+                        link: self.name.clone(),
+                        partition,
+                        attempt,
+                    })?;
+            match &schema {
+                Some(expected) => {
+                    check_compatible(&self.name, &expected.schema, &staged.schema.schema)?
+                }
+                None => schema = Some(staged.schema.clone()),
+            }
+        }
+        let mut ordered: Vec<(u64, u64)> = attempts.to_vec();
+        ordered.sort_unstable();
+        let mut outcomes = Vec::with_capacity(ordered.len());
+        for (partition, attempt) in ordered {
+            let Some(staged) = inner.staged.remove(&(partition, attempt)) else {
+                continue;
+            };
+            let losers: Vec<(u64, u64)> = inner
+                .staged
+                .range((partition, 0)..=(partition, u64::MAX))
+                .map(|(k, _)| *k)
+                .collect();
+            for key in losers {
+                inner.staged.remove(&key);
+            }
+            outcomes.push(outcome(&staged, true));
+            Self::publish(&mut inner, staged);
+        }
+        inner.last_write_ms = now_ms();
+        drop(inner);
+        self.bump();
+        Ok(outcomes)
+    }
+
+    /// Drop staged attempts; all of them when `attempts` is empty. Returns how many were dropped.
+    pub fn abort(&self, attempts: &[(u64, u64)]) -> usize {
+        let mut inner = self.inner.write();
+        if attempts.is_empty() {
+            let n = inner.staged.len();
+            inner.staged.clear();
+            return n;
+        }
+        attempts
+            .iter()
+            .filter(|key| inner.staged.remove(key).is_some())
+            .count()
+    }
+
+    /// No more writes. Staged attempts can never commit after this, so they are dropped.
+    pub fn seal(&self) -> Result<LinkStats> {
+        let mut inner = self.inner.write();
+        match inner.state {
+            LinkState::Deleted => return Err(StoreError::Deleted(self.name.clone())),
+            LinkState::Sealed => {}
+            LinkState::Open => {
+                let dropped = inner.staged.len();
+                if dropped > 0 {
+                    tracing::warn!(link = %self.name, dropped, "sealing drops uncommitted staged attempts");
+                }
+                inner.staged.clear();
+                inner.state = LinkState::Sealed;
+                inner.sealed_at_ms = Some(now_ms());
+            }
+        }
+        drop(inner);
+        self.bump();
+        Ok(self.stats())
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        let mut inner = self.inner.write();
+        inner.state = LinkState::Deleted;
+        inner.staged.clear();
+        inner.committed.clear();
+        inner.committed_ids.clear();
+        inner.rows = 0;
+        inner.bytes = 0;
+        drop(inner);
+        self.bump();
+    }
+
+    pub fn last_write_ms(&self) -> u64 {
+        self.inner.read().last_write_ms
+    }
+}
+
+fn outcome(p: &Partition, committed: bool) -> PutOutcome {
+    PutOutcome {
+        partition: p.id,
+        attempt: p.attempt,
+        rows: p.rows,
+        bytes: p.bytes,
+        committed,
+    }
+}
+
+/// Collects one DoPut stream. Dropping it unfinished (a broken stream) leaves nothing behind and
+/// releases its memory.
+pub struct PartitionWriter {
+    link: Arc<Link>,
+    target: PutTarget,
+    schema: Option<SchemaFrame>,
+    frames: Vec<Frame>,
+    rows: u64,
+    reservation: Reservation,
+}
+
+impl PartitionWriter {
+    pub(crate) fn new(link: Arc<Link>, target: PutTarget, reservation: Reservation) -> Self {
+        Self {
+            link,
+            target,
+            schema: None,
+            frames: Vec::new(),
+            rows: 0,
+            reservation,
+        }
+    }
+
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.reservation.bytes()
+    }
+
+    /// Validate and keep one IPC message of the stream.
+    pub fn push(&mut self, header: Bytes, body: Bytes) -> Result<()> {
+        match validate_message(self.schema.as_ref().map(|s| &s.schema), header, body)? {
+            Incoming::Schema(schema) => {
+                if self.schema.is_some() {
+                    return Err(StoreError::InvalidIpc(
+                        "a second schema message in one stream; send one schema per DoPut".into(),
+                    ));
+                }
+                {
+                    let inner = self.link.inner.read();
+                    self.link.ensure_open(&inner)?;
+                    self.link.check_schema(&inner, &schema)?;
+                }
+                self.schema = Some(schema);
+            }
+            Incoming::Batch(frame) => {
+                self.link.check_writable()?;
+                self.reservation.try_grow(frame.bytes())?;
+                self.rows += frame.rows;
+                self.frames.push(frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream ended cleanly: stage or commit what it carried.
+    pub fn finish(self) -> Result<PutOutcome> {
+        let schema = self.schema.ok_or_else(|| {
+            StoreError::InvalidIpc(
+                "the DoPut stream carried no schema message; nothing was written".into(),
+            )
+        })?;
+        let bytes = self.reservation.bytes();
+        let partition = Partition {
+            id: 0,
+            attempt: 0,
+            schema,
+            frames: self.frames,
+            rows: self.rows,
+            bytes,
+            _reservation: self.reservation,
+        };
+        self.link.finish_put(self.target, partition)
+    }
+}

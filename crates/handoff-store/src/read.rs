@@ -1,0 +1,369 @@
+//! Producing what a reader asked for: whole partitions, or one rank's shard.
+
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::{Schema, SchemaRef};
+use tokio::sync::mpsc;
+
+use crate::error::{Result, StoreError};
+use crate::ipc::{Frame, SchemaFrame, guard_panic};
+use crate::link::{Link, LinkSnapshot, LinkState};
+use crate::shard::{ShardSpec, permutation};
+
+/// One item of a read stream. The first item is always the schema.
+#[derive(Debug, Clone)]
+pub enum Chunk {
+    Schema(SchemaFrame),
+    /// A stored frame, replayed byte for byte.
+    Frame(Frame),
+    /// Rows that had to be cut or mixed, to be encoded on the way out.
+    Batch(RecordBatch),
+}
+
+/// How a shard read treats a link that is not sealed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    #[default]
+    WaitForSeal,
+    Streaming,
+}
+
+/// Rows produced per gathered batch when the reader did not ask for a batch size.
+const GATHER_ROWS: u64 = 64 * 1024;
+/// Chunks buffered ahead of a slow reader.
+const READ_AHEAD: usize = 4;
+
+/// Start reading one rank's shard. Errors arrive in the stream; the producer stops when the
+/// receiver is dropped.
+pub fn read_shard(
+    link: Arc<Link>,
+    spec: ShardSpec,
+    mode: ReadMode,
+) -> mpsc::Receiver<Result<Chunk>> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    tokio::spawn(async move {
+        let mut out = Out {
+            tx,
+            sent_schema: false,
+        };
+        if let Err(e) = shard_task(&link, &spec, mode, &mut out).await {
+            let _ = out.tx.send(Err(e)).await;
+        }
+    });
+    rx
+}
+
+struct Out {
+    tx: mpsc::Sender<Result<Chunk>>,
+    sent_schema: bool,
+}
+
+impl Out {
+    /// Returns false once the reader has gone away.
+    async fn send(&mut self, chunk: Chunk) -> bool {
+        self.tx.send(Ok(chunk)).await.is_ok()
+    }
+
+    async fn schema(&mut self, snapshot: &LinkSnapshot) -> Result<bool> {
+        if self.sent_schema {
+            return Ok(true);
+        }
+        let schema = match &snapshot.schema {
+            Some(s) => s.clone(),
+            None if snapshot.state == LinkState::Sealed => {
+                SchemaFrame::from_schema(Arc::new(Schema::empty()))?
+            }
+            None => return Ok(true),
+        };
+        self.sent_schema = true;
+        Ok(self.send(Chunk::Schema(schema)).await)
+    }
+}
+
+async fn shard_task(
+    link: &Arc<Link>,
+    spec: &ShardSpec,
+    mode: ReadMode,
+    out: &mut Out,
+) -> Result<()> {
+    spec.validate()?;
+    if mode == ReadMode::Streaming && spec.shuffle {
+        return Err(StoreError::InvalidArgument(
+            "shuffle needs the whole link: read with wait-for-seal mode, or turn shuffle off to stream".into(),
+        ));
+    }
+    if mode == ReadMode::Streaming && spec.batch_rows == 0 {
+        return Err(StoreError::InvalidArgument(
+            "streaming reads need batch_rows > 0, so that ranks can split rows before the total is known".into(),
+        ));
+    }
+    let mut changes = link.subscribe();
+    let mut index = FrameIndex::default();
+    let mut next_k = spec.start_batch;
+    loop {
+        changes.mark_unchanged();
+        let snapshot = link.snapshot();
+        match snapshot.state {
+            LinkState::Deleted => return Err(StoreError::Deleted(link.name().to_string())),
+            LinkState::Open if mode == ReadMode::WaitForSeal => {}
+            state => {
+                if !out.schema(&snapshot).await? {
+                    return Ok(());
+                }
+                let sealed = state == LinkState::Sealed;
+                let Some(schema) = snapshot.schema.as_ref().map(|s| Arc::clone(&s.schema)) else {
+                    if sealed {
+                        return Ok(());
+                    }
+                    wait(&mut changes, link).await?;
+                    continue;
+                };
+                index.extend(&snapshot);
+                let mut rows = RowSource::new(link.name(), schema);
+                if spec.batch_rows == 0 {
+                    return contiguous(spec, &index, &mut rows, out).await;
+                }
+                if spec.shuffle {
+                    return shuffled(spec, &index, &mut rows, out).await;
+                }
+                // Unshuffled batches: hand out every batch whose rows are all committed.
+                let b = spec.batch_rows;
+                let last = if sealed {
+                    Some(spec.batches_per_rank(index.total))
+                } else {
+                    None
+                };
+                loop {
+                    if let Some(last) = last {
+                        if next_k >= last {
+                            return Ok(());
+                        }
+                    } else if (spec.global_batch(next_k) + 1) * b > index.total {
+                        break;
+                    }
+                    let start = spec.global_batch(next_k) * b;
+                    let chunk = rows.range_wrapping(&index, start, b)?;
+                    if !out.send(chunk).await {
+                        return Ok(());
+                    }
+                    next_k += 1;
+                }
+            }
+        }
+        wait(&mut changes, link).await?;
+    }
+}
+
+async fn wait(changes: &mut tokio::sync::watch::Receiver<u64>, link: &Link) -> Result<()> {
+    changes
+        .changed()
+        .await
+        .map_err(|_| StoreError::Deleted(link.name().to_string()))
+}
+
+async fn contiguous(
+    spec: &ShardSpec,
+    index: &FrameIndex,
+    rows: &mut RowSource,
+    out: &mut Out,
+) -> Result<()> {
+    let (start, end) = spec.contiguous_range(index.total);
+    if spec.shuffle {
+        let order = permutation(index.total, spec.seed, spec.epoch);
+        for chunk in order[start as usize..end as usize].chunks(GATHER_ROWS as usize) {
+            let batch = rows.gather(index, chunk)?;
+            if !out.send(Chunk::Batch(batch)).await {
+                return Ok(());
+            }
+        }
+        return Ok(());
+    }
+    let mut pos = start;
+    while pos < end {
+        let f = index.locate(pos);
+        let (fs, fe) = (index.starts[f], index.starts[f] + index.frames[f].rows);
+        let take_end = fe.min(end);
+        let chunk = if pos == fs && take_end == fe {
+            Chunk::Frame(index.frames[f].clone())
+        } else {
+            Chunk::Batch(
+                rows.decoded(index, f)?
+                    .slice((pos - fs) as usize, (take_end - pos) as usize),
+            )
+        };
+        if !out.send(chunk).await {
+            return Ok(());
+        }
+        pos = take_end;
+    }
+    Ok(())
+}
+
+async fn shuffled(
+    spec: &ShardSpec,
+    index: &FrameIndex,
+    rows: &mut RowSource,
+    out: &mut Out,
+) -> Result<()> {
+    let n = index.total;
+    let order = permutation(n, spec.seed, spec.epoch);
+    let b = spec.batch_rows;
+    let mut picked = Vec::with_capacity(b as usize);
+    for k in spec.start_batch..spec.batches_per_rank(n) {
+        let start = spec.global_batch(k) * b;
+        picked.clear();
+        picked.extend((start..start + b).map(|p| order[(p % n) as usize]));
+        let batch = rows.gather(index, &picked)?;
+        if !out.send(Chunk::Batch(batch)).await {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// All committed frames of a link in commit order, with the first row number of each.
+#[derive(Default)]
+struct FrameIndex {
+    frames: Vec<Frame>,
+    starts: Vec<u64>,
+    total: u64,
+    partitions_seen: usize,
+}
+
+impl FrameIndex {
+    /// Commits only append, so new partitions are simply added at the end.
+    fn extend(&mut self, snapshot: &LinkSnapshot) {
+        for partition in &snapshot.partitions[self.partitions_seen.min(snapshot.partitions.len())..]
+        {
+            for frame in &partition.frames {
+                if frame.rows == 0 {
+                    continue;
+                }
+                self.starts.push(self.total);
+                self.total += frame.rows;
+                self.frames.push(frame.clone());
+            }
+        }
+        self.partitions_seen = snapshot.partitions.len();
+    }
+
+    fn locate(&self, row: u64) -> usize {
+        self.starts.partition_point(|s| *s <= row) - 1
+    }
+}
+
+/// Decodes frames on demand and keeps them for the rest of the read.
+struct RowSource {
+    link: String,
+    schema: SchemaRef,
+    decoded: std::collections::HashMap<usize, RecordBatch>,
+}
+
+impl RowSource {
+    fn new(link: &str, schema: SchemaRef) -> Self {
+        Self {
+            link: link.to_string(),
+            schema,
+            decoded: Default::default(),
+        }
+    }
+
+    fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<&RecordBatch> {
+        if !self.decoded.contains_key(&f) {
+            let batch = index.frames[f]
+                .decode(&self.schema)
+                .map_err(|e| StoreError::Corrupt {
+                    link: self.link.clone(),
+                    detail: e.to_string(),
+                })?;
+            self.decoded.insert(f, batch);
+        }
+        Ok(&self.decoded[&f])
+    }
+
+    /// `len` rows from position `start`, wrapping past the end to the beginning.
+    fn range_wrapping(&mut self, index: &FrameIndex, start: u64, len: u64) -> Result<Chunk> {
+        let n = index.total;
+        let mut pieces = Vec::new();
+        let (mut pos, mut left) = (start % n, len);
+        while left > 0 {
+            let f = index.locate(pos);
+            let (fs, fe) = (index.starts[f], index.starts[f] + index.frames[f].rows);
+            let take = (fe - pos).min(left);
+            if pieces.is_empty() && pos == fs && take == index.frames[f].rows && take == len {
+                // The stored batch is exactly this batch: replay it without decoding.
+                return Ok(Chunk::Frame(index.frames[f].clone()));
+            }
+            // Sequential reads never return to earlier frames, except after wrapping.
+            self.decoded.retain(|k, _| *k + 1 >= f);
+            pieces.push(
+                self.decoded(index, f)?
+                    .slice((pos - fs) as usize, take as usize),
+            );
+            left -= take;
+            pos = (pos + take) % n;
+        }
+        if pieces.len() == 1 {
+            return Ok(Chunk::Batch(pieces.remove(0)));
+        }
+        let batch = arrow_select::concat::concat_batches(&self.schema, &pieces).map_err(|e| {
+            StoreError::Corrupt {
+                link: self.link.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        Ok(Chunk::Batch(batch))
+    }
+
+    /// The given rows, in the given order.
+    fn gather(&mut self, index: &FrameIndex, rows: &[u64]) -> Result<RecordBatch> {
+        let mut slots: Vec<usize> = Vec::new();
+        let mut slot_of = std::collections::HashMap::new();
+        let mut picks = Vec::with_capacity(rows.len());
+        for &row in rows {
+            let f = index.locate(row);
+            let slot = *slot_of.entry(f).or_insert_with(|| {
+                slots.push(f);
+                slots.len() - 1
+            });
+            picks.push((slot, (row - index.starts[f]) as usize));
+        }
+        for &f in &slots {
+            self.decoded(index, f)?;
+        }
+        let batches: Vec<&RecordBatch> = slots.iter().map(|f| &self.decoded[f]).collect();
+        let link = self.link.clone();
+        guard_panic(|| {
+            arrow_select::interleave::interleave_record_batch(&batches, &picks).map_err(|e| {
+                StoreError::Corrupt {
+                    link,
+                    detail: e.to_string(),
+                }
+            })
+        })
+    }
+}
+
+/// One committed partition by its position in commit order, with the link schema.
+pub fn read_partition(
+    link: &Link,
+    index: u64,
+) -> Result<(SchemaFrame, Arc<crate::link::Partition>)> {
+    let snapshot = link.snapshot();
+    if snapshot.state == LinkState::Deleted {
+        return Err(StoreError::Deleted(link.name().to_string()));
+    }
+    let partition = snapshot.partitions.get(index as usize).cloned().ok_or_else(|| {
+        StoreError::InvalidArgument(format!(
+            "link '{}' has {} committed partitions, not {}; ask GetFlightInfo for fresh tickets",
+            link.name(),
+            snapshot.partitions.len(),
+            index + 1
+        ))
+    })?;
+    let schema = snapshot
+        .schema
+        .ok_or_else(|| StoreError::InvalidArgument("link has no schema yet".into()))?;
+    Ok((schema, partition))
+}

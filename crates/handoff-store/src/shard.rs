@@ -1,0 +1,200 @@
+//! Which rows each rank reads: the shard plan.
+//!
+//! Rows are numbered in commit order (partitions in the order they committed, rows in the order
+//! they were written). With `batch_rows = B > 0` that sequence, or its shuffle, is cut into global
+//! batches of B rows, and global batch `g` goes to rank `g % world_size`. Every rank gets the same
+//! number of batches:
+//! - `drop_last`: `floor(N / (W*B))` each; the last `N mod (W*B)` positions are not read.
+//! - otherwise (the default, as torch's `DistributedSampler`): `ceil(N / (W*B))` each, and positions
+//!   past the end wrap around to the start, so a few rows are read twice.
+//!
+//! Because the layout only ever appends, a streaming reader can hand out batch `g` as soon as
+//! `(g+1)*B` rows are committed, and the result equals a read after the seal.
+//!
+//! With `batch_rows = 0` the rank gets a contiguous range of near-equal size (sizes differ by at
+//! most one row) in the stored batching: every row exactly once, but no equal-batch promise.
+//!
+//! Shuffle is a full permutation of all rows (Fisher-Yates driven by splitmix64 seeded from
+//! `(seed, epoch)`), so it mixes rows across partitions. It costs 8 bytes per row and one pass per
+//! read to build, plus a gather of the selected rows.
+
+use crate::error::{Result, StoreError};
+
+/// The read-side knobs of one rank's shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub rank: u32,
+    pub world_size: u32,
+    pub epoch: u64,
+    pub seed: u64,
+    pub batch_rows: u64,
+    pub shuffle: bool,
+    pub drop_last: bool,
+    pub start_batch: u64,
+}
+
+impl ShardSpec {
+    pub fn validate(&self) -> Result<()> {
+        if self.world_size == 0 {
+            return Err(StoreError::InvalidArgument(
+                "world_size must be at least 1".into(),
+            ));
+        }
+        if self.rank >= self.world_size {
+            return Err(StoreError::InvalidArgument(format!(
+                "rank {} is out of range for world_size {}; ranks count from 0",
+                self.rank, self.world_size
+            )));
+        }
+        if self.batch_rows == 0 && self.start_batch > 0 {
+            return Err(StoreError::InvalidArgument(
+                "start_batch needs batch_rows > 0: without re-batching there are no batch numbers to resume from".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Batches each rank reads in total, for a sealed link of `total_rows` rows.
+    pub fn batches_per_rank(&self, total_rows: u64) -> u64 {
+        if self.batch_rows == 0 || total_rows == 0 {
+            return 0;
+        }
+        let per_round = self.batch_rows * self.world_size as u64;
+        if self.drop_last {
+            total_rows / per_round
+        } else {
+            total_rows.div_ceil(per_round)
+        }
+    }
+
+    /// Rows this rank reads in total (after `start_batch`), for a sealed link.
+    pub fn rows_for_rank(&self, total_rows: u64) -> u64 {
+        if self.batch_rows == 0 {
+            let (start, end) = self.contiguous_range(total_rows);
+            return end - start;
+        }
+        self.batches_per_rank(total_rows)
+            .saturating_sub(self.start_batch)
+            * self.batch_rows
+    }
+
+    /// The global batch number of this rank's `k`-th batch.
+    pub fn global_batch(&self, k: u64) -> u64 {
+        k * self.world_size as u64 + self.rank as u64
+    }
+
+    /// For `batch_rows == 0`: this rank's half-open range of row positions.
+    pub fn contiguous_range(&self, total_rows: u64) -> (u64, u64) {
+        let world = self.world_size as u64;
+        let rank = self.rank as u64;
+        let base = total_rows / world;
+        let extra = total_rows % world;
+        let start = rank * base + rank.min(extra);
+        let len = base + u64::from(rank < extra);
+        (start, start + len)
+    }
+}
+
+/// splitmix64: tiny, fast, and stable forever, unlike library RNGs whose streams may change.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..bound` (Lemire's multiply-shift; the bias is far below anything training sees).
+    fn below(&mut self, bound: u64) -> u64 {
+        ((self.next() as u128 * bound as u128) >> 64) as u64
+    }
+}
+
+/// The row order of one epoch: a permutation of `0..n`, the same for every rank.
+pub fn permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
+    let mut order: Vec<u64> = (0..n).collect();
+    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x5EED);
+    for i in (1..order.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rank: u32, world: u32, b: u64, drop_last: bool) -> ShardSpec {
+        ShardSpec {
+            rank,
+            world_size: world,
+            epoch: 0,
+            seed: 0,
+            batch_rows: b,
+            shuffle: false,
+            drop_last,
+            start_batch: 0,
+        }
+    }
+
+    #[test]
+    fn permutation_is_a_permutation_and_depends_on_seed_and_epoch() {
+        let p = permutation(1000, 7, 0);
+        let mut sorted = p.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(p, permutation(1000, 7, 0));
+        assert_ne!(p, permutation(1000, 7, 1));
+        assert_ne!(p, permutation(1000, 8, 0));
+        assert_ne!(p, sorted);
+    }
+
+    #[test]
+    fn batch_counts_are_equal_across_ranks() {
+        for n in [0u64, 1, 9, 10, 11, 99, 1000] {
+            for w in [1u32, 2, 3, 7] {
+                for drop_last in [false, true] {
+                    let counts: Vec<u64> = (0..w)
+                        .map(|r| spec(r, w, 4, drop_last).batches_per_rank(n))
+                        .collect();
+                    assert!(counts.iter().all(|c| *c == counts[0]), "n={n} w={w}");
+                    let covered = counts[0] * 4 * w as u64;
+                    if drop_last {
+                        assert!(covered <= n && n - covered < 4 * w as u64);
+                    } else {
+                        assert!(covered >= n && covered - n < 4 * w as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn contiguous_ranges_tile_the_rows() {
+        for n in [0u64, 1, 5, 6, 7, 100] {
+            for w in [1u32, 2, 3, 7] {
+                let mut next = 0;
+                for r in 0..w {
+                    let (s, e) = spec(r, w, 0, false).contiguous_range(n);
+                    assert_eq!(s, next);
+                    assert!(e - s <= n / w as u64 + 1);
+                    next = e;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert!(spec(3, 3, 1, false).validate().is_err());
+        assert!(spec(0, 0, 1, false).validate().is_err());
+        let mut s = spec(0, 1, 0, false);
+        s.start_batch = 2;
+        assert!(s.validate().is_err());
+    }
+}
