@@ -1,0 +1,150 @@
+//! Test fixture: a real server on 127.0.0.1:0, stopped through a oneshot.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+use arrow_array::{ArrayRef, Float32Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use futures::TryStreamExt;
+use handoff_client::HandoffClient;
+use handoff_server::{AuthConfig, ServerConfig};
+use handoff_store::{Store, StoreConfig};
+use tokio::sync::oneshot;
+
+pub const ADMIN: &str = "admin-token";
+pub const WRITER: &str = "writer-token";
+pub const READER: &str = "reader-token";
+
+pub struct Fixture {
+    pub endpoint: String,
+    pub store: Arc<Store>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Fixture {
+    pub async fn start() -> Self {
+        Self::start_with(ServerConfig::default(), StoreConfig::default()).await
+    }
+
+    pub async fn start_with(mut config: ServerConfig, store_config: StoreConfig) -> Self {
+        if !config.auth.is_configured() {
+            config.auth = AuthConfig {
+                disabled: false,
+                admin_tokens: vec![ADMIN.into()],
+                writer_tokens: vec![WRITER.into()],
+                reader_tokens: vec![READER.into()],
+            };
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let store = Store::new(store_config);
+        let (tx, rx) = oneshot::channel::<()>();
+        let server_store = Arc::clone(&store);
+        let handle = tokio::spawn(async move {
+            handoff_server::serve(server_store, config, listener, None, async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server ran");
+        });
+        Self {
+            endpoint: format!("grpc://{addr}"),
+            store,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn client(&self, token: &str) -> HandoffClient {
+        HandoffClient::connect(&self.endpoint, Some(token.to_string()))
+            .await
+            .expect("connect")
+    }
+
+    pub async fn admin(&self) -> HandoffClient {
+        self.client(ADMIN).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.expect("server task");
+        }
+    }
+}
+
+pub fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("x", DataType::Float32, true),
+        Field::new("name", DataType::Utf8, true),
+        Field::new(
+            "emb",
+            DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, true)), 4),
+            true,
+        ),
+    ]))
+}
+
+/// Rows with ids `start..start+rows`; every column derives from the id, so content is checkable.
+pub fn batch(start: i64, rows: usize) -> RecordBatch {
+    let ids: Vec<i64> = (start..start + rows as i64).collect();
+    let mut emb = FixedSizeListBuilder::new(Float32Builder::new(), 4);
+    for id in &ids {
+        for k in 0..4 {
+            emb.values().append_value(*id as f32 + k as f32);
+        }
+        emb.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(ids.clone())),
+        Arc::new(Float32Array::from(
+            ids.iter().map(|i| *i as f32 * 0.5).collect::<Vec<_>>(),
+        )),
+        Arc::new(StringArray::from(
+            ids.iter().map(|i| format!("row-{i}")).collect::<Vec<_>>(),
+        )),
+        Arc::new(emb.finish()),
+    ];
+    RecordBatch::try_new(schema(), columns).expect("batch")
+}
+
+pub fn stream_of(
+    batches: Vec<RecordBatch>,
+) -> impl futures::Stream<Item = Result<RecordBatch, handoff_client::ClientError>> + Send + 'static
+{
+    futures::stream::iter(batches.into_iter().map(Ok))
+}
+
+/// The ids of a batch, checking that the other columns still match them.
+pub fn ids(batch: &RecordBatch) -> Vec<i64> {
+    let id = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .expect("id column");
+    let name = batch
+        .column(2)
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("name column");
+    for (i, v) in id.iter().enumerate() {
+        assert_eq!(
+            name.value(i),
+            format!("row-{}", v.expect("id")),
+            "row content travelled with its id"
+        );
+    }
+    id.values().to_vec()
+}
+
+pub async fn collect(stream: arrow_flight::decode::FlightRecordBatchStream) -> Vec<RecordBatch> {
+    stream.try_collect().await.expect("read")
+}
