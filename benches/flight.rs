@@ -1,0 +1,151 @@
+//! Criterion: DoPut and DoGet through a real in-process server and our client, and the store's
+//! ingest validation alone. `cargo bench -p handoff-server --bench flight`
+
+use std::sync::Arc;
+
+use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_flight::{FlightData, SchemaAsIpc};
+use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::TryStreamExt;
+use handoff_server::{AuthConfig, ServerConfig};
+use handoff_store::{PutTarget, Store, StoreConfig};
+
+fn batch(rows: usize) -> RecordBatch {
+    let mut emb = FixedSizeListBuilder::new(Float32Builder::new(), 128);
+    for i in 0..rows {
+        emb.values().append_slice(&[i as f32; 128]);
+        emb.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(0..rows as i64)),
+        Arc::new(Float64Array::from_iter_values((0..rows).map(|i| i as f64))),
+        Arc::new(StringArray::from_iter_values(
+            (0..rows).map(|i| format!("item-{i:011}")),
+        )),
+        Arc::new(emb.finish()),
+    ];
+    RecordBatch::try_from_iter(["id", "x", "name", "emb"].into_iter().zip(columns)).expect("batch")
+}
+
+fn encode(batches: &[RecordBatch]) -> Vec<FlightData> {
+    let options = IpcWriteOptions::default();
+    let mut out = vec![FlightData::from(SchemaAsIpc::new(
+        &batches[0].schema(),
+        &options,
+    ))];
+    let (generator, mut tracker, mut context) = (
+        IpcDataGenerator::default(),
+        DictionaryTracker::new(false),
+        IpcWriteContext::default(),
+    );
+    for b in batches {
+        let (_, encoded) = generator
+            .encode(b, &mut tracker, &options, &mut context)
+            .expect("encode");
+        out.push(FlightData {
+            data_header: encoded.ipc_message.into(),
+            data_body: encoded.arrow_data.into(),
+            ..Default::default()
+        });
+    }
+    out
+}
+
+fn benches(c: &mut Criterion) {
+    let batches: Vec<RecordBatch> = (0..16).map(|_| batch(8192)).collect();
+    let bytes: u64 = batches
+        .iter()
+        .map(|b| b.get_array_memory_size() as u64)
+        .sum();
+
+    let frames = encode(&batches);
+    let mut group = c.benchmark_group("store");
+    group.throughput(Throughput::Bytes(bytes));
+    group.bench_function("ingest_validate", |b| {
+        let store = Store::new(StoreConfig::default());
+        b.iter(|| {
+            let mut writer = store
+                .begin_put(
+                    "bench",
+                    PutTarget::Staged {
+                        partition: 0,
+                        attempt: 0,
+                    },
+                    true,
+                )
+                .expect("put");
+            for f in &frames {
+                writer
+                    .push(f.data_header.clone(), f.data_body.clone())
+                    .expect("push");
+            }
+        })
+    });
+    group.finish();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (endpoint, store) = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("grpc://{}", listener.local_addr().expect("addr"));
+        let store = Store::new(StoreConfig::default());
+        let config = ServerConfig {
+            auth: AuthConfig::disabled(),
+            ..Default::default()
+        };
+        tokio::spawn(handoff_server::serve(
+            Arc::clone(&store),
+            config,
+            listener,
+            None,
+            std::future::pending(),
+        ));
+        (endpoint, store)
+    });
+    let mut client = runtime
+        .block_on(handoff_client::HandoffClient::connect(&endpoint, None))
+        .expect("connect");
+    let mut group = c.benchmark_group("flight");
+    group.throughput(Throughput::Bytes(bytes));
+    group.sample_size(10);
+    group.bench_function("do_put", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let stream = futures::stream::iter(batches.clone().into_iter().map(Ok));
+                client.put("put", stream).await.expect("put");
+                client.delete("put").await.expect("delete");
+            })
+        })
+    });
+    runtime.block_on(async {
+        client
+            .put(
+                "get",
+                futures::stream::iter(batches.clone().into_iter().map(Ok)),
+            )
+            .await
+            .expect("put");
+        client.seal("get").await.expect("seal");
+    });
+    group.bench_function("do_get", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                for stream in client.read_link("get").await.expect("read").1 {
+                    let _: Vec<RecordBatch> = stream.try_collect().await.expect("batches");
+                }
+            })
+        })
+    });
+    group.finish();
+    drop(store);
+}
+
+criterion_group!(flight, benches);
+criterion_main!(flight);

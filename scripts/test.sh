@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every test of the project: Rust unit and integration tests, then the pyarrow interop suite
+# against the real `handoff` binary. Installs what it needs (protoc, pyarrow, pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# protoc checks that the checked-in protobuf code is fresh.
+if ! command -v protoc >/dev/null 2>&1; then
+  echo "installing protobuf-compiler" >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+cargo build --workspace --all-targets
+cargo test --workspace
+HANDOFF_BIN="$PWD/target/debug/handoff" python3 -m pytest -q tests/python
