@@ -19,7 +19,7 @@ pub struct BenchArgs {
     /// Paired rounds (one against each server per round); medians are reported.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
-    /// Python with pyarrow and numpy installed.
+    /// Python with pyarrow installed.
     #[arg(long, env = "HANDOFF_BENCH_PYTHON", default_value = "python3")]
     pub python: String,
     /// Also write the raw per-round results as JSON lines here.
