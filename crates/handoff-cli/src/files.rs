@@ -97,29 +97,25 @@ pub fn open_input(path: &Path, format: Format, batch_rows: usize) -> Result<Inpu
             let mut magic = [0u8; 6];
             let is_file = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
             file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-            if is_file {
-                let reader = arrow_ipc::reader::FileReader::try_new(BufReader::new(file), None)
-                    .map_err(|e| {
-                        format!("{} is not a readable Arrow IPC file: {e}", path.display())
-                    })?;
-                let schema = reader.schema();
-                Ok(Input {
-                    schema,
-                    rows: None,
-                    batches: Box::new(reader.map(|r| r.map_err(|e| e.to_string()))),
-                })
+            let reader: Box<dyn arrow_array::RecordBatchReader + Send> = if is_file {
+                Box::new(
+                    arrow_ipc::reader::FileReader::try_new(BufReader::new(file), None).map_err(
+                        |e| format!("{} is not a readable Arrow IPC file: {e}", path.display()),
+                    )?,
+                )
             } else {
-                let reader = arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None)
-                    .map_err(|e| {
-                    format!("{} is not a readable Arrow IPC stream: {e}", path.display())
-                })?;
-                let schema = reader.schema();
-                Ok(Input {
-                    schema,
-                    rows: None,
-                    batches: Box::new(reader.map(|r| r.map_err(|e| e.to_string()))),
-                })
-            }
+                Box::new(
+                    arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None).map_err(
+                        |e| format!("{} is not a readable Arrow IPC stream: {e}", path.display()),
+                    )?,
+                )
+            };
+            let schema = reader.schema();
+            Ok(Input {
+                schema,
+                rows: None,
+                batches: Box::new(reader.map(|r| r.map_err(|e| e.to_string()))),
+            })
         }
         Format::Csv => {
             let mut file = open()?;
