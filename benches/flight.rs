@@ -63,33 +63,29 @@ fn benches(c: &mut Criterion) {
     let frames = encode(&batches);
     let mut group = c.benchmark_group("store");
     group.throughput(Throughput::Bytes(bytes));
-    group.bench_function("ingest_validate", |b| {
-        let store = Store::new(StoreConfig::default());
-        b.iter(|| {
-            let mut writer = store
-                .begin_put(
-                    "bench",
-                    PutTarget::Staged {
-                        partition: 0,
-                        attempt: 0,
-                    },
-                    true,
-                )
-                .expect("put");
-            for f in &frames {
-                writer
-                    .push(f.data_header.clone(), f.data_body.clone())
-                    .expect("push");
-            }
-        })
-    });
-    group.finish();
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    group.bench_function("ingest_validate", |b| {
+        let store = Store::new(StoreConfig::default());
+        let target = PutTarget::Staged {
+            partition: 0,
+            attempt: 0,
+        };
+        b.iter(|| {
+            runtime.block_on(async {
+                let mut writer = store.begin_put("bench", target, true).expect("put");
+                for f in &frames {
+                    let (header, body) = (f.data_header.clone(), f.data_body.clone());
+                    writer.push(header, body).await.expect("push");
+                }
+            })
+        })
+    });
+    group.finish();
+
     let (endpoint, store) = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -89,11 +89,11 @@ fn start_pyarrow(python: &str, script: &PathBuf, dir: &std::path::Path) -> Resul
         child,
     };
     loop {
-        if let Ok(port) = std::fs::read_to_string(&port_file) {
-            if !port.trim().is_empty() {
-                server.endpoint = format!("grpc://127.0.0.1:{}", port.trim());
-                return Ok(server);
-            }
+        if let Ok(port) = std::fs::read_to_string(&port_file)
+            && !port.trim().is_empty()
+        {
+            server.endpoint = format!("grpc://127.0.0.1:{}", port.trim());
+            return Ok(server);
         }
         if let Ok(Some(status)) = server.child.try_wait() {
             return Err(format!(

@@ -318,6 +318,7 @@ fn print_stats(stats: &handoff_client::LinkStats, json: bool) {
             "bytes": stats.bytes, "staged_partitions": stats.staged_partitions, "staged_bytes": stats.staged_bytes,
             "memory_bytes": stats.memory_bytes, "schema": stats.schema,
             "server_memory_used": stats.server_memory_used, "server_memory_limit": stats.server_memory_limit,
+            "memory_limit": stats.memory_limit, "memory_policy": stats.memory_policy,
         });
         println!(
             "{}",
@@ -345,6 +346,16 @@ fn print_stats(stats: &handoff_client::LinkStats, json: bool) {
         "server:      {} used of {}",
         format_size(stats.server_memory_used),
         limit
+    );
+    let quota = stats
+        .memory_limit
+        .map(format_size)
+        .unwrap_or_else(|| "none".into());
+    println!(
+        "link memory: {} held, quota {}, policy {}",
+        format_size(stats.memory_bytes),
+        quota,
+        stats.memory_policy
     );
     println!("schema:");
     for field in &stats.schema {

@@ -32,14 +32,14 @@ impl Format {
             _ => {}
         }
         let mut magic = [0u8; 6];
-        if let Ok(mut f) = File::open(path) {
-            if f.read_exact(&mut magic).is_ok() {
-                if &magic[..4] == b"PAR1" {
-                    return Ok(Format::Parquet);
-                }
-                if &magic == b"ARROW1" || magic[..4] == [0xFF; 4] {
-                    return Ok(Format::Arrow);
-                }
+        if let Ok(mut f) = File::open(path)
+            && f.read_exact(&mut magic).is_ok()
+        {
+            if &magic[..4] == b"PAR1" {
+                return Ok(Format::Parquet);
+            }
+            if &magic == b"ARROW1" || magic[..4] == [0xFF; 4] {
+                return Ok(Format::Arrow);
             }
         }
         Err(format!(

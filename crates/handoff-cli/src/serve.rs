@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use handoff_server::{AuthConfig, ServerConfig};
-use handoff_store::{Store, StoreConfig};
+use handoff_store::{MemoryPolicy, Store, StoreConfig};
 
 use crate::size::parse_size;
 
@@ -34,6 +34,14 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED. Default: no limit.
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<u64>,
+    /// What a write does when it would go over a memory limit, for links that do not choose:
+    /// `reject` fails it with RESOURCE_EXHAUSTED at once; `wait` stalls the writer until memory
+    /// is freed (links deleted), up to --memory-wait-timeout.
+    #[arg(long, value_enum, default_value = "reject")]
+    pub memory_policy: PolicyArg,
+    /// Seconds a `wait` write waits for memory before it fails.
+    #[arg(long, default_value_t = 60)]
+    pub memory_wait_timeout: u64,
     /// Largest gRPC message accepted; clients must accept as large (handoff's do).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub max_message_size: u64,
@@ -43,6 +51,12 @@ pub struct ServeArgs {
     /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
     #[arg(long, hide = true)]
     pub copying_get: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PolicyArg {
+    Reject,
+    Wait,
 }
 
 pub struct ServeConfig {
@@ -90,6 +104,12 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             },
             store: StoreConfig {
                 memory_limit: args.memory_limit,
+                default_policy: match args.memory_policy {
+                    PolicyArg::Reject => MemoryPolicy::Reject,
+                    PolicyArg::Wait => MemoryPolicy::Wait {
+                        timeout: Duration::from_secs(args.memory_wait_timeout),
+                    },
+                },
             },
         })
     }

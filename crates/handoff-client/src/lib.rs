@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint};
 
 use handoff_proto as proto;
-pub use handoff_proto::{CreateLink, ReadMode, ReadShard};
+pub use handoff_proto::{CreateLink, MemoryPolicy, ReadMode, ReadShard};
 
 /// What went wrong, with the server's sentence where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +104,10 @@ pub struct LinkStats {
     pub server_memory_used: u64,
     #[serde(default)]
     pub server_memory_limit: Option<u64>,
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
+    #[serde(default)]
+    pub memory_policy: String,
 }
 
 /// Client settings; the defaults match the server's.

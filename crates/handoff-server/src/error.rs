@@ -12,7 +12,9 @@ pub fn status_of(err: StoreError) -> Status {
         | StoreError::InvalidIpc(_)
         | StoreError::InvalidArgument(_) => Code::InvalidArgument,
         StoreError::Unsupported(_) => Code::Unimplemented,
-        StoreError::MemoryExhausted { .. } => Code::ResourceExhausted,
+        StoreError::MemoryExhausted { .. } | StoreError::MemoryWaitTimeout { .. } => {
+            Code::ResourceExhausted
+        }
         StoreError::Corrupt { .. } => Code::DataLoss,
     };
     Status::new(code, err.to_string())

@@ -180,11 +180,10 @@ pub async fn serve(
         }
     };
     let _ = http_stop.send(());
-    if let Some(task) = http_task {
-        match task.await {
-            Ok(Err(e)) => return Err(ServerError::Http(e)),
-            Ok(Ok(())) | Err(_) => {}
-        }
+    if let Some(task) = http_task
+        && let Ok(Err(e)) = task.await
+    {
+        return Err(ServerError::Http(e));
     }
     tracing::info!("stopped");
     outcome

@@ -31,6 +31,7 @@ pub struct Metrics {
     memory_used: Gauge<u64, AtomicU64>,
     memory_limit: Gauge<u64, AtomicU64>,
     memory_peak: Gauge<u64, AtomicU64>,
+    staged: Gauge<u64, AtomicU64>,
     links: Family<StateLabels, Gauge>,
 }
 
@@ -47,6 +48,7 @@ impl Default for Metrics {
             memory_used: Gauge::default(),
             memory_limit: Gauge::default(),
             memory_peak: Gauge::default(),
+            staged: Gauge::default(),
             links: Family::default(),
             registry: Registry::default(),
         };
@@ -91,6 +93,11 @@ impl Default for Metrics {
             "The most bytes held at once",
             m.memory_peak.clone(),
         );
+        registry.register(
+            "staged_bytes",
+            "Bytes held by staged, uncommitted partition attempts",
+            m.staged.clone(),
+        );
         registry.register("links", "Links by state", m.links.clone());
         Self { registry, ..m }
     }
@@ -112,14 +119,16 @@ impl Metrics {
         self.memory_used.set(memory.used());
         self.memory_limit.set(memory.limit().unwrap_or(0));
         self.memory_peak.set(memory.peak());
-        let (mut open, mut sealed) = (0, 0);
+        let (mut open, mut sealed, mut staged) = (0, 0, 0);
         for link in store.list() {
+            staged += link.stats().staged_bytes;
             match link.state() {
                 LinkState::Open => open += 1,
                 LinkState::Sealed => sealed += 1,
                 LinkState::Deleted => {}
             }
         }
+        self.staged.set(staged);
         self.links
             .get_or_create(&StateLabels { state: "open" })
             .set(open);

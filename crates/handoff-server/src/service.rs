@@ -15,8 +15,8 @@ use futures::stream::{self, BoxStream};
 use futures::{Stream, StreamExt};
 use handoff_proto as proto;
 use handoff_store::{
-    Chunk, Link, LinkState, LinkTokens, PutTarget, ReadMode, SchemaFrame, ShardSpec, Store,
-    StoreError,
+    Chunk, Link, LinkOptions, LinkState, LinkTokens, MemoryPolicy, PutTarget, ReadMode,
+    SchemaFrame, ShardSpec, Store, StoreError,
 };
 use prost::Message;
 use tonic::metadata::MetadataMap;
@@ -26,6 +26,9 @@ use crate::auth::{Access, AuthConfig, Principal};
 use crate::encode::ChunkEncoder;
 use crate::error::status_of;
 use crate::metrics::Metrics;
+
+/// How long a `wait` link's writes wait for memory when neither the link nor the server says.
+const DEFAULT_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -309,9 +312,25 @@ impl HandoffService {
             writer: (!req.writer_token.is_empty()).then(|| req.writer_token.clone()),
             reader: (!req.reader_token.is_empty()).then(|| req.reader_token.clone()),
         };
+        let policy = match req.memory_policy() {
+            proto::MemoryPolicy::Unspecified => None,
+            proto::MemoryPolicy::Reject => Some(MemoryPolicy::Reject),
+            proto::MemoryPolicy::Wait => Some(MemoryPolicy::Wait {
+                timeout: match (req.wait_timeout_ms, self.store.default_policy()) {
+                    (0, MemoryPolicy::Wait { timeout }) => timeout,
+                    (0, MemoryPolicy::Reject) => DEFAULT_WAIT_TIMEOUT,
+                    (ms, _) => std::time::Duration::from_millis(ms),
+                },
+            }),
+        };
+        let options = LinkOptions {
+            tokens,
+            memory_limit: (req.memory_limit > 0).then_some(req.memory_limit),
+            policy,
+        };
         let link = self
             .store
-            .create_link(&req.link, schema, tokens, req.exist_ok)
+            .create_link(&req.link, schema, options, req.exist_ok)
             .map_err(status_of)?;
         json_result(&link.stats())
     }
@@ -443,6 +462,7 @@ impl HandoffService {
             if !(data.data_header.is_empty() && data.data_body.is_empty()) {
                 writer
                     .push(data.data_header, data.data_body)
+                    .await
                     .map_err(status_of)?;
             }
             next = match input.message().await {
@@ -506,10 +526,10 @@ impl FlightService for HandoffService {
             })])
             .boxed(),
         );
-        if let Some(token) = crate::auth::token_of(&md) {
-            if let Ok(value) = format!("Bearer {token}").parse() {
-                response.metadata_mut().insert("authorization", value);
-            }
+        if let Some(token) = crate::auth::token_of(&md)
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            response.metadata_mut().insert("authorization", value);
         }
         Ok(response)
     }

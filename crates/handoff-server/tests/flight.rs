@@ -668,6 +668,7 @@ async fn memory_limit_rejects_with_numbers_and_keeps_earlier_data() {
         ServerConfig::default(),
         StoreConfig {
             memory_limit: Some(1 << 20),
+            ..Default::default()
         },
     )
     .await;
@@ -685,5 +686,152 @@ async fn memory_limit_rejects_with_numbers_and_keeps_earlier_data() {
     let stats = admin.stats("m").await.expect("stats");
     assert_eq!((stats.rows, stats.staged_partitions), (1000, 0));
     assert_eq!(server.store.memory().used(), stats.bytes);
+    server.stop().await;
+}
+
+fn wait_config(limit: u64, timeout: Duration) -> StoreConfig {
+    StoreConfig {
+        memory_limit: Some(limit),
+        default_policy: handoff_store::MemoryPolicy::Wait { timeout },
+    }
+}
+
+#[tokio::test]
+async fn wait_policy_stalls_the_writer_until_a_reader_frees_memory() {
+    let server = Fixture::start_with(
+        ServerConfig::default(),
+        wait_config(2 << 20, Duration::from_secs(30)),
+    )
+    .await;
+    let mut admin = server.admin().await;
+    admin
+        .put(
+            "a",
+            stream_of((0..4).map(|i| batch(i * 10_000, 10_000)).collect()),
+        )
+        .await
+        .expect("fits");
+    admin.seal("a").await.expect("seal");
+    let held = server.store.memory().used();
+    assert!(
+        held > 1 << 20,
+        "the first link holds most of the budget ({held})"
+    );
+
+    let mut writer = server.admin().await;
+    let put = tokio::spawn(async move {
+        writer
+            .put(
+                "b",
+                stream_of(
+                    (0..4)
+                        .map(|i| batch(100_000 + i * 10_000, 10_000))
+                        .collect(),
+                ),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!put.is_finished(), "the writer stalls at the limit");
+    assert!(
+        server.store.memory().used() <= 2 << 20,
+        "never over the budget"
+    );
+
+    // A reader drains the first link, then deletes it; the stalled writer resumes.
+    let mut rows = 0;
+    for stream in admin.read_link("a").await.expect("read").1 {
+        rows += collect(stream)
+            .await
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>();
+    }
+    assert_eq!(rows, 40_000);
+    admin.delete("a").await.expect("delete");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), put)
+        .await
+        .expect("resumed")
+        .expect("task")
+        .expect("put");
+    assert_eq!(outcome.rows, 40_000);
+    admin.seal("b").await.expect("seal");
+    let mut got = Vec::new();
+    for stream in admin.read_link("b").await.expect("read").1 {
+        for b in collect(stream).await {
+            got.extend(ids(&b));
+        }
+    }
+    assert_eq!(got, (100_000..140_000).collect::<Vec<_>>());
+    assert!(server.store.memory().peak() <= 2 << 20);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wait_policy_times_out_with_a_clear_error() {
+    let server = Fixture::start_with(
+        ServerConfig::default(),
+        wait_config(1 << 20, Duration::from_millis(300)),
+    )
+    .await;
+    let mut admin = server.admin().await;
+    admin
+        .put("a", stream_of(vec![batch(0, 10_000)]))
+        .await
+        .expect("fits");
+    let err = admin
+        .put(
+            "b",
+            stream_of((0..4).map(|i| batch(i * 10_000, 10_000)).collect()),
+        )
+        .await
+        .expect_err("times out");
+    assert_eq!(err.code(), Some(Code::ResourceExhausted));
+    assert!(err.to_string().contains("waited"), "{err}");
+    assert_eq!(
+        server.store.stats("a").expect("stats").rows,
+        10_000,
+        "earlier data intact"
+    );
+    assert_eq!(
+        server.store.memory().used(),
+        server.store.stats("a").expect("stats").bytes,
+        "the failed write released its memory"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_quota_limits_only_that_link() {
+    let server = Fixture::start().await;
+    let mut admin = server.admin().await;
+    let created = admin
+        .create(handoff_client::CreateLink {
+            link: "q".into(),
+            memory_limit: 100_000,
+            memory_policy: handoff_client::MemoryPolicy::Reject as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    assert_eq!(
+        (created.memory_limit, created.memory_policy.as_str()),
+        (Some(100_000), "reject")
+    );
+    admin
+        .put("q", stream_of(vec![batch(0, 1000)]))
+        .await
+        .expect("fits the quota");
+    let err = admin
+        .put("q", stream_of(vec![batch(1000, 10_000)]))
+        .await
+        .expect_err("over the quota");
+    assert_eq!(err.code(), Some(Code::ResourceExhausted));
+    assert!(err.to_string().contains("link 'q'"), "{err}");
+    admin
+        .put("other", stream_of(vec![batch(0, 10_000)]))
+        .await
+        .expect("other links are not limited");
+    assert_eq!(admin.stats("q").await.expect("stats").rows, 1000);
     server.stop().await;
 }

@@ -51,6 +51,11 @@ pub enum StoreError {
         would_use: u64,
         limit: u64,
     },
+    #[error("waited {}s for memory and none was freed: {cause}", waited.as_secs_f64())]
+    MemoryWaitTimeout {
+        waited: std::time::Duration,
+        cause: Box<StoreError>,
+    },
     #[error("stored data of link '{link}' could not be decoded: {detail}")]
     Corrupt { link: String, detail: String },
 }

@@ -16,10 +16,10 @@ use parking_lot::RwLock;
 pub use error::{Result, StoreError};
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
-    Link, LinkSnapshot, LinkState, LinkStats, LinkTokens, Partition, PartitionWriter, PutOutcome,
-    PutTarget,
+    Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens, Partition, PartitionWriter,
+    PutOutcome, PutTarget,
 };
-pub use memory::{MemoryPool, Reservation};
+pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use read::{Chunk, ReadMode, read_partition, read_shard};
 pub use shard::ShardSpec;
 
@@ -27,6 +27,8 @@ pub use shard::ShardSpec;
 pub struct StoreConfig {
     /// Bytes the whole store may hold, staged and committed; `None` is unlimited.
     pub memory_limit: Option<u64>,
+    /// What writes do at a limit, for links that do not choose.
+    pub default_policy: MemoryPolicy,
 }
 
 /// All links of one server.
@@ -34,6 +36,7 @@ pub struct StoreConfig {
 pub struct Store {
     links: RwLock<BTreeMap<String, Arc<Link>>>,
     memory: Arc<MemoryPool>,
+    default_policy: MemoryPolicy,
 }
 
 /// Link names look like `features` or `team/features`.
@@ -55,7 +58,12 @@ impl Store {
         Arc::new(Self {
             links: RwLock::new(BTreeMap::new()),
             memory: MemoryPool::new(config.memory_limit),
+            default_policy: config.default_policy,
         })
+    }
+
+    pub fn default_policy(&self) -> MemoryPolicy {
+        self.default_policy
     }
 
     pub fn memory(&self) -> &Arc<MemoryPool> {
@@ -67,7 +75,7 @@ impl Store {
         &self,
         name: &str,
         schema: Option<SchemaFrame>,
-        tokens: LinkTokens,
+        options: LinkOptions,
         exist_ok: bool,
     ) -> Result<Arc<Link>> {
         validate_link_name(name)?;
@@ -79,7 +87,12 @@ impl Store {
                 Err(StoreError::LinkExists(name.to_string()))
             };
         }
-        let link = Arc::new(Link::new(name.to_string(), schema, tokens));
+        let link = Arc::new(Link::new(
+            name.to_string(),
+            schema,
+            options,
+            self.default_policy,
+        ));
         links.insert(name.to_string(), Arc::clone(&link));
         tracing::info!(link = name, "link created");
         Ok(link)
@@ -107,16 +120,13 @@ impl Store {
         let link = match self.link(name) {
             Ok(link) => link,
             Err(StoreError::UnknownLink(_)) if create => {
-                self.create_link(name, None, LinkTokens::default(), true)?
+                self.create_link(name, None, LinkOptions::default(), true)?
             }
             Err(e) => return Err(e),
         };
         link.check_writable()?;
-        Ok(PartitionWriter::new(
-            link,
-            target,
-            self.memory.reservation(),
-        ))
+        let reservation = self.memory.reservation(link.quota());
+        Ok(PartitionWriter::new(link, target, reservation))
     }
 
     pub fn commit(&self, name: &str, attempts: &[(u64, u64)]) -> Result<Vec<PutOutcome>> {

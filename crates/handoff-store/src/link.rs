@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, Incoming, SchemaFrame, check_compatible, validate_message};
-use crate::memory::Reservation;
+use crate::memory::{MemoryPolicy, MemoryPool, Reservation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -36,6 +36,16 @@ impl std::fmt::Display for LinkState {
 pub struct LinkTokens {
     pub writer: Option<String>,
     pub reader: Option<String>,
+}
+
+/// How a link is set up at creation.
+#[derive(Debug, Clone, Default)]
+pub struct LinkOptions {
+    pub tokens: LinkTokens,
+    /// Bytes this link may hold, staged and committed, on top of the server limit.
+    pub memory_limit: Option<u64>,
+    /// What a write does at a limit; `None` takes the server's default.
+    pub policy: Option<MemoryPolicy>,
 }
 
 /// One partition attempt: the frames one writer sent, immutable once finished.
@@ -105,12 +115,18 @@ pub struct LinkStats {
     pub schema: Vec<String>,
     pub created_unix_ms: u64,
     pub sealed_unix_ms: Option<u64>,
+    /// This link's own quota, if it has one.
+    pub memory_limit: Option<u64>,
+    /// `reject` or `wait`.
+    pub memory_policy: String,
 }
 
 #[derive(Debug)]
 pub struct Link {
     name: String,
     tokens: LinkTokens,
+    policy: MemoryPolicy,
+    quota: Option<Arc<MemoryPool>>,
     created_ms: u64,
     inner: RwLock<LinkInner>,
     /// Bumped on every commit, seal and delete, so readers can wait for news.
@@ -125,11 +141,20 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Link {
-    pub(crate) fn new(name: String, schema: Option<SchemaFrame>, tokens: LinkTokens) -> Self {
+    pub(crate) fn new(
+        name: String,
+        schema: Option<SchemaFrame>,
+        options: LinkOptions,
+        default_policy: MemoryPolicy,
+    ) -> Self {
         let now = now_ms();
         Self {
+            quota: options
+                .memory_limit
+                .map(|limit| MemoryPool::named(format!("link '{name}'"), Some(limit))),
+            policy: options.policy.unwrap_or(default_policy),
             name,
-            tokens,
+            tokens: options.tokens,
             created_ms: now,
             inner: RwLock::new(LinkInner {
                 state: LinkState::Open,
@@ -152,6 +177,14 @@ impl Link {
 
     pub fn tokens(&self) -> &LinkTokens {
         &self.tokens
+    }
+
+    pub fn policy(&self) -> MemoryPolicy {
+        self.policy
+    }
+
+    pub(crate) fn quota(&self) -> Option<Arc<MemoryPool>> {
+        self.quota.clone()
     }
 
     pub fn state(&self) -> LinkState {
@@ -207,6 +240,11 @@ impl Link {
                 .unwrap_or_default(),
             created_unix_ms: self.created_ms,
             sealed_unix_ms: inner.sealed_at_ms,
+            memory_limit: self.quota.as_ref().and_then(|q| q.limit()),
+            memory_policy: match self.policy {
+                MemoryPolicy::Reject => "reject".into(),
+                MemoryPolicy::Wait { .. } => "wait".into(),
+            },
         }
     }
 
@@ -445,8 +483,9 @@ impl PartitionWriter {
         self.reservation.bytes()
     }
 
-    /// Validate and keep one IPC message of the stream.
-    pub fn push(&mut self, header: Bytes, body: Bytes) -> Result<()> {
+    /// Validate and keep one IPC message of the stream. Under the `wait` policy this waits for
+    /// memory, which stalls the sender through gRPC flow control.
+    pub async fn push(&mut self, header: Bytes, body: Bytes) -> Result<()> {
         match validate_message(self.schema.as_ref().map(|s| &s.schema), header, body)? {
             Incoming::Schema(schema) => {
                 if self.schema.is_some() {
@@ -463,7 +502,9 @@ impl PartitionWriter {
             }
             Incoming::Batch(frame) => {
                 self.link.check_writable()?;
-                self.reservation.try_grow(frame.bytes())?;
+                self.reservation
+                    .grow(frame.bytes(), self.link.policy)
+                    .await?;
                 self.rows += frame.rows;
                 self.frames.push(frame);
             }

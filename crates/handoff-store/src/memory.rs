@@ -1,24 +1,46 @@
-//! Byte accounting for everything the store holds, staged or committed.
+//! Byte accounting for everything the store holds, staged or committed, against a server-wide
+//! limit and optional per-link quotas, with the policy a link chose for when a write would not fit.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::error::{Result, StoreError};
 
-/// Counts the bytes the store holds against an optional limit.
+/// What a write does when its bytes would go over a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryPolicy {
+    /// Fail at once with RESOURCE_EXHAUSTED and the numbers.
+    #[default]
+    Reject,
+    /// Stall the writer (gRPC flow control holds the sender) until memory is freed, up to the timeout.
+    Wait { timeout: Duration },
+}
+
+/// Counts bytes against an optional limit; wakes waiters when bytes are released.
 #[derive(Debug)]
 pub struct MemoryPool {
+    scope: String,
     limit: Option<u64>,
     used: AtomicU64,
     peak: AtomicU64,
+    released: Notify,
 }
 
 impl MemoryPool {
     pub fn new(limit: Option<u64>) -> Arc<Self> {
+        Self::named("server", limit)
+    }
+
+    pub fn named(scope: impl Into<String>, limit: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
+            scope: scope.into(),
             limit,
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            released: Notify::new(),
         })
     }
 
@@ -34,10 +56,12 @@ impl MemoryPool {
         self.peak.load(Ordering::Relaxed)
     }
 
-    /// An empty reservation that grows as frames arrive and releases everything when dropped.
-    pub fn reservation(self: &Arc<Self>) -> Reservation {
+    /// An empty reservation against the server pool and, if given, a link's quota. It grows as
+    /// frames arrive and releases everything when dropped.
+    pub fn reservation(self: &Arc<Self>, link: Option<Arc<MemoryPool>>) -> Reservation {
         Reservation {
-            pool: Arc::clone(self),
+            server: Arc::clone(self),
+            link,
             bytes: 0,
         }
     }
@@ -46,15 +70,15 @@ impl MemoryPool {
         let mut current = self.used.load(Ordering::Relaxed);
         loop {
             let next = current.saturating_add(bytes);
-            if let Some(limit) = self.limit {
-                if next > limit {
-                    return Err(StoreError::MemoryExhausted {
-                        scope: "server".into(),
-                        requested: bytes,
-                        would_use: next,
-                        limit,
-                    });
-                }
+            if let Some(limit) = self.limit
+                && next > limit
+            {
+                return Err(StoreError::MemoryExhausted {
+                    scope: self.scope.clone(),
+                    requested: bytes,
+                    would_use: next,
+                    limit,
+                });
             }
             match self.used.compare_exchange_weak(
                 current,
@@ -73,22 +97,69 @@ impl MemoryPool {
 
     fn release(&self, bytes: u64) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.released.notify_waiters();
     }
 }
 
-/// RAII share of a [`MemoryPool`]: whatever it holds is released on drop, so a failed or
-/// abandoned write can never leak accounting.
+/// RAII share of the server pool (and a link quota): whatever it holds is released on drop, so a
+/// failed or abandoned write can never leak accounting.
 #[derive(Debug)]
 pub struct Reservation {
-    pool: Arc<MemoryPool>,
+    server: Arc<MemoryPool>,
+    link: Option<Arc<MemoryPool>>,
     bytes: u64,
 }
 
 impl Reservation {
+    /// Grow now or fail with the numbers.
     pub fn try_grow(&mut self, bytes: u64) -> Result<()> {
-        self.pool.try_add(bytes)?;
+        if let Some(link) = &self.link {
+            link.try_add(bytes)?;
+        }
+        if let Err(e) = self.server.try_add(bytes) {
+            if let Some(link) = &self.link {
+                link.release(bytes);
+            }
+            return Err(e);
+        }
         self.bytes += bytes;
         Ok(())
+    }
+
+    /// Grow under `policy`: with `Wait`, until another reservation releases enough or the timeout.
+    pub async fn grow(&mut self, bytes: u64, policy: MemoryPolicy) -> Result<()> {
+        let MemoryPolicy::Wait { timeout } = policy else {
+            return self.try_grow(bytes);
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Register for wake-ups before trying, so a release in between is not missed.
+            let (server, link) = (Arc::clone(&self.server), self.link.clone());
+            let server_released = server.released.notified();
+            let link_released = link.as_ref().map(|l| l.released.notified());
+            tokio::pin!(server_released);
+            server_released.as_mut().enable();
+            let mut link_released = link_released.map(Box::pin);
+            if let Some(n) = link_released.as_mut() {
+                n.as_mut().enable();
+            }
+            let error = match self.try_grow(bytes) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let woken = async {
+                match link_released {
+                    Some(link) => tokio::select! { _ = server_released => {}, _ = link => {} },
+                    None => server_released.await,
+                }
+            };
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return Err(StoreError::MemoryWaitTimeout {
+                    waited: timeout,
+                    cause: Box::new(error),
+                });
+            }
+        }
     }
 
     pub fn bytes(&self) -> u64 {
@@ -99,7 +170,10 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
-            self.pool.release(self.bytes);
+            if let Some(link) = &self.link {
+                link.release(self.bytes);
+            }
+            self.server.release(self.bytes);
         }
     }
 }
@@ -111,9 +185,9 @@ mod tests {
     #[test]
     fn reservation_releases_on_drop_and_enforces_limit() {
         let pool = MemoryPool::new(Some(100));
-        let mut a = pool.reservation();
+        let mut a = pool.reservation(None);
         a.try_grow(60).expect("fits");
-        let mut b = pool.reservation();
+        let mut b = pool.reservation(None);
         let err = b.try_grow(50).expect_err("over the limit");
         assert!(matches!(
             err,
@@ -128,5 +202,47 @@ mod tests {
         assert_eq!(pool.used(), 0);
         b.try_grow(100).expect("fits after release");
         assert_eq!(pool.peak(), 100);
+    }
+
+    #[test]
+    fn link_quota_is_checked_and_rolled_back() {
+        let server = MemoryPool::new(Some(1000));
+        let link = MemoryPool::named("link 'q'", Some(10));
+        let mut r = server.reservation(Some(Arc::clone(&link)));
+        r.try_grow(8).expect("fits");
+        let err = r.try_grow(5).expect_err("quota");
+        assert!(err.to_string().contains("link 'q'"), "{err}");
+        assert_eq!((server.used(), link.used()), (8, 8));
+        drop(r);
+        assert_eq!((server.used(), link.used()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn wait_resumes_when_memory_is_released_and_times_out_otherwise() {
+        let pool = MemoryPool::new(Some(100));
+        let mut holder = pool.reservation(None);
+        holder.try_grow(90).expect("fits");
+        let mut waiter = pool.reservation(None);
+        let wait = MemoryPolicy::Wait {
+            timeout: Duration::from_secs(10),
+        };
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(holder);
+        };
+        let (grown, ()) = tokio::join!(waiter.grow(50, wait), release);
+        grown.expect("grew after the release");
+        assert_eq!(pool.used(), 50);
+
+        let short = MemoryPolicy::Wait {
+            timeout: Duration::from_millis(50),
+        };
+        let err = pool
+            .reservation(None)
+            .grow(60, short)
+            .await
+            .expect_err("times out");
+        assert!(matches!(err, StoreError::MemoryWaitTimeout { .. }), "{err}");
+        assert!(err.to_string().contains("waited"), "{err}");
     }
 }

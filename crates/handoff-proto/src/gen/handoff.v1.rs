@@ -51,6 +51,15 @@ pub struct CreateLink {
     /// Succeed without change when the link already exists.
     #[prost(bool, tag = "5")]
     pub exist_ok: bool,
+    /// Bytes this link may hold, staged and committed. 0: only the server limit applies.
+    #[prost(uint64, tag = "6")]
+    pub memory_limit: u64,
+    /// What a write does at a limit. Unspecified: the server's default (`serve --memory-policy`).
+    #[prost(enumeration = "MemoryPolicy", tag = "7")]
+    pub memory_policy: i32,
+    /// With MEMORY_POLICY_WAIT: how long a write waits for memory before failing. 0: the server's.
+    #[prost(uint64, tag = "8")]
+    pub wait_timeout_ms: u64,
 }
 /// One rank's shard of a link for one epoch.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -101,6 +110,37 @@ pub mod ticket {
         Shard(super::ReadShard),
         #[prost(message, tag = "2")]
         Partition(super::ReadPartition),
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum MemoryPolicy {
+    Unspecified = 0,
+    /// Fail the write with RESOURCE_EXHAUSTED and the numbers; committed data stays intact.
+    Reject = 1,
+    /// Stall the writer through gRPC flow control until memory is freed, up to a timeout.
+    Wait = 2,
+}
+impl MemoryPolicy {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "MEMORY_POLICY_UNSPECIFIED",
+            Self::Reject => "MEMORY_POLICY_REJECT",
+            Self::Wait => "MEMORY_POLICY_WAIT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "MEMORY_POLICY_UNSPECIFIED" => Some(Self::Unspecified),
+            "MEMORY_POLICY_REJECT" => Some(Self::Reject),
+            "MEMORY_POLICY_WAIT" => Some(Self::Wait),
+            _ => None,
+        }
     }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
