@@ -390,3 +390,23 @@ pub async fn rm(args: LinkArgs) -> Result<(), String> {
     println!("deleted '{}'", args.link);
     Ok(())
 }
+
+pub async fn snapshot(args: LinkArgs) -> Result<(), String> {
+    let mut client = args.conn.connect().await?;
+    let reply = client
+        .snapshot(&args.link)
+        .await
+        .map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{reply}");
+    } else {
+        println!(
+            "snapshot of '{}': {} rows in {} partitions at {}",
+            args.link,
+            reply["rows"],
+            reply["partitions"],
+            reply["url"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}

@@ -40,6 +40,8 @@ enum Command {
     Seal(commands::LinkArgs),
     /// Delete a link and free its memory.
     Rm(commands::LinkArgs),
+    /// Persist a sealed link to the server's object storage (`serve --spill-url`).
+    Snapshot(commands::LinkArgs),
     /// Measure this server against a pyarrow Flight server with the same pyarrow client.
     Bench(bench::BenchArgs),
 }
@@ -110,6 +112,7 @@ fn main() {
             Command::Stat(args) => commands::stat(args).await,
             Command::Seal(args) => commands::seal(args).await,
             Command::Rm(args) => commands::rm(args).await,
+            Command::Snapshot(args) => commands::snapshot(args).await,
             Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string())),

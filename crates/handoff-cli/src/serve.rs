@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use handoff_server::{AuthConfig, ServerConfig};
-use handoff_store::{MemoryPolicy, Store, StoreConfig};
+use handoff_store::{MemoryPolicy, ObjectStorage, Store, StoreConfig};
 
 use crate::size::parse_size;
 
@@ -42,6 +42,17 @@ pub struct ServeArgs {
     /// Seconds a `wait` write waits for memory before it fails.
     #[arg(long, default_value_t = 60)]
     pub memory_wait_timeout: u64,
+    /// Object storage for snapshots: file:///path, s3://bucket/prefix (credentials, endpoint
+    /// and allow-http from the AWS_* variables), gs://..., az://... Default: a directory under
+    /// the system's temporary directory.
+    #[arg(long)]
+    pub spill_url: Option<String>,
+    /// Snapshot every link to --spill-url when it is sealed, so a restarted server loses nothing.
+    #[arg(long)]
+    pub snapshot_on_seal: bool,
+    /// Before serving, load every snapshot found at this URL as a sealed link.
+    #[arg(long)]
+    pub restore_from: Option<String>,
     /// Largest gRPC message accepted; clients must accept as large (handoff's do).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub max_message_size: u64,
@@ -93,6 +104,17 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         if max_message_bytes < 1 << 20 {
             return Err("--max-message-size below 1MiB would refuse ordinary batches".into());
         }
+        let spill_url = match &args.spill_url {
+            Some(url) => url.clone(),
+            None => {
+                let dir = std::env::temp_dir().join("handoff");
+                format!("file://{}", dir.display())
+            }
+        };
+        if let Some(path) = spill_url.strip_prefix("file://") {
+            std::fs::create_dir_all(path)
+                .map_err(|e| format!("cannot create --spill-url directory {path}: {e}"))?;
+        }
         Ok(Self {
             server: ServerConfig {
                 auth,
@@ -103,6 +125,8 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 drain_timeout: Duration::from_secs(args.drain_timeout),
             },
             store: StoreConfig {
+                storage: Some(ObjectStorage::from_url(&spill_url).map_err(|e| e.to_string())?),
+                snapshot_on_seal: args.snapshot_on_seal,
                 memory_limit: args.memory_limit,
                 default_policy: match args.memory_policy {
                     PolicyArg::Reject => MemoryPolicy::Reject,
@@ -148,6 +172,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let grpc_addr = grpc.local_addr().map_err(|e| e.to_string())?;
     let http_addr = http.local_addr().map_err(|e| e.to_string())?;
     let store = Store::new(config.store);
+    if let Some(url) = &args.restore_from {
+        let storage = ObjectStorage::from_url(url).map_err(|e| e.to_string())?;
+        let restored = storage
+            .restore_all(&store)
+            .await
+            .map_err(|e| format!("restoring from {url} failed: {e}"))?;
+        tracing::info!(url = %url, links = restored.len(), "restored snapshots");
+    }
     tracing::info!(grpc = %grpc_addr, http = %http_addr, auth = !config.server.auth.disabled, memory_limit = ?args.memory_limit, "serving");
     // Scripts and tests wait for this line, so it goes to stdout, once, after binding.
     println!("handoff listening grpc={grpc_addr} http={http_addr}");

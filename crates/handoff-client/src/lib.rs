@@ -343,6 +343,12 @@ impl HandoffClient {
             .await
     }
 
+    /// Persist a sealed link to the server's object storage.
+    pub async fn snapshot(&mut self, link: &str) -> Result<serde_json::Value> {
+        self.json_action(proto::actions::SNAPSHOT, link.to_string())
+            .await
+    }
+
     pub async fn stats(&mut self, link: &str) -> Result<LinkStats> {
         self.json_action(proto::actions::STATS, link.to_string())
             .await

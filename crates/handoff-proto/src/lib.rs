@@ -27,6 +27,7 @@ pub mod actions {
     pub const SEAL: &str = "seal";
     pub const DELETE: &str = "delete";
     pub const STATS: &str = "stats";
+    pub const SNAPSHOT: &str = "snapshot";
 }
 
 impl Ticket {

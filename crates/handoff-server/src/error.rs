@@ -16,6 +16,7 @@ pub fn status_of(err: StoreError) -> Status {
             Code::ResourceExhausted
         }
         StoreError::Corrupt { .. } => Code::DataLoss,
+        StoreError::Storage(_) => Code::Unavailable,
     };
     Status::new(code, err.to_string())
 }

@@ -347,7 +347,11 @@ impl HandoffService {
         json_result(&value)
     }
 
-    fn action(&self, md: &MetadataMap, action: Action) -> Result<arrow_flight::Result, Status> {
+    async fn action(
+        &self,
+        md: &MetadataMap,
+        action: Action,
+    ) -> Result<arrow_flight::Result, Status> {
         let body = action.body;
         match action.r#type.as_str() {
             proto::actions::CREATE => self.create(md, &body),
@@ -391,7 +395,24 @@ impl HandoffService {
                 let link = utf8_link(&body, "seal")?;
                 self.authorize(md, Access::Write, Some(&link))?;
                 self.store.seal(&link).map_err(status_of)?;
+                if self.store.snapshot_on_seal() {
+                    self.store.snapshot(&link).await.map_err(status_of)?;
+                }
                 self.stats_json(&link)
+            }
+            proto::actions::SNAPSHOT => {
+                let link = utf8_link(&body, "snapshot")?;
+                self.authorize(md, Access::Write, Some(&link))?;
+                let manifest = self.store.snapshot(&link).await.map_err(status_of)?;
+                let url = self
+                    .store
+                    .storage()
+                    .map(|s| s.url().to_string())
+                    .unwrap_or_default();
+                json_result(&serde_json::json!({
+                    "link": manifest.link, "rows": manifest.rows, "bytes": manifest.bytes,
+                    "partitions": manifest.partitions.len(), "url": url,
+                }))
             }
             proto::actions::DELETE => {
                 let link = utf8_link(&body, "delete")?;
@@ -647,6 +668,7 @@ impl FlightService for HandoffService {
         let (md, _, action) = request.into_parts();
         let result = self
             .action(&md, action)
+            .await
             .map(|r| Response::new(stream::iter([Ok(r)]).boxed()));
         self.record("do_action", result)
     }
@@ -675,6 +697,10 @@ impl FlightService for HandoffService {
             (
                 proto::actions::DELETE,
                 "Delete a link and free its memory. Body: the link name (UTF-8)",
+            ),
+            (
+                proto::actions::SNAPSHOT,
+                "Persist a sealed link to the server's object storage. Body: the link name (UTF-8)",
             ),
             (
                 proto::actions::STATS,

@@ -693,6 +693,7 @@ fn wait_config(limit: u64, timeout: Duration) -> StoreConfig {
     StoreConfig {
         memory_limit: Some(limit),
         default_policy: handoff_store::MemoryPolicy::Wait { timeout },
+        ..Default::default()
     }
 }
 
@@ -834,4 +835,53 @@ async fn a_link_quota_limits_only_that_link() {
         .expect("other links are not limited");
     assert_eq!(admin.stats("q").await.expect("stats").rows, 1000);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn snapshot_on_seal_then_restore_in_a_new_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
+    let config = StoreConfig {
+        storage: storage(),
+        snapshot_on_seal: true,
+        ..Default::default()
+    };
+    let server = Fixture::start_with(ServerConfig::default(), config).await;
+    let mut admin = server.admin().await;
+    let n = fill(&mut admin, "team/snap").await;
+    assert_eq!(
+        code(admin.snapshot("team/snap").await.expect_err("open link")),
+        Code::InvalidArgument
+    );
+    admin
+        .seal("team/snap")
+        .await
+        .expect("seal writes the snapshot");
+    server.stop().await;
+
+    let restored = handoff_store::Store::new(StoreConfig {
+        storage: storage(),
+        ..Default::default()
+    });
+    let links = storage()
+        .expect("storage")
+        .restore_all(&restored)
+        .await
+        .expect("restore");
+    assert_eq!(links, vec!["team/snap".to_string()]);
+    let stats = restored.stats("team/snap").expect("stats");
+    assert_eq!(
+        (stats.rows, stats.partitions, stats.state),
+        (n as u64, 5, handoff_store::LinkState::Sealed)
+    );
+    let snapshot = restored.link("team/snap").expect("link").snapshot();
+    let schema = snapshot.schema.expect("schema").schema;
+    let mut got = Vec::new();
+    for partition in &snapshot.partitions {
+        for frame in &partition.frames {
+            got.extend(ids(&frame.decode(&schema).expect("decode")));
+        }
+    }
+    assert_eq!(got, (0..n as i64).collect::<Vec<_>>());
 }

@@ -56,6 +56,8 @@ pub enum StoreError {
         waited: std::time::Duration,
         cause: Box<StoreError>,
     },
+    #[error("object storage failed: {0}")]
+    Storage(String),
     #[error("stored data of link '{link}' could not be decoded: {detail}")]
     Corrupt { link: String, detail: String },
 }

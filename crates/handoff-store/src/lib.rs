@@ -7,6 +7,7 @@ pub mod link;
 pub mod memory;
 pub mod read;
 pub mod shard;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub use link::{
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use read::{Chunk, ReadMode, read_partition, read_shard};
 pub use shard::ShardSpec;
+pub use snapshot::{ObjectStorage, SnapshotManifest};
 
 #[derive(Debug, Clone, Default)]
 pub struct StoreConfig {
@@ -29,6 +31,10 @@ pub struct StoreConfig {
     pub memory_limit: Option<u64>,
     /// What writes do at a limit, for links that do not choose.
     pub default_policy: MemoryPolicy,
+    /// Where snapshots go.
+    pub storage: Option<ObjectStorage>,
+    /// Snapshot every link when it is sealed.
+    pub snapshot_on_seal: bool,
 }
 
 /// All links of one server.
@@ -37,6 +43,8 @@ pub struct Store {
     links: RwLock<BTreeMap<String, Arc<Link>>>,
     memory: Arc<MemoryPool>,
     default_policy: MemoryPolicy,
+    storage: Option<ObjectStorage>,
+    snapshot_on_seal: bool,
 }
 
 /// Link names look like `features` or `team/features`.
@@ -59,6 +67,8 @@ impl Store {
             links: RwLock::new(BTreeMap::new()),
             memory: MemoryPool::new(config.memory_limit),
             default_policy: config.default_policy,
+            storage: config.storage,
+            snapshot_on_seal: config.snapshot_on_seal,
         })
     }
 
@@ -159,6 +169,25 @@ impl Store {
         link.mark_deleted();
         tracing::info!(link = name, rows = stats.rows, "link deleted");
         Ok(stats)
+    }
+
+    pub fn storage(&self) -> Option<&ObjectStorage> {
+        self.storage.as_ref()
+    }
+
+    pub fn snapshot_on_seal(&self) -> bool {
+        self.snapshot_on_seal && self.storage.is_some()
+    }
+
+    /// Persist a sealed link to the configured object storage.
+    pub async fn snapshot(&self, name: &str) -> Result<SnapshotManifest> {
+        let storage = self.storage.as_ref().ok_or_else(|| {
+            StoreError::InvalidArgument(
+                "this server has no object storage; start it with --spill-url".into(),
+            )
+        })?;
+        let link = self.link(name)?;
+        storage.snapshot(&link).await
     }
 
     pub fn stats(&self, name: &str) -> Result<LinkStats> {

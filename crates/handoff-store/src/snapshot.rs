@@ -1,0 +1,270 @@
+//! Sealed links persisted to object storage, and restored from it.
+//!
+//! Layout under the storage URL's path:
+//! `links/<link>/part-<nnnnn>.arrows`: one Arrow IPC stream per committed partition (schema, the
+//! stored frames byte for byte, end-of-stream), readable by any Arrow library; and
+//! `links/<link>/manifest.json`, written last, so a link without a manifest was never complete.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StoreError};
+use crate::link::{LinkOptions, LinkState, PutTarget};
+use crate::{Link, Store};
+
+const CONTINUATION: [u8; 4] = [0xFF; 4];
+
+/// An object store and the path prefix inside it.
+#[derive(Debug, Clone)]
+pub struct ObjectStorage {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotManifest {
+    pub link: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub partitions: Vec<SnapshotPartition>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotPartition {
+    pub id: u64,
+    pub rows: u64,
+    pub object: String,
+}
+
+fn storage_error(url: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(format!("{url}: {e}"))
+}
+
+impl ObjectStorage {
+    /// `file:///path`, `s3://bucket/prefix` (credentials, endpoint and allow-http from the
+    /// standard `AWS_*` variables), `gs://`, `az://`, `memory:///`.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            StoreError::InvalidArgument(format!(
+                "'{url}' is not a storage URL ({e}); use file:///path or s3://bucket/prefix"
+            ))
+        })?;
+        let options: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| {
+                k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+            })
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        let (store, prefix) =
+            object_store::parse_url_opts(&parsed, options).map_err(|e| storage_error(url, e))?;
+        Ok(Self {
+            url: url.to_string(),
+            store: Arc::from(store),
+            prefix,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn link_dir(&self, link: &str) -> Path {
+        let mut path = self.prefix.clone().join("links");
+        for part in link.split('/') {
+            path = path.join(part);
+        }
+        path
+    }
+
+    /// Persist a sealed link. Returns its manifest.
+    pub async fn snapshot(&self, link: &Link) -> Result<SnapshotManifest> {
+        let snapshot = link.snapshot();
+        if snapshot.state != LinkState::Sealed {
+            return Err(StoreError::InvalidArgument(format!(
+                "link '{}' is {}; seal it before a snapshot, so the snapshot is complete",
+                link.name(),
+                snapshot.state
+            )));
+        }
+        let dir = self.link_dir(link.name());
+        let mut partitions = Vec::with_capacity(snapshot.partitions.len());
+        for (index, partition) in snapshot.partitions.iter().enumerate() {
+            let object = format!("part-{index:05}.arrows");
+            let mut payload = vec![encapsulate(&partition.schema.header)];
+            for frame in &partition.frames {
+                payload.push(encapsulate(&frame.header));
+                if !frame.body.is_empty() {
+                    payload.push(frame.body.clone());
+                }
+            }
+            payload.push(Bytes::from_static(&[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]));
+            let payload: PutPayload = payload.into_iter().collect();
+            self.store
+                .put(&dir.clone().join(object.as_str()), payload)
+                .await
+                .map_err(|e| storage_error(&self.url, e))?;
+            partitions.push(SnapshotPartition {
+                id: partition.id,
+                rows: partition.rows,
+                object,
+            });
+        }
+        let manifest = SnapshotManifest {
+            link: link.name().to_string(),
+            rows: snapshot.rows,
+            bytes: snapshot.bytes,
+            partitions,
+        };
+        let body =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Storage(e.to_string()))?;
+        self.store
+            .put(&dir.clone().join("manifest.json"), PutPayload::from(body))
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        tracing::info!(link = link.name(), url = %self.url, rows = manifest.rows, "snapshot written");
+        Ok(manifest)
+    }
+
+    /// Every complete snapshot under this storage.
+    pub async fn manifests(&self) -> Result<Vec<SnapshotManifest>> {
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&self.prefix.clone().join("links")))
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        let mut manifests = Vec::new();
+        for meta in objects
+            .iter()
+            .filter(|m| m.location.filename() == Some("manifest.json"))
+        {
+            let body = self.get(&meta.location).await?;
+            let manifest: SnapshotManifest = serde_json::from_slice(&body).map_err(|e| {
+                StoreError::Storage(format!("{}: bad manifest {}: {e}", self.url, meta.location))
+            })?;
+            manifests.push(manifest);
+        }
+        Ok(manifests)
+    }
+
+    async fn get(&self, path: &Path) -> Result<Bytes> {
+        let result = self
+            .store
+            .get(path)
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| storage_error(&self.url, e))
+    }
+
+    /// Load one snapshot into the store as a sealed link.
+    pub async fn restore(&self, store: &Store, manifest: &SnapshotManifest) -> Result<()> {
+        let dir = self.link_dir(&manifest.link);
+        store.create_link(&manifest.link, None, LinkOptions::default(), false)?;
+        for partition in &manifest.partitions {
+            let data = self
+                .get(&dir.clone().join(partition.object.as_str()))
+                .await?;
+            let mut writer = store.begin_put(&manifest.link, PutTarget::Append, false)?;
+            for (header, body) in messages(&data)? {
+                writer.push(header, body).await?;
+            }
+            let outcome = writer.finish()?;
+            if outcome.rows != partition.rows {
+                return Err(StoreError::Storage(format!(
+                    "{}: {} holds {} rows, its manifest says {}",
+                    self.url, partition.object, outcome.rows, partition.rows
+                )));
+            }
+        }
+        store.seal(&manifest.link)?;
+        Ok(())
+    }
+
+    /// Restore every snapshot; returns the restored link names.
+    pub async fn restore_all(&self, store: &Store) -> Result<Vec<String>> {
+        let mut restored = Vec::new();
+        for manifest in self.manifests().await? {
+            self.restore(store, &manifest).await?;
+            tracing::info!(link = %manifest.link, rows = manifest.rows, url = %self.url, "restored");
+            restored.push(manifest.link);
+        }
+        Ok(restored)
+    }
+
+    /// Remove a link's snapshot objects.
+    pub async fn remove(&self, link: &str) -> Result<usize> {
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&self.link_dir(link)))
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        for meta in &objects {
+            self.store
+                .delete(&meta.location)
+                .await
+                .map_err(|e| storage_error(&self.url, e))?;
+        }
+        Ok(objects.len())
+    }
+}
+
+/// The IPC stream prefix of one message: continuation, padded metadata length, metadata.
+fn encapsulate(header: &Bytes) -> Bytes {
+    let padded = header.len().div_ceil(8) * 8;
+    let mut out = BytesMut::with_capacity(8 + padded);
+    out.extend_from_slice(&CONTINUATION);
+    out.extend_from_slice(&(padded as i32).to_le_bytes());
+    out.extend_from_slice(header);
+    out.resize(8 + padded, 0);
+    out.freeze()
+}
+
+/// Split an IPC stream into (header, body) pairs, zero-copy slices of `data`.
+fn messages(data: &Bytes) -> Result<Vec<(Bytes, Bytes)>> {
+    let bad = |what: &str| {
+        StoreError::Storage(format!(
+            "snapshot object is not an Arrow IPC stream: {what}"
+        ))
+    };
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    loop {
+        let word = data.get(pos..pos + 4).ok_or_else(|| bad("truncated"))?;
+        if word == CONTINUATION {
+            pos += 4;
+        }
+        let len_bytes = data
+            .get(pos..pos + 4)
+            .ok_or_else(|| bad("truncated length"))?;
+        let len = i32::from_le_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+        pos += 4;
+        if len == 0 {
+            return Ok(out);
+        }
+        let len = usize::try_from(len).map_err(|_| bad("negative length"))?;
+        let header = data
+            .get(pos..pos + len)
+            .map(|_| data.slice(pos..pos + len))
+            .ok_or_else(|| bad("truncated header"))?;
+        pos += len;
+        let message = arrow_ipc::root_as_message(&header).map_err(|e| bad(&e.to_string()))?;
+        let body_len =
+            usize::try_from(message.bodyLength()).map_err(|_| bad("negative body length"))?;
+        let body = data
+            .get(pos..pos + body_len)
+            .map(|_| data.slice(pos..pos + body_len))
+            .ok_or_else(|| bad("truncated body"))?;
+        pos += body_len;
+        out.push((header, body));
+    }
+}
