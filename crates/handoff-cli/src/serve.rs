@@ -56,6 +56,9 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted; clients must accept as large (handoff's do).
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub max_message_size: u64,
+    /// Drop a link that is open and nobody wrote to for this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub idle_timeout: u64,
     /// Seconds that SIGTERM waits for in-flight calls before closing them.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
@@ -123,6 +126,8 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                     .min(max_message_bytes / 2),
                 zero_copy_get: !args.copying_get,
                 drain_timeout: Duration::from_secs(args.drain_timeout),
+                idle_timeout: (args.idle_timeout > 0)
+                    .then(|| Duration::from_secs(args.idle_timeout)),
             },
             store: StoreConfig {
                 storage: Some(ObjectStorage::from_url(&spill_url).map_err(|e| e.to_string())?),

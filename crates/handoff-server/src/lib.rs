@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub zero_copy_get: bool,
     /// How long SIGTERM waits for in-flight calls before closing them.
     pub drain_timeout: Duration,
+    /// Drop open links that nobody wrote to for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +55,7 @@ impl Default for ServerConfig {
             max_flight_data_size: handoff_proto::TARGET_FLIGHT_DATA_BYTES,
             zero_copy_get: true,
             drain_timeout: Duration::from_secs(30),
+            idle_timeout: None,
         }
     }
 }
@@ -131,6 +134,29 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
 
+    // Link lifecycle: TTL after seal and the idle timeout, checked once a second.
+    let reaper = {
+        let (store, metrics, idle) = (
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            config.idle_timeout,
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                for (_, why) in store.expire(idle) {
+                    metrics
+                        .expired_links
+                        .get_or_create(&metrics::ReasonLabels {
+                            reason: why.label(),
+                        })
+                        .inc();
+                }
+            }
+        })
+    };
     let state = Arc::new(HttpState {
         store,
         metrics,
@@ -179,6 +205,7 @@ pub async fn serve(
             }
         }
     };
+    reaper.abort();
     let _ = http_stop.send(());
     if let Some(task) = http_task
         && let Ok(Err(e)) = task.await

@@ -16,6 +16,11 @@ pub struct RpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
 }
@@ -28,6 +33,7 @@ pub struct Metrics {
     pub served_bytes: Counter,
     pub served_rows: Counter,
     pub broken_puts: Counter,
+    pub expired_links: Family<ReasonLabels, Counter>,
     memory_used: Gauge<u64, AtomicU64>,
     memory_limit: Gauge<u64, AtomicU64>,
     memory_peak: Gauge<u64, AtomicU64>,
@@ -45,6 +51,7 @@ impl Default for Metrics {
             served_bytes: Counter::default(),
             served_rows: Counter::default(),
             broken_puts: Counter::default(),
+            expired_links: Family::default(),
             memory_used: Gauge::default(),
             memory_limit: Gauge::default(),
             memory_peak: Gauge::default(),
@@ -97,6 +104,11 @@ impl Default for Metrics {
             "staged_bytes",
             "Bytes held by staged, uncommitted partition attempts",
             m.staged.clone(),
+        );
+        registry.register(
+            "expired_links",
+            "Links deleted by their TTL after seal or by the idle timeout",
+            m.expired_links.clone(),
         );
         registry.register("links", "Links by state", m.links.clone());
         Self { registry, ..m }

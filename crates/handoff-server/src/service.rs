@@ -327,6 +327,8 @@ impl HandoffService {
             tokens,
             memory_limit: (req.memory_limit > 0).then_some(req.memory_limit),
             policy,
+            ttl_after_seal: (req.ttl_seconds_after_seal > 0)
+                .then(|| std::time::Duration::from_secs(req.ttl_seconds_after_seal)),
         };
         let link = self
             .store

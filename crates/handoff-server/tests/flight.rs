@@ -885,3 +885,67 @@ async fn snapshot_on_seal_then_restore_in_a_new_store() {
     }
     assert_eq!(got, (0..n as i64).collect::<Vec<_>>());
 }
+
+async fn wait_until_gone(client: &mut handoff_client::HandoffClient, link: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.stats(link).await {
+            Err(e) if e.code() == Some(Code::NotFound) => return,
+            _ if tokio::time::Instant::now() > deadline => panic!("link '{link}' was not dropped"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn links_expire_after_their_ttl_or_when_idle() {
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let server = Fixture::start_with(config, StoreConfig::default()).await;
+    let mut admin = server.admin().await;
+    admin
+        .create(handoff_client::CreateLink {
+            link: "ttl".into(),
+            ttl_seconds_after_seal: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    admin
+        .put("ttl", stream_of(vec![batch(0, 100)]))
+        .await
+        .expect("put");
+    admin
+        .put("kept", stream_of(vec![batch(0, 100)]))
+        .await
+        .expect("put");
+    admin
+        .seal("kept")
+        .await
+        .expect("sealed links are never idle");
+    admin
+        .put("idle", stream_of(vec![batch(0, 100)]))
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        admin
+            .stats("ttl")
+            .await
+            .expect("open links have no TTL yet")
+            .rows,
+        100
+    );
+    admin.seal("ttl").await.expect("seal");
+    wait_until_gone(&mut admin, "ttl").await;
+    wait_until_gone(&mut admin, "idle").await;
+    assert_eq!(admin.stats("kept").await.expect("kept").rows, 100);
+    assert_eq!(
+        server.store.memory().used(),
+        server.store.stats("kept").expect("stats").bytes,
+        "expired links freed memory"
+    );
+    server.stop().await;
+}

@@ -17,8 +17,8 @@ use parking_lot::RwLock;
 pub use error::{Result, StoreError};
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
-    Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens, Partition, PartitionWriter,
-    PutOutcome, PutTarget,
+    Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens, Partition,
+    PartitionWriter, PutOutcome, PutTarget,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use read::{Chunk, ReadMode, read_partition, read_shard};
@@ -188,6 +188,26 @@ impl Store {
         })?;
         let link = self.link(name)?;
         storage.snapshot(&link).await
+    }
+
+    /// Delete every link whose TTL after seal passed, or that sat open and unwritten for
+    /// `idle_timeout`. Returns what was dropped and why.
+    pub fn expire(&self, idle_timeout: Option<std::time::Duration>) -> Vec<(String, Expiry)> {
+        let now = link::now_ms();
+        let due: Vec<(String, Expiry)> = self
+            .list()
+            .iter()
+            .filter_map(|l| {
+                l.expiry(now, idle_timeout)
+                    .map(|why| (l.name().to_string(), why))
+            })
+            .collect();
+        for (name, why) in &due {
+            if self.delete(name).is_ok() {
+                tracing::info!(link = %name, reason = why.label(), "link expired and was deleted");
+            }
+        }
+        due
     }
 
     pub fn stats(&self, name: &str) -> Result<LinkStats> {

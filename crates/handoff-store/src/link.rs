@@ -46,6 +46,8 @@ pub struct LinkOptions {
     pub memory_limit: Option<u64>,
     /// What a write does at a limit; `None` takes the server's default.
     pub policy: Option<MemoryPolicy>,
+    /// Delete the link this long after its seal.
+    pub ttl_after_seal: Option<std::time::Duration>,
 }
 
 /// One partition attempt: the frames one writer sent, immutable once finished.
@@ -58,6 +60,24 @@ pub struct Partition {
     pub rows: u64,
     pub bytes: u64,
     _reservation: Reservation,
+}
+
+/// Why a link was dropped without a delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Its `ttl_seconds_after_seal` passed.
+    TtlAfterSeal,
+    /// Open, and nobody wrote to it for the server's idle timeout.
+    Idle,
+}
+
+impl Expiry {
+    pub fn label(self) -> &'static str {
+        match self {
+            Expiry::TtlAfterSeal => "ttl_after_seal",
+            Expiry::Idle => "idle",
+        }
+    }
 }
 
 /// Where a DoPut's data goes when its stream ends cleanly.
@@ -127,6 +147,7 @@ pub struct Link {
     tokens: LinkTokens,
     policy: MemoryPolicy,
     quota: Option<Arc<MemoryPool>>,
+    ttl_after_seal: Option<std::time::Duration>,
     created_ms: u64,
     inner: RwLock<LinkInner>,
     /// Bumped on every commit, seal and delete, so readers can wait for news.
@@ -153,6 +174,7 @@ impl Link {
                 .memory_limit
                 .map(|limit| MemoryPool::named(format!("link '{name}'"), Some(limit))),
             policy: options.policy.unwrap_or(default_policy),
+            ttl_after_seal: options.ttl_after_seal,
             name,
             tokens: options.tokens,
             created_ms: now,
@@ -433,8 +455,22 @@ impl Link {
         self.bump();
     }
 
-    pub fn last_write_ms(&self) -> u64 {
-        self.inner.read().last_write_ms
+    /// Why this link should be dropped at `now_ms`, if it should.
+    pub fn expiry(&self, now_ms: u64, idle_timeout: Option<std::time::Duration>) -> Option<Expiry> {
+        let inner = self.inner.read();
+        match inner.state {
+            LinkState::Sealed => {
+                let (ttl, sealed) = (self.ttl_after_seal?, inner.sealed_at_ms?);
+                (now_ms.saturating_sub(sealed) >= ttl.as_millis() as u64)
+                    .then_some(Expiry::TtlAfterSeal)
+            }
+            LinkState::Open => {
+                let idle = idle_timeout?;
+                (now_ms.saturating_sub(inner.last_write_ms) >= idle.as_millis() as u64)
+                    .then_some(Expiry::Idle)
+            }
+            LinkState::Deleted => None,
+        }
     }
 }
 

@@ -60,6 +60,9 @@ pub struct CreateLink {
     /// With MEMORY_POLICY_WAIT: how long a write waits for memory before failing. 0: the server's.
     #[prost(uint64, tag = "8")]
     pub wait_timeout_ms: u64,
+    /// Delete the link this many seconds after it is sealed. 0: keep it until deleted.
+    #[prost(uint64, tag = "9")]
+    pub ttl_seconds_after_seal: u64,
 }
 /// One rank's shard of a link for one epoch.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
