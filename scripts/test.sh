@@ -15,6 +15,14 @@ fi
 
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 
+# A real S3 server for the snapshot tests; built once and cached outside the checkout.
+S3S_ROOT="$HOME/.cache/handoff-tools/s3s-fs"
+if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
+  echo "building s3s-fs (once) into $S3S_ROOT" >&2
+  cargo install -q s3s-fs@0.14.1 --features binary --root "$S3S_ROOT"
+fi
+export S3S_FS_BIN="$S3S_ROOT/bin/s3s-fs"
+
 cargo build --workspace --all-targets
 cargo test --workspace
 HANDOFF_BIN="$PWD/target/debug/handoff" python3 -m pytest -q tests/python
