@@ -189,3 +189,17 @@ def writer(server):
 @pytest.fixture(scope="module")
 def reader(server):
     return options(server.reader_token)
+
+
+def start_plain(*args, env=None):
+    """`handoff serve --no-auth` on free ports with extra flags; returns (process, client or None
+    if it exited before becoming ready)."""
+    proc = subprocess.Popen([str(handoff_bin()), "serve", "--no-auth", "--listen", "127.0.0.1:0",
+                             "--http-listen", "127.0.0.1:0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    m = re.match(r"handoff listening grpc=(\S+)", line)
+    if not m:
+        proc.wait(timeout=30)
+        return proc, None
+    return proc, flight.connect(f"grpc://{m.group(1)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from conftest import handoff_bin
+from conftest import handoff_bin, start_plain
 
 ACCESS_KEY = "handoff-test"
 
@@ -60,15 +59,7 @@ def env_for(s3, secret=None):
 
 
 def start(env, *args):
-    proc = subprocess.Popen([str(handoff_bin()), "serve", "--no-auth", "--listen", "127.0.0.1:0",
-                             "--http-listen", "127.0.0.1:0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    m = re.match(r"handoff listening grpc=(\S+)", line)
-    if not m:
-        proc.wait(timeout=30)
-        return proc, None
-    return proc, flight.connect(f"grpc://{m.group(1)}")
+    return start_plain(*args, env=env)
 
 
 def sample():

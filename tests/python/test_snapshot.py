@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import signal
-import subprocess
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from conftest import handoff_bin
+from conftest import handoff_bin, start_plain
 
 
 def start(*args):
-    proc = subprocess.Popen([str(handoff_bin()), "serve", "--no-auth", "--listen", "127.0.0.1:0",
-                             "--http-listen", "127.0.0.1:0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    m = re.match(r"handoff listening grpc=(\S+)", line)
-    assert m, f"no readiness line: {line!r}"
-    return proc, flight.connect(f"grpc://{m.group(1)}")
+    proc, client = start_plain(*args)
+    assert client is not None, "handoff serve did not start"
+    return proc, client
 
 
 def read_all(client, link):

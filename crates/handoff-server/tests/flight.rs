@@ -160,12 +160,7 @@ async fn two_phase_commit_publishes_exactly_the_winning_attempts() {
 
     w.seal("tpc").await.expect("seal");
     let mut r = server.client(READER).await;
-    let mut got = Vec::new();
-    for stream in r.read_link("tpc").await.expect("read").1 {
-        for b in collect(stream).await {
-            got.extend(ids(&b));
-        }
-    }
+    let mut got = link_ids(&mut r, "tpc").await;
     got.sort_unstable();
     assert_eq!(got, (0..15).collect::<Vec<_>>());
     assert_eq!(
@@ -585,12 +580,7 @@ async fn bad_input_gets_the_right_status_and_loses_nothing() {
     // Nothing committed was lost along the way.
     let stats = admin.stats("e").await.expect("stats");
     assert_eq!((stats.rows, stats.partitions), (10, 1));
-    let mut got = Vec::new();
-    for stream in admin.read_link("e").await.expect("read").1 {
-        for b in collect(stream).await {
-            got.extend(ids(&b));
-        }
-    }
+    let got = link_ids(&mut admin, "e").await;
     assert_eq!(got, (0..10).collect::<Vec<_>>());
     server.stop().await;
 }
@@ -757,12 +747,7 @@ async fn wait_policy_stalls_the_writer_until_a_reader_frees_memory() {
         .expect("put");
     assert_eq!(outcome.rows, 40_000);
     admin.seal("b").await.expect("seal");
-    let mut got = Vec::new();
-    for stream in admin.read_link("b").await.expect("read").1 {
-        for b in collect(stream).await {
-            got.extend(ids(&b));
-        }
-    }
+    let got = link_ids(&mut admin, "b").await;
     assert_eq!(got, (100_000..140_000).collect::<Vec<_>>());
     assert!(server.store.memory().peak() <= 2 << 20);
     server.stop().await;

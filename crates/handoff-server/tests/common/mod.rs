@@ -148,3 +148,14 @@ pub fn ids(batch: &RecordBatch) -> Vec<i64> {
 pub async fn collect(stream: arrow_flight::decode::FlightRecordBatchStream) -> Vec<RecordBatch> {
     stream.try_collect().await.expect("read")
 }
+
+/// Every row id of a link, read through all of its FlightInfo endpoints.
+pub async fn link_ids(client: &mut HandoffClient, link: &str) -> Vec<i64> {
+    let mut got = Vec::new();
+    for stream in client.read_link(link).await.expect("read").1 {
+        for b in collect(stream).await {
+            got.extend(ids(&b));
+        }
+    }
+    got
+}
