@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Hand Spark output straight to distributed PyTorch training over Arrow Flight.
 #[derive(Debug, Parser)]
-#[command(name = "handoff", version, about, long_about = None)]
+#[command(name = "handoff", version, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
