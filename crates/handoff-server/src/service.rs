@@ -329,6 +329,8 @@ impl HandoffService {
             policy,
             ttl_after_seal: (req.ttl_seconds_after_seal > 0)
                 .then(|| std::time::Duration::from_secs(req.ttl_seconds_after_seal)),
+            ttl_after_read: (req.ttl_seconds_after_read > 0)
+                .then(|| std::time::Duration::from_secs(req.ttl_seconds_after_read)),
         };
         let link = self
             .store

@@ -934,3 +934,66 @@ async fn links_expire_after_their_ttl_or_when_idle() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_link_expires_after_every_rank_read_an_epoch() {
+    let server = Fixture::start().await;
+    let mut admin = server.admin().await;
+    for link in ["read-once", "half-read"] {
+        admin
+            .create(handoff_client::CreateLink {
+                link: link.into(),
+                ttl_seconds_after_read: 1,
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+        admin
+            .put(link, stream_of(vec![batch(0, 1000)]))
+            .await
+            .expect("put");
+        admin.seal(link).await.expect("seal");
+    }
+    for rank in 0..2 {
+        let shard = ReadShard {
+            link: "read-once".into(),
+            rank,
+            world_size: 2,
+            batch_rows: 100,
+            ..Default::default()
+        };
+        assert_eq!(read_rank(&mut admin, shard).await.len(), 5);
+    }
+    // Only one of two ranks reads the other link; a read abandoned mid-way does not count.
+    let shard = ReadShard {
+        link: "half-read".into(),
+        rank: 0,
+        world_size: 2,
+        batch_rows: 100,
+        ..Default::default()
+    };
+    read_rank(&mut admin, shard).await;
+    let mut abandoned = admin
+        .read_shard(ReadShard {
+            link: "half-read".into(),
+            rank: 1,
+            world_size: 2,
+            batch_rows: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("shard");
+    abandoned.next().await.expect("one batch").expect("batch");
+    drop(abandoned);
+    wait_until_gone(&mut admin, "read-once").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        admin
+            .stats("half-read")
+            .await
+            .expect("kept until every rank read")
+            .rows,
+        1000
+    );
+    server.stop().await;
+}

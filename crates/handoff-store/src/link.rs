@@ -48,6 +48,8 @@ pub struct LinkOptions {
     pub policy: Option<MemoryPolicy>,
     /// Delete the link this long after its seal.
     pub ttl_after_seal: Option<std::time::Duration>,
+    /// Delete the link this long after all ranks of a world finished reading one epoch.
+    pub ttl_after_read: Option<std::time::Duration>,
 }
 
 /// One partition attempt: the frames one writer sent, immutable once finished.
@@ -67,6 +69,8 @@ pub struct Partition {
 pub enum Expiry {
     /// Its `ttl_seconds_after_seal` passed.
     TtlAfterSeal,
+    /// Its `ttl_seconds_after_read` passed after every rank read an epoch.
+    TtlAfterRead,
     /// Open, and nobody wrote to it for the server's idle timeout.
     Idle,
 }
@@ -75,6 +79,7 @@ impl Expiry {
     pub fn label(self) -> &'static str {
         match self {
             Expiry::TtlAfterSeal => "ttl_after_seal",
+            Expiry::TtlAfterRead => "ttl_after_read",
             Expiry::Idle => "idle",
         }
     }
@@ -109,6 +114,8 @@ pub(crate) struct LinkInner {
     pub bytes: u64,
     pub sealed_at_ms: Option<u64>,
     pub last_write_ms: u64,
+    /// When every rank of some world size had read one whole epoch.
+    pub read_done_at_ms: Option<u64>,
 }
 
 /// A consistent view of a link's committed data at one instant.
@@ -148,6 +155,9 @@ pub struct Link {
     policy: MemoryPolicy,
     quota: Option<Arc<MemoryPool>>,
     ttl_after_seal: Option<std::time::Duration>,
+    ttl_after_read: Option<std::time::Duration>,
+    /// Ranks that finished a whole shard, by (world_size, epoch).
+    finished_reads: parking_lot::Mutex<HashMap<(u32, u64), HashSet<u32>>>,
     created_ms: u64,
     inner: RwLock<LinkInner>,
     /// Bumped on every commit, seal and delete, so readers can wait for news.
@@ -175,6 +185,8 @@ impl Link {
                 .map(|limit| MemoryPool::named(format!("link '{name}'"), Some(limit))),
             policy: options.policy.unwrap_or(default_policy),
             ttl_after_seal: options.ttl_after_seal,
+            ttl_after_read: options.ttl_after_read,
+            finished_reads: Default::default(),
             name,
             tokens: options.tokens,
             created_ms: now,
@@ -188,6 +200,7 @@ impl Link {
                 bytes: 0,
                 sealed_at_ms: None,
                 last_write_ms: now,
+                read_done_at_ms: None,
             }),
             version: watch::channel(0).0,
         }
@@ -455,14 +468,43 @@ impl Link {
         self.bump();
     }
 
+    /// A rank read its whole shard of the sealed link for one epoch. When all ranks of that world
+    /// size have, the read TTL starts.
+    pub fn finish_read(&self, world_size: u32, epoch: u64, rank: u32) {
+        let all_done = {
+            let mut finished = self.finished_reads.lock();
+            let ranks = finished.entry((world_size, epoch)).or_default();
+            ranks.insert(rank);
+            ranks.len() == world_size as usize
+        };
+        if all_done {
+            let mut inner = self.inner.write();
+            if inner.read_done_at_ms.is_none() {
+                inner.read_done_at_ms = Some(now_ms());
+                tracing::info!(link = %self.name, world_size, epoch, "every rank finished an epoch");
+            }
+        }
+    }
+
     /// Why this link should be dropped at `now_ms`, if it should.
     pub fn expiry(&self, now_ms: u64, idle_timeout: Option<std::time::Duration>) -> Option<Expiry> {
         let inner = self.inner.read();
         match inner.state {
             LinkState::Sealed => {
-                let (ttl, sealed) = (self.ttl_after_seal?, inner.sealed_at_ms?);
-                (now_ms.saturating_sub(sealed) >= ttl.as_millis() as u64)
-                    .then_some(Expiry::TtlAfterSeal)
+                let passed =
+                    |ttl: Option<std::time::Duration>, since: Option<u64>| match (ttl, since) {
+                        (Some(ttl), Some(since)) => {
+                            now_ms.saturating_sub(since) >= ttl.as_millis() as u64
+                        }
+                        _ => false,
+                    };
+                if passed(self.ttl_after_seal, inner.sealed_at_ms) {
+                    Some(Expiry::TtlAfterSeal)
+                } else if passed(self.ttl_after_read, inner.read_done_at_ms) {
+                    Some(Expiry::TtlAfterRead)
+                } else {
+                    None
+                }
             }
             LinkState::Open => {
                 let idle = idle_timeout?;

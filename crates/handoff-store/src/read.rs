@@ -46,9 +46,17 @@ pub fn read_shard(
         let mut out = Out {
             tx,
             sent_schema: false,
+            gone: false,
         };
-        if let Err(e) = shard_task(&link, &spec, mode, &mut out).await {
-            let _ = out.tx.send(Err(e)).await;
+        match shard_task(&link, &spec, mode, &mut out).await {
+            // A whole shard was delivered: count it towards the link's read TTL.
+            Ok(()) if !out.gone && link.state() == LinkState::Sealed => {
+                link.finish_read(spec.world_size, spec.epoch, spec.rank)
+            }
+            Ok(()) => {}
+            Err(e) => {
+                let _ = out.tx.send(Err(e)).await;
+            }
         }
     });
     rx
@@ -57,12 +65,15 @@ pub fn read_shard(
 struct Out {
     tx: mpsc::Sender<Result<Chunk>>,
     sent_schema: bool,
+    /// The reader went away before the end.
+    gone: bool,
 }
 
 impl Out {
     /// Returns false once the reader has gone away.
     async fn send(&mut self, chunk: Chunk) -> bool {
-        self.tx.send(Ok(chunk)).await.is_ok()
+        self.gone = self.tx.send(Ok(chunk)).await.is_err();
+        !self.gone
     }
 
     async fn schema(&mut self, snapshot: &LinkSnapshot) -> Result<bool> {

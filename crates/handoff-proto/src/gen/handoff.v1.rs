@@ -63,6 +63,10 @@ pub struct CreateLink {
     /// Delete the link this many seconds after it is sealed. 0: keep it until deleted.
     #[prost(uint64, tag = "9")]
     pub ttl_seconds_after_seal: u64,
+    /// Delete the link this many seconds after every rank of one world size has read one whole epoch
+    /// of it (the training run is done with it). 0: keep it.
+    #[prost(uint64, tag = "10")]
+    pub ttl_seconds_after_read: u64,
 }
 /// One rank's shard of a link for one epoch.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
