@@ -471,6 +471,10 @@ impl Link {
     /// A rank read its whole shard of the sealed link for one epoch. When all ranks of that world
     /// size have, the read TTL starts.
     pub fn finish_read(&self, world_size: u32, epoch: u64, rank: u32) {
+        // Only links with a read TTL track readers, and only until the TTL has started.
+        if self.ttl_after_read.is_none() || self.inner.read().read_done_at_ms.is_some() {
+            return;
+        }
         let all_done = {
             let mut finished = self.finished_reads.lock();
             let ranks = finished.entry((world_size, epoch)).or_default();
@@ -481,6 +485,7 @@ impl Link {
             let mut inner = self.inner.write();
             if inner.read_done_at_ms.is_none() {
                 inner.read_done_at_ms = Some(now_ms());
+                self.finished_reads.lock().clear();
                 tracing::info!(link = %self.name, world_size, epoch, "every rank finished an epoch");
             }
         }
