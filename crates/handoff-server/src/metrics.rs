@@ -133,7 +133,7 @@ impl Metrics {
         self.memory_peak.set(memory.peak());
         let (mut open, mut sealed, mut staged) = (0, 0, 0);
         for link in store.list() {
-            staged += link.stats().staged_bytes;
+            staged += link.staged_bytes();
             match link.state() {
                 LinkState::Open => open += 1,
                 LinkState::Sealed => sealed += 1,

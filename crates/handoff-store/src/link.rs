@@ -250,6 +250,10 @@ impl Link {
         }
     }
 
+    pub fn staged_bytes(&self) -> u64 {
+        self.inner.read().staged.values().map(|p| p.bytes).sum()
+    }
+
     pub fn stats(&self) -> LinkStats {
         let inner = self.inner.read();
         let staged_bytes: u64 = inner.staged.values().map(|p| p.bytes).sum();

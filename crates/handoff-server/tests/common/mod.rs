@@ -159,3 +159,9 @@ pub async fn link_ids(client: &mut HandoffClient, link: &str) -> Vec<i64> {
     }
     got
 }
+
+/// The server holds exactly the committed bytes of `link`: nothing staged, nothing leaked.
+pub fn assert_memory_is_only(server: &Fixture, link: &str, why: &str) {
+    let held = server.store.stats(link).expect("stats").bytes;
+    assert_eq!(server.store.memory().used(), held, "{why}");
+}
