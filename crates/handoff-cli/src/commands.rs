@@ -313,16 +313,9 @@ pub async fn ls(args: LsArgs) -> Result<(), String> {
 
 fn print_stats(stats: &handoff_client::LinkStats, json: bool) {
     if json {
-        let value = serde_json::json!({
-            "link": stats.link, "state": stats.state, "partitions": stats.partitions, "rows": stats.rows,
-            "bytes": stats.bytes, "staged_partitions": stats.staged_partitions, "staged_bytes": stats.staged_bytes,
-            "memory_bytes": stats.memory_bytes, "schema": stats.schema,
-            "server_memory_used": stats.server_memory_used, "server_memory_limit": stats.server_memory_limit,
-            "memory_limit": stats.memory_limit, "memory_policy": stats.memory_policy,
-        });
         println!(
             "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
+            serde_json::to_string_pretty(stats).unwrap_or_default()
         );
         return;
     }
@@ -338,6 +331,13 @@ fn print_stats(stats: &handoff_client::LinkStats, json: bool) {
         format_size(stats.bytes),
         format_size(stats.staged_bytes)
     );
+    if stats.spilled_partitions > 0 {
+        println!(
+            "spilled:     {} in {} partitions, in object storage",
+            format_size(stats.spilled_bytes),
+            stats.spilled_partitions
+        );
+    }
     let limit = stats
         .server_memory_limit
         .map(format_size)

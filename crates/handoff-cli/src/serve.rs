@@ -30,19 +30,20 @@ pub struct ServeArgs {
     /// Serve without any authentication. Only for local experiments.
     #[arg(long, conflicts_with_all = ["token", "writer_token", "reader_token"])]
     pub no_auth: bool,
-    /// Bytes the server may hold, staged and committed, e.g. 8GiB. Writes beyond it fail with
-    /// RESOURCE_EXHAUSTED. Default: no limit.
+    /// Bytes of Arrow data the server may hold in memory, staged and committed, e.g. 8GiB.
+    /// What a write beyond it does is --memory-policy. Default: no limit.
     #[arg(long, value_parser = parse_size)]
     pub memory_limit: Option<u64>,
     /// What a write does when it would go over a memory limit, for links that do not choose:
     /// `reject` fails it with RESOURCE_EXHAUSTED at once; `wait` stalls the writer until memory
-    /// is freed (links deleted), up to --memory-wait-timeout.
+    /// is freed (links deleted), up to --memory-wait-timeout; `spill` moves finished partitions,
+    /// least recently used first, to --spill-url and reads stream them back.
     #[arg(long, value_enum, default_value = "reject")]
     pub memory_policy: PolicyArg,
     /// Seconds a `wait` write waits for memory before it fails.
     #[arg(long, default_value_t = 60)]
     pub memory_wait_timeout: u64,
-    /// Object storage for snapshots: file:///path, s3://bucket/prefix (credentials, endpoint
+    /// Object storage for spilled partitions and snapshots: file:///path, s3://bucket/prefix (credentials, endpoint
     /// and allow-http from the AWS_* variables), gs://..., az://... Default: a directory under
     /// the system's temporary directory.
     #[arg(long)]
@@ -71,6 +72,7 @@ pub struct ServeArgs {
 pub enum PolicyArg {
     Reject,
     Wait,
+    Spill,
 }
 
 pub struct ServeConfig {
@@ -138,6 +140,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                     PolicyArg::Wait => MemoryPolicy::Wait {
                         timeout: Duration::from_secs(args.memory_wait_timeout),
                     },
+                    PolicyArg::Spill => MemoryPolicy::Spill,
                 },
             },
         })
@@ -196,5 +199,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         shutdown_signal(),
     )
     .await
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    match store.close().await {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(objects = removed, "removed spilled data"),
+        Err(e) => tracing::warn!(error = %e, "could not remove all spilled data"),
+    }
+    Ok(())
 }

@@ -22,7 +22,7 @@ use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use handoff_proto as proto;
@@ -89,7 +89,7 @@ pub struct PutOutcome {
 }
 
 /// The `stats` action's JSON.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct LinkStats {
     pub link: String,
     pub state: String,
@@ -98,7 +98,13 @@ pub struct LinkStats {
     pub bytes: u64,
     pub staged_partitions: u64,
     pub staged_bytes: u64,
+    /// Bytes of this link held in memory, staged and committed.
     pub memory_bytes: u64,
+    /// Partitions and bytes the spill policy moved to object storage.
+    #[serde(default)]
+    pub spilled_partitions: u64,
+    #[serde(default)]
+    pub spilled_bytes: u64,
     pub schema: Vec<String>,
     #[serde(default)]
     pub server_memory_used: u64,

@@ -12,9 +12,9 @@ pub fn status_of(err: StoreError) -> Status {
         | StoreError::InvalidIpc(_)
         | StoreError::InvalidArgument(_) => Code::InvalidArgument,
         StoreError::Unsupported(_) => Code::Unimplemented,
-        StoreError::MemoryExhausted { .. } | StoreError::MemoryWaitTimeout { .. } => {
-            Code::ResourceExhausted
-        }
+        StoreError::MemoryExhausted { .. }
+        | StoreError::MemoryWaitTimeout { .. }
+        | StoreError::NothingToSpill { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,
         StoreError::Storage(_) => Code::Unavailable,
     };

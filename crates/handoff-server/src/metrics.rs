@@ -38,6 +38,8 @@ pub struct Metrics {
     memory_limit: Gauge<u64, AtomicU64>,
     memory_peak: Gauge<u64, AtomicU64>,
     staged: Gauge<u64, AtomicU64>,
+    spilled: Gauge<u64, AtomicU64>,
+    spilled_total: Counter<u64, AtomicU64>,
     links: Family<StateLabels, Gauge>,
 }
 
@@ -56,6 +58,8 @@ impl Default for Metrics {
             memory_limit: Gauge::default(),
             memory_peak: Gauge::default(),
             staged: Gauge::default(),
+            spilled: Gauge::default(),
+            spilled_total: Counter::default(),
             links: Family::default(),
             registry: Registry::default(),
         };
@@ -106,6 +110,16 @@ impl Default for Metrics {
             m.staged.clone(),
         );
         registry.register(
+            "spilled_bytes",
+            "Bytes of links' data held in object storage by the spill policy",
+            m.spilled.clone(),
+        );
+        registry.register(
+            "spilled_written_bytes",
+            "Bytes moved to object storage by the spill policy since the server started",
+            m.spilled_total.clone(),
+        );
+        registry.register(
             "expired_links",
             "Links deleted by their TTL after seal or by the idle timeout",
             m.expired_links.clone(),
@@ -131,9 +145,10 @@ impl Metrics {
         self.memory_used.set(memory.used());
         self.memory_limit.set(memory.limit().unwrap_or(0));
         self.memory_peak.set(memory.peak());
-        let (mut open, mut sealed, mut staged) = (0, 0, 0);
+        let (mut open, mut sealed, mut staged, mut spilled) = (0, 0, 0, 0);
         for link in store.list() {
             staged += link.staged_bytes();
+            spilled += link.spilled_bytes();
             match link.state() {
                 LinkState::Open => open += 1,
                 LinkState::Sealed => sealed += 1,
@@ -141,6 +156,10 @@ impl Metrics {
             }
         }
         self.staged.set(staged);
+        self.spilled.set(spilled);
+        let total = store.spilled_bytes_total();
+        self.spilled_total
+            .inc_by(total.saturating_sub(self.spilled_total.get()));
         self.links
             .get_or_create(&StateLabels { state: "open" })
             .set(open);

@@ -231,12 +231,16 @@ impl HandoffService {
                 let link = self.link(&p.link)?;
                 let (schema, partition) =
                     handoff_store::read_partition(&link, p.index).map_err(status_of)?;
-                let frames = partition
-                    .frames
-                    .clone()
-                    .into_iter()
-                    .map(|f| Ok(Chunk::Frame(f)));
-                stream::iter(std::iter::once(Ok(Chunk::Schema(schema))).chain(frames)).boxed()
+                // Fetch one frame ahead, so a spilled partition streams at the store's pace.
+                let frames = stream::iter(0..partition.frame_rows().len())
+                    .map(move |i| {
+                        let partition = Arc::clone(&partition);
+                        async move { partition.frame(i).await.map(Chunk::Frame) }
+                    })
+                    .buffered(2);
+                stream::once(async { Ok(Chunk::Schema(schema)) })
+                    .chain(frames)
+                    .boxed()
             }
             Some(proto::ticket::Kind::Shard(shard)) => {
                 self.authorize(md, Access::Read, Some(&shard.link))?;
@@ -318,10 +322,18 @@ impl HandoffService {
             proto::MemoryPolicy::Wait => Some(MemoryPolicy::Wait {
                 timeout: match (req.wait_timeout_ms, self.store.default_policy()) {
                     (0, MemoryPolicy::Wait { timeout }) => timeout,
-                    (0, MemoryPolicy::Reject) => DEFAULT_WAIT_TIMEOUT,
+                    (0, _) => DEFAULT_WAIT_TIMEOUT,
                     (ms, _) => std::time::Duration::from_millis(ms),
                 },
             }),
+            proto::MemoryPolicy::Spill => {
+                if self.store.storage().is_none() {
+                    return Err(Status::failed_precondition(
+                        "the spill policy needs object storage; start the server with --spill-url",
+                    ));
+                }
+                Some(MemoryPolicy::Spill)
+            }
         };
         let options = LinkOptions {
             tokens,

@@ -56,6 +56,11 @@ pub enum StoreError {
         waited: std::time::Duration,
         cause: Box<StoreError>,
     },
+    #[error(
+        "nothing left to spill: every byte in memory belongs to partitions still being written ({cause}); \
+         write smaller partitions (more Spark partitions), or raise the limit"
+    )]
+    NothingToSpill { cause: Box<StoreError> },
     #[error("object storage failed: {0}")]
     Storage(String),
     #[error("stored data of link '{link}' could not be decoded: {detail}")]

@@ -8,6 +8,7 @@ pub mod memory;
 pub mod read;
 pub mod shard;
 pub mod snapshot;
+mod spill;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ pub struct StoreConfig {
     pub memory_limit: Option<u64>,
     /// What writes do at a limit, for links that do not choose.
     pub default_policy: MemoryPolicy,
-    /// Where snapshots go.
+    /// Where snapshots and spilled partitions go.
     pub storage: Option<ObjectStorage>,
     /// Snapshot every link when it is sealed.
     pub snapshot_on_seal: bool,
@@ -40,8 +41,9 @@ pub struct StoreConfig {
 /// All links of one server.
 #[derive(Debug)]
 pub struct Store {
-    links: RwLock<BTreeMap<String, Arc<Link>>>,
+    links: Arc<RwLock<BTreeMap<String, Arc<Link>>>>,
     memory: Arc<MemoryPool>,
+    spiller: Option<Arc<spill::Spiller>>,
     default_policy: MemoryPolicy,
     storage: Option<ObjectStorage>,
     snapshot_on_seal: bool,
@@ -63,8 +65,13 @@ pub fn validate_link_name(name: &str) -> Result<()> {
 
 impl Store {
     pub fn new(config: StoreConfig) -> Arc<Self> {
+        let links = Arc::new(RwLock::new(BTreeMap::new()));
         Arc::new(Self {
-            links: RwLock::new(BTreeMap::new()),
+            spiller: config
+                .storage
+                .clone()
+                .map(|storage| Arc::new(spill::Spiller::new(storage, Arc::clone(&links)))),
+            links,
             memory: MemoryPool::new(config.memory_limit),
             default_policy: config.default_policy,
             storage: config.storage,
@@ -136,7 +143,12 @@ impl Store {
         };
         link.check_writable()?;
         let reservation = self.memory.reservation(link.quota());
-        Ok(PartitionWriter::new(link, target, reservation))
+        Ok(PartitionWriter::new(
+            link,
+            target,
+            reservation,
+            self.spiller.clone(),
+        ))
     }
 
     pub fn commit(&self, name: &str, attempts: &[(u64, u64)]) -> Result<Vec<PutOutcome>> {
@@ -208,6 +220,25 @@ impl Store {
             }
         }
         due
+    }
+
+    /// Bytes moved to object storage by the spill policy since the server started.
+    pub fn spilled_bytes_total(&self) -> u64 {
+        self.spiller.as_ref().map_or(0, |s| s.spilled_bytes_total())
+    }
+
+    /// Drop every link and remove what this server spilled; for shutdown. Snapshots stay.
+    pub async fn close(&self) -> Result<usize> {
+        let links: Vec<Arc<Link>> = std::mem::take(&mut *self.links.write())
+            .into_values()
+            .collect();
+        for link in &links {
+            link.mark_deleted();
+        }
+        match &self.spiller {
+            Some(spiller) => spiller.remove_all().await,
+            None => Ok(0),
+        }
     }
 
     pub fn stats(&self, name: &str) -> Result<LinkStats> {

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use tokio::sync::watch;
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, Incoming, SchemaFrame, check_compatible, validate_message};
 use crate::memory::{MemoryPolicy, MemoryPool, Reservation};
+use crate::spill::{SpilledPartition, Spiller};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,16 +54,114 @@ pub struct LinkOptions {
     pub ttl_after_read: Option<std::time::Duration>,
 }
 
-/// One partition attempt: the frames one writer sent, immutable once finished.
+/// One partition attempt: the frames one writer sent, immutable once finished. Its frames live
+/// in memory, or in object storage after a spill.
 #[derive(Debug)]
 pub struct Partition {
     pub id: u64,
     pub attempt: u64,
     pub schema: SchemaFrame,
-    pub frames: Vec<Frame>,
     pub rows: u64,
     pub bytes: u64,
-    _reservation: Reservation,
+    link: Arc<str>,
+    /// Rows of each frame, known without fetching a spilled one.
+    frame_rows: Vec<u64>,
+    data: RwLock<Data>,
+    last_used_ms: AtomicU64,
+}
+
+#[derive(Debug)]
+enum Data {
+    Resident {
+        frames: Arc<[Frame]>,
+        _reservation: Reservation,
+    },
+    Spilled(Arc<SpilledPartition>),
+}
+
+/// Where a partition's frames are right now.
+pub(crate) enum Stored {
+    Resident(Arc<[Frame]>),
+    Spilled(Arc<SpilledPartition>),
+}
+
+impl Partition {
+    fn new(
+        link: Arc<str>,
+        schema: SchemaFrame,
+        frames: Vec<Frame>,
+        reservation: Reservation,
+    ) -> Self {
+        Self {
+            id: 0,
+            attempt: 0,
+            rows: frames.iter().map(|f| f.rows).sum(),
+            bytes: reservation.bytes(),
+            frame_rows: frames.iter().map(|f| f.rows).collect(),
+            schema,
+            link,
+            data: RwLock::new(Data::Resident {
+                frames: frames.into(),
+                _reservation: reservation,
+            }),
+            last_used_ms: AtomicU64::new(now_ms()),
+        }
+    }
+
+    pub fn link_name(&self) -> &str {
+        &self.link
+    }
+
+    pub fn frame_rows(&self) -> &[u64] {
+        &self.frame_rows
+    }
+
+    pub fn is_spilled(&self) -> bool {
+        matches!(*self.data.read(), Data::Spilled(_))
+    }
+
+    pub(crate) fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn stored(&self) -> Stored {
+        match &*self.data.read() {
+            Data::Resident { frames, .. } => Stored::Resident(Arc::clone(frames)),
+            Data::Spilled(spilled) => Stored::Spilled(Arc::clone(spilled)),
+        }
+    }
+
+    pub(crate) fn resident_frames(&self) -> Option<Arc<[Frame]>> {
+        match &*self.data.read() {
+            Data::Resident { frames, .. } => Some(Arc::clone(frames)),
+            Data::Spilled(_) => None,
+        }
+    }
+
+    /// Replace the frames by their spilled copy and release their memory. Returns bytes freed.
+    pub(crate) fn swap_to_spilled(&self, spilled: Arc<SpilledPartition>) -> u64 {
+        let old = std::mem::replace(&mut *self.data.write(), Data::Spilled(spilled));
+        match old {
+            Data::Resident { .. } => self.bytes,
+            Data::Spilled(_) => 0,
+        }
+    }
+
+    /// One frame, from memory or fetched from object storage.
+    pub async fn frame(&self, index: usize) -> Result<Frame> {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        match self.stored() {
+            Stored::Resident(frames) => frames.get(index).cloned().ok_or_else(|| {
+                StoreError::InvalidArgument(format!(
+                    "partition {} has {} frames, not {}",
+                    self.id,
+                    frames.len(),
+                    index + 1
+                ))
+            }),
+            Stored::Spilled(spilled) => spilled.frame(index).await,
+        }
+    }
 }
 
 /// Why a link was dropped without a delete.
@@ -109,7 +209,7 @@ pub(crate) struct LinkInner {
     pub schema: Option<SchemaFrame>,
     pub committed: Vec<Arc<Partition>>,
     committed_ids: HashMap<u64, u64>,
-    staged: BTreeMap<(u64, u64), Partition>,
+    staged: BTreeMap<(u64, u64), Arc<Partition>>,
     pub rows: u64,
     pub bytes: u64,
     pub sealed_at_ms: Option<u64>,
@@ -138,13 +238,17 @@ pub struct LinkStats {
     pub bytes: u64,
     pub staged_partitions: u64,
     pub staged_bytes: u64,
+    /// Bytes of this link's data held in memory, staged and committed.
     pub memory_bytes: u64,
+    /// Partitions, staged or committed, whose data was moved to object storage.
+    pub spilled_partitions: u64,
+    pub spilled_bytes: u64,
     pub schema: Vec<String>,
     pub created_unix_ms: u64,
     pub sealed_unix_ms: Option<u64>,
     /// This link's own quota, if it has one.
     pub memory_limit: Option<u64>,
-    /// `reject` or `wait`.
+    /// `reject`, `wait` or `spill`.
     pub memory_policy: String,
 }
 
@@ -250,6 +354,29 @@ impl Link {
         }
     }
 
+    /// Finished partitions, staged or committed, whose frames are still in memory.
+    pub(crate) fn spillable(&self) -> Vec<Arc<Partition>> {
+        let inner = self.inner.read();
+        inner
+            .committed
+            .iter()
+            .chain(inner.staged.values())
+            .filter(|p| !p.is_spilled())
+            .cloned()
+            .collect()
+    }
+
+    pub fn spilled_bytes(&self) -> u64 {
+        let inner = self.inner.read();
+        inner
+            .committed
+            .iter()
+            .chain(inner.staged.values())
+            .filter(|p| p.is_spilled())
+            .map(|p| p.bytes)
+            .sum()
+    }
+
     pub fn staged_bytes(&self) -> u64 {
         self.inner.read().staged.values().map(|p| p.bytes).sum()
     }
@@ -257,6 +384,12 @@ impl Link {
     pub fn stats(&self) -> LinkStats {
         let inner = self.inner.read();
         let staged_bytes: u64 = inner.staged.values().map(|p| p.bytes).sum();
+        let (spilled_partitions, spilled_bytes) = inner
+            .committed
+            .iter()
+            .chain(inner.staged.values())
+            .filter(|p| p.is_spilled())
+            .fold((0, 0), |(n, b), p| (n + 1, b + p.bytes));
         LinkStats {
             link: self.name.clone(),
             state: inner.state,
@@ -265,7 +398,9 @@ impl Link {
             bytes: inner.bytes,
             staged_partitions: inner.staged.len() as u64,
             staged_bytes,
-            memory_bytes: inner.bytes + staged_bytes,
+            memory_bytes: inner.bytes + staged_bytes - spilled_bytes,
+            spilled_partitions,
+            spilled_bytes,
             schema: inner
                 .schema
                 .as_ref()
@@ -280,10 +415,7 @@ impl Link {
             created_unix_ms: self.created_ms,
             sealed_unix_ms: inner.sealed_at_ms,
             memory_limit: self.quota.as_ref().and_then(|q| q.limit()),
-            memory_policy: match self.policy {
-                MemoryPolicy::Reject => "reject".into(),
-                MemoryPolicy::Wait { .. } => "wait".into(),
-            },
+            memory_policy: self.policy.label().into(),
         }
     }
 
@@ -326,7 +458,7 @@ impl Link {
                     ..partition
                 };
                 let outcome = outcome(&partition, true);
-                Self::publish(&mut inner, partition);
+                Self::publish(&mut inner, Arc::new(partition));
                 drop(inner);
                 self.bump();
                 Ok(outcome)
@@ -349,20 +481,20 @@ impl Link {
                 };
                 let outcome = outcome(&partition, false);
                 // A retried stream of the same attempt replaces what it staged before.
-                inner.staged.insert((id, attempt), partition);
+                inner.staged.insert((id, attempt), Arc::new(partition));
                 Ok(outcome)
             }
         }
     }
 
-    fn publish(inner: &mut LinkInner, partition: Partition) {
+    fn publish(inner: &mut LinkInner, partition: Arc<Partition>) {
         if inner.schema.is_none() {
             inner.schema = Some(partition.schema.clone());
         }
         inner.rows += partition.rows;
         inner.bytes += partition.bytes;
         inner.committed_ids.insert(partition.id, partition.attempt);
-        inner.committed.push(Arc::new(partition));
+        inner.committed.push(partition);
     }
 
     /// Publish exactly these attempts, atomically, and drop the other staged attempts of the
@@ -539,22 +671,31 @@ fn outcome(p: &Partition, committed: bool) -> PutOutcome {
 /// releases its memory.
 pub struct PartitionWriter {
     link: Arc<Link>,
+    link_name: Arc<str>,
     target: PutTarget,
     schema: Option<SchemaFrame>,
     frames: Vec<Frame>,
     rows: u64,
     reservation: Reservation,
+    spiller: Option<Arc<Spiller>>,
 }
 
 impl PartitionWriter {
-    pub(crate) fn new(link: Arc<Link>, target: PutTarget, reservation: Reservation) -> Self {
+    pub(crate) fn new(
+        link: Arc<Link>,
+        target: PutTarget,
+        reservation: Reservation,
+        spiller: Option<Arc<Spiller>>,
+    ) -> Self {
         Self {
+            link_name: Arc::from(link.name()),
             link,
             target,
             schema: None,
             frames: Vec::new(),
             rows: 0,
             reservation,
+            spiller,
         }
     }
 
@@ -571,7 +712,8 @@ impl PartitionWriter {
     }
 
     /// Validate and keep one IPC message of the stream. Under the `wait` policy this waits for
-    /// memory, which stalls the sender through gRPC flow control.
+    /// memory, which stalls the sender through gRPC flow control; under `spill` it first moves
+    /// finished partitions to object storage.
     pub async fn push(&mut self, header: Bytes, body: Bytes) -> Result<()> {
         match validate_message(self.schema.as_ref().map(|s| &s.schema), header, body)? {
             Incoming::Schema(schema) => {
@@ -589,14 +731,40 @@ impl PartitionWriter {
             }
             Incoming::Batch(frame) => {
                 self.link.check_writable()?;
-                self.reservation
-                    .grow(frame.bytes(), self.link.policy)
-                    .await?;
+                self.reserve(frame.bytes()).await?;
                 self.rows += frame.rows;
                 self.frames.push(frame);
             }
         }
         Ok(())
+    }
+
+    async fn reserve(&mut self, bytes: u64) -> Result<()> {
+        let policy = self.link.policy;
+        if policy != MemoryPolicy::Spill {
+            return self.reservation.grow(bytes, policy).await;
+        }
+        let spiller = self.spiller.clone().ok_or_else(|| {
+            StoreError::InvalidArgument(
+                "link uses the spill policy but this server has no object storage; start it with --spill-url".into(),
+            )
+        })?;
+        loop {
+            if self.reservation.try_grow(bytes).is_ok() {
+                return Ok(());
+            }
+            let only = self
+                .reservation
+                .link_quota_is_short(bytes)
+                .then_some(&self.link);
+            if spiller.make_room(only, bytes).await? == 0 {
+                // Another writer may have spilled and freed memory meanwhile; if not, give up.
+                return self
+                    .reservation
+                    .try_grow(bytes)
+                    .map_err(|e| StoreError::NothingToSpill { cause: Box::new(e) });
+            }
+        }
     }
 
     /// The stream ended cleanly: stage or commit what it carried.
@@ -606,16 +774,7 @@ impl PartitionWriter {
                 "the DoPut stream carried no schema message; nothing was written".into(),
             )
         })?;
-        let bytes = self.reservation.bytes();
-        let partition = Partition {
-            id: 0,
-            attempt: 0,
-            schema,
-            frames: self.frames,
-            rows: self.rows,
-            bytes,
-            _reservation: self.reservation,
-        };
+        let partition = Partition::new(self.link_name, schema, self.frames, self.reservation);
         self.link.finish_put(self.target, partition)
     }
 }

@@ -17,6 +17,18 @@ pub enum MemoryPolicy {
     Reject,
     /// Stall the writer (gRPC flow control holds the sender) until memory is freed, up to the timeout.
     Wait { timeout: Duration },
+    /// Move finished partitions, least recently used first, to object storage to make room.
+    Spill,
+}
+
+impl MemoryPolicy {
+    pub fn label(self) -> &'static str {
+        match self {
+            MemoryPolicy::Reject => "reject",
+            MemoryPolicy::Wait { .. } => "wait",
+            MemoryPolicy::Spill => "spill",
+        }
+    }
 }
 
 /// Counts bytes against an optional limit; wakes waiters when bytes are released.
@@ -126,7 +138,16 @@ impl Reservation {
         Ok(())
     }
 
+    /// Would `bytes` more go over the link's own quota (rather than the server's limit)?
+    pub fn link_quota_is_short(&self, bytes: u64) -> bool {
+        self.link
+            .as_ref()
+            .and_then(|l| l.limit.map(|limit| l.used().saturating_add(bytes) > limit))
+            .unwrap_or(false)
+    }
+
     /// Grow under `policy`: with `Wait`, until another reservation releases enough or the timeout.
+    /// `Spill` is the caller's business (the pool does not know partitions), so it fails at once.
     pub async fn grow(&mut self, bytes: u64, policy: MemoryPolicy) -> Result<()> {
         let MemoryPolicy::Wait { timeout } = policy else {
             return self.try_grow(bytes);

@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, SchemaFrame, guard_panic};
-use crate::link::{Link, LinkSnapshot, LinkState};
+use crate::link::{Link, LinkSnapshot, LinkState, Partition};
 use crate::shard::{ShardSpec, permutation};
 
 /// One item of a read stream. The first item is always the schema.
@@ -154,7 +154,7 @@ async fn shard_task(
                         break;
                     }
                     let start = spec.global_batch(next_k) * b;
-                    let chunk = rows.range_wrapping(&index, start, b)?;
+                    let chunk = rows.range_wrapping(&index, start, b).await?;
                     if !out.send(chunk).await {
                         return Ok(());
                     }
@@ -183,7 +183,7 @@ async fn contiguous(
     if spec.shuffle {
         let order = permutation(index.total, spec.seed, spec.epoch);
         for chunk in order[start as usize..end as usize].chunks(GATHER_ROWS as usize) {
-            let batch = rows.gather(index, chunk)?;
+            let batch = rows.gather(index, chunk).await?;
             if !out.send(Chunk::Batch(batch)).await {
                 return Ok(());
             }
@@ -196,10 +196,11 @@ async fn contiguous(
         let (fs, fe) = (index.starts[f], index.starts[f] + index.frames[f].rows);
         let take_end = fe.min(end);
         let chunk = if pos == fs && take_end == fe {
-            Chunk::Frame(index.frames[f].clone())
+            Chunk::Frame(index.fetch(f).await?)
         } else {
             Chunk::Batch(
-                rows.decoded(index, f)?
+                rows.decoded(index, f)
+                    .await?
                     .slice((pos - fs) as usize, (take_end - pos) as usize),
             )
         };
@@ -225,7 +226,7 @@ async fn shuffled(
         let start = spec.global_batch(k) * b;
         picked.clear();
         picked.extend((start..start + b).map(|p| order[(p % n) as usize]));
-        let batch = rows.gather(index, &picked)?;
+        let batch = rows.gather(index, &picked).await?;
         if !out.send(Chunk::Batch(batch)).await {
             return Ok(());
         }
@@ -233,10 +234,17 @@ async fn shuffled(
     Ok(())
 }
 
+/// Where one frame is: its partition (in memory or spilled) and its position there.
+struct FrameRef {
+    partition: Arc<Partition>,
+    index: usize,
+    rows: u64,
+}
+
 /// All committed frames of a link in commit order, with the first row number of each.
 #[derive(Default)]
 struct FrameIndex {
-    frames: Vec<Frame>,
+    frames: Vec<FrameRef>,
     starts: Vec<u64>,
     total: u64,
     partitions_seen: usize,
@@ -247,16 +255,26 @@ impl FrameIndex {
     fn extend(&mut self, snapshot: &LinkSnapshot) {
         for partition in &snapshot.partitions[self.partitions_seen.min(snapshot.partitions.len())..]
         {
-            for frame in &partition.frames {
-                if frame.rows == 0 {
+            for (index, &rows) in partition.frame_rows().iter().enumerate() {
+                if rows == 0 {
                     continue;
                 }
                 self.starts.push(self.total);
-                self.total += frame.rows;
-                self.frames.push(frame.clone());
+                self.total += rows;
+                self.frames.push(FrameRef {
+                    partition: Arc::clone(partition),
+                    index,
+                    rows,
+                });
             }
         }
         self.partitions_seen = snapshot.partitions.len();
+    }
+
+    /// The frame's bytes, fetched from object storage if its partition was spilled.
+    async fn fetch(&self, f: usize) -> Result<Frame> {
+        let at = &self.frames[f];
+        at.partition.frame(at.index).await
     }
 
     fn locate(&self, row: u64) -> usize {
@@ -280,21 +298,24 @@ impl RowSource {
         }
     }
 
-    fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<&RecordBatch> {
+    async fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<&RecordBatch> {
         if !self.decoded.contains_key(&f) {
-            let batch = index.frames[f]
-                .decode(&self.schema)
-                .map_err(|e| StoreError::Corrupt {
-                    link: self.link.clone(),
-                    detail: e.to_string(),
-                })?;
+            let batch =
+                index
+                    .fetch(f)
+                    .await?
+                    .decode(&self.schema)
+                    .map_err(|e| StoreError::Corrupt {
+                        link: self.link.clone(),
+                        detail: e.to_string(),
+                    })?;
             self.decoded.insert(f, batch);
         }
         Ok(&self.decoded[&f])
     }
 
     /// `len` rows from position `start`, wrapping past the end to the beginning.
-    fn range_wrapping(&mut self, index: &FrameIndex, start: u64, len: u64) -> Result<Chunk> {
+    async fn range_wrapping(&mut self, index: &FrameIndex, start: u64, len: u64) -> Result<Chunk> {
         let n = index.total;
         let mut pieces = Vec::new();
         let (mut pos, mut left) = (start % n, len);
@@ -304,12 +325,13 @@ impl RowSource {
             let take = (fe - pos).min(left);
             if pieces.is_empty() && pos == fs && take == index.frames[f].rows && take == len {
                 // The stored batch is exactly this batch: replay it without decoding.
-                return Ok(Chunk::Frame(index.frames[f].clone()));
+                return Ok(Chunk::Frame(index.fetch(f).await?));
             }
             // Sequential reads never return to earlier frames, except after wrapping.
             self.decoded.retain(|k, _| *k + 1 >= f);
             pieces.push(
-                self.decoded(index, f)?
+                self.decoded(index, f)
+                    .await?
                     .slice((pos - fs) as usize, take as usize),
             );
             left -= take;
@@ -328,7 +350,7 @@ impl RowSource {
     }
 
     /// The given rows, in the given order.
-    fn gather(&mut self, index: &FrameIndex, rows: &[u64]) -> Result<RecordBatch> {
+    async fn gather(&mut self, index: &FrameIndex, rows: &[u64]) -> Result<RecordBatch> {
         let mut slots: Vec<usize> = Vec::new();
         let mut slot_of = std::collections::HashMap::new();
         let mut picks = Vec::with_capacity(rows.len());
@@ -341,7 +363,7 @@ impl RowSource {
             picks.push((slot, (row - index.starts[f]) as usize));
         }
         for &f in &slots {
-            self.decoded(index, f)?;
+            self.decoded(index, f).await?;
         }
         let batches: Vec<&RecordBatch> = slots.iter().map(|f| &self.decoded[f]).collect();
         let link = self.link.clone();

@@ -14,7 +14,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
-use crate::link::{LinkOptions, LinkState, PutTarget};
+use crate::ipc::Frame;
+use crate::link::{LinkOptions, LinkState, PutTarget, Stored};
 use crate::{Link, Store};
 
 const CONTINUATION: [u8; 4] = [0xFF; 4];
@@ -96,19 +97,25 @@ impl ObjectStorage {
         let mut partitions = Vec::with_capacity(snapshot.partitions.len());
         for (index, partition) in snapshot.partitions.iter().enumerate() {
             let object = format!("part-{index:05}.arrows");
-            let mut payload = vec![encapsulate(&partition.schema.header)];
-            for frame in &partition.frames {
-                payload.push(encapsulate(&frame.header));
-                if !frame.body.is_empty() {
-                    payload.push(frame.body.clone());
+            let target = dir.clone().join(object.as_str());
+            match partition.stored() {
+                // A spilled partition already is an object in this format: copy it server-side.
+                Stored::Spilled(spilled) if spilled.storage().url == self.url => {
+                    self.copy(&spilled.path, &target).await?
+                }
+                Stored::Spilled(spilled) => {
+                    let mut frames = Vec::with_capacity(partition.frame_rows().len());
+                    for i in 0..partition.frame_rows().len() {
+                        frames.push(spilled.frame(i).await?);
+                    }
+                    let encoded = encode_stream(&partition.schema.header, &frames);
+                    self.put(&target, encoded.parts).await?
+                }
+                Stored::Resident(frames) => {
+                    let encoded = encode_stream(&partition.schema.header, &frames);
+                    self.put(&target, encoded.parts).await?
                 }
             }
-            payload.push(Bytes::from_static(&[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]));
-            let payload: PutPayload = payload.into_iter().collect();
-            self.store
-                .put(&dir.clone().join(object.as_str()), payload)
-                .await
-                .map_err(|e| storage_error(&self.url, e))?;
             partitions.push(SnapshotPartition {
                 id: partition.id,
                 rows: partition.rows,
@@ -151,6 +158,61 @@ impl ObjectStorage {
             manifests.push(manifest);
         }
         Ok(manifests)
+    }
+
+    /// A path under this storage's prefix.
+    pub(crate) fn path(&self, parts: &[&str]) -> Path {
+        parts
+            .iter()
+            .fold(self.prefix.clone(), |path, part| path.join(*part))
+    }
+
+    pub(crate) async fn put(&self, path: &Path, parts: Vec<Bytes>) -> Result<()> {
+        let payload: PutPayload = parts.into_iter().collect();
+        self.store
+            .put(path, payload)
+            .await
+            .map(|_| ())
+            .map_err(|e| storage_error(&self.url, e))
+    }
+
+    pub(crate) async fn get_range(
+        &self,
+        path: &Path,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
+        self.store
+            .get_range(path, range)
+            .await
+            .map_err(|e| storage_error(&self.url, e))
+    }
+
+    async fn copy(&self, from: &Path, to: &Path) -> Result<()> {
+        self.store
+            .copy(from, to)
+            .await
+            .map_err(|e| storage_error(&self.url, e))
+    }
+
+    pub(crate) async fn delete(&self, path: &Path) -> Result<()> {
+        match self.store.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage_error(&self.url, e)),
+        }
+    }
+
+    /// Delete every object under `prefix`; returns how many there were.
+    pub(crate) async fn remove_prefix(&self, prefix: &Path) -> Result<usize> {
+        let objects: Vec<_> = self
+            .store
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        for meta in &objects {
+            self.delete(&meta.location).await?;
+        }
+        Ok(objects.len())
     }
 
     async fn get(&self, path: &Path) -> Result<Bytes> {
@@ -202,20 +264,42 @@ impl ObjectStorage {
 
     /// Remove a link's snapshot objects.
     pub async fn remove(&self, link: &str) -> Result<usize> {
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&self.link_dir(link)))
-            .try_collect()
-            .await
-            .map_err(|e| storage_error(&self.url, e))?;
-        for meta in &objects {
-            self.store
-                .delete(&meta.location)
-                .await
-                .map_err(|e| storage_error(&self.url, e))?;
-        }
-        Ok(objects.len())
+        self.remove_prefix(&self.link_dir(link)).await
     }
+}
+
+/// One partition as an Arrow IPC stream, in parts that share the frames' bytes.
+pub(crate) struct EncodedStream {
+    pub parts: Vec<Bytes>,
+    /// Where each frame's body lies in the concatenated stream.
+    pub bodies: Vec<std::ops::Range<u64>>,
+}
+
+/// Schema, the frames byte for byte, end-of-stream.
+pub(crate) fn encode_stream(schema_header: &Bytes, frames: &[Frame]) -> EncodedStream {
+    let mut parts = Vec::with_capacity(2 * frames.len() + 2);
+    let mut bodies = Vec::with_capacity(frames.len());
+    let mut offset = 0u64;
+    let mut push = |parts: &mut Vec<Bytes>, bytes: Bytes| {
+        offset += bytes.len() as u64;
+        parts.push(bytes);
+        offset
+    };
+    push(&mut parts, encapsulate(schema_header));
+    for frame in frames {
+        let start = push(&mut parts, encapsulate(&frame.header));
+        let end = if frame.body.is_empty() {
+            start
+        } else {
+            push(&mut parts, frame.body.clone())
+        };
+        bodies.push(start..end);
+    }
+    push(
+        &mut parts,
+        Bytes::from_static(&[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]),
+    );
+    EncodedStream { parts, bodies }
 }
 
 /// The IPC stream prefix of one message: continuation, padded metadata length, metadata.

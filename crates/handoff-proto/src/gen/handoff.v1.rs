@@ -127,6 +127,9 @@ pub enum MemoryPolicy {
     Reject = 1,
     /// Stall the writer through gRPC flow control until memory is freed, up to a timeout.
     Wait = 2,
+    /// Move finished partitions, least recently used first, to the server's object storage (its
+    /// --spill-url) to make room; reads stream them back transparently.
+    Spill = 3,
 }
 impl MemoryPolicy {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -138,6 +141,7 @@ impl MemoryPolicy {
             Self::Unspecified => "MEMORY_POLICY_UNSPECIFIED",
             Self::Reject => "MEMORY_POLICY_REJECT",
             Self::Wait => "MEMORY_POLICY_WAIT",
+            Self::Spill => "MEMORY_POLICY_SPILL",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -146,6 +150,7 @@ impl MemoryPolicy {
             "MEMORY_POLICY_UNSPECIFIED" => Some(Self::Unspecified),
             "MEMORY_POLICY_REJECT" => Some(Self::Reject),
             "MEMORY_POLICY_WAIT" => Some(Self::Wait),
+            "MEMORY_POLICY_SPILL" => Some(Self::Spill),
             _ => None,
         }
     }

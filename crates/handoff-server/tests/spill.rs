@@ -1,0 +1,281 @@
+//! The spill policy against a real server and real files: memory stays under the limit, every
+//! row reads back through every read path, and spilled objects go away with their link.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use handoff_client::{CreateLink, MemoryPolicy, ReadShard};
+use handoff_server::ServerConfig;
+use handoff_store::{ObjectStorage, StoreConfig};
+use tonic::Code;
+
+/// Rows per partition; one partition of `batch` is about 420 KB.
+const ROWS: i64 = 10_000;
+
+fn spill_config(dir: &Path, limit: u64) -> StoreConfig {
+    StoreConfig {
+        memory_limit: Some(limit),
+        default_policy: handoff_store::MemoryPolicy::Spill,
+        storage: Some(storage(dir)),
+        ..Default::default()
+    }
+}
+
+fn storage(dir: &Path) -> ObjectStorage {
+    ObjectStorage::from_url(&format!("file://{}", dir.display())).expect("storage")
+}
+
+/// Files under `dir/sub`, recursively.
+fn files_under(dir: &Path, sub: &str) -> usize {
+    fn walk(path: &Path) -> usize {
+        std::fs::read_dir(path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| {
+                        let p = e.path();
+                        if p.is_dir() { walk(&p) } else { 1 }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&dir.join(sub))
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn shard_ids(client: &mut handoff_client::HandoffClient, shard: ReadShard) -> Vec<i64> {
+    let stream = client.read_shard(shard).await.expect("read shard");
+    collect(stream).await.iter().flat_map(ids).collect()
+}
+
+#[tokio::test]
+async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 1 << 20;
+    let server =
+        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    let mut admin = server.admin().await;
+    // A link that chose `reject` is never spilled to make room for others.
+    admin
+        .create(CreateLink {
+            link: "keep".into(),
+            memory_policy: MemoryPolicy::Reject as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    admin
+        .put("keep", stream_of(vec![batch(0, 1000)]))
+        .await
+        .expect("put keep");
+
+    let partitions = 30;
+    for p in 0..partitions {
+        let batches = vec![batch(p * ROWS, 4000), batch(p * ROWS + 4000, 6000)];
+        admin
+            .put("big", stream_of(batches))
+            .await
+            .expect("put spills");
+        assert!(server.store.memory().used() <= limit);
+    }
+    let n = partitions * ROWS;
+    let stats = admin.stats("big").await.expect("stats");
+    assert!(stats.bytes > 10 * limit, "wrote 10x the limit: {stats:?}");
+    assert!(stats.spilled_partitions >= 20, "{stats:?}");
+    assert_eq!(stats.memory_bytes + stats.spilled_bytes, stats.bytes);
+    assert!(server.store.memory().peak() <= limit);
+    assert_eq!(admin.stats("keep").await.expect("stats").spilled_bytes, 0);
+    assert!(files_under(dir.path(), "spill") >= 20);
+
+    admin.seal("big").await.expect("seal");
+    // Whole partitions, through FlightInfo tickets, in commit order.
+    assert_eq!(
+        link_ids(&mut admin, "big").await,
+        (0..n).collect::<Vec<_>>()
+    );
+    // Shards: frame-aligned, cut, and shuffled (gathered) reads, over two ranks.
+    for (batch_rows, shuffle) in [(0, false), (3000, false), (4096, true)] {
+        let mut all = Vec::new();
+        for rank in 0..2 {
+            all.extend(
+                shard_ids(
+                    &mut admin,
+                    ReadShard {
+                        link: "big".into(),
+                        rank,
+                        world_size: 2,
+                        batch_rows,
+                        shuffle,
+                        drop_last: true,
+                        seed: 7,
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+        }
+        all.sort_unstable();
+        let kept = if batch_rows == 0 {
+            n
+        } else {
+            n / (2 * batch_rows as i64) * 2 * batch_rows as i64
+        };
+        assert_eq!(all.len() as i64, kept, "batch_rows={batch_rows}");
+        all.dedup();
+        assert_eq!(
+            all.len() as i64,
+            kept,
+            "no row twice, batch_rows={batch_rows}"
+        );
+    }
+
+    // A snapshot copies spilled objects; a new store restores every row from it.
+    admin.snapshot("big").await.expect("snapshot");
+    let restored = handoff_store::Store::new(StoreConfig {
+        storage: Some(storage(dir.path())),
+        ..Default::default()
+    });
+    storage(dir.path())
+        .restore_all(&restored)
+        .await
+        .expect("restore");
+    assert_eq!(restored.stats("big").expect("stats").rows, n as u64);
+
+    // Deleting the link removes its spilled objects; its snapshot stays.
+    admin.delete("big").await.expect("delete");
+    eventually("spilled objects are removed", || {
+        files_under(dir.path(), "spill") == 0
+    })
+    .await;
+    assert!(files_under(dir.path(), "links/big") > 0, "snapshot kept");
+    assert_eq!(admin.stats("keep").await.expect("stats").rows, 1000);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn staged_attempts_spill_too_and_commit_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 1 << 20;
+    let server =
+        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    let mut w = server.client(WRITER).await;
+    // Like a Spark job: every task stages, nothing commits until the driver does.
+    let partitions = 12u64;
+    for p in 0..partitions {
+        let rows = vec![batch(p as i64 * ROWS, ROWS as usize)];
+        w.put_partition("tpc", p, 0, stream_of(rows.clone()))
+            .await
+            .expect("stage");
+        // A speculative twin of every other partition, which will lose.
+        if p % 2 == 0 {
+            w.put_partition("tpc", p, 1, stream_of(rows))
+                .await
+                .expect("stage twin");
+        }
+    }
+    let staged = w.stats("tpc").await.expect("stats");
+    assert_eq!((staged.rows, staged.staged_partitions), (0, 18));
+    assert!(staged.spilled_partitions > 0, "{staged:?}");
+    assert!(server.store.memory().peak() <= limit);
+
+    let winners: Vec<(u64, u64)> = (0..partitions).map(|p| (p, 0)).collect();
+    w.commit("tpc", &winners).await.expect("commit");
+    w.seal("tpc").await.expect("seal");
+    let mut r = server.client(READER).await;
+    let mut got = link_ids(&mut r, "tpc").await;
+    got.sort_unstable();
+    assert_eq!(got, (0..partitions as i64 * ROWS).collect::<Vec<_>>());
+    // The losing twins' spilled objects went away with them.
+    let committed_spilled = w.stats("tpc").await.expect("stats").spilled_partitions as usize;
+    eventually("losing attempts' objects are removed", || {
+        files_under(dir.path(), "spill") == committed_spilled
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn spill_fails_clearly_when_nothing_finished_is_left_to_move() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 1 << 20;
+    let server =
+        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    let mut admin = server.admin().await;
+    admin
+        .put("s", stream_of(vec![batch(0, 1000)]))
+        .await
+        .expect("fits");
+    // One partition larger than the whole budget cannot be made to fit by spilling.
+    let err = admin
+        .put(
+            "s",
+            stream_of(vec![batch(1000, 20_000), batch(21_000, 20_000)]),
+        )
+        .await
+        .expect_err("partition larger than the budget");
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("nothing left to spill"), "{err}");
+    let stats = admin.stats("s").await.expect("stats");
+    assert_eq!((stats.rows, stats.staged_partitions), (1000, 0));
+    admin.seal("s").await.expect("seal");
+    assert_eq!(
+        link_ids(&mut admin, "s").await,
+        (0..1000).collect::<Vec<_>>()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_spilling_link_quota_spills_only_its_own_partitions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Fixture::start_with(
+        ServerConfig::default(),
+        StoreConfig {
+            storage: Some(storage(dir.path())),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut admin = server.admin().await;
+    for (link, policy) in [("a", MemoryPolicy::Spill), ("b", MemoryPolicy::Spill)] {
+        admin
+            .create(CreateLink {
+                link: link.into(),
+                memory_policy: policy as i32,
+                memory_limit: if link == "a" { 1 << 20 } else { 0 },
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+    }
+    admin
+        .put("b", stream_of(vec![batch(0, ROWS as usize)]))
+        .await
+        .expect("put b");
+    for p in 0..6 {
+        admin
+            .put("a", stream_of(vec![batch(p * ROWS, ROWS as usize)]))
+            .await
+            .expect("put a");
+    }
+    let a = admin.stats("a").await.expect("stats");
+    assert!(
+        a.spilled_partitions > 0 && a.memory_bytes <= 1 << 20,
+        "{a:?}"
+    );
+    assert_eq!(admin.stats("b").await.expect("stats").spilled_partitions, 0);
+    server.stop().await;
+}

@@ -1,0 +1,188 @@
+//! The `spill` memory policy: finished partitions, least recently used first, move to object
+//! storage when a write would not fit, and reads fetch them back frame by frame.
+//!
+//! A spilled partition is one Arrow IPC stream object (the snapshot format), written under
+//! `spill/<server instance>/<link>/`. Only the small frame headers and the body offsets stay in
+//! memory, so reading a spilled partition back never needs the whole object in memory. The object
+//! is removed when the last holder of the partition lets go (delete, TTL, or the end of the last
+//! read), and the whole instance prefix is removed when the server shuts down.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use object_store::path::Path;
+use parking_lot::RwLock;
+
+use crate::error::{Result, StoreError};
+use crate::ipc::Frame;
+use crate::link::{Link, Partition};
+use crate::memory::MemoryPolicy;
+use crate::snapshot::{ObjectStorage, encode_stream};
+
+/// Where one spilled frame's body sits inside its object.
+#[derive(Debug)]
+struct SpilledFrame {
+    header: Bytes,
+    body: Range<u64>,
+    rows: u64,
+}
+
+/// A partition's frames after they moved to object storage.
+#[derive(Debug)]
+pub(crate) struct SpilledPartition {
+    storage: ObjectStorage,
+    pub(crate) path: Path,
+    frames: Vec<SpilledFrame>,
+}
+
+impl SpilledPartition {
+    /// Fetch one frame's body with a ranged read.
+    pub(crate) async fn frame(&self, index: usize) -> Result<Frame> {
+        let spilled = self.frames.get(index).ok_or_else(|| {
+            StoreError::Storage(format!(
+                "frame {index} is past the end of spilled object {}",
+                self.path
+            ))
+        })?;
+        let body = if spilled.body.is_empty() {
+            Bytes::new()
+        } else {
+            self.storage
+                .get_range(&self.path, spilled.body.clone())
+                .await?
+        };
+        Ok(Frame {
+            header: spilled.header.clone(),
+            body,
+            rows: spilled.rows,
+        })
+    }
+
+    pub(crate) fn storage(&self) -> &ObjectStorage {
+        &self.storage
+    }
+}
+
+impl Drop for SpilledPartition {
+    fn drop(&mut self) {
+        // The last holder let go: nobody can read this object any more.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (storage, path) = (self.storage.clone(), self.path.clone());
+        runtime.spawn(async move {
+            if let Err(e) = storage.delete(&path).await {
+                tracing::warn!(%path, error = %e, "could not remove a spilled object");
+            }
+        });
+    }
+}
+
+/// Frees memory by spilling, for every writer of the store.
+#[derive(Debug)]
+pub(crate) struct Spiller {
+    storage: ObjectStorage,
+    instance: String,
+    links: Arc<RwLock<BTreeMap<String, Arc<Link>>>>,
+    /// One spill at a time, so two writers never upload the same partition.
+    running: tokio::sync::Mutex<()>,
+    sequence: AtomicU64,
+    spilled_bytes_total: AtomicU64,
+}
+
+impl Spiller {
+    pub(crate) fn new(
+        storage: ObjectStorage,
+        links: Arc<RwLock<BTreeMap<String, Arc<Link>>>>,
+    ) -> Self {
+        let instance = format!("{}-{}", std::process::id(), crate::link::now_ms());
+        Self {
+            storage,
+            instance,
+            links,
+            running: tokio::sync::Mutex::new(()),
+            sequence: AtomicU64::new(0),
+            spilled_bytes_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved to object storage since the server started.
+    pub(crate) fn spilled_bytes_total(&self) -> u64 {
+        self.spilled_bytes_total.load(Ordering::Relaxed)
+    }
+
+    fn instance_dir(&self) -> Path {
+        self.storage.path(&["spill", &self.instance])
+    }
+
+    /// Spill least recently used partitions until `needed` bytes were freed, from `only` this link
+    /// (its own quota is short) or from every link whose policy is `spill`. Returns the bytes
+    /// freed; 0 means nothing was left to spill.
+    pub(crate) async fn make_room(&self, only: Option<&Arc<Link>>, needed: u64) -> Result<u64> {
+        let _running = self.running.lock().await;
+        let mut candidates: Vec<Arc<Partition>> = match only {
+            Some(link) => link.spillable(),
+            None => self
+                .links
+                .read()
+                .values()
+                .filter(|l| l.policy() == MemoryPolicy::Spill)
+                .flat_map(|l| l.spillable())
+                .collect(),
+        };
+        candidates.sort_by_key(|p| p.last_used_ms());
+        let mut freed = 0;
+        for partition in candidates {
+            if freed >= needed {
+                break;
+            }
+            freed += self.spill(&partition).await?;
+        }
+        Ok(freed)
+    }
+
+    /// Upload one resident partition and swap its frames for their locations. Returns the bytes
+    /// freed (0 if it was no longer resident).
+    async fn spill(&self, partition: &Arc<Partition>) -> Result<u64> {
+        let Some(frames) = partition.resident_frames() else {
+            return Ok(0);
+        };
+        let link = partition.link_name();
+        let mut path = self.instance_dir();
+        for part in link.split('/') {
+            path = path.join(part);
+        }
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let path = path.join(format!(
+            "p{}-a{}-{sequence}.arrows",
+            partition.id, partition.attempt
+        ));
+        let encoded = encode_stream(&partition.schema.header, &frames);
+        self.storage.put(&path, encoded.parts).await?;
+        let spilled = SpilledPartition {
+            storage: self.storage.clone(),
+            path,
+            frames: frames
+                .iter()
+                .zip(encoded.bodies)
+                .map(|(frame, body)| SpilledFrame {
+                    header: frame.header.clone(),
+                    body,
+                    rows: frame.rows,
+                })
+                .collect(),
+        };
+        let freed = partition.swap_to_spilled(Arc::new(spilled));
+        self.spilled_bytes_total.fetch_add(freed, Ordering::Relaxed);
+        tracing::debug!(link = %link, partition = partition.id, bytes = freed, "spilled");
+        Ok(freed)
+    }
+
+    /// Remove everything this server instance spilled; for shutdown.
+    pub(crate) async fn remove_all(&self) -> Result<usize> {
+        self.storage.remove_prefix(&self.instance_dir()).await
+    }
+}
