@@ -191,9 +191,9 @@ def reader(server):
     return options(server.reader_token)
 
 
-def start_plain(*args, env=None):
-    """`handoff serve --no-auth` on free ports with extra flags; returns (process, client or None
-    if it exited before becoming ready)."""
+def start_plain_location(*args, env=None):
+    """`handoff serve --no-auth` on free ports with extra flags; returns (process, grpc location, or
+    None if it exited before becoming ready)."""
     proc = subprocess.Popen([str(handoff_bin()), "serve", "--no-auth", "--listen", "127.0.0.1:0",
                              "--http-listen", "127.0.0.1:0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -202,4 +202,10 @@ def start_plain(*args, env=None):
     if not m:
         proc.wait(timeout=30)
         return proc, None
-    return proc, flight.connect(f"grpc://{m.group(1)}")
+    return proc, f"grpc://{m.group(1)}"
+
+
+def start_plain(*args, env=None):
+    """Like `start_plain_location`, with a connected client in place of the location."""
+    proc, location = start_plain_location(*args, env=env)
+    return proc, (flight.connect(location) if location else None)

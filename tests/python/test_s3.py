@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -115,3 +116,85 @@ def test_wrong_secret_fails_clearly(s3):
     proc, client = start(env_for(s3, secret="wrong-secret"), "--restore-from", url)
     assert client is None and proc.returncode == 1
     assert "restoring from s3://bucket/handoff failed" in proc.stderr.read()
+
+
+def create_link(link: str, *, policy: int = 0, ttl_after_seal: int = 0) -> bytes:
+    """A CreateLink message (fields 1, 7 and 9 of proto/handoff.proto), hand-encoded."""
+    from test_interop import _str, _uint
+    return _str(1, link) + _uint(7, policy) + _uint(9, ttl_after_seal)
+
+
+MEMORY_POLICY_SPILL = 3
+
+
+def feature_partition(first: int, rows: int = 4000) -> pa.Table:
+    ids = pa.array(range(first, first + rows), pa.int64())
+    emb = pa.FixedSizeListArray.from_arrays(
+        pa.array([float(i % 997) for i in range(rows * 64)], pa.float32()), 64)
+    return pa.table({"id": ids, "emb": emb})
+
+
+def spilled_objects(s3) -> list[str]:
+    return sorted(p.name for p in (s3["root"] / "bucket").rglob("*.arrows") if "spill" in p.parts)
+
+
+def wait_for(what, predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def test_spill_to_s3_reads_back_and_delete_and_ttl_remove_objects(s3):
+    proc, client = start(env_for(s3), "--spill-url", "s3://bucket/handoff", "--memory-limit", "4MiB",
+                         "--memory-policy", "spill")
+    try:
+        def fill(link, partitions=12):
+            tables = [feature_partition(p * 4000) for p in range(partitions)]
+            for table in tables:
+                writer, _ = client.do_put(flight.FlightDescriptor.for_path(link), table.schema)
+                writer.write_table(table, max_chunksize=1000)
+                writer.close()
+            return pa.concat_tables(tables)
+
+        expected = fill("kept")
+        stats = json.loads(list(client.do_action(flight.Action("stats", b"kept")))[0].body.to_pybytes())
+        assert stats["spilled_partitions"] >= 8 and stats["server_memory_used"] <= 4 << 20, stats
+        assert len(spilled_objects(s3)) == stats["spilled_partitions"]
+        list(client.do_action(flight.Action("seal", b"kept")))
+        info = client.get_flight_info(flight.FlightDescriptor.for_path("kept"))
+        assert pa.concat_tables([client.do_get(e.ticket).read_all() for e in info.endpoints]).equals(expected)
+
+        list(client.do_action(flight.Action("delete", b"kept")))
+        wait_for("delete removes the spilled objects from the bucket", lambda: not spilled_objects(s3))
+
+        # A link with a TTL after seal: its spilled objects go when it expires.
+        list(client.do_action(flight.Action("create", create_link("brief", policy=MEMORY_POLICY_SPILL,
+                                                                        ttl_after_seal=1))))
+        fill("brief")
+        assert spilled_objects(s3)
+        list(client.do_action(flight.Action("seal", b"brief")))
+        wait_for("the TTL removes the spilled objects from the bucket", lambda: not spilled_objects(s3))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_spill_with_a_wrong_secret_fails_the_write_and_keeps_earlier_data(s3):
+    proc, client = start(env_for(s3, secret="wrong-secret"), "--spill-url", "s3://bucket/handoff",
+                         "--memory-limit", "4MiB", "--memory-policy", "spill")
+    try:
+        written = 0
+        with pytest.raises(pa.ArrowException) as err:
+            for p in range(12):
+                table = feature_partition(p * 4000)
+                writer, _ = client.do_put(flight.FlightDescriptor.for_path("l"), table.schema)
+                writer.write_table(table)
+                writer.close()
+                written += table.num_rows
+        assert "object storage failed" in str(err.value), str(err.value)
+        stats = json.loads(list(client.do_action(flight.Action("stats", b"l")))[0].body.to_pybytes())
+        assert stats["rows"] == written and written > 0 and stats["spilled_partitions"] == 0, stats
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -169,7 +169,9 @@ impl Spiller {
                 .iter()
                 .zip(encoded.bodies)
                 .map(|(frame, body)| SpilledFrame {
-                    header: frame.header.clone(),
+                    // A copy: the received header shares its allocation with the body, which
+                    // must be freed.
+                    header: Bytes::copy_from_slice(&frame.header),
                     body,
                     rows: frame.rows,
                 })
