@@ -1,57 +1,16 @@
 //! Criterion: DoPut and DoGet through a real in-process server and our client, and the store's
 //! ingest validation alone. `cargo bench -p handoff-server --bench flight`
 
+mod data;
+
 use std::sync::Arc;
 
-use arrow_array::builder::{FixedSizeListBuilder, Float32Builder};
-use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
-use arrow_flight::{FlightData, SchemaAsIpc};
-use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
+use arrow_array::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use data::{batch, encode};
 use futures::TryStreamExt;
 use handoff_server::{AuthConfig, ServerConfig};
 use handoff_store::{PutTarget, Store, StoreConfig};
-
-fn batch(rows: usize) -> RecordBatch {
-    let mut emb = FixedSizeListBuilder::new(Float32Builder::new(), 128);
-    for i in 0..rows {
-        emb.values().append_slice(&[i as f32; 128]);
-        emb.append(true);
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from_iter_values(0..rows as i64)),
-        Arc::new(Float64Array::from_iter_values((0..rows).map(|i| i as f64))),
-        Arc::new(StringArray::from_iter_values(
-            (0..rows).map(|i| format!("item-{i:011}")),
-        )),
-        Arc::new(emb.finish()),
-    ];
-    RecordBatch::try_from_iter(["id", "x", "name", "emb"].into_iter().zip(columns)).expect("batch")
-}
-
-fn encode(batches: &[RecordBatch]) -> Vec<FlightData> {
-    let options = IpcWriteOptions::default();
-    let mut out = vec![FlightData::from(SchemaAsIpc::new(
-        &batches[0].schema(),
-        &options,
-    ))];
-    let (generator, mut tracker, mut context) = (
-        IpcDataGenerator::default(),
-        DictionaryTracker::new(false),
-        IpcWriteContext::default(),
-    );
-    for b in batches {
-        let (_, encoded) = generator
-            .encode(b, &mut tracker, &options, &mut context)
-            .expect("encode");
-        out.push(FlightData {
-            data_header: encoded.ipc_message.into(),
-            data_body: encoded.arrow_data.into(),
-            ..Default::default()
-        });
-    }
-    out
-}
 
 fn benches(c: &mut Criterion) {
     let batches: Vec<RecordBatch> = (0..16).map(|_| batch(8192)).collect();

@@ -222,6 +222,17 @@ impl Store {
         due
     }
 
+    /// Move every finished partition of a link to object storage now, whatever its policy.
+    /// Returns the bytes freed. For operators who know a link will not be read for a while.
+    pub async fn spill_link(&self, name: &str) -> Result<u64> {
+        let spiller = self.spiller.as_ref().ok_or_else(|| {
+            StoreError::InvalidArgument(
+                "this server has no object storage; start it with --spill-url".into(),
+            )
+        })?;
+        spiller.make_room(Some(&self.link(name)?), u64::MAX).await
+    }
+
     /// Bytes moved to object storage by the spill policy since the server started.
     pub fn spilled_bytes_total(&self) -> u64 {
         self.spiller.as_ref().map_or(0, |s| s.spilled_bytes_total())
