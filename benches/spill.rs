@@ -12,7 +12,7 @@ use data::{batch, encode};
 use handoff_store::{ObjectStorage, PutTarget, Store, StoreConfig};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStoreExt, PutPayload};
 
 const PARTITIONS: usize = 4;
 const FRAMES_PER_PARTITION: usize = 4;
