@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from conftest import start_plain_location
+from conftest import handoff_bin, start_plain_location
 
 MiB = 1 << 20
 BUDGET = 256 * MiB
@@ -135,6 +136,9 @@ def test_spill_ingests_ten_times_the_budget_and_reads_every_row(tmp_path):
         assert s["spilled_bytes"] > 8 * BUDGET, s
         assert s["server_memory_used"] <= BUDGET, s
         assert list(tmp_path.rglob("*.arrows")), "spilled objects are files under --spill-url"
+        stat = subprocess.run([str(handoff_bin()), "stat", "big", "--endpoint", location],
+                              capture_output=True, text=True, check=True).stdout
+        assert "spilled:" in stat and "policy spill" in stat, stat
         action(client, "seal", b"big")
         print(f"\nspill: peak RSS after ingest {peak_rss(proc.pid) / MiB:.0f} MiB")
         assert read_all(client, "big") == row

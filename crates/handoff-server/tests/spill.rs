@@ -99,6 +99,13 @@ async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row()
     assert!(server.store.memory().peak() <= limit);
     assert_eq!(admin.stats("keep").await.expect("stats").spilled_bytes, 0);
     assert!(files_under(dir.path(), "spill") >= 20);
+    let metrics = handoff_server::Metrics::default().render(&server.store);
+    let gauge = format!("handoff_spilled_bytes {}", stats.spilled_bytes);
+    assert!(metrics.contains(&gauge), "{gauge} in\n{metrics}");
+    assert!(
+        metrics.contains("handoff_spilled_written_bytes_total "),
+        "{metrics}"
+    );
 
     admin.seal("big").await.expect("seal");
     // Whole partitions, through FlightInfo tickets, in commit order.
