@@ -311,7 +311,18 @@ impl HandoffClient {
         link: &str,
         attempts: &[(u64, u64)],
     ) -> Result<serde_json::Value> {
+        self.commit_with(link, attempts, false).await
+    }
+
+    /// Like `commit`; with `replace`, the link afterwards holds exactly these attempts.
+    pub async fn commit_with(
+        &mut self,
+        link: &str,
+        attempts: &[(u64, u64)],
+        replace: bool,
+    ) -> Result<serde_json::Value> {
         let commit = proto::Commit {
+            replace,
             link: link.to_string(),
             attempts: attempts
                 .iter()

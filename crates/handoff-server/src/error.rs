@@ -7,6 +7,7 @@ pub fn status_of(err: StoreError) -> Status {
         StoreError::UnknownLink(_) | StoreError::Deleted(_) => Code::NotFound,
         StoreError::LinkExists(_) | StoreError::AlreadyCommitted { .. } => Code::AlreadyExists,
         StoreError::Sealed(_) | StoreError::NotStaged { .. } => Code::FailedPrecondition,
+        StoreError::Replaced(_) => Code::Aborted,
         StoreError::InvalidLinkName(_)
         | StoreError::SchemaMismatch { .. }
         | StoreError::InvalidIpc(_)

@@ -378,7 +378,7 @@ impl HandoffService {
                     ))
                 })?;
                 self.authorize(md, Access::Write, Some(&req.link))?;
-                if req.attempts.is_empty() {
+                if req.attempts.is_empty() && !req.replace {
                     return Err(invalid(
                         "commit names no partitions; list the winning (partition, attempt) pairs",
                     ));
@@ -388,7 +388,10 @@ impl HandoffService {
                     .iter()
                     .map(|a| (a.partition, a.attempt))
                     .collect();
-                let outcomes = self.store.commit(&req.link, &attempts).map_err(status_of)?;
+                let outcomes = self
+                    .store
+                    .commit(&req.link, &attempts, req.replace)
+                    .map_err(status_of)?;
                 let rows: u64 = outcomes.iter().map(|o| o.rows).sum();
                 json_result(&serde_json::json!({"committed": outcomes.len(), "rows": rows}))
             }

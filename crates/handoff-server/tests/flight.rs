@@ -986,3 +986,37 @@ async fn a_link_expires_after_every_rank_read_an_epoch() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_replacing_commit_overwrites_the_link_in_one_step() {
+    let server = Fixture::start().await;
+    let mut w = server.client(WRITER).await;
+    w.put_partition("ow", 0, 0, stream_of(vec![batch(0, 10)]))
+        .await
+        .expect("stage");
+    w.commit("ow", &[(0, 0)]).await.expect("commit");
+    // The overwrite stages under fresh ids; the old rows stay visible until the commit.
+    w.put_partition("ow", 7, 0, stream_of(vec![batch(100, 5)]))
+        .await
+        .expect("stage");
+    assert_eq!(w.stats("ow").await.expect("stats").rows, 10);
+    w.commit_with("ow", &[(7, 0)], true).await.expect("replace");
+    let stats = w.stats("ow").await.expect("stats");
+    assert_eq!((stats.rows, stats.partitions), (5, 1));
+    assert_memory_is_only(&server, "ow", "replaced rows are freed");
+    // Replacing with nothing empties the link; a plain empty commit is refused.
+    assert_eq!(
+        code(w.commit("ow", &[]).await.expect_err("empty")),
+        Code::InvalidArgument
+    );
+    w.commit_with("ow", &[], true).await.expect("empty replace");
+    assert_eq!(w.stats("ow").await.expect("stats").rows, 0);
+    w.put_partition("ow", 8, 0, stream_of(vec![batch(200, 3)]))
+        .await
+        .expect("stage");
+    w.commit("ow", &[(8, 0)]).await.expect("commit");
+    w.seal("ow").await.expect("seal");
+    let mut r = server.client(READER).await;
+    assert_eq!(link_ids(&mut r, "ow").await, vec![200, 201, 202]);
+    server.stop().await;
+}

@@ -17,6 +17,10 @@ pub enum StoreError {
     Sealed(String),
     #[error("link '{0}' was deleted")]
     Deleted(String),
+    #[error(
+        "link '{0}' was overwritten (a replacing commit) while this read was running; read it again"
+    )]
+    Replaced(String),
     #[error("schema mismatch on link '{link}': {detail}")]
     SchemaMismatch { link: String, detail: String },
     #[error(

@@ -151,8 +151,13 @@ impl Store {
         ))
     }
 
-    pub fn commit(&self, name: &str, attempts: &[(u64, u64)]) -> Result<Vec<PutOutcome>> {
-        self.link(name)?.commit(attempts)
+    pub fn commit(
+        &self,
+        name: &str,
+        attempts: &[(u64, u64)],
+        replace: bool,
+    ) -> Result<Vec<PutOutcome>> {
+        self.link(name)?.commit(attempts, replace)
     }
 
     pub fn abort(&self, name: &str, attempts: &[(u64, u64)]) -> Result<usize> {

@@ -212,6 +212,8 @@ pub(crate) struct LinkInner {
     staged: BTreeMap<(u64, u64), Arc<Partition>>,
     pub rows: u64,
     pub bytes: u64,
+    /// Bumped when a replacing commit drops what was committed before.
+    pub generation: u64,
     pub sealed_at_ms: Option<u64>,
     pub last_write_ms: u64,
     /// When every rank of some world size had read one whole epoch.
@@ -227,6 +229,8 @@ pub struct LinkSnapshot {
     pub partitions: Vec<Arc<Partition>>,
     pub rows: u64,
     pub bytes: u64,
+    /// Changes only when a replacing commit dropped earlier partitions.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -302,6 +306,7 @@ impl Link {
                 staged: BTreeMap::new(),
                 rows: 0,
                 bytes: 0,
+                generation: 0,
                 sealed_at_ms: None,
                 last_write_ms: now,
                 read_done_at_ms: None,
@@ -351,6 +356,7 @@ impl Link {
             partitions: inner.committed.clone(),
             rows: inner.rows,
             bytes: inner.bytes,
+            generation: inner.generation,
         }
     }
 
@@ -498,19 +504,23 @@ impl Link {
     }
 
     /// Publish exactly these attempts, atomically, and drop the other staged attempts of the
-    /// same partitions. Nothing changes unless every attempt can commit.
-    pub fn commit(&self, attempts: &[(u64, u64)]) -> Result<Vec<PutOutcome>> {
+    /// same partitions. With `replace`, everything committed before goes in the same step.
+    /// Nothing changes unless every attempt can commit.
+    pub fn commit(&self, attempts: &[(u64, u64)], replace: bool) -> Result<Vec<PutOutcome>> {
         let mut inner = self.inner.write();
         self.ensure_open(&inner)?;
         let mut seen = HashSet::new();
-        let mut schema = inner.schema.clone();
+        // Replaced contents may come with a new schema.
+        let mut schema = if replace { None } else { inner.schema.clone() };
         for &(partition, attempt) in attempts {
             if !seen.insert(partition) {
                 return Err(StoreError::InvalidArgument(format!(
                     "partition {partition} appears twice in one commit; commit one attempt per partition"
                 )));
             }
-            if let Some(committed) = inner.committed_ids.get(&partition) {
+            if let Some(committed) = inner.committed_ids.get(&partition)
+                && !replace
+            {
                 return Err(StoreError::AlreadyCommitted {
                     link: self.name.clone(),
                     partition,
@@ -532,6 +542,14 @@ impl Link {
                 }
                 None => schema = Some(staged.schema.clone()),
             }
+        }
+        if replace {
+            inner.committed.clear();
+            inner.committed_ids.clear();
+            inner.rows = 0;
+            inner.bytes = 0;
+            inner.schema = schema;
+            inner.generation += 1;
         }
         let mut ordered: Vec<(u64, u64)> = attempts.to_vec();
         ordered.sort_unstable();

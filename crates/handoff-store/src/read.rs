@@ -130,7 +130,7 @@ async fn shard_task(
                     wait(&mut changes, link).await?;
                     continue;
                 };
-                index.extend(&snapshot);
+                index.extend(&snapshot)?;
                 let mut rows = RowSource::new(link.name(), schema);
                 if spec.batch_rows == 0 {
                     return contiguous(spec, &index, &mut rows, out).await;
@@ -248,11 +248,16 @@ struct FrameIndex {
     starts: Vec<u64>,
     total: u64,
     partitions_seen: usize,
+    generation: Option<u64>,
 }
 
 impl FrameIndex {
-    /// Commits only append, so new partitions are simply added at the end.
-    fn extend(&mut self, snapshot: &LinkSnapshot) {
+    /// Commits append, so new partitions are simply added at the end, unless a replacing commit
+    /// swapped the contents, which ends the read.
+    fn extend(&mut self, snapshot: &LinkSnapshot) -> Result<()> {
+        if *self.generation.get_or_insert(snapshot.generation) != snapshot.generation {
+            return Err(StoreError::Replaced(snapshot.name.clone()));
+        }
         for partition in &snapshot.partitions[self.partitions_seen.min(snapshot.partitions.len())..]
         {
             for (index, &rows) in partition.frame_rows().iter().enumerate() {
@@ -269,6 +274,7 @@ impl FrameIndex {
             }
         }
         self.partitions_seen = snapshot.partitions.len();
+        Ok(())
     }
 
     /// The frame's bytes, fetched from object storage if its partition was spilled.

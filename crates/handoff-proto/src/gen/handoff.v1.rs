@@ -25,6 +25,10 @@ pub struct Commit {
     pub link: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "2")]
     pub attempts: ::prost::alloc::vec::Vec<PartitionAttempt>,
+    /// Overwrite: in the same step, drop everything committed before, so the link holds exactly
+    /// these attempts (none: it becomes empty). Readers in the middle of a read get an error.
+    #[prost(bool, tag = "3")]
+    pub replace: bool,
 }
 /// DoAction `abort`: drop staged attempts. An empty list drops every staged attempt of the link.
 #[derive(Clone, PartialEq, ::prost::Message)]
