@@ -46,3 +46,7 @@ impl Ticket {
         }
     }
 }
+
+/// DoPut `app_metadata` of a message without data that abandons the stream: the server keeps
+/// nothing of it and ends the call with CANCELLED. For clients that cannot cancel a call.
+pub const ABORT_PUT: &[u8] = b"handoff.abort";

@@ -499,6 +499,14 @@ impl HandoffService {
             .map_err(status_of)?;
         let mut next = Some(first);
         while let Some(data) = next {
+            if data.data_header.is_empty() && data.app_metadata.as_ref() == proto::ABORT_PUT {
+                // Some clients (pyarrow) cannot cancel a DoPut: ending it would publish a
+                // partial partition, so they send this marker instead.
+                self.metrics.broken_puts.inc();
+                return Err(Status::cancelled(
+                    "the writer aborted this DoPut; nothing of it was kept",
+                ));
+            }
             if !(data.data_header.is_empty() && data.data_body.is_empty()) {
                 writer
                     .push(data.data_header, data.data_body)

@@ -1,0 +1,30 @@
+"""Handoff: Spark writes Arrow record batches into a Handoff server; torch ranks read their shards.
+
+- `handoff.HandoffClient`: the Flight client (commands, two-phase commit, shard reads).
+- `handoff.spark`: the `handoff` Spark data source (`df.write.format("handoff")`) and `write()`.
+- `handoff.torch`: `HandoffDataset`, an `IterableDataset` of one rank's shard.
+
+Endpoint, token and link fall back to `HANDOFF_ENDPOINT`, `HANDOFF_TOKEN` and `HANDOFF_LINK`,
+the variables the DataLink controller injects into Spark and training pods.
+"""
+
+from .client import (
+    DEFAULT_ENDPOINT,
+    HandoffClient,
+    HandoffError,
+    LinkNotFound,
+    ServerUnavailable,
+    resolve_link,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "HandoffClient",
+    "HandoffError",
+    "LinkNotFound",
+    "ServerUnavailable",
+    "resolve_link",
+    "__version__",
+]

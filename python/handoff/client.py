@@ -1,0 +1,276 @@
+"""The Flight client for a Handoff server: writes (plain and two-phase), link actions, shard reads.
+
+Endpoint and token come from the arguments, else from `HANDOFF_ENDPOINT` and `HANDOFF_TOKEN`.
+Every server refusal surfaces as a `HandoffError` carrying the server's sentence, which names the
+fix, without pyarrow's gRPC debug context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from ._proto import pb
+
+DEFAULT_ENDPOINT = "grpc://127.0.0.1:8815"
+# DoPut app_metadata that abandons the stream (handoff_proto::ABORT_PUT).
+ABORT_PUT = b"handoff.abort"
+
+_GRPC_MESSAGE = re.compile(r"(?:gRPC|Flight) returned (?P<code>[a-z ]+) error, with message: (?P<message>.*?)(?:\. gRPC client debug context:.*)?$", re.S)
+
+
+class HandoffError(Exception):
+    """A request the server refused, or could not be sent. `code` is the gRPC status, lower case
+    with underscores (`not_found`, `resource_exhausted`, ...), or `unavailable`."""
+
+    def __init__(self, message: str, code: str = "unknown"):
+        super().__init__(message)
+        self.code = code
+
+
+class LinkNotFound(HandoffError):
+    """The link does not exist (or was deleted)."""
+
+
+class ServerUnavailable(HandoffError):
+    """The server could not be reached."""
+
+
+def _translate(error: Exception, endpoint: str) -> HandoffError:
+    text = str(error)
+    match = _GRPC_MESSAGE.search(text)
+    code = match.group("code").replace(" ", "_") if match else "unknown"
+    message = match.group("message").strip() if match else text.strip()
+    if isinstance(error, flight.FlightUnavailableError) or code == "unavailable":
+        if "object storage" in message:
+            return HandoffError(message, "unavailable")
+        return ServerUnavailable(
+            f"cannot reach the handoff server at {endpoint} ({message}); check that `handoff serve` "
+            f"is running there, or set HANDOFF_ENDPOINT / pass endpoint=",
+            "unavailable",
+        )
+    if isinstance(error, flight.FlightUnauthenticatedError):
+        code = "unauthenticated"
+    elif isinstance(error, flight.FlightUnauthorizedError):
+        code = "permission_denied"
+    elif isinstance(error, flight.FlightTimedOutError):
+        code = "deadline_exceeded"
+    if code == "not_found":
+        return LinkNotFound(message, code)
+    return HandoffError(message, code)
+
+
+def resolve_link(link: Optional[str]) -> str:
+    """The link named, else `HANDOFF_LINK`."""
+    link = link or os.environ.get("HANDOFF_LINK")
+    if not link:
+        raise ValueError("no link given: pass link=... or set HANDOFF_LINK")
+    return link
+
+
+@dataclass(frozen=True)
+class ShardRequest:
+    """One rank's shard of one epoch; mirrors `handoff.v1.ReadShard`."""
+
+    link: str
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    seed: int = 0
+    batch_rows: int = 0
+    shuffle: bool = False
+    drop_last: bool = False
+    start_batch: int = 0
+    streaming: bool = False
+
+    def message(self) -> "pb.ReadShard":
+        return pb.ReadShard(
+            link=self.link, rank=self.rank, world_size=self.world_size, epoch=self.epoch,
+            seed=self.seed, batch_rows=self.batch_rows, shuffle=self.shuffle,
+            drop_last=self.drop_last, start_batch=self.start_batch,
+            mode=pb.READ_MODE_STREAMING if self.streaming else pb.READ_MODE_WAIT_FOR_SEAL,
+        )
+
+
+class HandoffClient:
+    """A connection to one Handoff server.
+
+    >>> client = HandoffClient()                     # HANDOFF_ENDPOINT, HANDOFF_TOKEN
+    >>> client.put("features", table)                # one partition, committed at once
+    >>> client.seal("features")
+    >>> client.read_all("features").num_rows
+    """
+
+    def __init__(self, endpoint: Optional[str] = None, token: Optional[str] = None, *,
+                 timeout: Optional[float] = None):
+        self.endpoint = endpoint or os.environ.get("HANDOFF_ENDPOINT") or DEFAULT_ENDPOINT
+        if "://" not in self.endpoint:
+            self.endpoint = "grpc://" + self.endpoint
+        token = token if token is not None else os.environ.get("HANDOFF_TOKEN")
+        headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
+        self._options = flight.FlightCallOptions(headers=headers, timeout=timeout)
+        try:
+            self._flight = flight.FlightClient(self.endpoint)
+        except (pa.ArrowException, OSError) as e:
+            raise ServerUnavailable(f"bad endpoint {self.endpoint!r}: {e}", "invalid_argument") from e
+
+    def close(self) -> None:
+        self._flight.close()
+
+
+    def __enter__(self) -> "HandoffClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except pa.ArrowException as e:
+            raise _translate(e, self.endpoint) from e
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def _put(self, descriptor: flight.FlightDescriptor, schema: pa.Schema,
+             batches: Iterable[pa.RecordBatch]) -> int:
+        rows = 0
+
+        def run():
+            nonlocal rows
+            writer, _ = self._flight.do_put(descriptor, schema, self._options)
+            try:
+                for batch in batches:
+                    if batch.num_rows:
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+            except BaseException:
+                # pyarrow cannot cancel a DoPut, and ending it would publish a partial partition:
+                # the abort marker makes the server drop the stream.
+                try:
+                    writer.write_metadata(ABORT_PUT)
+                    writer.close()
+                except pa.ArrowException:
+                    pass  # the server ended the call, as asked
+                raise
+            writer.close()
+
+        self._call(run)
+        return rows
+
+    def put(self, link: str, data, schema: Optional[pa.Schema] = None) -> int:
+        """Append one partition (a Table, a RecordBatch, or batches with `schema`), committed when
+        the stream ends. Returns the rows written."""
+        schema, batches = _batches(data, schema)
+        return self._put(flight.FlightDescriptor.for_path(link), schema, batches)
+
+    def put_partition(self, link: str, partition: int, attempt: int, data,
+                      schema: Optional[pa.Schema] = None) -> int:
+        """Stage one attempt of one partition; invisible until `commit`. Returns the rows."""
+        schema, batches = _batches(data, schema)
+        command = pb.PutPartition(link=link, partition=partition, attempt=attempt)
+        return self._put(flight.FlightDescriptor.for_command(command.SerializeToString()), schema, batches)
+
+    def commit(self, link: str, attempts: Sequence[Tuple[int, int]], *, replace: bool = False) -> dict:
+        """Publish exactly these (partition, attempt) pairs, atomically. With `replace`, the link
+        then holds only them (an overwrite)."""
+        message = pb.Commit(link=link, replace=replace, attempts=[
+            pb.PartitionAttempt(partition=p, attempt=a) for p, a in attempts])
+        return self._json_action("commit", message.SerializeToString())
+
+    def abort(self, link: str, attempts: Sequence[Tuple[int, int]] = ()) -> dict:
+        """Drop staged attempts; every staged attempt of the link when `attempts` is empty."""
+        message = pb.Abort(link=link, attempts=[
+            pb.PartitionAttempt(partition=p, attempt=a) for p, a in attempts])
+        return self._json_action("abort", message.SerializeToString())
+
+    # --- link actions ---------------------------------------------------------------------
+
+    def create(self, link: str, *, schema: Optional[pa.Schema] = None, exist_ok: bool = False,
+               memory_limit: int = 0, memory_policy: Optional[str] = None,
+               ttl_seconds_after_seal: int = 0, ttl_seconds_after_read: int = 0) -> dict:
+        policies = {None: pb.MEMORY_POLICY_UNSPECIFIED, "reject": pb.MEMORY_POLICY_REJECT,
+                    "wait": pb.MEMORY_POLICY_WAIT, "spill": pb.MEMORY_POLICY_SPILL}
+        if memory_policy not in policies:
+            raise ValueError(f"memory_policy is one of reject, wait, spill; not {memory_policy!r}")
+        message = pb.CreateLink(
+            link=link, exist_ok=exist_ok, memory_limit=memory_limit,
+            memory_policy=policies[memory_policy], ttl_seconds_after_seal=ttl_seconds_after_seal,
+            ttl_seconds_after_read=ttl_seconds_after_read,
+            schema=schema.serialize().to_pybytes() if schema is not None else b"")
+        return self._json_action("create", message.SerializeToString())
+
+    def seal(self, link: str) -> dict:
+        return self._json_action("seal", link.encode())
+
+    def stats(self, link: str) -> dict:
+        return self._json_action("stats", link.encode())
+
+    def delete(self, link: str) -> dict:
+        return self._json_action("delete", link.encode())
+
+    def links(self) -> list:
+        """Names of the links this token may see."""
+        infos = self._call(lambda: list(self._flight.list_flights(b"", self._options)))
+        return ["/".join(p.decode() if isinstance(p, bytes) else p for p in i.descriptor.path)
+                for i in infos]
+
+    def _json_action(self, kind: str, body: bytes) -> dict:
+        results = self._call(lambda: list(self._flight.do_action(flight.Action(kind, body), self._options)))
+        raw = b"".join(r.body.to_pybytes() for r in results)
+        return json.loads(raw) if raw else {}
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def shard_info(self, request: ShardRequest) -> flight.FlightInfo:
+        """Schema and totals of a shard (totals are -1 while the link is open)."""
+        descriptor = flight.FlightDescriptor.for_command(request.message().SerializeToString())
+        return self._call(self._flight.get_flight_info, descriptor, self._options)
+
+    def read_shard(self, request: ShardRequest) -> Iterator[pa.RecordBatch]:
+        """The shard's batches, as the server sends them."""
+        ticket = flight.Ticket(pb.Ticket(shard=request.message()).SerializeToString())
+        reader = self._call(self._flight.do_get, ticket, self._options)
+        finished = False
+        try:
+            while True:
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    finished = True
+                    return
+                except pa.ArrowException as e:
+                    finished = True
+                    raise _translate(e, self.endpoint) from e
+                if chunk.data is not None and chunk.data.num_rows:
+                    yield chunk.data
+        finally:
+            if not finished:
+                # The caller stopped early: tell the server to stop sending.
+                reader.cancel()
+
+    def read_all(self, link: str) -> pa.Table:
+        """Every committed row of a link, partition by partition in commit order."""
+        descriptor = flight.FlightDescriptor.for_path(link)
+        info = self._call(self._flight.get_flight_info, descriptor, self._options)
+        tables = [self._call(lambda e=e: self._flight.do_get(e.ticket, self._options).read_all())
+                  for e in info.endpoints]
+        return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+
+def _batches(data, schema: Optional[pa.Schema]):
+    if isinstance(data, pa.Table):
+        return data.schema, data.to_batches()
+    if isinstance(data, pa.RecordBatch):
+        return data.schema, [data]
+    if isinstance(data, pa.RecordBatchReader):
+        return data.schema, data
+    if schema is None:
+        raise ValueError("pass schema= with an iterable of record batches")
+    return schema, data

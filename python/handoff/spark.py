@@ -1,0 +1,258 @@
+"""Spark writes into a Handoff link, exactly once.
+
+Spark >= 4.0: the Python data source `handoff`
+
+    handoff.spark.register(spark)     # or nothing, when the package is installed (pyspark_handoff)
+    df.write.format("handoff").option("link", "features").mode("append").save()
+
+Spark 3.5 (no Python data sources): `handoff.spark.write(df, link="features")`, via `mapInArrow`.
+
+Every task stages its partition under (partition id, task attempt id); the driver publishes exactly
+the attempts Spark reports as winners with one atomic `commit`, then seals. Retried and
+speculative attempts therefore never show up twice. Rows travel as Arrow record batches all the
+way; none becomes a Python object.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import pyarrow as pa
+from pyspark import TaskContext
+
+from .client import DEFAULT_ENDPOINT, HandoffClient, HandoffError, LinkNotFound
+
+try:
+    from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
+except ImportError:  # Spark 3.5 has no Python data sources: `write()` is the way there.
+    DataSource = DataSourceArrowWriter = WriterCommitMessage = None
+
+__all__ = ["HandoffDataSource", "HandoffCommitMessage", "HandoffTarget", "register", "write"]
+
+COMMIT_MODES = ("job", "task")
+_BOOLEANS = {"true": True, "false": False}
+
+
+@dataclass(frozen=True)
+class HandoffTarget:
+    """Where and how a job writes, resolved once on the driver and shipped to the tasks inside the
+    pickled writer: executors may not share the driver's environment."""
+
+    link: str
+    endpoint: str
+    token: Optional[str]
+    seal: bool = True
+    commit: str = "job"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> "HandoffTarget":
+        """From data source options (`link`, `endpoint`, `token`, `seal`, `commit`), falling back
+        to HANDOFF_LINK, HANDOFF_ENDPOINT and HANDOFF_TOKEN. Raises ValueError naming the option."""
+        link = options.get("link") or os.environ.get("HANDOFF_LINK")
+        if not link:
+            raise ValueError(
+                "the handoff sink needs option `link`: add .option(\"link\", \"<name>\") "
+                "or set HANDOFF_LINK in the driver's environment")
+        endpoint = options.get("endpoint") or os.environ.get("HANDOFF_ENDPOINT") or DEFAULT_ENDPOINT
+        if "://" not in endpoint:
+            endpoint = "grpc://" + endpoint
+        token = options.get("token")
+        if token is None:
+            token = os.environ.get("HANDOFF_TOKEN")
+        seal_text = str(options.get("seal", "true")).strip().lower()
+        if seal_text not in _BOOLEANS:
+            raise ValueError(f"option `seal` is true or false, not {options.get('seal')!r}")
+        commit = str(options.get("commit", "job")).strip().lower()
+        if commit not in COMMIT_MODES:
+            raise ValueError(
+                f"option `commit` is `job` (publish at job end) or `task` (each task publishes its "
+                f"own partition), not {options.get('commit')!r}")
+        return cls(link=link, endpoint=endpoint, token=token or None, seal=_BOOLEANS[seal_text],
+                   commit=commit)
+
+    def client(self) -> HandoffClient:
+        # "" rather than None: no token means none, not the executor's own HANDOFF_TOKEN.
+        return HandoffClient(self.endpoint, self.token or "")
+
+    def check(self, overwrite: bool) -> None:
+        """Fail on the driver, before any task runs, when the server is unreachable, the token is
+        refused, or the link is sealed."""
+        if overwrite and self.commit == "task":
+            raise ValueError(
+                "option `commit` = `task` cannot overwrite: tasks publish one by one, so the old "
+                "contents could not be replaced atomically; use commit=job or mode append")
+        with self.client() as client:
+            try:
+                state = client.stats(self.link).get("state")
+            except LinkNotFound:
+                return  # the first staged partition creates it
+            except HandoffError as e:
+                if e.code in ("unauthenticated", "permission_denied"):
+                    raise HandoffError(
+                        f"the handoff server at {self.endpoint} refused the token ({e}); pass a "
+                        f"writer token with option `token` or HANDOFF_TOKEN", e.code) from e
+                raise
+        if state == "sealed":
+            raise HandoffError(
+                f"link {self.link!r} is sealed and takes no more writes; write to a new link or "
+                f"delete it first", "failed_precondition")
+
+
+def new_partition_base() -> int:
+    """A random high half for this job's partition ids, so two append jobs into one link never
+    stage the same partition id (a committed id cannot be staged again)."""
+    return secrets.randbits(31) << 32
+
+
+def stage_task_output(target: HandoffTarget, base: int,
+                      batches: Iterable[pa.RecordBatch]) -> Tuple[int, int, int]:
+    """Stage this task's batches under (base + Spark partition id, task attempt id); with
+    commit=task, also publish them. Returns (partition, attempt, rows); rows == 0 means nothing
+    was staged."""
+    context = TaskContext.get()
+    partition = base + context.partitionId()
+    # Unique across retries and speculative copies, unlike attemptNumber().
+    attempt = context.taskAttemptId()
+    batches = iter(batches)
+    first = next((b for b in batches if b.num_rows), None)
+    if first is None:
+        return partition, attempt, 0
+    with target.client() as client:
+        try:
+            rows = client.put_partition(target.link, partition, attempt,
+                                        itertools.chain([first], batches), schema=first.schema)
+        except HandoffError as e:
+            if target.commit == "task" and e.code == "already_exists":
+                # An earlier attempt of this partition published it and then failed: it is done.
+                for _ in batches:
+                    pass
+                return partition, attempt, 0
+            raise
+        if target.commit == "task":
+            try:
+                client.commit(target.link, [(partition, attempt)])
+            except HandoffError as e:
+                if e.code != "already_exists":
+                    raise
+                # A speculative copy won the race; ours must not linger in staging.
+                client.abort(target.link, [(partition, attempt)])
+                return partition, attempt, 0
+    return partition, attempt, rows
+
+
+def publish(target: HandoffTarget, attempts: Sequence[Tuple[int, int]], overwrite: bool) -> None:
+    """Driver side, once every task succeeded: commit exactly `attempts` (unless the tasks already
+    did, commit=task), replacing the link's contents when `overwrite`, then seal unless seal=false."""
+    attempts = sorted(attempts)  # rows are numbered in commit order: keep Spark's partition order
+    with target.client() as client:
+        if target.commit == "job" and attempts:
+            client.commit(target.link, attempts, replace=overwrite)
+        else:
+            # No rows at all (or the tasks committed): the link must still exist for its readers.
+            try:
+                client.stats(target.link)
+            except LinkNotFound:
+                client.create(target.link, exist_ok=True)
+            if overwrite:
+                client.commit(target.link, [], replace=True)
+        if target.seal:
+            client.seal(target.link)
+
+
+def discard(target: HandoffTarget, attempts: Sequence[Tuple[int, int]]) -> None:
+    """Drop these staged attempts (never an empty list: the server reads that as "all of them")."""
+    if attempts:
+        with target.client() as client:
+            client.abort(target.link, list(attempts))
+
+
+if DataSource is not None:
+
+    @dataclass
+    class HandoffCommitMessage(WriterCommitMessage):
+        """What a task staged: partition id, task attempt id, rows (0: nothing staged)."""
+
+        partition: int
+        attempt: int
+        rows: int
+
+    class HandoffWriter(DataSourceArrowWriter):
+        """Pickled on the driver, run once per task; `commit`/`abort` run back on the driver."""
+
+        def __init__(self, target: HandoffTarget, overwrite: bool):
+            self.target = target
+            self.overwrite = overwrite
+            self.base = new_partition_base()
+
+        def write(self, iterator: Iterator[pa.RecordBatch]) -> "HandoffCommitMessage":
+            return HandoffCommitMessage(*stage_task_output(self.target, self.base, iterator))
+
+        def commit(self, messages: List[Optional["HandoffCommitMessage"]]) -> None:
+            publish(self.target, _staged(messages), self.overwrite)
+
+        def abort(self, messages: List[Optional["HandoffCommitMessage"]]) -> None:
+            discard(self.target, _staged(messages))
+
+    class HandoffDataSource(DataSource):
+        """`df.write.format("handoff")`: options `link`, `endpoint`, `token`, `seal`, `commit`;
+        modes append and overwrite."""
+
+        @classmethod
+        def name(cls) -> str:
+            return "handoff"
+
+        def writer(self, schema, overwrite: bool) -> HandoffWriter:
+            target = HandoffTarget.from_options(self.options)
+            target.check(overwrite)
+            return HandoffWriter(target, overwrite)
+
+else:
+    HandoffCommitMessage = HandoffWriter = HandoffDataSource = None
+
+
+def _staged(messages) -> List[Tuple[int, int]]:
+    return [(m.partition, m.attempt) for m in messages if m is not None and m.rows]
+
+
+def register(spark) -> None:
+    """Register the `handoff` format with this session (Spark >= 4.0). Not needed when the
+    package is installed normally: Spark then finds it through `pyspark_handoff`."""
+    if HandoffDataSource is None:
+        raise RuntimeError(
+            "this PySpark has no Python data sources (Spark >= 4.0 needed); use handoff.spark.write(df, ...)")
+    spark.dataSource.register(HandoffDataSource)
+
+
+_RESULT_SCHEMA = pa.schema([("partition", pa.int64()), ("attempt", pa.int64()), ("rows", pa.int64())])
+_RESULT_DDL = "partition long, attempt long, rows long"
+
+
+def write(df, link: Optional[str] = None, endpoint: Optional[str] = None,
+          token: Optional[str] = None, seal: bool = True, mode: str = "append") -> int:
+    """Write `df` into a link through `mapInArrow` (works on Spark 3.5). Returns the rows written.
+
+    Each task stages its partition and reports (partition, attempt, rows); the driver commits the
+    attempts of the successful tasks, so retries and speculative copies are not duplicated. Weaker
+    than the data source: a failed job has no abort hook, so what its tasks staged stays staged
+    (holding server memory, invisible to readers) until the link is sealed or deleted."""
+    if mode not in ("append", "overwrite"):
+        raise ValueError(f"mode is `append` or `overwrite`, not {mode!r}")
+    options = {"link": link, "endpoint": endpoint, "token": token, "seal": str(bool(seal)).lower()}
+    target = HandoffTarget.from_options({k: v for k, v in options.items() if v is not None})
+    overwrite = mode == "overwrite"
+    target.check(overwrite)
+    base = new_partition_base()
+
+    def stage(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        partition, attempt, rows = stage_task_output(target, base, batches)
+        yield pa.RecordBatch.from_pylist(
+            [{"partition": partition, "attempt": attempt, "rows": rows}], schema=_RESULT_SCHEMA)
+
+    # Spark returns the output of exactly one successful attempt per partition.
+    results = df.mapInArrow(stage, _RESULT_DDL).collect()
+    publish(target, [(r.partition, r.attempt) for r in results if r.rows], overwrite)
+    return sum(r.rows for r in results)

@@ -1,0 +1,272 @@
+"""HandoffDataset with real torch against the real server, which runs as its own process (a Flight
+server thread inside the training process hangs forked DataLoader workers)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from handoff import HandoffClient, LinkNotFound, ServerUnavailable
+from handoff.client import ShardRequest
+from handoff.torch import HandoffDataset, to_tensors
+
+# Worker processes come from a fork server: this pytest process has used gRPC (other test modules,
+# the dead endpoints below), and a process that has can hang children it forks. Training scripts
+# that leave gRPC to HandoffDataset's workers fork safely (see the test that does).
+multiprocessing.set_forkserver_preload(["torch", "handoff.torch"])
+WORKERS = multiprocessing.get_context("forkserver")
+
+
+def loader(dataset, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      multiprocessing_context=WORKERS if workers else None)
+
+
+# Divisible by batch x ranks x workers for every combination below, so padding never repeats a row.
+ROWS = 6000
+BATCH = 50
+DIM = 8
+
+
+def table(start: int, n: int) -> pa.Table:
+    ids = np.arange(start, start + n, dtype=np.int64)
+    emb = (ids[:, None] * 10 + np.arange(DIM)[None, :]).astype(np.float32)
+    return pa.table({
+        "id": ids,
+        "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), DIM),
+        "label": (ids % 2).astype(np.int32),
+        "name": [f"row-{i}" for i in ids],
+    })
+
+
+@pytest.fixture(scope="module")
+def endpoint(server):
+    return server.location
+
+
+@pytest.fixture()
+def writer(server):
+    """A writing client, closed after the test. No client may stay open in this process while
+    DataLoader forks workers: a live gRPC channel in the parent hangs forked children."""
+    with HandoffClient(server.location, server.writer_token.decode()) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def token(server):
+    return server.reader_token.decode()
+
+
+@pytest.fixture(scope="module")
+def features(server):
+    """A sealed link of ROWS rows in 4 partitions."""
+    link = "torch/features"
+    with HandoffClient(server.location, server.writer_token.decode()) as writer:
+        for p in range(4):
+            writer.put(link, table(p * ROWS // 4, ROWS // 4))
+        writer.seal(link)
+    return link
+
+
+def ids_of(batches) -> list[int]:
+    out = []
+    for b in batches:
+        assert torch.equal(b["emb"][:, 0], (b["id"] * 10).to(torch.float32)), "emb travelled with id"
+        assert b["name"] == [f"row-{i}" for i in b["id"].tolist()]
+        out.extend(b["id"].tolist())
+    return out
+
+
+def epoch(endpoint, token, link, rank, world, workers=0, **kw) -> list[dict]:
+    ds = HandoffDataset(link, batch_size=BATCH, rank=rank, world_size=world, endpoint=endpoint,
+                        token=token, **kw)
+    return list(loader(ds, workers))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_see_every_row_once_with_equal_batch_counts(endpoint, token, features,
+                                                                      world, workers):
+    per_rank = [epoch(endpoint, token, features, r, world, workers, shuffle=True, seed=3)
+                for r in range(world)]
+    counts = {len(batches) for batches in per_rank}
+    assert counts == {ROWS // BATCH // world}, f"equal batch counts per rank: {counts}"
+    assert all(len(b["id"]) == BATCH for batches in per_rank for b in batches)
+    seen = [i for batches in per_rank for i in ids_of(batches)]
+    assert sorted(seen) == list(range(ROWS)), "every row exactly once"
+
+
+def test_padding_keeps_batch_counts_equal_when_rows_do_not_divide(endpoint, token, server):
+    link = "torch/uneven"
+    with HandoffClient(server.location, server.writer_token.decode()) as writer:
+        writer.put(link, table(0, 1003))
+        writer.seal(link)
+    per_rank = [epoch(endpoint, token, link, r, 2, 2) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    seen = Counter(i for batches in per_rank for i in ids_of(batches))
+    assert set(seen) == set(range(1003)), "padding wraps around; no row is missing"
+    dropped = [epoch(endpoint, token, link, r, 2, 2, drop_last=True) for r in range(2)]
+    kept = [i for batches in dropped for i in ids_of(batches)]
+    assert len(kept) == len(set(kept)) == 1003 // (4 * BATCH) * 4 * BATCH, "drop_last: no repeats"
+
+
+def test_set_epoch_reshuffles_deterministically(endpoint, token, features):
+    def order(e):
+        ds = HandoffDataset(features, batch_size=BATCH, shuffle=True, seed=11, endpoint=endpoint,
+                            token=token, rank=0, world_size=1)
+        ds.set_epoch(e)
+        return ids_of(ds)
+
+    first, again, second = order(0), order(0), order(1)
+    assert first == again, "same seed and epoch: same order"
+    assert first != second, "a new epoch reshuffles"
+    assert sorted(first) == sorted(second) == list(range(ROWS))
+
+
+def test_rank_and_world_size_come_from_torch_distributed_then_env(endpoint, token, features,
+                                                                   monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    from_env = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token)
+    assert ids_of(from_env) == [i for b in epoch(endpoint, token, features, 1, 2) for i in b["id"].tolist()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        from_dist = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token)
+        assert sorted(ids_of(from_dist)) == list(range(ROWS)), "torch.distributed wins over env"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_yields_exactly_the_rest(endpoint, token, features, workers):
+    def dataset():
+        ds = HandoffDataset(features, batch_size=BATCH, shuffle=True, seed=5, rank=1, world_size=2,
+                            endpoint=endpoint, token=token)
+        ds.set_epoch(2)
+        return ds
+
+    full = ids_of(loader(dataset(), workers))
+    first = dataset()
+    taken = []
+    for step, batch in enumerate(loader(first, workers)):
+        taken.append(batch)
+        if step == 6:
+            break
+    state = first.state_dict(batches=len(taken)) if workers else first.state_dict()
+    assert state == {"epoch": 2, "batches": 7}
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    rest = ids_of(loader(resumed, workers))
+    assert ids_of(taken) + rest == full, "the resumed epoch finishes exactly the rest, in order"
+
+
+def test_tensors_share_memory_with_arrow_buffers(endpoint, token, features):
+    with HandoffClient(endpoint, token) as client:
+        batch = next(iter(client.read_shard(ShardRequest(features, batch_rows=BATCH))))
+    tensors = to_tensors(batch)
+    ids, emb = batch.column(0), batch.column(1)
+    assert tensors["id"].data_ptr() == ids.buffers()[1].address + ids.offset * 8
+    values = emb.flatten()
+    assert tensors["emb"].shape == (BATCH, DIM) and tensors["emb"].dtype == torch.float32
+    assert tensors["emb"].data_ptr() == values.buffers()[1].address + values.offset * 4
+    assert tensors["label"].dtype == torch.int32
+    assert tensors["name"] == batch.column(3).to_pylist()
+    # Sliced columns keep sharing: the tensor starts at the slice.
+    sliced = to_tensors(batch.slice(10, 5))
+    assert sliced["id"].data_ptr() == ids.buffers()[1].address + 10 * 8
+    assert sliced["emb"][0, 0].item() == tensors["emb"][10, 0].item()
+
+
+def test_nulls_and_booleans_are_converted_by_copy():
+    batch = pa.record_batch({"x": pa.array([1, None, 3], pa.int64()), "b": [True, False, True]})
+    tensors = to_tensors(batch)
+    assert tensors["x"].dtype == torch.float64 and torch.isnan(tensors["x"][1])
+    assert tensors["b"].tolist() == [True, False, True]
+
+
+def test_transform_receives_the_arrow_batch(endpoint, token, features):
+    ds = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token,
+                        transform=lambda b: (type(b).__name__, b.num_rows))
+    items = list(ds)
+    assert items[0] == ("RecordBatch", BATCH) and len(items) == ROWS // BATCH
+
+
+def test_prefetch_is_bounded_and_an_early_stop_releases_the_read(endpoint, token, features):
+    ds = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token, prefetch=1)
+    it = iter(ds)
+    next(it)
+    time.sleep(0.3)
+    threads = [t for t in threading.enumerate() if t.name.startswith("handoff-prefetch")]
+    assert len(threads) == 1
+    it.close()
+    assert not any(t.name.startswith("handoff-prefetch") and t.is_alive()
+                   for t in threading.enumerate()), "stopping early stops the reader thread"
+
+
+def test_streaming_reads_while_the_writer_still_writes(endpoint, token, writer):
+    link = "torch/live"
+    writer.create(link)
+    first_batch_at = []
+    sealed_at = []
+
+    def produce():
+        for p in range(6):
+            writer.put(link, table(p * 1000, 1000))
+            time.sleep(0.3)
+        sealed_at.append(time.monotonic())
+        writer.seal(link)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    ds = HandoffDataset(link, batch_size=BATCH, streaming=True, endpoint=endpoint, token=token)
+    seen = []
+    for batch in ds:
+        if not first_batch_at:
+            first_batch_at.append(time.monotonic())
+        seen.extend(batch["id"].tolist())
+    producer.join()
+    assert first_batch_at[0] < sealed_at[0], "training read before the writer finished"
+    assert sorted(seen) == list(range(6000))
+
+
+def test_unreachable_server_and_unknown_link_fail_clearly(endpoint, token):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"grpc://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ServerUnavailable, match="cannot reach the handoff server"):
+        list(HandoffDataset("x", batch_size=BATCH, endpoint=dead))
+    with pytest.raises(LinkNotFound, match="does not exist"):
+        list(loader(HandoffDataset("torch/nope", batch_size=BATCH, endpoint=endpoint,
+                                   token=token), 2))
+    with pytest.raises(ValueError, match="HANDOFF_LINK"):
+        HandoffDataset(batch_size=BATCH)
+
+
+def test_default_fork_workers_in_a_training_process_that_leaves_grpc_to_them(endpoint, token,
+                                                                              features):
+    script = textwrap.dedent(f"""
+        from torch.utils.data import DataLoader
+        from handoff.torch import HandoffDataset
+        ds = HandoffDataset({features!r}, batch_size={BATCH}, endpoint={endpoint!r}, token={token!r})
+        ids = [i for b in DataLoader(ds, batch_size=None, num_workers=2) for i in b["id"].tolist()]
+        assert sorted(ids) == list(range({ROWS})), len(ids)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
