@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every test of the project: Rust unit and integration tests, then the pyarrow interop suite
-# against the real `handoff` binary. Installs what it needs (protoc, pyarrow, pytest).
+# Every test of the project: Rust unit and integration tests, then the Python suite (pyarrow
+# interop, the handoff package with real PySpark and torch) against the real `handoff` binary.
+# Installs what it needs: protoc, Java 17 for Spark, the Python requirements (torch is ~3 GB,
+# cached by pip in ~/.cache/pip), and s3s-fs (built once into ~/.cache/handoff-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,16 @@ if ! command -v protoc >/dev/null 2>&1; then
   echo "installing protobuf-compiler" >&2
   as_root apt-get update -qq
   as_root apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+# PySpark needs a JVM.
+if [ -z "${JAVA_HOME:-}" ] && ! command -v java >/dev/null 2>&1; then
+  echo "installing openjdk-17-jre-headless" >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+fi
+if [ -z "${JAVA_HOME:-}" ] && [ -d /usr/lib/jvm/java-17-openjdk-amd64 ]; then
+  export JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64
 fi
 
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
@@ -25,4 +37,6 @@ export S3S_FS_BIN="$S3S_ROOT/bin/s3s-fs"
 
 cargo build --workspace --all-targets
 cargo test --workspace
-HANDOFF_BIN="$PWD/target/debug/handoff" python3 -m pytest -q tests/python
+# The package is tested from the checkout, not from whatever copy pip installed earlier.
+PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" HANDOFF_BIN="$PWD/target/debug/handoff" \
+  python3 -m pytest -q tests/python

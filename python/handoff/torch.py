@@ -28,6 +28,7 @@ import threading
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
@@ -54,7 +55,8 @@ def column_to_tensor(column: pa.Array) -> Any:
     """A column as a tensor where it is numbers, as a list where it is not.
 
     Zero-copy for integer and float columns without nulls, and for (nested) fixed-size lists of
-    them, which become 2-D (N-D) tensors. Booleans and columns with nulls are copied (nulls become
+    them, which become 2-D (N-D) tensors; so are lists whose rows all have the same length (how
+    Spark sends an embedding). Booleans and columns with nulls are copied (nulls become
     NaN, so integers with nulls become float64). Strings and other types become Python lists.
     """
     if isinstance(column, pa.ChunkedArray):
@@ -64,6 +66,17 @@ def column_to_tensor(column: pa.Array) -> Any:
         inner = column_to_tensor(values)
         if isinstance(inner, torch.Tensor):
             return inner.reshape(len(column), column.type.list_size, *inner.shape[1:])
+        return column.to_pylist()
+    if (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) \
+            and column.null_count == 0 and len(column) > 0:
+        # Spark has no fixed-size lists: an embedding arrives as a list whose rows all have the
+        # same length, and then its values are one contiguous block.
+        lengths = pc.list_value_length(column)
+        width = pc.min(lengths).as_py()
+        if width == pc.max(lengths).as_py():
+            inner = column_to_tensor(column.flatten())
+            if isinstance(inner, torch.Tensor):
+                return inner.reshape(len(column), width, *inner.shape[1:])
         return column.to_pylist()
     if _zero_copy_ok(column):
         return _dlpack(column)

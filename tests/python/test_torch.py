@@ -193,6 +193,16 @@ def test_tensors_share_memory_with_arrow_buffers(endpoint, token, features):
     assert sliced["emb"][0, 0].item() == tensors["emb"][10, 0].item()
 
 
+def test_equal_length_lists_become_2d_tensors_without_copying():
+    values = pa.array(np.arange(12, dtype=np.float32))
+    spark_style = pa.ListArray.from_arrays(pa.array([0, 3, 6, 9, 12], pa.int32()), values)
+    tensor = to_tensors(pa.record_batch({"emb": spark_style.slice(1)}))["emb"]
+    assert tensor.shape == (3, 3) and tensor[0].tolist() == [3.0, 4.0, 5.0]
+    assert tensor.data_ptr() == values.buffers()[1].address + 3 * 4
+    ragged = pa.array([[1.0], [2.0, 3.0]], pa.list_(pa.float32()))
+    assert to_tensors(pa.record_batch({"r": ragged}))["r"] == [[1.0], [2.0, 3.0]]
+
+
 def test_nulls_and_booleans_are_converted_by_copy():
     batch = pa.record_batch({"x": pa.array([1, None, 3], pa.int64()), "b": [True, False, True]})
     tensors = to_tensors(batch)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The demo: a local Spark job writes ~1M feature rows through the handoff sink into an embedded
+# `handoff serve`, then two torch ranks (torchrun, gloo) train on their shards for 2 epochs.
+# Installs what it needs: the handoff Python package with pyspark and torch (~3 GB, cached by pip),
+# and the release build of the server. Needs Java 17 and a Rust toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+python3 -m pip install -q --disable-pip-version-check "./python[spark,torch]"
+cargo build --release -q -p handoff-cli
+handoff=$PWD/target/release/handoff
+
+export JAVA_HOME=${JAVA_HOME:-/usr/lib/jvm/java-17-openjdk-amd64}
+export SPARK_LOCAL_IP=127.0.0.1
+export PYSPARK_PYTHON=$(command -v python3) PYSPARK_DRIVER_PYTHON=$(command -v python3)
+
+work=$(mktemp -d)
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+writer_token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+reader_token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+# Writers may not read and readers may not write: Spark gets one token, torch the other.
+HANDOFF_WRITER_TOKEN=$writer_token HANDOFF_READER_TOKEN=$reader_token \
+  "$handoff" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --memory-limit 2GiB \
+  --spill-url "file://$work/spill" >"$work/serve.out" 2>"$work/serve.log" &
+server=$!
+for _ in $(seq 100); do grep -q listening "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+grpc=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/serve.out")
+[ -n "$grpc" ] || { cat "$work/serve.log"; exit 1; }
+echo "handoff serve: grpc://$grpc (memory limit 2GiB)"
+
+export HANDOFF_ENDPOINT=grpc://$grpc HANDOFF_LINK=demo/features
+HANDOFF_TOKEN=$writer_token python3 examples/spark_to_torch/spark_job.py
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+HANDOFF_TOKEN=$reader_token OMP_NUM_THREADS=1 python3 -m torch.distributed.run \
+  --nnodes 1 --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "$port" \
+  examples/spark_to_torch/train.py
