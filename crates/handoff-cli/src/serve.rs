@@ -27,8 +27,9 @@ pub struct ServeArgs {
     /// Token that may read any link, but not write it.
     #[arg(long, env = "HANDOFF_READER_TOKEN", hide_env_values = true)]
     pub reader_token: Option<String>,
-    /// Serve without any authentication. Only for local experiments.
-    #[arg(long, conflicts_with_all = ["token", "writer_token", "reader_token"])]
+    /// Serve without any authentication. Only for local experiments. Tokens given as well (for
+    /// example a HANDOFF_TOKEN meant for clients) are ignored, with a warning.
+    #[arg(long)]
     pub no_auth: bool,
     /// Bytes of Arrow data the server may hold in memory, staged and committed, e.g. 8GiB.
     /// What a write beyond it does is --memory-policy. Default: no limit.
@@ -85,6 +86,9 @@ impl TryFrom<&ServeArgs> for ServeConfig {
 
     fn try_from(args: &ServeArgs) -> Result<Self, String> {
         let auth = if args.no_auth {
+            if args.token.is_some() || args.writer_token.is_some() || args.reader_token.is_some() {
+                tracing::warn!("--no-auth: ignoring the tokens given by flags or HANDOFF_*TOKEN");
+            }
             AuthConfig::disabled()
         } else {
             let one = |t: &Option<String>| {
