@@ -44,6 +44,8 @@ enum Command {
     Snapshot(commands::LinkArgs),
     /// Measure this server against a pyarrow Flight server with the same pyarrow client.
     Bench(bench::BenchArgs),
+    /// Print the DataLink CustomResourceDefinition as YAML (`handoff crd | kubectl apply -f -`).
+    Crd,
 }
 
 fn init_tracing(default: &str) {
@@ -123,6 +125,9 @@ fn main() {
             Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string())),
+            Command::Crd => handoff_controller::crd_yaml()
+                .map(|yaml| print!("{yaml}"))
+                .map_err(|e| format!("cannot render the CRD: {e}")),
         }
     });
     if let Err(message) = result {
