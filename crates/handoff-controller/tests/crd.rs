@@ -51,7 +51,7 @@ fn portability_problems(node: &Value, at: &str, problems: &mut Vec<String>) {
             if map.contains_key("properties") && map.get("type") != Some(&Value::from("object")) {
                 problems.push(format!("{at}: properties without type: object"));
             }
-            if map.contains_key("description") && !map.contains_key("type") && at != "" {
+            if map.contains_key("description") && !map.contains_key("type") && !at.is_empty() {
                 problems.push(format!("{at}: no type"));
             }
             for (key, value) in map {
