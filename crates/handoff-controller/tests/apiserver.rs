@@ -1,0 +1,164 @@
+//! The DataLink CRD against a real kube-apiserver and etcd (started by `scripts/kube-up.sh`, which
+//! builds the API server once), or against any cluster named by `HANDOFF_TEST_KUBECONFIG`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use handoff_controller::{DataLink, DataLinkStatus, Phase};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config, CustomResourceExt};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A real API server for one test binary; stopped on drop unless it came from the environment.
+struct Cluster {
+    client: Client,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let (kubeconfig, dir) = match std::env::var_os("HANDOFF_TEST_KUBECONFIG") {
+            Some(path) => (PathBuf::from(path), None),
+            None => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let out = Command::new("bash")
+                    .arg(repo().join("scripts/kube-up.sh"))
+                    .arg(dir.path())
+                    .output()
+                    .expect("run scripts/kube-up.sh");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success(),
+                    "scripts/kube-up.sh failed:\n{stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let path = stdout
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("KUBECONFIG="))
+                    .last()
+                    .expect("kube-up.sh prints KUBECONFIG=<path>");
+                (PathBuf::from(path), Some(dir))
+            }
+        };
+        let client = client_for(&kubeconfig).await;
+        Self { client, dir }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = Command::new("bash")
+                .arg(repo().join("scripts/kube-up.sh"))
+                .arg("--down")
+                .arg(dir.path())
+                .status();
+        }
+    }
+}
+
+async fn client_for(kubeconfig: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(config).expect("client")
+}
+
+async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = DataLink::crd();
+    let name = crd.metadata.name.clone().expect("crd name");
+    crds.patch(
+        &name,
+        &PatchParams::apply("handoff-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply the CRD");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &name, conditions::is_crd_established()),
+    )
+    .await
+    .expect("established in time")
+    .expect("watch");
+}
+
+#[tokio::test]
+async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
+    let cluster = Cluster::start().await;
+    install_crd(&cluster.client).await;
+    let links: Api<DataLink> = Api::namespaced(cluster.client.clone(), "default");
+
+    let text = std::fs::read_to_string(repo().join("examples/k8s/datalink.yaml")).expect("read");
+    let example: DataLink = serde_yaml::from_str(&text).expect("parse");
+    let created = links
+        .create(&PostParams::default(), &example)
+        .await
+        .expect("create the example DataLink");
+    assert_eq!(created.spec, example.spec, "the server keeps the spec as sent");
+
+    // Defaults come from the schema: a minimal spec is filled in by the API server.
+    let minimal: DataLink = serde_yaml::from_str(
+        "apiVersion: handoff.kubeflow.org/v1alpha1\nkind: DataLink\nmetadata: {name: minimal}\n\
+         spec: {producer: {sparkApplication: s}, consumer: {trainJob: t}}\n",
+    )
+    .expect("parse");
+    let stored = links
+        .create(&PostParams::default(), &minimal)
+        .await
+        .expect("create minimal");
+    let raw = serde_json::to_value(&stored).expect("json");
+    assert_eq!(raw["spec"]["policy"]["gate"], "sealed", "{raw}");
+    assert_eq!(raw["spec"]["policy"]["memoryPolicy"], "spill", "{raw}");
+
+    // The schema refuses what is not a DataLink.
+    let bad = serde_json::json!({
+        "apiVersion": "handoff.kubeflow.org/v1alpha1", "kind": "DataLink",
+        "metadata": {"name": "bad"},
+        "spec": {"producer": {"sparkApplication": "s"}, "consumer": {}, "policy": {"gate": "later"}}
+    });
+    // Sent raw: the typed struct cannot even hold an unknown gate.
+    let request =
+        http::Request::post("/apis/handoff.kubeflow.org/v1alpha1/namespaces/default/datalinks")
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&bad).expect("body"))
+            .expect("request");
+    let refused = cluster
+        .client
+        .request::<serde_json::Value>(request)
+        .await
+        .expect_err("an unknown gate is refused");
+    assert!(refused.to_string().contains("gate"), "{refused}");
+
+    // Status goes through the status subresource, by server-side apply.
+    let status = serde_json::json!({
+        "apiVersion": "handoff.kubeflow.org/v1alpha1", "kind": "DataLink",
+        "status": DataLinkStatus { phase: Phase::Provisioning, observed_generation: Some(1), ..Default::default() }
+    });
+    links
+        .patch_status(
+            "features",
+            &PatchParams::apply("handoff-test").force(),
+            &Patch::Apply(&status),
+        )
+        .await
+        .expect("status by server-side apply");
+    let read = links.get("features").await.expect("get");
+    assert_eq!(read.status.expect("status").phase, Phase::Provisioning);
+
+    for name in ["features", "minimal"] {
+        links
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+}
