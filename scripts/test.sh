@@ -2,7 +2,8 @@
 # Every test of the project: Rust unit and integration tests, then the Python suite (pyarrow
 # interop, the handoff package with real PySpark and torch) against the real `handoff` binary.
 # Installs what it needs: protoc, Java 17 for Spark, the Python requirements (torch is ~3 GB,
-# cached by pip in ~/.cache/pip), and s3s-fs (built once into ~/.cache/handoff-tools).
+# cached by pip in ~/.cache/pip), s3s-fs and kube-apiserver (built once into
+# ~/.cache/handoff-tools), and etcd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,10 @@ if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
   cargo install -q s3s-fs@0.14.1 --features binary --root "$S3S_ROOT"
 fi
 export S3S_FS_BIN="$S3S_ROOT/bin/s3s-fs"
+
+# A real kube-apiserver (1.20, from Debian's source package) and etcd for the controller tests;
+# built once into ~/.cache/handoff-tools/kube-apiserver (5-10 min the first time).
+bash scripts/kube-apiserver.sh >/dev/null
 
 cargo build --workspace --all-targets
 cargo test --workspace
