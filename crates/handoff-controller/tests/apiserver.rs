@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use handoff_controller::{DataLink, DataLinkStatus, Phase};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config, CustomResourceExt};
@@ -104,7 +104,10 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         .create(&PostParams::default(), &example)
         .await
         .expect("create the example DataLink");
-    assert_eq!(created.spec, example.spec, "the server keeps the spec as sent");
+    assert_eq!(
+        created.spec, example.spec,
+        "the server keeps the spec as sent"
+    );
 
     // Defaults come from the schema: a minimal spec is filled in by the API server.
     let minimal: DataLink = serde_yaml::from_str(
@@ -160,5 +163,120 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
             .delete(name, &DeleteParams::default())
             .await
             .expect("delete");
+    }
+}
+
+/// Adjust an upstream CRD so that the 1.20 test server accepts it. Each change names its reason;
+/// none of them touches what the controller reads or patches.
+fn for_api_server_1_20(node: &mut serde_json::Value) {
+    if let serde_json::Value::Object(map) = node {
+        // CEL validation rules arrived in 1.23.
+        map.remove("x-kubernetes-validations");
+        // 1.20 reads an empty-string default as null and refuses it.
+        if map.get("default") == Some(&serde_json::Value::String(String::new())) {
+            map.remove("default");
+        }
+        // Without those defaults, 1.20 refuses list-map keys that may be absent.
+        if map.get("x-kubernetes-list-type") == Some(&serde_json::Value::from("map")) {
+            map.insert("x-kubernetes-list-type".into(), "atomic".into());
+            map.remove("x-kubernetes-list-map-keys");
+        }
+        for value in map.values_mut() {
+            for_api_server_1_20(value);
+        }
+    } else if let serde_json::Value::Array(items) = node {
+        items.iter_mut().for_each(for_api_server_1_20);
+    }
+}
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/upstream")
+        .join(name);
+    let text = std::fs::read_to_string(&path).expect("read fixture");
+    serde_yaml::from_str(&text).expect("yaml")
+}
+
+#[tokio::test]
+async fn the_upstream_producer_and_consumer_crds_install_and_their_examples_suspend() {
+    let cluster = Cluster::start().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
+    for file in [
+        "sparkoperator.k8s.io_sparkapplications.yaml",
+        "kubeflow.org_pytorchjobs.yaml",
+        "trainer.kubeflow.org_trainjobs.yaml",
+    ] {
+        let mut crd = fixture(file);
+        for_api_server_1_20(&mut crd);
+        let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
+        let name = crd.metadata.name.clone().expect("name");
+        crds.patch(
+            &name,
+            &PatchParams::apply("handoff-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{file} installs: {e}"));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("established in time")
+        .expect("watch");
+    }
+
+    // The upstream examples, created suspended in one namespace, as a DataLink expects them.
+    for (file, group, version, kind, plural, suspend) in [
+        (
+            "examples/spark-pi.yaml",
+            "sparkoperator.k8s.io",
+            "v1beta2",
+            "SparkApplication",
+            "sparkapplications",
+            serde_json::json!({"spec": {"suspend": true}}),
+        ),
+        (
+            "examples/pytorchjob-simple.yaml",
+            "kubeflow.org",
+            "v1",
+            "PyTorchJob",
+            "pytorchjobs",
+            serde_json::json!({"spec": {"runPolicy": {"suspend": true}}}),
+        ),
+        (
+            "examples/trainjob-01-multi-node.yaml",
+            "trainer.kubeflow.org",
+            "v1alpha1",
+            "TrainJob",
+            "trainjobs",
+            serde_json::json!({"spec": {"suspend": true}}),
+        ),
+    ] {
+        let resource = ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: format!("{group}/{version}"),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(cluster.client.clone(), "default", &resource);
+        let mut object: DynamicObject = serde_json::from_value(fixture(file)).expect("object");
+        object.metadata.namespace = Some("default".into());
+        let name = object.metadata.name.clone().expect("name");
+        api.create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("{file} creates: {e}"));
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&suspend))
+            .await
+            .unwrap_or_else(|e| panic!("{kind} can be suspended: {e}"));
+        let read = api.get(&name).await.expect("get");
+        let field = if kind == "PyTorchJob" {
+            &read.data["spec"]["runPolicy"]["suspend"]
+        } else {
+            &read.data["spec"]["suspend"]
+        };
+        assert_eq!(field, &serde_json::Value::Bool(true), "{kind}");
     }
 }
