@@ -41,8 +41,8 @@ impl Cluster {
                 );
                 let path = stdout
                     .lines()
-                    .filter_map(|l| l.strip_prefix("KUBECONFIG="))
-                    .last()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("KUBECONFIG="))
                     .expect("kube-up.sh prints KUBECONFIG=<path>");
                 (PathBuf::from(path), Some(dir))
             }
