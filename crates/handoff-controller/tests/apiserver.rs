@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use handoff_controller::{DataLink, DataLinkStatus, Phase};
+use handoff_controller::{DataLink, DataLinkStatus, Phase, resources};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -157,6 +157,77 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         .expect("status by server-side apply");
     let read = links.get("features").await.expect("get");
     assert_eq!(read.status.expect("status").phase, Phase::Provisioning);
+
+    // The objects the controller will own validate on the real server, owned by the DataLink.
+    let owner = links.get("features").await.expect("get");
+    let namespace = "default";
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(cluster.client.clone(), namespace);
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(cluster.client.clone(), namespace);
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(cluster.client.clone(), namespace);
+    let params = PatchParams::apply("handoff-test").force();
+    let secret = resources::token_secret(&owner, "w-token", "r-token");
+    secrets
+        .patch(
+            &resources::secret_name(&owner),
+            &params,
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("secret applies");
+    let deployment = resources::server_deployment(&owner, "handoff:test").expect("deployment");
+    let applied = deployments
+        .patch(
+            &resources::server_name(&owner),
+            &params,
+            &Patch::Apply(&deployment),
+        )
+        .await
+        .expect("deployment applies");
+    let container = &applied
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+        .containers[0];
+    let args = container.args.clone().expect("args");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--memory-limit", &(8u64 << 30).to_string()])
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--spill-url", "s3://ml-scratch/handoff"])
+    );
+    let limit = &container
+        .resources
+        .as_ref()
+        .expect("resources")
+        .limits
+        .as_ref()
+        .expect("limits")["memory"];
+    let expected = (8u64 << 30) + (8u64 << 30) / 10 + (256 << 20);
+    assert_eq!(limit.0, expected.to_string());
+    let service = services
+        .patch(
+            &resources::server_name(&owner),
+            &params,
+            &Patch::Apply(&resources::server_service(&owner)),
+        )
+        .await
+        .expect("service applies");
+    let owners = service.metadata.owner_references.expect("owned");
+    assert_eq!(owners[0].uid, owner.metadata.uid.clone().expect("uid"));
+    assert_eq!(
+        resources::endpoint(&owner),
+        "grpc://features-handoff.default.svc:8815"
+    );
+    let mut bad = owner.clone();
+    bad.spec.server.memory = Some("8GB".into());
+    assert!(resources::server_deployment(&bad, "x").is_err());
 
     for name in ["features", "minimal"] {
         links
