@@ -24,6 +24,14 @@ fn spill_config(dir: &Path, limit: u64) -> StoreConfig {
     }
 }
 
+/// A server with `limit` bytes and the spill policy, spilling into a fresh directory.
+async fn spilling_server(limit: u64) -> (tempfile::TempDir, Fixture) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server =
+        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    (dir, server)
+}
+
 fn storage(dir: &Path) -> ObjectStorage {
     ObjectStorage::from_url(&format!("file://{}", dir.display())).expect("storage")
 }
@@ -63,10 +71,8 @@ async fn shard_ids(client: &mut handoff_client::HandoffClient, shard: ReadShard)
 
 #[tokio::test]
 async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let limit = 1 << 20;
-    let server =
-        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    let (dir, server) = spilling_server(limit).await;
     let mut admin = server.admin().await;
     // A link that chose `reject` is never spilled to make room for others.
     admin
@@ -174,10 +180,8 @@ async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row()
 
 #[tokio::test]
 async fn staged_attempts_spill_too_and_commit_exactly_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let limit = 1 << 20;
-    let server =
-        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    let (dir, server) = spilling_server(limit).await;
     let mut w = server.client(WRITER).await;
     // Like a Spark job: every task stages, nothing commits until the driver does.
     let partitions = 12u64;
@@ -216,10 +220,8 @@ async fn staged_attempts_spill_too_and_commit_exactly_once() {
 
 #[tokio::test]
 async fn spill_fails_clearly_when_nothing_finished_is_left_to_move() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let limit = 1 << 20;
-    let server =
-        Fixture::start_with(ServerConfig::default(), spill_config(dir.path(), limit)).await;
+    let (_dir, server) = spilling_server(limit).await;
     let mut admin = server.admin().await;
     admin
         .put("s", stream_of(vec![batch(0, 1000)]))

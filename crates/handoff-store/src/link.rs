@@ -220,6 +220,20 @@ pub(crate) struct LinkInner {
     pub read_done_at_ms: Option<u64>,
 }
 
+impl LinkInner {
+    /// Every finished partition: committed, then staged.
+    fn finished(&self) -> impl Iterator<Item = &Arc<Partition>> {
+        self.committed.iter().chain(self.staged.values())
+    }
+
+    /// How many finished partitions were spilled, and their bytes.
+    fn spilled(&self) -> (u64, u64) {
+        self.finished()
+            .filter(|p| p.is_spilled())
+            .fold((0, 0), |(n, b), p| (n + 1, b + p.bytes))
+    }
+}
+
 /// A consistent view of a link's committed data at one instant.
 #[derive(Debug, Clone)]
 pub struct LinkSnapshot {
@@ -364,23 +378,14 @@ impl Link {
     pub(crate) fn spillable(&self) -> Vec<Arc<Partition>> {
         let inner = self.inner.read();
         inner
-            .committed
-            .iter()
-            .chain(inner.staged.values())
+            .finished()
             .filter(|p| !p.is_spilled())
             .cloned()
             .collect()
     }
 
     pub fn spilled_bytes(&self) -> u64 {
-        let inner = self.inner.read();
-        inner
-            .committed
-            .iter()
-            .chain(inner.staged.values())
-            .filter(|p| p.is_spilled())
-            .map(|p| p.bytes)
-            .sum()
+        self.inner.read().spilled().1
     }
 
     pub fn staged_bytes(&self) -> u64 {
@@ -390,12 +395,7 @@ impl Link {
     pub fn stats(&self) -> LinkStats {
         let inner = self.inner.read();
         let staged_bytes: u64 = inner.staged.values().map(|p| p.bytes).sum();
-        let (spilled_partitions, spilled_bytes) = inner
-            .committed
-            .iter()
-            .chain(inner.staged.values())
-            .filter(|p| p.is_spilled())
-            .fold((0, 0), |(n, b), p| (n + 1, b + p.bytes));
+        let (spilled_partitions, spilled_bytes) = inner.spilled();
         LinkStats {
             link: self.name.clone(),
             state: inner.state,
