@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod controller;
 mod files;
 mod serve;
 mod size;
@@ -46,6 +47,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Print the DataLink CustomResourceDefinition as YAML (`handoff crd | kubectl apply -f -`).
     Crd,
+    /// Run the DataLink controller: start a server per link, wire the SparkApplication and the
+    /// training job to it, release training when the data is sealed, and clean up.
+    Controller(controller::ControllerArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -96,7 +100,7 @@ fn ensure_allocator_options() {}
 fn main() {
     ensure_allocator_options();
     let cli = Cli::parse();
-    let default_log = if matches!(cli.command, Command::Serve(_)) {
+    let default_log = if matches!(cli.command, Command::Serve(_) | Command::Controller(_)) {
         "info"
     } else {
         "warn"
@@ -125,6 +129,7 @@ fn main() {
             Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string())),
+            Command::Controller(args) => controller::run(args).await,
             Command::Crd => handoff_controller::crd_yaml()
                 .map(|yaml| print!("{yaml}"))
                 .map_err(|e| format!("cannot render the CRD: {e}")),

@@ -151,7 +151,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -1,8 +1,16 @@
 //! The DataLink controller: the custom resource that pairs a SparkApplication with a PyTorchJob or
 //! TrainJob, and the reconciler that runs a Handoff server between them.
 
+pub mod controller;
 pub mod crd;
+pub mod error;
+pub mod metrics;
 pub mod resources;
+pub mod workloads;
+
+pub use controller::{ControllerConfig, FINALIZER, run};
+pub use error::Error;
+pub use metrics::{Metrics, serve_http};
 
 pub use crd::{
     Consumer, ConsumerRef, DataLink, DataLinkSpec, DataLinkStatus, Gate, LinkPolicy, MemoryPolicy,

@@ -16,12 +16,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{DataLink, MemoryPolicy};
+use crate::crd::{ConsumerRef, DataLink, MemoryPolicy};
 
 pub const GRPC_PORT: i32 = 8815;
 pub const HTTP_PORT: i32 = 8816;
 pub const WRITER_TOKEN_KEY: &str = "writer-token";
 pub const READER_TOKEN_KEY: &str = "reader-token";
+/// The controller's own token: it reads stats and deletes the link at cleanup.
+pub const ADMIN_TOKEN_KEY: &str = "admin-token";
+/// Hash of what the controller last applied to an object; equal means no write is needed.
+pub const APPLIED_HASH: &str = "handoff.kubeflow.org/applied-hash";
 const DEFAULT_MEMORY: &str = "4Gi";
 const DEFAULT_CPU: &str = "1";
 /// The pod's memory limit over the Arrow budget: 10% plus a fixed base, the bound our /proc
@@ -85,7 +89,7 @@ pub fn endpoint(link: &DataLink) -> String {
     format!("grpc://{}.{namespace}.svc:{GRPC_PORT}", server_name(link))
 }
 
-fn labels(link: &DataLink) -> BTreeMap<String, String> {
+pub fn labels(link: &DataLink) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "handoff".to_string()),
         ("app.kubernetes.io/instance".to_string(), server_name(link)),
@@ -107,15 +111,20 @@ fn owned_meta(link: &DataLink, name: String) -> ObjectMeta {
     }
 }
 
-/// The writer and reader tokens of the link's server. Created once; later reconciles keep them.
-pub fn token_secret(
-    link: &DataLink,
-    writer_token: &str,
-    reader_token: &str,
-) -> k8s_openapi::api::core::v1::Secret {
+/// The tokens of the link's server. Created once; later reconciles keep them.
+pub fn token_secret(link: &DataLink, tokens: &Tokens) -> k8s_openapi::api::core::v1::Secret {
+    let Tokens {
+        admin: admin_token,
+        writer: writer_token,
+        reader: reader_token,
+    } = tokens;
     k8s_openapi::api::core::v1::Secret {
         metadata: owned_meta(link, secret_name(link)),
         data: Some(BTreeMap::from([
+            (
+                ADMIN_TOKEN_KEY.to_string(),
+                ByteString(admin_token.as_bytes().to_vec()),
+            ),
             (
                 WRITER_TOKEN_KEY.to_string(),
                 ByteString(writer_token.as_bytes().to_vec()),
@@ -127,6 +136,52 @@ pub fn token_secret(
         ])),
         type_: Some("Opaque".into()),
         ..Default::default()
+    }
+}
+
+/// A link server's three tokens: the controller's (admin), the producer's and the consumer's.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub admin: String,
+    pub writer: String,
+    pub reader: String,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens(..)")
+    }
+}
+
+impl Tokens {
+    /// Fresh random tokens, 32 hex digits each.
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let token = || -> Result<String, getrandom::Error> {
+            let mut bytes = [0u8; 16];
+            getrandom::fill(&mut bytes)?;
+            Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        };
+        Ok(Self {
+            admin: token()?,
+            writer: token()?,
+            reader: token()?,
+        })
+    }
+
+    /// The tokens held in the link's Secret, or what is missing from it.
+    pub fn from_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Result<Self, String> {
+        let data = secret.data.as_ref();
+        let key = |k: &str| -> Result<String, String> {
+            data.and_then(|d| d.get(k))
+                .and_then(|v| String::from_utf8(v.0.clone()).ok())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| format!("key {k} is missing or empty"))
+        };
+        Ok(Self {
+            admin: key(ADMIN_TOKEN_KEY)?,
+            writer: key(WRITER_TOKEN_KEY)?,
+            reader: key(READER_TOKEN_KEY)?,
+        })
     }
 }
 
@@ -245,6 +300,7 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
         image: Some(server.image.clone().unwrap_or_else(|| default_image.into())),
         args: Some(args),
         env: Some(vec![
+            secret_env("HANDOFF_TOKEN", &secret, ADMIN_TOKEN_KEY),
             secret_env("HANDOFF_WRITER_TOKEN", &secret, WRITER_TOKEN_KEY),
             secret_env("HANDOFF_READER_TOKEN", &secret, READER_TOKEN_KEY),
             EnvVar {
@@ -348,4 +404,86 @@ pub fn server_service(link: &DataLink) -> Service {
         }),
         ..Default::default()
     }
+}
+
+/// Only the producer's pods, the consumer's pods and the controller may reach the link's server.
+pub fn server_network_policy(
+    link: &DataLink,
+    consumer: &ConsumerRef<'_>,
+) -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    use k8s_openapi::api::networking::v1::{
+        NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+        NetworkPolicySpec,
+    };
+    let pods = |key: &str, value: &str| NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let consumer_peer = match consumer {
+        // Labels the training operators put on their pods.
+        ConsumerRef::PyTorchJob(name) => pods("training.kubeflow.org/job-name", name),
+        ConsumerRef::TrainJob(name) => pods("jobset.sigs.k8s.io/jobset-name", name),
+    };
+    let controller_peer = NetworkPolicyPeer {
+        // The controller runs in its own namespace; any namespace, but only its pods.
+        namespace_selector: Some(LabelSelector::default()),
+        ..pods("app.kubernetes.io/name", "handoff-controller")
+    };
+    let port = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: owned_meta(link, server_name(link)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(labels(link)),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![
+                        pods(
+                            "sparkoperator.k8s.io/app-name",
+                            &link.spec.producer.spark_application,
+                        ),
+                        consumer_peer,
+                        controller_peer.clone(),
+                    ]),
+                    ports: Some(vec![port(GRPC_PORT)]),
+                },
+                // Probes come from the kubelet, which policies do not cover; metrics from the
+                // controller's namespace only.
+                NetworkPolicyIngressRule {
+                    from: Some(vec![controller_peer]),
+                    ports: Some(vec![port(HTTP_PORT)]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// `object` with the hash of its content in the `applied-hash` annotation. Comparing the stored
+/// annotation with a fresh hash tells whether a server-side apply would change anything, without
+/// issuing it.
+pub fn with_applied_hash<T: serde::Serialize + Resource>(
+    mut object: T,
+) -> Result<(T, String), serde_json::Error> {
+    use std::hash::{Hash, Hasher};
+    let text = serde_json::to_string(&object)?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    text.hash(&mut hasher);
+    let hash = format!("{:016x}", hasher.finish());
+    object
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(APPLIED_HASH.to_string(), hash.clone());
+    Ok((object, hash))
 }

@@ -168,7 +168,8 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
     let services: Api<k8s_openapi::api::core::v1::Service> =
         Api::namespaced(cluster.client.clone(), namespace);
     let params = PatchParams::apply("handoff-test").force();
-    let secret = resources::token_secret(&owner, "w-token", "r-token");
+    let tokens = resources::Tokens::generate().expect("tokens");
+    let secret = resources::token_secret(&owner, &tokens);
     secrets
         .patch(
             &resources::secret_name(&owner),

@@ -1,0 +1,908 @@
+//! The DataLink reconciler: provision the server, wire the producer and the consumer, gate the
+//! consumer on the seal, and clean up.
+//!
+//! Every reconcile reads first and writes only what differs, so a reconcile with nothing to do
+//! issues no writes: owned objects carry a hash of what was applied, env entries and suspend flags
+//! are compared before a patch, status is applied only when it changed, and events go out only
+//! on a phase change.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use handoff_client::{ClientConfig, HandoffClient, LinkStats};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalized, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::crd::{ConsumerRef, DataLink, DataLinkStatus, Gate, Phase, ProducerFailure};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::resources::{self, InvalidSpec, Tokens};
+use crate::workloads::{self, ConsumerState, ProducerState};
+
+/// Held on every DataLink until the controller has removed what it created.
+pub const FINALIZER: &str = "handoff.kubeflow.org/cleanup";
+/// The field manager of every write, so `kubectl get --show-managed-fields` names us.
+pub const MANAGER: &str = "handoff-controller";
+const FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the controller runs; the CLI builds it from `handoff controller` flags.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Watch one namespace; `None` watches all.
+    pub namespace: Option<String>,
+    /// Image of the per-link `handoff serve` Deployments, unless a DataLink names one.
+    pub server_image: String,
+    /// Reach every link's server at this URL instead of its Service: for tests and
+    /// out-of-cluster runs (`kubectl port-forward`). Jobs are still given the Service address.
+    pub endpoint_override: Option<String>,
+    /// How often a link is looked at while data flows, for status and the seal.
+    pub poll_interval: Duration,
+    /// The reporting instance on events, usually the pod name.
+    pub instance: Option<String>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            server_image: format!("ghcr.io/handoff-dev/handoff:{}", env!("CARGO_PKG_VERSION")),
+            endpoint_override: None,
+            poll_interval: Duration::from_secs(5),
+            instance: None,
+        }
+    }
+}
+
+struct Context {
+    client: Client,
+    config: ControllerConfig,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+fn scoped(
+    client: &Client,
+    namespace: &Option<String>,
+    resource: &ApiResource,
+) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    }
+}
+
+fn scoped_typed<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The DataLinks in `namespace` that name `name` as producer (`role = None`) or as consumer of
+/// the given kind.
+fn links_naming(
+    store: &Store<DataLink>,
+    namespace: Option<String>,
+    name: &str,
+    consumer_kind: Option<&str>,
+) -> Vec<ObjectRef<DataLink>> {
+    store
+        .state()
+        .iter()
+        .filter(|link| link.namespace() == namespace)
+        .filter(|link| match consumer_kind {
+            None => link.spec.producer.spark_application == name,
+            Some(kind) => match link.spec.consumer.target() {
+                Ok(ConsumerRef::PyTorchJob(job)) => kind == "PyTorchJob" && job == name,
+                Ok(ConsumerRef::TrainJob(job)) => kind == "TrainJob" && job == name,
+                Err(_) => false,
+            },
+        })
+        .map(|link| ObjectRef::from_obj(link.as_ref()))
+        .collect()
+}
+
+/// Run the controller until `shutdown` completes; in-flight reconciles finish first.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
+    let links: Api<DataLink> = scoped_typed(&client, &config.namespace);
+    if let Err(e) = links.list(&ListParams::default().limit(1)).await {
+        return Err(Error::Config(format!(
+            "cannot list DataLinks ({e}); install the CRD with `handoff crd | kubectl apply -f -` \
+             and check the controller's ClusterRole (deploy/base/rbac.yaml)"
+        )));
+    }
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=handoff-controller");
+    let mut controller = Controller::new(links, watcher::Config::default()).owns(
+        scoped_typed::<Deployment>(&client, &config.namespace),
+        owned,
+    );
+    let store = controller.store();
+    for (resource, consumer_kind) in [
+        (workloads::spark_application(), None),
+        (workloads::pytorch_job(), Some("PyTorchJob")),
+        (workloads::train_job(), Some("TrainJob")),
+    ] {
+        let api: Api<DynamicObject> = scoped(&client, &config.namespace, &resource);
+        // A cluster without, say, the Kubeflow trainer has no TrainJob API: links then poll.
+        if let Err(e) = api.list(&ListParams::default().limit(1)).await {
+            warn!(kind = %resource.kind, error = %e, "not watching {}: DataLinks that use it are polled", resource.kind);
+            continue;
+        }
+        let store = store.clone();
+        controller = controller.watches_with(
+            api,
+            resource,
+            watcher::Config::default(),
+            move |object: DynamicObject| {
+                links_naming(
+                    &store,
+                    object.namespace(),
+                    &object.name_any(),
+                    consumer_kind,
+                )
+            },
+        );
+    }
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: config.instance.clone(),
+    };
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        config,
+        metrics: Arc::clone(&metrics),
+    });
+    metrics.set_ready(true);
+    info!("controller running");
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|outcome| async move {
+            if let Err(e) = outcome {
+                // Watch errors are retried with backoff by the runtime; say what happened.
+                warn!(error = %e, "controller event");
+            }
+        })
+        .await;
+    metrics.set_ready(false);
+    Ok(())
+}
+
+async fn reconcile(link: Arc<DataLink>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let namespace = link.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<DataLink> = Api::namespaced(ctx.client.clone(), &namespace);
+    let outcome = finalizer(&api, FINALIZER, link, |event| async {
+        match event {
+            Finalized::Apply(link) => Run::new(&link, &ctx, namespace.clone()).apply().await,
+            Finalized::Cleanup(link) => Run::new(&link, &ctx, namespace.clone()).cleanup().await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(started.elapsed());
+    outcome
+}
+
+fn error_policy(link: Arc<DataLink>, error: &Error, ctx: Arc<Context>) -> Action {
+    let label = error.metric_label();
+    ctx.metrics.failed(label);
+    warn!(link = %link.name_any(), namespace = ?link.namespace(), error = %error, "reconcile failed");
+    match label {
+        // Someone changed the object between our read and our patch: read again soon.
+        "conflict" => Action::requeue(Duration::from_millis(500)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+/// One reconcile of one DataLink: the status it builds and the events it will publish.
+struct Run<'a> {
+    link: &'a DataLink,
+    ctx: &'a Context,
+    namespace: String,
+    name: String,
+    before: DataLinkStatus,
+    status: DataLinkStatus,
+    events: Vec<(EventType, String, String)>,
+}
+
+fn phase_rank(phase: Phase) -> u8 {
+    match phase {
+        Phase::Pending => 0,
+        Phase::Provisioning => 1,
+        Phase::Receiving => 2,
+        Phase::Sealed => 3,
+        Phase::Consuming => 4,
+        Phase::Finished | Phase::Failed => 5,
+    }
+}
+
+fn now() -> Time {
+    // Whole seconds: that is what the API server stores, so comparisons stay stable.
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()))
+}
+
+impl<'a> Run<'a> {
+    fn new(link: &'a DataLink, ctx: &'a Context, namespace: String) -> Self {
+        let before = link.status.clone().unwrap_or_default();
+        Self {
+            link,
+            ctx,
+            namespace,
+            name: link.name_any(),
+            status: before.clone(),
+            before,
+            events: Vec::new(),
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.namespace)
+    }
+
+    fn dynamic(&self, resource: &ApiResource) -> Api<DynamicObject> {
+        Api::namespaced_with(self.ctx.client.clone(), &self.namespace, resource)
+    }
+
+    async fn apply(mut self) -> Result<Action> {
+        let outcome = self.step().await;
+        // What was learned before a failure is still worth recording.
+        self.publish().await?;
+        outcome
+    }
+
+    /// Move the phase forward (never back), with an event for the change.
+    fn advance(&mut self, phase: Phase, reason: Option<&str>, note: String) {
+        if phase == self.status.phase || phase_rank(phase) < phase_rank(self.status.phase) {
+            return;
+        }
+        self.status.phase = phase;
+        self.status.reason = reason.map(str::to_string);
+        let kind = if phase == Phase::Failed {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        self.events.push((
+            kind,
+            reason.unwrap_or(&format!("{phase:?}")).to_string(),
+            note,
+        ));
+    }
+
+    fn has_condition(&self, kind: &str) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == kind && c.status == "True")
+    }
+
+    fn condition(&mut self, kind: &str, ok: bool, reason: &str, message: String) {
+        let status = if ok { "True" } else { "False" };
+        let generation = self.link.metadata.generation;
+        let existing = self.status.conditions.iter().position(|c| c.type_ == kind);
+        if let Some(i) = existing {
+            let c = &self.status.conditions[i];
+            if c.status == status && c.reason == reason && c.message == message {
+                return;
+            }
+        }
+        let last_transition_time = match existing {
+            Some(i) if self.status.conditions[i].status == status => {
+                self.status.conditions[i].last_transition_time.clone()
+            }
+            _ => now(),
+        };
+        let condition = Condition {
+            type_: kind.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time,
+            observed_generation: generation,
+        };
+        match existing {
+            Some(i) => self.status.conditions[i] = condition,
+            None => self.status.conditions.push(condition),
+        }
+    }
+
+    /// Apply the status if it changed, then publish the events.
+    async fn publish(&mut self) -> Result<()> {
+        if self.status != self.before {
+            let api: Api<DataLink> = self.api();
+            let body = serde_json::json!({
+                "apiVersion": "handoff.kubeflow.org/v1alpha1",
+                "kind": "DataLink",
+                "status": self.status,
+            });
+            api.patch_status(
+                &self.name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+            self.before = self.status.clone();
+        }
+        let reference = self.link.object_ref(&());
+        for (type_, reason, note) in self.events.drain(..) {
+            let event = Event {
+                type_,
+                reason: reason.clone(),
+                note: Some(note),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+                warn!(link = %self.name, %reason, error = %e, "could not publish event");
+            }
+        }
+        Ok(())
+    }
+
+    fn poll(&self) -> Action {
+        Action::requeue(self.ctx.config.poll_interval)
+    }
+
+    fn invalid(&mut self, why: String) -> Result<Action> {
+        self.condition("Ready", false, "InvalidSpec", why.clone());
+        self.advance(Phase::Failed, Some("InvalidSpec"), why);
+        Ok(Action::await_change())
+    }
+
+    async fn step(&mut self) -> Result<Action> {
+        self.status.observed_generation = self.link.metadata.generation;
+        self.status.endpoint = Some(resources::endpoint(self.link));
+        let fixed_spec = self.status.phase == Phase::Failed
+            && self.status.reason.as_deref() == Some("InvalidSpec")
+            && self.before.observed_generation != self.link.metadata.generation;
+        if fixed_spec {
+            self.status.phase = Phase::Pending;
+            self.status.reason = None;
+        }
+        if matches!(self.status.phase, Phase::Finished | Phase::Failed) {
+            return self.after_end().await;
+        }
+        let consumer = match self.link.spec.consumer.target() {
+            Ok(consumer) => consumer,
+            Err(why) => return self.invalid(why),
+        };
+        let deployment =
+            match resources::server_deployment(self.link, &self.ctx.config.server_image) {
+                Ok(deployment) => deployment,
+                Err(InvalidSpec(why)) => return self.invalid(why),
+            };
+
+        // 1. Provision.
+        let tokens = self.ensure_secret().await?;
+        let deployment = self.ensure_applied(deployment).await?;
+        self.ensure_applied(resources::server_service(self.link))
+            .await?;
+        self.ensure_applied(resources::server_network_policy(self.link, &consumer))
+            .await?;
+        self.advance(
+            Phase::Provisioning,
+            None,
+            format!(
+                "Created Secret {}, Deployment and Service {}",
+                resources::secret_name(self.link),
+                resources::server_name(self.link)
+            ),
+        );
+        let available = deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0)
+            >= 1;
+        if !available {
+            self.condition(
+                "ServerReady",
+                false,
+                "Unavailable",
+                format!(
+                    "Deployment {} has no available replica yet",
+                    resources::server_name(self.link)
+                ),
+            );
+            // The Deployment watch wakes us when it becomes available.
+            return Ok(self.poll());
+        }
+        self.condition(
+            "ServerReady",
+            true,
+            "Available",
+            format!("serving at {}", resources::endpoint(self.link)),
+        );
+
+        // The user's jobs, which must exist, suspended, before anything is wired.
+        let producer_name = self.link.spec.producer.spark_application.clone();
+        let spark_api = self.dynamic(&workloads::spark_application());
+        let Some(spark) = self.read(&spark_api, &producer_name).await? else {
+            self.condition(
+                "ProducerWired",
+                false,
+                "ProducerNotFound",
+                format!(
+                    "SparkApplication {producer_name} is not in namespace {}; create it with spec.suspend: true",
+                    self.namespace
+                ),
+            );
+            return Ok(self.poll());
+        };
+        let consumer_resource = workloads::consumer_resource(&consumer);
+        let consumer_name = match consumer {
+            ConsumerRef::PyTorchJob(name) | ConsumerRef::TrainJob(name) => name.to_string(),
+        };
+        let consumer_api = self.dynamic(&consumer_resource);
+        let Some(job) = self.read(&consumer_api, &consumer_name).await? else {
+            self.condition(
+                "ConsumerReleased",
+                false,
+                "ConsumerNotFound",
+                format!(
+                    "{} {consumer_name} is not in namespace {}; create it suspended",
+                    consumer_resource.kind, self.namespace
+                ),
+            );
+            return Ok(self.poll());
+        };
+
+        // 2-4. What the producer did and what the server holds decide the consumer's gate.
+        let producer = workloads::producer_state(&spark);
+        if let ProducerState::Failed(why) = &producer {
+            return self.producer_failed(&producer_name, why).await;
+        }
+        let stats = self.stats(&tokens).await?;
+        if let Some(stats) = &stats {
+            self.status.rows = Some(stats.rows as i64);
+            self.status.bytes = Some(stats.bytes as i64);
+            self.status.partitions = Some(stats.partitions as i64);
+            self.status.memory_used = Some(stats.memory_bytes as i64);
+            self.status.spilled_bytes = Some(stats.spilled_bytes as i64);
+        }
+        let sealed = stats.as_ref().is_some_and(|s| s.state == "sealed");
+        let completed = producer == ProducerState::Completed;
+        let release = match self.link.spec.policy.gate {
+            Gate::Streaming => true,
+            Gate::Sealed => completed && sealed,
+        };
+
+        // 3. The consumer: env now, unsuspended when the gate opens. Only once: a user who
+        // suspends it again afterwards means it.
+        let released_before = self.has_condition("ConsumerReleased");
+        let consumer_env = self.env(resources::READER_TOKEN_KEY, true);
+        let patch =
+            workloads::consumer_patch(&consumer, &job, &consumer_env, release && !released_before)
+                .map_err(|why| Error::Workload {
+                    kind: if matches!(consumer, ConsumerRef::PyTorchJob(_)) {
+                        "PyTorchJob"
+                    } else {
+                        "TrainJob"
+                    },
+                    name: consumer_name.clone(),
+                    why,
+                })?;
+        if let Some(patch) = patch {
+            consumer_api
+                .patch(
+                    &consumer_name,
+                    &PatchParams::apply(MANAGER),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+        }
+        if release {
+            self.condition(
+                "ConsumerReleased",
+                true,
+                if completed { "Sealed" } else { "Streaming" },
+                format!("{} {consumer_name} unsuspended", consumer_resource.kind),
+            );
+        } else {
+            self.condition(
+                "ConsumerReleased",
+                false,
+                "WaitingForSeal",
+                format!(
+                    "{} {consumer_name} stays suspended until the link is sealed",
+                    consumer_resource.kind
+                ),
+            );
+        }
+
+        // 2. The producer: env, then unsuspended, once.
+        let producer_env = self.env(resources::WRITER_TOKEN_KEY, false);
+        let wired_before = self.has_condition("ProducerWired");
+        if let Some(patch) = workloads::spark_patch(&spark, &producer_env, !wired_before) {
+            spark_api
+                .patch(
+                    &producer_name,
+                    &PatchParams::apply(MANAGER),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+        }
+        self.condition(
+            "ProducerWired",
+            true,
+            "Wired",
+            format!(
+                "SparkApplication {producer_name} writes to link {}",
+                self.name
+            ),
+        );
+        self.advance(
+            Phase::Receiving,
+            None,
+            format!(
+                "SparkApplication {producer_name} unsuspended; it writes to {}",
+                resources::endpoint(self.link)
+            ),
+        );
+
+        if completed && sealed {
+            self.condition(
+                "Sealed",
+                true,
+                "Sealed",
+                format!("{} rows sealed", stats.as_ref().map_or(0, |s| s.rows)),
+            );
+            self.advance(
+                Phase::Sealed,
+                None,
+                format!(
+                    "SparkApplication {producer_name} completed and link {} is sealed with {} rows; {} {consumer_name} released",
+                    self.name,
+                    stats.as_ref().map_or(0, |s| s.rows),
+                    consumer_resource.kind
+                ),
+            );
+        } else if completed {
+            let state = stats.as_ref().map_or("missing", |s| s.state.as_str());
+            self.condition(
+                "Sealed",
+                false,
+                "NotSealed",
+                format!(
+                    "SparkApplication {producer_name} completed but link {} is {state} on the server; \
+                     write with seal=true (the default) or run `handoff seal {}`",
+                    self.name, self.name
+                ),
+            );
+        } else {
+            self.condition(
+                "Sealed",
+                false,
+                "Receiving",
+                "the producer is still writing".into(),
+            );
+        }
+
+        // 6. The consumer's progress.
+        match workloads::consumer_state(&consumer, &job) {
+            ConsumerState::Succeeded => self.finish(
+                "ConsumerSucceeded",
+                format!("{} {consumer_name} succeeded", consumer_resource.kind),
+            ),
+            ConsumerState::Failed(why) => self.finish(
+                "ConsumerFailed",
+                format!("{} {consumer_name} failed: {why}", consumer_resource.kind),
+            ),
+            ConsumerState::Running if self.status.phase == Phase::Sealed => self.advance(
+                Phase::Consuming,
+                None,
+                format!("{} {consumer_name} is reading", consumer_resource.kind),
+            ),
+            _ => {}
+        }
+        if self.status.phase == Phase::Finished {
+            return self.after_end().await;
+        }
+        Ok(match self.status.phase {
+            Phase::Receiving => self.poll(),
+            // Stats barely move once sealed; the consumer's watch wakes us on its progress.
+            _ => Action::requeue(self.ctx.config.poll_interval * 6),
+        })
+    }
+
+    fn finish(&mut self, reason: &str, note: String) {
+        self.status.finished_at = Some(now().0.to_string());
+        self.condition("Finished", true, reason, note.clone());
+        self.advance(Phase::Finished, Some(reason), note);
+    }
+
+    async fn producer_failed(&mut self, producer: &str, why: &str) -> Result<Action> {
+        let note =
+            format!("SparkApplication {producer} ended in {why}; the consumer stays suspended");
+        self.status.finished_at = Some(now().0.to_string());
+        self.condition("ProducerWired", true, "ProducerFailed", note.clone());
+        self.advance(Phase::Failed, Some("ProducerFailed"), note);
+        self.after_end().await
+    }
+
+    /// Phases Finished and Failed: remove the server when the policy or the TTL says so.
+    async fn after_end(&mut self) -> Result<Action> {
+        if self.has_condition("ServerDeleted") {
+            return Ok(Action::await_change());
+        }
+        if self.status.phase == Phase::Failed
+            && self.status.reason.as_deref() == Some("ProducerFailed")
+            && self.link.spec.policy.on_producer_failure == ProducerFailure::DeleteServer
+        {
+            self.delete_server().await?;
+            self.condition(
+                "ServerDeleted",
+                true,
+                "ProducerFailed",
+                "onProducerFailure: DeleteServer".into(),
+            );
+            self.events.push((
+                EventType::Normal,
+                "ServerDeleted".into(),
+                "deleted the server and its data: the producer failed".into(),
+            ));
+            return Ok(Action::await_change());
+        }
+        let Some(ttl) = self.link.spec.policy.ttl_seconds_after_finished else {
+            return Ok(Action::await_change());
+        };
+        let finished: Timestamp = match self.status.finished_at.as_deref().map(str::parse) {
+            Some(Ok(at)) => at,
+            // Failed before anything started (an invalid spec): nothing runs to expire.
+            _ => return Ok(Action::await_change()),
+        };
+        let age = Timestamp::now().as_second() - finished.as_second();
+        if age < ttl {
+            return Ok(Action::requeue(Duration::from_secs(
+                (ttl - age).max(1) as u64
+            )));
+        }
+        self.delete_server().await?;
+        self.condition(
+            "ServerDeleted",
+            true,
+            "TTLExpired",
+            format!("ttlSecondsAfterFinished ({ttl}) passed"),
+        );
+        self.events.push((
+            EventType::Normal,
+            "ServerDeleted".into(),
+            format!("deleted the server and its data {ttl} s after the link finished"),
+        ));
+        Ok(Action::await_change())
+    }
+
+    /// 7. Deletion: remove what we created; the user's jobs stay.
+    async fn cleanup(mut self) -> Result<Action> {
+        self.delete_server().await?;
+        self.events.push((
+            EventType::Normal,
+            "Deleted".into(),
+            "deleted the server, its Secret and its data; the SparkApplication and training job are untouched".into(),
+        ));
+        let reference = self.link.object_ref(&());
+        for (type_, reason, note) in self.events.drain(..) {
+            let event = Event {
+                type_,
+                reason,
+                note: Some(note),
+                action: "Cleanup".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+                warn!(link = %self.name, error = %e, "could not publish event");
+            }
+        }
+        Ok(Action::await_change())
+    }
+
+    /// The env a job gets: the endpoint, the link, its token from the Secret, and for the
+    /// consumer the read defaults.
+    fn env(&self, token_key: &str, read_defaults: bool) -> Vec<Value> {
+        let mut env = vec![
+            workloads::plain_env("HANDOFF_ENDPOINT", &resources::endpoint(self.link)),
+            workloads::plain_env("HANDOFF_LINK", &self.name),
+            workloads::secret_env(
+                "HANDOFF_TOKEN",
+                &resources::secret_name(self.link),
+                token_key,
+            ),
+        ];
+        if read_defaults {
+            let read = &self.link.spec.read;
+            if let Some(rows) = read.batch_rows {
+                env.push(workloads::plain_env(
+                    "HANDOFF_BATCH_ROWS",
+                    &rows.to_string(),
+                ));
+            }
+            if let Some(shuffle) = read.shuffle {
+                env.push(workloads::plain_env(
+                    "HANDOFF_SHUFFLE",
+                    if shuffle { "1" } else { "0" },
+                ));
+            }
+            if let Some(seed) = read.seed {
+                env.push(workloads::plain_env("HANDOFF_SEED", &seed.to_string()));
+            }
+        }
+        env
+    }
+
+    async fn read(&self, api: &Api<DynamicObject>, name: &str) -> Result<Option<Value>> {
+        Ok(match api.get_opt(name).await? {
+            Some(object) => Some(serde_json::to_value(object)?),
+            None => None,
+        })
+    }
+
+    /// The link's tokens: from its Secret, which is created once with fresh random tokens.
+    async fn ensure_secret(&self) -> Result<Tokens> {
+        let api: Api<Secret> = self.api();
+        let name = resources::secret_name(self.link);
+        let bad = |why: String| Error::Workload {
+            kind: "Secret",
+            name: name.clone(),
+            why: format!("{why}; delete it and the controller writes a new one"),
+        };
+        if let Some(secret) = api.get_opt(&name).await? {
+            return Tokens::from_secret(&secret).map_err(bad);
+        }
+        let tokens = Tokens::generate()
+            .map_err(|e| Error::Config(format!("no randomness for tokens: {e}")))?;
+        match api
+            .create(
+                &PostParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &resources::token_secret(self.link, &tokens),
+            )
+            .await
+        {
+            Ok(_) => Ok(tokens),
+            // Another reconcile won the race; its tokens are the ones the server uses.
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {
+                let secret = api.get(&name).await?;
+                Tokens::from_secret(&secret).map_err(bad)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Server-side apply `object` unless it is already what we last applied.
+    async fn ensure_applied<K>(&self, object: K) -> Result<K>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = self.api();
+        let (object, hash) = resources::with_applied_hash(object)?;
+        let name = object.meta().name.clone().unwrap_or_default();
+        if let Some(current) = api.get_opt(&name).await?
+            && current.annotations().get(resources::APPLIED_HASH) == Some(&hash)
+        {
+            return Ok(current);
+        }
+        Ok(api
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await?)
+    }
+
+    fn server_endpoint(&self) -> String {
+        self.ctx
+            .config
+            .endpoint_override
+            .clone()
+            .unwrap_or_else(|| resources::endpoint(self.link))
+    }
+
+    async fn flight(&self, token: &str) -> Result<HandoffClient> {
+        let endpoint = self.server_endpoint();
+        let mut config = ClientConfig::new(endpoint.clone(), Some(token.to_string()));
+        config.connect_timeout = FLIGHT_TIMEOUT;
+        HandoffClient::connect_with(config)
+            .await
+            .map_err(|source| Error::Server { endpoint, source })
+    }
+
+    /// The link's stats; `None` while the producer has not created it.
+    async fn stats(&self, tokens: &Tokens) -> Result<Option<LinkStats>> {
+        let endpoint = self.server_endpoint();
+        let mut client = self.flight(&tokens.admin).await?;
+        match tokio::time::timeout(FLIGHT_TIMEOUT, client.stats(&self.name)).await {
+            Ok(Ok(stats)) => Ok(Some(stats)),
+            Ok(Err(e)) if e.code() == Some(tonic::Code::NotFound) => Ok(None),
+            Ok(Err(source)) => Err(Error::Server { endpoint, source }),
+            Err(_) => Err(Error::Config(format!(
+                "handoff server at {endpoint} did not answer stats in {} s",
+                FLIGHT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Delete the link on its server (which removes spilled objects), then the server's objects.
+    async fn delete_server(&self) -> Result<()> {
+        let secrets: Api<Secret> = self.api();
+        if let Some(secret) = secrets.get_opt(&resources::secret_name(self.link)).await?
+            && let Ok(tokens) = Tokens::from_secret(&secret)
+        {
+            // Best effort: a server that is gone took its memory and emptyDir with it, and one
+            // stopping on SIGTERM removes its spill prefix.
+            let deleted = async {
+                let mut client = self.flight(&tokens.admin).await?;
+                client
+                    .delete(&self.name)
+                    .await
+                    .map_err(|source| Error::Server {
+                        endpoint: self.server_endpoint(),
+                        source,
+                    })
+            };
+            match tokio::time::timeout(FLIGHT_TIMEOUT, deleted).await {
+                Ok(Ok(_)) => info!(link = %self.name, "deleted the link on its server"),
+                Ok(Err(e)) => {
+                    info!(link = %self.name, error = %e, "link not deleted on its server")
+                }
+                Err(_) => info!(link = %self.name, "the server did not answer delete in time"),
+            }
+        }
+        let name = resources::server_name(self.link);
+        let params = DeleteParams::background();
+        ignore_missing(self.api::<NetworkPolicy>().delete(&name, &params).await)?;
+        ignore_missing(self.api::<Service>().delete(&name, &params).await)?;
+        ignore_missing(self.api::<Deployment>().delete(&name, &params).await)?;
+        ignore_missing(
+            secrets
+                .delete(&resources::secret_name(self.link), &params)
+                .await,
+        )?;
+        Ok(())
+    }
+}
+
+fn ignore_missing<T>(result: kube::Result<T>) -> Result<()> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

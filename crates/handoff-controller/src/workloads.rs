@@ -1,0 +1,353 @@
+//! Reading and patching the user's jobs: the SparkApplication that writes and the PyTorchJob or
+//! TrainJob that reads. They are other operators' custom resources, so they are handled as JSON,
+//! and every patch touches only the env entries named here and the suspend flag.
+//!
+//! Patches are JSON merge patches that carry the object's `resourceVersion`: a merge patch replaces
+//! a whole list, and the version makes the API server refuse it (409) if anyone changed the object
+//! since we read it, so a user's own env entries are never lost.
+
+use kube::api::ApiResource;
+use serde_json::{Map, Value, json};
+
+use crate::crd::ConsumerRef;
+
+pub fn spark_application() -> ApiResource {
+    resource(
+        "sparkoperator.k8s.io",
+        "v1beta2",
+        "SparkApplication",
+        "sparkapplications",
+    )
+}
+
+pub fn pytorch_job() -> ApiResource {
+    resource("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs")
+}
+
+pub fn train_job() -> ApiResource {
+    resource("trainer.kubeflow.org", "v1alpha1", "TrainJob", "trainjobs")
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+pub fn consumer_resource(consumer: &ConsumerRef<'_>) -> ApiResource {
+    match consumer {
+        ConsumerRef::PyTorchJob(_) => pytorch_job(),
+        ConsumerRef::TrainJob(_) => train_job(),
+    }
+}
+
+/// An env entry whose value is read from the link's token Secret.
+pub fn secret_env(name: &str, secret: &str, key: &str) -> Value {
+    json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": false}}})
+}
+
+pub fn plain_env(name: &str, value: &str) -> Value {
+    json!({"name": name, "value": value})
+}
+
+/// `current` with each of `ours` replacing the entry of the same name in place, or appended.
+/// Entries the user wrote keep their order. `None` when nothing would change.
+pub fn merged_env(current: Option<&Value>, ours: &[Value]) -> Option<Vec<Value>> {
+    let mut env: Vec<Value> = current
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let before = env.clone();
+    for var in ours {
+        let name = &var["name"];
+        match env.iter_mut().find(|e| &e["name"] == name) {
+            Some(existing) => *existing = var.clone(),
+            None => env.push(var.clone()),
+        }
+    }
+    (env != before || current.is_none_or(|c| !c.is_array())).then_some(env)
+}
+
+/// What the Spark Operator says about the application (`status.applicationState.state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProducerState {
+    /// Not submitted yet, or no state recorded.
+    NotStarted,
+    Running,
+    Completed,
+    Failed(String),
+}
+
+pub fn producer_state(spark: &Value) -> ProducerState {
+    let state = &spark["status"]["applicationState"];
+    match state["state"].as_str().unwrap_or("") {
+        "COMPLETED" => ProducerState::Completed,
+        "FAILED" | "SUBMISSION_FAILED" => {
+            let what = state["state"].as_str().unwrap_or_default();
+            match state["errorMessage"].as_str().filter(|m| !m.is_empty()) {
+                Some(message) => ProducerState::Failed(format!("{what}: {message}")),
+                None => ProducerState::Failed(what.to_string()),
+            }
+        }
+        "" | "NEW" => ProducerState::NotStarted,
+        // SUBMITTED, RUNNING, PENDING_RERUN, SUCCEEDING, FAILING, INVALIDATING, UNKNOWN: in flight.
+        _ => ProducerState::Running,
+    }
+}
+
+pub fn spark_suspended(spark: &Value) -> bool {
+    spark["spec"]["suspend"].as_bool().unwrap_or(false)
+}
+
+/// The merge patch that puts `ours` into the driver's and the executors' env, and unsuspends the
+/// application when `unsuspend`. `None` when the application already looks like that.
+pub fn spark_patch(spark: &Value, ours: &[Value], unsuspend: bool) -> Option<Value> {
+    let mut spec = Map::new();
+    for role in ["driver", "executor"] {
+        if let Some(env) = merged_env(spark["spec"][role].get("env"), ours) {
+            spec.insert(role.into(), json!({ "env": env }));
+        }
+    }
+    if unsuspend && spark_suspended(spark) {
+        spec.insert("suspend".into(), Value::Bool(false));
+    }
+    (!spec.is_empty()).then(|| with_version(spark, json!({ "spec": spec })))
+}
+
+pub fn consumer_suspended(consumer: &ConsumerRef<'_>, job: &Value) -> bool {
+    let flag = match consumer {
+        ConsumerRef::PyTorchJob(_) => &job["spec"]["runPolicy"]["suspend"],
+        ConsumerRef::TrainJob(_) => &job["spec"]["suspend"],
+    };
+    flag.as_bool().unwrap_or(false)
+}
+
+/// The merge patch that puts `ours` into every container of every PyTorchJob replica template, or
+/// into a TrainJob's `spec.trainer.env`, and unsuspends the job when `unsuspend`. `None` when the
+/// job already looks like that.
+pub fn consumer_patch(
+    consumer: &ConsumerRef<'_>,
+    job: &Value,
+    ours: &[Value],
+    unsuspend: bool,
+) -> Result<Option<Value>, String> {
+    let unsuspend = unsuspend && consumer_suspended(consumer, job);
+    let mut spec = Map::new();
+    match consumer {
+        ConsumerRef::PyTorchJob(_) => {
+            let replicas = job["spec"]["pytorchReplicaSpecs"]
+                .as_object()
+                .filter(|r| !r.is_empty())
+                .ok_or("spec.pytorchReplicaSpecs has no replica types")?;
+            let mut patched = Map::new();
+            for (role, replica) in replicas {
+                let containers = replica["template"]["spec"]["containers"]
+                    .as_array()
+                    .filter(|c| !c.is_empty())
+                    .ok_or_else(|| format!("replica {role} has no containers"))?;
+                let mut changed = false;
+                let containers: Vec<Value> = containers
+                    .iter()
+                    .map(|c| {
+                        let mut c = c.clone();
+                        if let Some(env) = merged_env(c.get("env"), ours) {
+                            c["env"] = Value::Array(env);
+                            changed = true;
+                        }
+                        c
+                    })
+                    .collect();
+                if changed {
+                    patched.insert(
+                        role.clone(),
+                        json!({"template": {"spec": {"containers": containers}}}),
+                    );
+                }
+            }
+            if !patched.is_empty() {
+                spec.insert("pytorchReplicaSpecs".into(), Value::Object(patched));
+            }
+            if unsuspend {
+                spec.insert("runPolicy".into(), json!({"suspend": false}));
+            }
+        }
+        ConsumerRef::TrainJob(_) => {
+            if let Some(env) = merged_env(job["spec"]["trainer"].get("env"), ours) {
+                spec.insert("trainer".into(), json!({ "env": env }));
+            }
+            if unsuspend {
+                spec.insert("suspend".into(), Value::Bool(false));
+            }
+        }
+    }
+    Ok((!spec.is_empty()).then(|| with_version(job, json!({ "spec": spec }))))
+}
+
+fn with_version(object: &Value, mut patch: Value) -> Value {
+    if let Some(version) = object["metadata"]["resourceVersion"].as_str() {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
+    patch
+}
+
+/// How far the training job got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerState {
+    Waiting,
+    Running,
+    Succeeded,
+    Failed(String),
+}
+
+fn condition<'a>(job: &'a Value, kind: &str) -> Option<&'a Value> {
+    job["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind && c["status"] == "True")
+}
+
+pub fn consumer_state(consumer: &ConsumerRef<'_>, job: &Value) -> ConsumerState {
+    let (succeeded, running) = match consumer {
+        ConsumerRef::PyTorchJob(_) => ("Succeeded", condition(job, "Running").is_some()),
+        ConsumerRef::TrainJob(_) => (
+            "Complete",
+            job["status"]["jobsStatus"].as_array().is_some_and(|jobs| {
+                jobs.iter().any(|j| {
+                    j["active"].as_i64().unwrap_or(0) + j["ready"].as_i64().unwrap_or(0) > 0
+                })
+            }),
+        ),
+    };
+    if let Some(failed) = condition(job, "Failed") {
+        let why = failed["message"]
+            .as_str()
+            .or(failed["reason"].as_str())
+            .unwrap_or("Failed");
+        return ConsumerState::Failed(why.to_string());
+    }
+    if condition(job, succeeded).is_some() {
+        return ConsumerState::Succeeded;
+    }
+    if running {
+        ConsumerState::Running
+    } else {
+        ConsumerState::Waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours() -> Vec<Value> {
+        vec![
+            plain_env("HANDOFF_LINK", "features"),
+            secret_env("HANDOFF_TOKEN", "features-handoff-tokens", "writer-token"),
+        ]
+    }
+
+    #[test]
+    fn env_merges_in_place_keeps_the_users_entries_and_is_idempotent() {
+        let current =
+            json!([{"name": "A", "value": "1"}, {"name": "HANDOFF_LINK", "value": "old"}]);
+        let merged = merged_env(Some(&current), &ours()).expect("changes");
+        assert_eq!(merged[0], json!({"name": "A", "value": "1"}));
+        assert_eq!(merged[1], plain_env("HANDOFF_LINK", "features"));
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged_env(Some(&Value::Array(merged)), &ours()), None);
+        assert_eq!(merged_env(None, &ours()).map(|e| e.len()), Some(2));
+    }
+
+    #[test]
+    fn spark_patch_carries_the_version_and_unsuspends_once() {
+        let spark = json!({"metadata": {"resourceVersion": "7"},
+            "spec": {"suspend": true, "driver": {"cores": 1}, "executor": {"env": [{"name": "X", "value": "y"}]}}});
+        let patch = spark_patch(&spark, &ours(), true).expect("a patch");
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        assert_eq!(patch["spec"]["suspend"], false);
+        assert_eq!(patch["spec"]["executor"]["env"][0]["name"], "X");
+        assert!(
+            patch["spec"]["driver"].get("cores").is_none(),
+            "only env is sent"
+        );
+        let mut done = spark.clone();
+        done["spec"]["suspend"] = json!(false);
+        done["spec"]["driver"]["env"] = patch["spec"]["driver"]["env"].clone();
+        done["spec"]["executor"]["env"] = patch["spec"]["executor"]["env"].clone();
+        assert_eq!(spark_patch(&done, &ours(), true), None);
+    }
+
+    #[test]
+    fn consumer_patches_reach_every_replica_container_or_the_trainer() {
+        let job = json!({"metadata": {"resourceVersion": "3"}, "spec": {"runPolicy": {"suspend": true},
+            "pytorchReplicaSpecs": {
+                "Master": {"replicas": 1, "template": {"spec": {"containers": [{"name": "pytorch"}]}}},
+                "Worker": {"replicas": 2, "template": {"spec": {"containers": [{"name": "pytorch"}, {"name": "sidecar", "env": []}]}}}}}});
+        let consumer = ConsumerRef::PyTorchJob("train");
+        let patch = consumer_patch(&consumer, &job, &ours(), false)
+            .expect("ok")
+            .expect("patch");
+        let worker =
+            &patch["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"];
+        assert_eq!(worker[1]["name"], "sidecar");
+        assert_eq!(worker[1]["env"].as_array().map(Vec::len), Some(2));
+        assert!(
+            patch["spec"].get("runPolicy").is_none(),
+            "stays suspended until the gate opens"
+        );
+        let released = consumer_patch(&consumer, &job, &ours(), true)
+            .expect("ok")
+            .expect("patch");
+        assert_eq!(released["spec"]["runPolicy"]["suspend"], false);
+
+        let train = json!({"metadata": {"resourceVersion": "4"}, "spec": {"suspend": true, "runtimeRef": {"name": "torch"}}});
+        let trainer = ConsumerRef::TrainJob("t");
+        let patch = consumer_patch(&trainer, &train, &ours(), true)
+            .expect("ok")
+            .expect("patch");
+        assert_eq!(
+            patch["spec"]["trainer"]["env"].as_array().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(patch["spec"]["suspend"], false);
+        let empty = json!({"spec": {"pytorchReplicaSpecs": {}}});
+        assert!(consumer_patch(&consumer, &empty, &ours(), false).is_err());
+    }
+
+    #[test]
+    fn states_read_from_status() {
+        let spark = |state: &str| json!({"status": {"applicationState": {"state": state, "errorMessage": "driver OOM"}}});
+        assert_eq!(producer_state(&json!({})), ProducerState::NotStarted);
+        assert_eq!(producer_state(&spark("RUNNING")), ProducerState::Running);
+        assert_eq!(
+            producer_state(&spark("COMPLETED")),
+            ProducerState::Completed
+        );
+        assert_eq!(
+            producer_state(&spark("SUBMISSION_FAILED")),
+            ProducerState::Failed("SUBMISSION_FAILED: driver OOM".into())
+        );
+        let pt = ConsumerRef::PyTorchJob("p");
+        let job = |kind: &str| json!({"status": {"conditions": [{"type": "Created", "status": "True"}, {"type": kind, "status": "True", "message": "m"}]}});
+        assert_eq!(consumer_state(&pt, &job("Running")), ConsumerState::Running);
+        assert_eq!(
+            consumer_state(&pt, &job("Succeeded")),
+            ConsumerState::Succeeded
+        );
+        assert_eq!(
+            consumer_state(&pt, &job("Failed")),
+            ConsumerState::Failed("m".into())
+        );
+        let tj = ConsumerRef::TrainJob("t");
+        assert_eq!(
+            consumer_state(&tj, &job("Complete")),
+            ConsumerState::Succeeded
+        );
+        let active = json!({"status": {"jobsStatus": [{"name": "node", "active": 2}]}});
+        assert_eq!(consumer_state(&tj, &active), ConsumerState::Running);
+    }
+}
