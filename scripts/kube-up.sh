@@ -4,6 +4,8 @@
 #
 #   scripts/kube-up.sh DIR          start; last stdout line is KUBECONFIG=DIR/kubeconfig
 #   scripts/kube-up.sh --down DIR   stop the processes listed in DIR/pids (apiserver, then etcd)
+#   scripts/kube-up.sh --restart-apiserver DIR
+#                                   stop and start only the apiserver, same port, same etcd data
 #
 # Ports are picked free on 127.0.0.1 each start, so parallel runs with different DIRs don't
 # collide. Everything lives in DIR: etcd data (DIR/etcd, wiped on every start, so each start is
@@ -17,7 +19,7 @@ set -euo pipefail
 
 log() { echo "kube-up.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
-usage() { die "usage: $0 DIR | $0 --down DIR"; }
+usage() { die "usage: $0 DIR | $0 --down DIR | $0 --restart-apiserver DIR"; }
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
@@ -76,7 +78,84 @@ EOF
   fi
 }
 
+# Starts kube-apiserver on $API_PORT against etcd on $ETCD_PORT and waits until it is ready;
+# sets apiserver_pid.
+start_apiserver() {
+log "starting kube-apiserver on https://127.0.0.1:$API_PORT, log $DIR/kube-apiserver.log"
+setsid nohup "$KUBE_APISERVER" \
+  --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+  --bind-address=127.0.0.1 \
+  --advertise-address=127.0.0.1 \
+  --secure-port="$API_PORT" \
+  --insecure-port=0 \
+  --tls-cert-file="$DIR/server.crt" \
+  --tls-private-key-file="$DIR/server.key" \
+  --client-ca-file="$DIR/ca.crt" \
+  --token-auth-file="$DIR/tokens.csv" \
+  --authorization-mode=RBAC \
+  --service-account-key-file="$DIR/sa.pub" \
+  --service-account-signing-key-file="$DIR/sa.key" \
+  --service-account-issuer=https://kubernetes.default.svc \
+  --api-audiences=https://kubernetes.default.svc \
+  --service-cluster-ip-range=10.0.0.0/24 \
+  --endpoint-reconciler-type=none \
+  --allow-privileged=true \
+  --profiling=false \
+  </dev/null >>"$DIR/kube-apiserver.log" 2>&1 &
+apiserver_pid=$!
+started_pids=("$apiserver_pid" ${etcd_pid:+"$etcd_pid"})
+
+start=$(date +%s%N)
+ready=0
+for _ in $(seq 1 600); do
+  if ! alive "$apiserver_pid"; then
+    log "kube-apiserver exited; last log lines:"
+    tail -n 30 "$DIR/kube-apiserver.log" >&2 || true
+    exit 1
+  fi
+  if [ "$(curl -sS --max-time 2 --cacert "$DIR/ca.crt" -H "Authorization: Bearer $TOKEN" \
+        "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]; then
+    ready=1
+    break
+  fi
+  sleep 0.1
+done
+if [ "$ready" != 1 ]; then
+  log "kube-apiserver not ready after 60 s; last log lines:"
+  tail -n 30 "$DIR/kube-apiserver.log" >&2 || true
+  exit 1
+fi
+log "kube-apiserver ready in $(( ($(date +%s%N) - start) / 1000000 )) ms"
+}
+
+# Restart only the API server of a running DIR, on the same port and etcd: the cluster's state
+# survives, as it does when a real control plane restarts.
+restart_apiserver() {
+  DIR=$(cd "$1" && pwd)
+  # shellcheck disable=SC1091
+  . "$DIR/env"
+  API_PORT=$KUBE_API_PORT
+  ETCD_PORT=${ETCD_ENDPOINT##*:}
+  TOKEN=$(cat "$DIR/token")
+  KUBE_APISERVER="$HOME/.cache/handoff-tools/kube-apiserver/bin/kube-apiserver"
+  local old_pid="" etcd_pid="" key val
+  while IFS='=' read -r key val; do
+    case "$key" in
+      kube-apiserver) old_pid=$val ;;
+      etcd) etcd_pid=$val ;;
+    esac
+  done <"$DIR/pids"
+  stop_pid "$old_pid" kube-apiserver
+  start_apiserver
+  printf 'kube-apiserver=%s\netcd=%s\n' "$apiserver_pid" "$etcd_pid" >"$DIR/pids"
+}
+
 [ $# -ge 1 ] || usage
+if [ "$1" = --restart-apiserver ]; then
+  [ $# -eq 2 ] || usage
+  restart_apiserver "$2"
+  exit 0
+fi
 if [ "$1" = --down ]; then
   [ $# -eq 2 ] || usage
   down "$2"
@@ -175,51 +254,7 @@ done
 trap cleanup_on_failure EXIT
 
 # --- kube-apiserver ---
-log "starting kube-apiserver on https://127.0.0.1:$API_PORT, log $DIR/kube-apiserver.log"
-setsid nohup "$KUBE_APISERVER" \
-  --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-  --bind-address=127.0.0.1 \
-  --advertise-address=127.0.0.1 \
-  --secure-port="$API_PORT" \
-  --insecure-port=0 \
-  --tls-cert-file="$DIR/server.crt" \
-  --tls-private-key-file="$DIR/server.key" \
-  --client-ca-file="$DIR/ca.crt" \
-  --token-auth-file="$DIR/tokens.csv" \
-  --authorization-mode=RBAC \
-  --service-account-key-file="$DIR/sa.pub" \
-  --service-account-signing-key-file="$DIR/sa.key" \
-  --service-account-issuer=https://kubernetes.default.svc \
-  --api-audiences=https://kubernetes.default.svc \
-  --service-cluster-ip-range=10.0.0.0/24 \
-  --endpoint-reconciler-type=none \
-  --allow-privileged=true \
-  --profiling=false \
-  </dev/null >"$DIR/kube-apiserver.log" 2>&1 &
-apiserver_pid=$!
-started_pids=("$apiserver_pid" "$etcd_pid")
-
-start=$(date +%s%N)
-ready=0
-for _ in $(seq 1 600); do
-  if ! alive "$apiserver_pid"; then
-    log "kube-apiserver exited; last log lines:"
-    tail -n 30 "$DIR/kube-apiserver.log" >&2 || true
-    exit 1
-  fi
-  if [ "$(curl -sS --max-time 2 --cacert "$DIR/ca.crt" -H "Authorization: Bearer $TOKEN" \
-        "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]; then
-    ready=1
-    break
-  fi
-  sleep 0.1
-done
-if [ "$ready" != 1 ]; then
-  log "kube-apiserver not ready after 60 s; last log lines:"
-  tail -n 30 "$DIR/kube-apiserver.log" >&2 || true
-  exit 1
-fi
-log "kube-apiserver ready in $(( ($(date +%s%N) - start) / 1000000 )) ms"
+start_apiserver
 
 CA_DATA=$(base64 -w0 <"$DIR/ca.crt")
 cat >"$DIR/kubeconfig.tmp" <<EOF

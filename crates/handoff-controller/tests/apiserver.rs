@@ -1,96 +1,12 @@
 //! The DataLink CRD against a real kube-apiserver and etcd (started by `scripts/kube-up.sh`, which
 //! builds the API server once), or against any cluster named by `HANDOFF_TEST_KUBECONFIG`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+mod common;
+
+use common::{Cluster, fixture, install_crd, install_upstream_crds, repo};
 
 use handoff_controller::{DataLink, DataLinkStatus, Phase, resources};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Client, Config, CustomResourceExt};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A real API server for one test binary; stopped on drop unless it came from the environment.
-struct Cluster {
-    client: Client,
-    dir: Option<tempfile::TempDir>,
-}
-
-impl Cluster {
-    async fn start() -> Self {
-        let (kubeconfig, dir) = match std::env::var_os("HANDOFF_TEST_KUBECONFIG") {
-            Some(path) => (PathBuf::from(path), None),
-            None => {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let out = Command::new("bash")
-                    .arg(repo().join("scripts/kube-up.sh"))
-                    .arg(dir.path())
-                    .output()
-                    .expect("run scripts/kube-up.sh");
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                assert!(
-                    out.status.success(),
-                    "scripts/kube-up.sh failed:\n{stdout}\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let path = stdout
-                    .lines()
-                    .rev()
-                    .find_map(|l| l.strip_prefix("KUBECONFIG="))
-                    .expect("kube-up.sh prints KUBECONFIG=<path>");
-                (PathBuf::from(path), Some(dir))
-            }
-        };
-        let client = client_for(&kubeconfig).await;
-        Self { client, dir }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.dir {
-            let _ = Command::new("bash")
-                .arg(repo().join("scripts/kube-up.sh"))
-                .arg("--down")
-                .arg(dir.path())
-                .status();
-        }
-    }
-}
-
-async fn client_for(kubeconfig: &Path) -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(config).expect("client")
-}
-
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = DataLink::crd();
-    let name = crd.metadata.name.clone().expect("crd name");
-    crds.patch(
-        &name,
-        &PatchParams::apply("handoff-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply the CRD");
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .expect("established in time")
-    .expect("watch");
-}
 
 #[tokio::test]
 async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
@@ -238,65 +154,10 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
     }
 }
 
-/// Adjust an upstream CRD so that the 1.20 test server accepts it. Each change names its reason;
-/// none of them touches what the controller reads or patches.
-fn for_api_server_1_20(node: &mut serde_json::Value) {
-    if let serde_json::Value::Object(map) = node {
-        // CEL validation rules arrived in 1.23.
-        map.remove("x-kubernetes-validations");
-        // 1.20 reads an empty-string default as null and refuses it.
-        if map.get("default") == Some(&serde_json::Value::String(String::new())) {
-            map.remove("default");
-        }
-        // Without those defaults, 1.20 refuses list-map keys that may be absent.
-        if map.get("x-kubernetes-list-type") == Some(&serde_json::Value::from("map")) {
-            map.insert("x-kubernetes-list-type".into(), "atomic".into());
-            map.remove("x-kubernetes-list-map-keys");
-        }
-        for value in map.values_mut() {
-            for_api_server_1_20(value);
-        }
-    } else if let serde_json::Value::Array(items) = node {
-        items.iter_mut().for_each(for_api_server_1_20);
-    }
-}
-
-fn fixture(name: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/upstream")
-        .join(name);
-    let text = std::fs::read_to_string(&path).expect("read fixture");
-    serde_yaml::from_str(&text).expect("yaml")
-}
-
 #[tokio::test]
 async fn the_upstream_producer_and_consumer_crds_install_and_their_examples_suspend() {
     let cluster = Cluster::start().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
-    for file in [
-        "sparkoperator.k8s.io_sparkapplications.yaml",
-        "kubeflow.org_pytorchjobs.yaml",
-        "trainer.kubeflow.org_trainjobs.yaml",
-    ] {
-        let mut crd = fixture(file);
-        for_api_server_1_20(&mut crd);
-        let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
-        let name = crd.metadata.name.clone().expect("name");
-        crds.patch(
-            &name,
-            &PatchParams::apply("handoff-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{file} installs: {e}"));
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("established in time")
-        .expect("watch");
-    }
+    install_upstream_crds(&cluster).await;
 
     // The upstream examples, created suspended in one namespace, as a DataLink expects them.
     for (file, group, version, kind, plural, suspend) in [

@@ -1,0 +1,1032 @@
+//! The DataLink controller end to end, against a real kube-apiserver and etcd (or any cluster in
+//! `HANDOFF_TEST_KUBECONFIG`) and a real `handoff serve`.
+//!
+//! The controller runs in-process with the ClusterRole from `deploy/base/rbac.yaml`, by
+//! impersonating its service account, so every call it makes is checked by real RBAC. Every write
+//! it issues is recorded at the HTTP layer.
+//!
+//! No pods run here (no controller-manager, scheduler or kubelet), so the test plays the other
+//! parts as they would: it starts the link's server with the tokens from the Secret the
+//! controller wrote, marks the Deployment available, writes real batches with the token the
+//! SparkApplication was given, and moves the Spark and training jobs through their states.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arrow_array::{Float32Array, Int64Array, RecordBatch};
+use arrow_schema::{DataType, Field, Schema};
+use common::{Cluster, fixture, install_crd, install_upstream_crds, repo};
+use handoff_client::HandoffClient;
+use handoff_controller::{ControllerConfig, DataLink, Metrics, Phase, resources};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:handoff-system:handoff-controller";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Apply deploy/base's namespace and RBAC, as `kubectl apply -k deploy/base` would.
+async fn install_rbac(client: &Client) {
+    let params = PatchParams::apply("handoff-test").force();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let text = std::fs::read_to_string(repo().join("deploy/base/namespace.yaml")).expect("read");
+    let namespace: Namespace = serde_yaml::from_str(&text).expect("namespace");
+    namespaces
+        .patch(&namespace.name_any(), &params, &Patch::Apply(&namespace))
+        .await
+        .expect("namespace");
+    let text = std::fs::read_to_string(repo().join("deploy/base/rbac.yaml")).expect("read");
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: Value = serde::Deserialize::deserialize(document).expect("yaml");
+        match value["kind"].as_str() {
+            Some("ServiceAccount") => {
+                let sa: ServiceAccount = serde_json::from_value(value).expect("sa");
+                let api: Api<ServiceAccount> = Api::namespaced(client.clone(), "handoff-system");
+                api.patch(&sa.name_any(), &params, &Patch::Apply(&sa))
+                    .await
+                    .expect("service account");
+            }
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_json::from_value(value).expect("role");
+                Api::<ClusterRole>::all(client.clone())
+                    .patch(&role.name_any(), &params, &Patch::Apply(&role))
+                    .await
+                    .expect("cluster role");
+            }
+            Some("ClusterRoleBinding") => {
+                let binding: ClusterRoleBinding = serde_json::from_value(value).expect("binding");
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .patch(&binding.name_any(), &params, &Patch::Apply(&binding))
+                    .await
+                    .expect("binding");
+            }
+            other => panic!("unexpected kind {other:?} in deploy/base/rbac.yaml"),
+        }
+    }
+}
+
+/// Records every request that is not a read.
+#[derive(Clone)]
+struct RecordWrites<S> {
+    inner: S,
+    writes: Arc<Mutex<Vec<String>>>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for RecordWrites<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.method() != http::Method::GET {
+            let line = format!("{} {}", request.method(), request.uri().path());
+            self.writes.lock().expect("lock").push(line);
+        }
+        self.inner.call(request)
+    }
+}
+
+/// A controller instance watching one namespace.
+struct RunningController {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), handoff_controller::Error>>,
+    metrics: Arc<Metrics>,
+    writes: Arc<Mutex<Vec<String>>>,
+}
+
+impl RunningController {
+    async fn start(cluster: &Cluster, namespace: &str, endpoint: &str) -> Self {
+        let groups = vec![
+            "system:serviceaccounts".to_string(),
+            "system:serviceaccounts:handoff-system".to_string(),
+            "system:authenticated".to_string(),
+        ];
+        let config = common::config_for(&cluster.kubeconfig, Some((SERVICE_ACCOUNT, groups))).await;
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let recorder = writes.clone();
+        let client = kube::client::ClientBuilder::try_from(config)
+            .expect("client builder")
+            .with_layer(&tower::layer::layer_fn(move |inner| RecordWrites {
+                inner,
+                writes: recorder.clone(),
+            }))
+            .build();
+        let metrics = Arc::new(Metrics::default());
+        let config = ControllerConfig {
+            namespace: Some(namespace.into()),
+            server_image: "handoff:test".into(),
+            endpoint_override: Some(endpoint.into()),
+            poll_interval: Duration::from_millis(500),
+            instance: Some(format!("test-{namespace}")),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(handoff_controller::run(
+            client,
+            config,
+            Arc::clone(&metrics),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            stop,
+            task,
+            metrics,
+            writes,
+        }
+    }
+
+    fn writes(&self) -> Vec<String> {
+        self.writes.lock().expect("lock").clone()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("controller task")
+            .expect("controller ran");
+    }
+}
+
+/// The link's `handoff serve`, as its pod would run it.
+struct LinkServer {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn batch(start: i64, rows: usize) -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("x", DataType::Float32, false),
+    ]));
+    let ids: Vec<i64> = (start..start + rows as i64).collect();
+    let xs: Vec<f32> = ids.iter().map(|i| *i as f32 / 2.0).collect();
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(Float32Array::from(xs)),
+        ],
+    )
+    .expect("batch")
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Consumer {
+    PyTorchJob,
+    TrainJob,
+}
+
+/// One namespace with a SparkApplication, a training job, a DataLink, its server and a controller.
+struct Scenario<'a> {
+    cluster: &'a Cluster,
+    namespace: String,
+    consumer: Consumer,
+    endpoint: String,
+    listener: Option<tokio::net::TcpListener>,
+    server: Option<LinkServer>,
+    controller: Option<RunningController>,
+    /// Kept from the Secret: cleanup deletes it.
+    tokens: Option<resources::Tokens>,
+}
+
+fn spark_resource() -> ApiResource {
+    handoff_controller::workloads::spark_application()
+}
+
+impl<'a> Scenario<'a> {
+    async fn new(cluster: &'a Cluster, namespace: &str, consumer: Consumer, link: Value) -> Self {
+        let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("ns");
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("grpc://{}", listener.local_addr().expect("addr"));
+        let scenario = Self {
+            cluster,
+            namespace: namespace.into(),
+            consumer,
+            endpoint,
+            listener: Some(listener),
+            server: None,
+            controller: None,
+            tokens: None,
+        };
+        scenario.create_jobs().await;
+        let mut link: DataLink = serde_json::from_value(json!({
+            "apiVersion": "handoff.kubeflow.org/v1alpha1", "kind": "DataLink",
+            "metadata": {"name": "features", "namespace": namespace},
+            "spec": link,
+        }))
+        .expect("a DataLink");
+        link.spec.producer.spark_application = "producer".into();
+        scenario
+            .links()
+            .create(&PostParams::default(), &link)
+            .await
+            .expect("create the DataLink");
+        scenario
+    }
+
+    fn links(&self) -> Api<DataLink> {
+        Api::namespaced(self.cluster.client.clone(), &self.namespace)
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+    {
+        Api::namespaced(self.cluster.client.clone(), &self.namespace)
+    }
+
+    fn dynamic(&self, resource: &ApiResource) -> Api<DynamicObject> {
+        Api::namespaced_with(self.cluster.client.clone(), &self.namespace, resource)
+    }
+
+    fn consumer_resource(&self) -> ApiResource {
+        match self.consumer {
+            Consumer::PyTorchJob => handoff_controller::workloads::pytorch_job(),
+            Consumer::TrainJob => handoff_controller::workloads::train_job(),
+        }
+    }
+
+    /// The upstream examples, renamed into this namespace and created suspended, with one env
+    /// entry of the user's own that wiring must keep.
+    async fn create_jobs(&self) {
+        let mut spark = fixture("examples/spark-pi.yaml");
+        spark["metadata"] = json!({"name": "producer", "namespace": self.namespace});
+        spark["spec"]["suspend"] = json!(true);
+        spark["spec"]["driver"]["env"] = json!([{"name": "USER_SETTING", "value": "kept"}]);
+        let spark: DynamicObject = serde_json::from_value(spark).expect("spark");
+        self.dynamic(&spark_resource())
+            .create(&PostParams::default(), &spark)
+            .await
+            .expect("create the SparkApplication");
+        let mut job = match self.consumer {
+            Consumer::PyTorchJob => {
+                let mut job = fixture("examples/pytorchjob-simple.yaml");
+                job["spec"]["runPolicy"]["suspend"] = json!(true);
+                job
+            }
+            Consumer::TrainJob => {
+                let mut job = fixture("examples/trainjob-01-multi-node.yaml");
+                job["spec"]["suspend"] = json!(true);
+                job
+            }
+        };
+        job["metadata"] = json!({"name": "trainer", "namespace": self.namespace});
+        let job: DynamicObject = serde_json::from_value(job).expect("job");
+        self.dynamic(&self.consumer_resource())
+            .create(&PostParams::default(), &job)
+            .await
+            .expect("create the training job");
+    }
+
+    async fn start_controller(&mut self) {
+        let controller =
+            RunningController::start(self.cluster, &self.namespace, &self.endpoint).await;
+        self.controller = Some(controller);
+    }
+
+    async fn stop_controller(&mut self) {
+        if let Some(controller) = self.controller.take() {
+            controller.stop().await;
+        }
+    }
+
+    fn controller(&self) -> &RunningController {
+        self.controller.as_ref().expect("controller running")
+    }
+
+    async fn tokens(&self) -> resources::Tokens {
+        let secrets: Api<Secret> = self.api();
+        let secret = eventually("the tokens Secret", || async {
+            secrets
+                .get_opt("features-handoff-tokens")
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+        resources::Tokens::from_secret(&secret).expect("three tokens")
+    }
+
+    /// Be the kubelet and the deployment controller: run the server the Deployment describes,
+    /// with its Secret's tokens, and report the Deployment available.
+    async fn run_server(&mut self) {
+        let tokens = self.tokens().await;
+        self.tokens = Some(tokens.clone());
+        let deployments: Api<Deployment> = self.api();
+        let deployment = eventually("the server Deployment", || async {
+            deployments.get_opt("features-handoff").await.ok().flatten()
+        })
+        .await;
+        let pod = deployment.spec.expect("spec").template.spec.expect("pod");
+        let env = pod.containers[0].env.clone().expect("env");
+        for (var, key) in [
+            ("HANDOFF_TOKEN", resources::ADMIN_TOKEN_KEY),
+            ("HANDOFF_WRITER_TOKEN", resources::WRITER_TOKEN_KEY),
+            ("HANDOFF_READER_TOKEN", resources::READER_TOKEN_KEY),
+        ] {
+            let from = env.iter().find(|e| e.name == var).expect("token env");
+            let key_ref = from
+                .value_from
+                .as_ref()
+                .and_then(|v| v.secret_key_ref.as_ref());
+            assert_eq!(key_ref.map(|k| k.key.as_str()), Some(key), "{var}");
+        }
+        let listener = self.listener.take().expect("listener");
+        let config = handoff_server::ServerConfig {
+            auth: handoff_server::AuthConfig {
+                disabled: false,
+                admin_tokens: vec![tokens.admin.clone()],
+                writer_tokens: vec![tokens.writer.clone()],
+                reader_tokens: vec![tokens.reader.clone()],
+            },
+            ..Default::default()
+        };
+        let store = handoff_store::Store::new(handoff_store::StoreConfig::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            handoff_server::serve(store, config, listener, None, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server ran");
+        });
+        self.server = Some(LinkServer { stop, task });
+        let status = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+            "updatedReplicas": 1, "observedGeneration": 1,
+            "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
+                "message": "test", "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        deployments
+            .patch_status(
+                "features-handoff",
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+            .expect("mark the Deployment available");
+    }
+
+    async fn stop_server(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.stop.send(());
+            server.task.await.expect("server task");
+        }
+    }
+
+    async fn wait_phase(&self, phase: Phase) -> DataLink {
+        let links = self.links();
+        eventually(
+            &format!("phase {phase:?} in {}", self.namespace),
+            || async {
+                let link = links.get("features").await.ok()?;
+                (link.status.as_ref()?.phase == phase).then_some(link)
+            },
+        )
+        .await
+    }
+
+    async fn spark(&self) -> Value {
+        let spark = self
+            .dynamic(&spark_resource())
+            .get("producer")
+            .await
+            .expect("get the SparkApplication");
+        serde_json::to_value(spark).expect("json")
+    }
+
+    async fn job(&self) -> Value {
+        let job = self
+            .dynamic(&self.consumer_resource())
+            .get("trainer")
+            .await
+            .expect("get the training job");
+        serde_json::to_value(job).expect("json")
+    }
+
+    async fn consumer_suspended(&self) -> bool {
+        let job = self.job().await;
+        let flag = match self.consumer {
+            Consumer::PyTorchJob => &job["spec"]["runPolicy"]["suspend"],
+            Consumer::TrainJob => &job["spec"]["suspend"],
+        };
+        flag.as_bool().unwrap_or(false)
+    }
+
+    async fn wait_producer_wired(&self) -> Value {
+        let scenario = self;
+        eventually("the SparkApplication to be unsuspended", || async move {
+            let spark = scenario.spark().await;
+            (spark["spec"]["suspend"] == json!(false)).then_some(spark)
+        })
+        .await
+    }
+
+    async fn spark_state(&self, state: &str) {
+        let mut application_state = json!({ "state": state });
+        if state == "FAILED" {
+            application_state["errorMessage"] = json!("driver exited with code 1");
+        }
+        // driverInfo is required by the schema; the operator always writes it.
+        let status = json!({"status": {"applicationState": application_state, "driverInfo": {}}});
+        self.dynamic(&spark_resource())
+            .patch_status("producer", &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("set the SparkApplication state");
+    }
+
+    async fn consumer_condition(&self, kind: &str) {
+        let condition = json!({"type": kind, "status": "True", "reason": kind, "message": format!("test says {kind}"),
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "lastUpdateTime": "2026-01-01T00:00:00Z"});
+        let status = match self.consumer {
+            Consumer::PyTorchJob => {
+                json!({"status": {"conditions": [condition], "replicaStatuses": {}}})
+            }
+            Consumer::TrainJob if kind == "Running" => {
+                json!({"status": {"jobsStatus": [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}]}})
+            }
+            Consumer::TrainJob => json!({"status": {"conditions": [condition]}}),
+        };
+        self.dynamic(&self.consumer_resource())
+            .patch_status("trainer", &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .expect("set the training job's status");
+    }
+
+    /// Write as the Spark job would: with the endpoint, link and token it was given.
+    async fn write(&self, spark: &Value, rows: usize, seal: bool) {
+        let env = spark["spec"]["executor"]["env"]
+            .as_array()
+            .expect("executor env");
+        let find = |name: &str| {
+            env.iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} in {env:?}"))
+        };
+        assert_eq!(find("HANDOFF_LINK")["value"], "features");
+        assert_eq!(
+            find("HANDOFF_ENDPOINT")["value"],
+            format!("grpc://features-handoff.{}.svc:8815", self.namespace)
+        );
+        let key = &find("HANDOFF_TOKEN")["valueFrom"]["secretKeyRef"];
+        assert_eq!(key["name"], "features-handoff-tokens");
+        let secret: Secret = self
+            .api()
+            .get("features-handoff-tokens")
+            .await
+            .expect("secret");
+        let token = String::from_utf8(
+            secret.data.expect("data")[key["key"].as_str().expect("key")]
+                .0
+                .clone(),
+        )
+        .expect("utf8");
+        // The Service's address resolves only in a cluster; the test server stands in for it.
+        let mut client = HandoffClient::connect(&self.endpoint, Some(token))
+            .await
+            .expect("connect");
+        for part in 0..2 {
+            let start = (part * rows / 2) as i64;
+            let batches = futures::stream::iter(vec![Ok(batch(start, rows / 2))]);
+            client
+                .put("features", batches)
+                .await
+                .expect("put as the producer");
+        }
+        if seal {
+            client.seal("features").await.expect("seal as the producer");
+        }
+    }
+
+    async fn admin(&self) -> HandoffClient {
+        let token = self.tokens.as_ref().expect("server started").admin.clone();
+        HandoffClient::connect(&self.endpoint, Some(token))
+            .await
+            .expect("connect")
+    }
+
+    async fn event_reasons(&self) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = self.api();
+        let list = events.list(&ListParams::default()).await.expect("events");
+        list.items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("features"))
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    async fn server_objects_gone(&self) {
+        let deployments: Api<Deployment> = self.api();
+        let services: Api<Service> = self.api();
+        let secrets: Api<Secret> = self.api();
+        let policies: Api<NetworkPolicy> = self.api();
+        eventually("the server's objects to be deleted", || async {
+            let gone = deployments
+                .get_opt("features-handoff")
+                .await
+                .ok()?
+                .is_none()
+                && services.get_opt("features-handoff").await.ok()?.is_none()
+                && policies.get_opt("features-handoff").await.ok()?.is_none()
+                && secrets
+                    .get_opt("features-handoff-tokens")
+                    .await
+                    .ok()?
+                    .is_none();
+            gone.then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(mut self) {
+        self.stop_controller().await;
+        self.stop_server().await;
+    }
+}
+
+/// Sealed gate, PyTorchJob: provision, wire, seal, release, finish, TTL cleanup, then delete.
+async fn happy_path_pytorchjob(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "happy-pytorch",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "policy": {"ttlSecondsAfterFinished": 2}, "read": {"batchRows": 512, "shuffle": true, "seed": 7}}),
+    )
+    .await;
+    s.start_controller().await;
+    let link = s.wait_phase(Phase::Provisioning).await;
+    assert_eq!(
+        link.metadata.finalizers,
+        Some(vec![handoff_controller::FINALIZER.to_string()])
+    );
+    assert_eq!(
+        s.spark().await["spec"]["suspend"],
+        json!(true),
+        "not wired before the server is up"
+    );
+    s.run_server().await;
+
+    let spark = s.wait_producer_wired().await;
+    let driver_env = spark["spec"]["driver"]["env"]
+        .as_array()
+        .expect("driver env");
+    assert_eq!(
+        driver_env[0],
+        json!({"name": "USER_SETTING", "value": "kept"}),
+        "the user's env stays first"
+    );
+    assert!(s.consumer_suspended().await, "sealed gate: training waits");
+    s.wait_phase(Phase::Receiving).await;
+
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 1000, true).await;
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    let status = link.status.expect("status");
+    assert_eq!(status.rows, Some(1000));
+    assert_eq!(status.partitions, Some(2));
+    assert!(status.bytes.unwrap_or(0) > 0);
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some("grpc://features-handoff.happy-pytorch.svc:8815")
+    );
+
+    assert!(!s.consumer_suspended().await, "released after the seal");
+    let job = s.job().await;
+    for role in ["Master", "Worker"] {
+        let env =
+            &job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"][0]["env"];
+        let names: Vec<&str> = env
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "HANDOFF_ENDPOINT",
+                "HANDOFF_LINK",
+                "HANDOFF_TOKEN",
+                "HANDOFF_BATCH_ROWS",
+                "HANDOFF_SHUFFLE",
+                "HANDOFF_SEED"
+            ],
+            "{role}"
+        );
+        assert_eq!(
+            env[2]["valueFrom"]["secretKeyRef"]["key"], "reader-token",
+            "{role}"
+        );
+    }
+
+    s.consumer_condition("Running").await;
+    s.wait_phase(Phase::Consuming).await;
+    s.consumer_condition("Succeeded").await;
+    let link = s.wait_phase(Phase::Finished).await;
+    assert_eq!(
+        link.status.as_ref().and_then(|s| s.reason.as_deref()),
+        Some("ConsumerSucceeded")
+    );
+    // ttlSecondsAfterFinished: the server and its data go; the DataLink stays to be read.
+    s.server_objects_gone().await;
+    let mut admin = s.admin().await;
+    let err = admin
+        .stats("features")
+        .await
+        .expect_err("the link was deleted on the server");
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+    let reasons = s.event_reasons().await;
+    for reason in [
+        "Provisioning",
+        "Receiving",
+        "Sealed",
+        "Consuming",
+        "ConsumerSucceeded",
+        "ServerDeleted",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "event {reason} in {reasons:?}"
+        );
+    }
+
+    // Deletion goes through the finalizer and leaves the user's jobs.
+    s.links()
+        .delete("features", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let links = s.links();
+    eventually("the DataLink to be gone", || async {
+        links
+            .get_opt("features")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    s.spark().await;
+    s.job().await;
+    s.finish().await;
+}
+
+/// TrainJob consumer: env in spec.trainer.env, released on the seal, Finished on Complete; then
+/// deleting the DataLink removes the server but not the TrainJob.
+async fn happy_path_trainjob(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "happy-trainjob",
+        Consumer::TrainJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"trainJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 600, true).await;
+    assert!(s.consumer_suspended().await);
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    assert_eq!(link.status.and_then(|s| s.rows), Some(600));
+    assert!(!s.consumer_suspended().await);
+    let env = s.job().await["spec"]["trainer"]["env"].clone();
+    let names: Vec<&str> = env
+        .as_array()
+        .expect("trainer env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names, ["HANDOFF_ENDPOINT", "HANDOFF_LINK", "HANDOFF_TOKEN"]);
+    s.consumer_condition("Running").await;
+    s.wait_phase(Phase::Consuming).await;
+    s.consumer_condition("Complete").await;
+    s.wait_phase(Phase::Finished).await;
+    // No TTL: the server stays until the DataLink goes.
+    let deployments: Api<Deployment> = s.api();
+    assert!(
+        deployments
+            .get_opt("features-handoff")
+            .await
+            .expect("get")
+            .is_some()
+    );
+    s.links()
+        .delete("features", &DeleteParams::default())
+        .await
+        .expect("delete");
+    s.server_objects_gone().await;
+    s.job().await;
+    s.finish().await;
+}
+
+/// FAILED: phase Failed with the reason, the consumer stays suspended, a Warning event.
+async fn producer_failure(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "producer-failure",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 100, false).await;
+    s.spark_state("FAILED").await;
+    let link = s.wait_phase(Phase::Failed).await;
+    let status = link.status.expect("status");
+    assert_eq!(status.reason.as_deref(), Some("ProducerFailed"));
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ProducerWired")
+        .expect("condition");
+    assert!(
+        condition.message.contains("driver exited with code 1"),
+        "{}",
+        condition.message
+    );
+    assert!(s.consumer_suspended().await, "the consumer stays suspended");
+    let events: Api<k8s_openapi::api::events::v1::Event> = s.api();
+    let warned = eventually("a Warning event", || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items.into_iter().find(|e| {
+            e.type_.as_deref() == Some("Warning") && e.reason.as_deref() == Some("ProducerFailed")
+        })
+    })
+    .await;
+    assert!(
+        warned
+            .note
+            .unwrap_or_default()
+            .contains("consumer stays suspended")
+    );
+    // KeepConsumerSuspended keeps what was written, for inspection.
+    let stats = s
+        .admin()
+        .await
+        .stats("features")
+        .await
+        .expect("still served");
+    assert_eq!(stats.rows, 100);
+    s.finish().await;
+}
+
+/// gate: streaming: the consumer is released as soon as the producer is wired.
+async fn streaming_gate(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "streaming",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "policy": {"gate": "streaming"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    let scenario = &s;
+    eventually("the consumer released before the seal", || async move {
+        (!scenario.consumer_suspended().await).then_some(())
+    })
+    .await;
+    let link = s.wait_phase(Phase::Receiving).await;
+    let released = link
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "ConsumerReleased")
+        .expect("condition");
+    assert_eq!(
+        (released.status.as_str(), released.reason.as_str()),
+        ("True", "Streaming")
+    );
+    s.write(&spark, 200, false).await;
+    let links = s.links();
+    eventually("rows reported while receiving", || async {
+        (links.get("features").await.ok()?.status?.rows == Some(200)).then_some(())
+    })
+    .await;
+    s.admin().await.seal("features").await.expect("seal");
+    s.spark_state("COMPLETED").await;
+    s.wait_phase(Phase::Sealed).await;
+    s.finish().await;
+}
+
+/// Deleting the DataLink while data flows: the finalizer removes the server, its Secret and the
+/// link's data; the user's jobs stay.
+async fn deletion_midway(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "deletion",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 300, false).await;
+    s.wait_phase(Phase::Receiving).await;
+    s.links()
+        .delete("features", &DeleteParams::default())
+        .await
+        .expect("delete");
+    s.server_objects_gone().await;
+    let links = s.links();
+    eventually("the DataLink to be gone", || async {
+        links
+            .get_opt("features")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let err = s
+        .admin()
+        .await
+        .stats("features")
+        .await
+        .expect_err("deleted on the server");
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+    assert_eq!(s.spark().await["metadata"]["name"], "producer");
+    assert!(
+        s.consumer_suspended().await,
+        "the consumer was never released"
+    );
+    s.finish().await;
+}
+
+/// A reconcile with nothing to do writes nothing: not after an unrelated change to the DataLink,
+/// and not from a freshly started controller. A controller restarted while the producer
+/// completed converges.
+async fn idempotent_and_restartable(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "idempotent",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.wait_phase(Phase::Receiving).await;
+
+    // Restart while the producer finishes.
+    s.stop_controller().await;
+    s.write(&spark, 400, true).await;
+    s.spark_state("COMPLETED").await;
+    s.start_controller().await;
+    s.wait_phase(Phase::Sealed).await;
+    s.consumer_condition("Running").await;
+    s.wait_phase(Phase::Consuming).await;
+
+    // Settled: now count.
+    let controller = s.controller();
+    let settle = controller.metrics.reconciliations() + 2;
+    eventually("reconciles after settling", || async {
+        (controller.metrics.reconciliations() >= settle).then_some(())
+    })
+    .await;
+    let before = controller.writes().len();
+    let annotate = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
+    s.links()
+        .patch(
+            "features",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate),
+        )
+        .await
+        .expect("annotate");
+    let target = controller.metrics.reconciliations() + 2;
+    eventually("reconciles after the annotation", || async {
+        (controller.metrics.reconciliations() >= target).then_some(())
+    })
+    .await;
+    let writes = controller.writes();
+    assert_eq!(
+        writes[before..],
+        [] as [String; 0],
+        "a reconcile with no change wrote"
+    );
+
+    s.stop_controller().await;
+    s.start_controller().await;
+    let controller = s.controller();
+    eventually("a fresh controller's reconciles", || async {
+        (controller.metrics.reconciliations() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        controller.writes(),
+        Vec::<String>::new(),
+        "a fresh controller on a settled link wrote"
+    );
+    assert_eq!(controller.metrics.errors("forbidden"), 0);
+    s.finish().await;
+}
+
+async fn prepared_cluster() -> Cluster {
+    let cluster = Cluster::start().await;
+    install_crd(&cluster.client).await;
+    install_upstream_crds(&cluster).await;
+    install_rbac(&cluster.client).await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn datalinks_are_reconciled_end_to_end() {
+    let cluster = prepared_cluster().await;
+    tokio::join!(
+        happy_path_pytorchjob(&cluster),
+        happy_path_trainjob(&cluster),
+        producer_failure(&cluster),
+        streaming_gate(&cluster),
+        deletion_midway(&cluster),
+        idempotent_and_restartable(&cluster),
+    );
+}
+
+/// The API server goes away and comes back mid-flow; the controller's watches resume and it
+/// converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_converges_after_an_api_server_restart() {
+    let cluster = prepared_cluster().await;
+    if !cluster.is_local() {
+        eprintln!("skipped: HANDOFF_TEST_KUBECONFIG names a cluster this test cannot restart");
+        return;
+    }
+    let mut s = Scenario::new(
+        &cluster,
+        "apiserver-restart",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.wait_phase(Phase::Receiving).await;
+    cluster.restart_api_server();
+    s.write(&spark, 500, true).await;
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    assert_eq!(link.status.and_then(|s| s.rows), Some(500));
+    assert!(!s.consumer_suspended().await);
+    s.finish().await;
+}
