@@ -102,14 +102,37 @@ def _distributed_rank() -> tuple[int, int]:
 _END = object()
 
 
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a whole number; fix or unset it") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    text = os.environ.get(name, "").strip().lower()
+    if not text:
+        return default
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={text!r} is not a boolean (1/0, true/false); fix or unset it")
+
+
 class HandoffDataset(IterableDataset):
     """One rank's shard of a link, re-batched by the server into `batch_size` rows.
 
     Arguments:
         link: the link; default `HANDOFF_LINK`.
         batch_size: rows per batch (the server cuts them; give the DataLoader `batch_size=None`).
+            Default: $HANDOFF_BATCH_ROWS, else 1024.
         shuffle: a full, deterministic shuffle over (seed, epoch); call `set_epoch` every epoch.
-        seed: the shuffle seed, the same on every rank.
+            Default: $HANDOFF_SHUFFLE, else off.
+        seed: the shuffle seed, the same on every rank. Default: $HANDOFF_SEED, else 0.
         drop_last: drop the rows that do not fill a batch on every rank; otherwise the shard wraps
             around to the start to pad them (as `DistributedSampler` does).
         streaming: start before the link is sealed and read batches as partitions are committed
@@ -121,13 +144,21 @@ class HandoffDataset(IterableDataset):
         endpoint, token: default `HANDOFF_ENDPOINT` and `HANDOFF_TOKEN`.
     """
 
-    def __init__(self, link: Optional[str] = None, batch_size: int = 1024, *,
-                 shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+    def __init__(self, link: Optional[str] = None, batch_size: Optional[int] = None, *,
+                 shuffle: Optional[bool] = None, seed: Optional[int] = None,
+                 drop_last: bool = False,
                  streaming: bool = False, rank: Optional[int] = None,
                  world_size: Optional[int] = None,
                  transform: Optional[Callable[[pa.RecordBatch], Any]] = None,
                  prefetch: int = 2, endpoint: Optional[str] = None, token: Optional[str] = None):
         super().__init__()
+        # Defaults a DataLink's `spec.read` hands to the job through the environment.
+        if batch_size is None:
+            batch_size = _env_int("HANDOFF_BATCH_ROWS", 1024)
+        if shuffle is None:
+            shuffle = _env_bool("HANDOFF_SHUFFLE", False)
+        if seed is None:
+            seed = _env_int("HANDOFF_SEED", 0)
         if batch_size <= 0:
             raise ValueError("batch_size must be positive: it is the rows per batch the server cuts")
         if streaming and shuffle:

@@ -280,3 +280,21 @@ def test_default_fork_workers_in_a_training_process_that_leaves_grpc_to_them(end
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_read_defaults_come_from_the_datalink_env(endpoint, token, features, monkeypatch):
+    """A DataLink's spec.read reaches the loader as HANDOFF_BATCH_ROWS/SHUFFLE/SEED."""
+    monkeypatch.setenv("HANDOFF_BATCH_ROWS", "250")
+    monkeypatch.setenv("HANDOFF_SHUFFLE", "1")
+    monkeypatch.setenv("HANDOFF_SEED", "9")
+    ds = HandoffDataset(features, endpoint=endpoint, token=token, rank=0, world_size=1)
+    assert (ds.batch_size, ds.shuffle, ds.seed) == (250, True, 9)
+    batches = list(loader(ds, 0))
+    assert {len(b["id"]) for b in batches[:-1]} == {250}
+    ids = [i for b in batches for i in b["id"].tolist()]
+    assert sorted(ids) == list(range(ROWS)) and ids != sorted(ids), "shuffled, every row once"
+    # Arguments win over the environment.
+    assert HandoffDataset(features, batch_size=100, shuffle=False).batch_size == 100
+    monkeypatch.setenv("HANDOFF_SHUFFLE", "maybe")
+    with pytest.raises(ValueError, match="HANDOFF_SHUFFLE='maybe' is not a boolean"):
+        HandoffDataset(features)
