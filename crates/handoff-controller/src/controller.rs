@@ -643,8 +643,12 @@ impl<'a> Run<'a> {
     }
 
     async fn producer_failed(&mut self, producer: &str, why: &str) -> Result<Action> {
-        let note =
-            format!("SparkApplication {producer} ended in {why}; the consumer stays suspended");
+        let consumer = if self.has_condition("ConsumerReleased") {
+            "the consumer was already released (gate: streaming) and reads an unsealed link"
+        } else {
+            "the consumer stays suspended"
+        };
+        let note = format!("SparkApplication {producer} ended in {why}; {consumer}");
         self.status.finished_at = Some(now().0.to_string());
         self.condition("ProducerWired", true, "ProducerFailed", note.clone());
         self.advance(Phase::Failed, Some("ProducerFailed"), note);

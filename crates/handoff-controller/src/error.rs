@@ -50,3 +50,27 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(
+            kube::core::Status::failure("x", "y").with_code(code),
+        )))
+    }
+
+    #[test]
+    fn metric_labels_are_bounded_and_see_through_the_finalizer() {
+        assert_eq!(api(409).metric_label(), "conflict");
+        assert_eq!(api(403).metric_label(), "forbidden");
+        assert_eq!(api(500).metric_label(), "kube");
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+            api(409),
+        )));
+        assert_eq!(wrapped.metric_label(), "conflict");
+        let invalid = Error::InvalidSpec(InvalidSpec("no".into()));
+        assert_eq!(invalid.metric_label(), "invalid_spec");
+    }
+}

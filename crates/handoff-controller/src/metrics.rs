@@ -131,3 +131,56 @@ pub async fn serve_http(
         .with_graceful_shutdown(shutdown)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+    }
+
+    #[tokio::test]
+    async fn metrics_health_and_readiness_are_served_separately() {
+        let metrics = Arc::new(Metrics::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(listener, Arc::clone(&metrics), async move {
+            let _ = stopped.await;
+        }));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get(addr, "/readyz").await.starts_with("HTTP/1.1 503"),
+            "not ready before the watches run"
+        );
+        metrics.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+
+        metrics.reconciled(Duration::from_millis(3));
+        metrics.failed("conflict");
+        let text = get(addr, "/metrics").await;
+        assert!(
+            text.contains("handoff_controller_reconciliations_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"handoff_controller_reconcile_errors_total{error="conflict"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("handoff_controller_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+        let _ = stop.send(());
+        server.await.expect("task").expect("served");
+    }
+}

@@ -820,6 +820,82 @@ async fn producer_failure(cluster: &Cluster) {
     s.finish().await;
 }
 
+/// SUBMISSION_FAILED with `onProducerFailure: DeleteServer`: the server objects go at once.
+async fn producer_failure_deletes_the_server(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "producer-failure-delete",
+        Consumer::TrainJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"trainJob": "trainer"},
+               "policy": {"onProducerFailure": "DeleteServer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.write(&spark, 100, false).await;
+    s.spark_state("SUBMISSION_FAILED").await;
+    let link = s.wait_phase(Phase::Failed).await;
+    assert_eq!(
+        link.status.and_then(|s| s.reason),
+        Some("ProducerFailed".into())
+    );
+    s.server_objects_gone().await;
+    let err = s
+        .admin()
+        .await
+        .stats("features")
+        .await
+        .expect_err("the link's data is gone");
+    assert_eq!(err.code(), Some(tonic::Code::NotFound));
+    assert!(s.consumer_suspended().await);
+    s.finish().await;
+}
+
+/// A spec the controller cannot act on fails with a sentence, creates nothing, and recovers
+/// when fixed.
+async fn invalid_spec_then_fixed(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "invalid-spec",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "server": {"memory": "8GB"}}),
+    )
+    .await;
+    s.start_controller().await;
+    let link = s.wait_phase(Phase::Failed).await;
+    let status = link.status.expect("status");
+    assert_eq!(status.reason.as_deref(), Some("InvalidSpec"));
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready condition");
+    assert!(
+        ready.message.contains("use Ki, Mi, Gi"),
+        "{}",
+        ready.message
+    );
+    let deployments: Api<Deployment> = s.api();
+    assert!(
+        deployments
+            .get_opt("features-handoff")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    let fix = json!({"spec": {"server": {"memory": "8Gi"}}});
+    s.links()
+        .patch("features", &PatchParams::default(), &Patch::Merge(&fix))
+        .await
+        .expect("fix");
+    s.run_server().await;
+    s.wait_producer_wired().await;
+    s.wait_phase(Phase::Receiving).await;
+    s.finish().await;
+}
+
 /// gate: streaming: the consumer is released as soon as the producer is wired.
 async fn streaming_gate(cluster: &Cluster) {
     let mut s = Scenario::new(
@@ -995,6 +1071,8 @@ async fn datalinks_are_reconciled_end_to_end() {
         happy_path_pytorchjob(&cluster),
         happy_path_trainjob(&cluster),
         producer_failure(&cluster),
+        producer_failure_deletes_the_server(&cluster),
+        invalid_spec_then_fixed(&cluster),
         streaming_gate(&cluster),
         deletion_midway(&cluster),
         idempotent_and_restartable(&cluster),
