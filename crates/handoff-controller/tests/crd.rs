@@ -16,6 +16,10 @@ fn deploy_crd_matches_the_code() {
     let generated = crd_yaml().expect("render");
     if std::env::var_os("HANDOFF_REGEN").is_some() {
         std::fs::write(&path, &generated).expect("write");
+        // Helm installs the chart's crds/ first; tests/deploy.rs keeps the copy identical.
+        let chart_copy =
+            repo().join("deploy/helm/handoff/crds/handoff.kubeflow.org_datalinks.yaml");
+        std::fs::write(chart_copy, &generated).expect("write the chart's copy");
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
