@@ -131,7 +131,9 @@ impl RunningController {
         let metrics = Arc::new(Metrics::default());
         let config = ControllerConfig {
             namespace: Some(namespace.into()),
-            server_image: "handoff:test".into(),
+            // On a real cluster (kind), load an image that runs, e.g. `handoff:dev`.
+            server_image: std::env::var("HANDOFF_TEST_SERVER_IMAGE")
+                .unwrap_or_else(|_| "handoff:test".into()),
             endpoint_override: Some(endpoint.into()),
             poll_interval: Duration::from_millis(500),
             instance: Some(format!("test-{namespace}")),
@@ -231,7 +233,16 @@ fn spark_resource() -> ApiResource {
 }
 
 impl<'a> Scenario<'a> {
-    async fn new(cluster: &'a Cluster, namespace: &str, consumer: Consumer, link: Value) -> Self {
+    async fn new(cluster: &'a Cluster, name: &str, consumer: Consumer, link: Value) -> Self {
+        // A shared cluster keeps namespaces from earlier runs (they may still be terminating).
+        let namespace = &if cluster.is_local() {
+            name.to_string()
+        } else {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            format!("{name}-{:x}", now.as_secs())
+        };
         let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
         let ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("ns");
@@ -400,14 +411,16 @@ impl<'a> Scenario<'a> {
             "updatedReplicas": 1, "observedGeneration": 1,
             "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
                 "message": "test", "lastUpdateTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-        deployments
-            .patch_status(
-                "features-handoff",
-                &PatchParams::default(),
-                &Patch::Merge(&status),
-            )
-            .await
-            .expect("mark the Deployment available");
+        if self.cluster.is_local() {
+            deployments
+                .patch_status(
+                    "features-handoff",
+                    &PatchParams::default(),
+                    &Patch::Merge(&status),
+                )
+                .await
+                .expect("mark the Deployment available");
+        }
     }
 
     async fn stop_server(&mut self) {
@@ -585,6 +598,12 @@ impl<'a> Scenario<'a> {
     async fn finish(mut self) {
         self.stop_controller().await;
         self.stop_server().await;
+        if !self.cluster.is_local() {
+            let namespaces: Api<Namespace> = Api::all(self.cluster.client.clone());
+            let _ = namespaces
+                .delete(&self.namespace, &DeleteParams::default())
+                .await;
+        }
     }
 }
 
@@ -633,7 +652,7 @@ async fn happy_path_pytorchjob(cluster: &Cluster) {
     assert!(status.bytes.unwrap_or(0) > 0);
     assert_eq!(
         status.endpoint.as_deref(),
-        Some("grpc://features-handoff.happy-pytorch.svc:8815")
+        Some(format!("grpc://features-handoff.{}.svc:8815", s.namespace).as_str())
     );
 
     assert!(!s.consumer_suspended().await, "released after the seal");
