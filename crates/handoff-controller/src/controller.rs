@@ -151,7 +151,12 @@ pub async fn run(
         let api: Api<DynamicObject> = scoped(&client, &config.namespace, &resource);
         // A cluster without, say, the Kubeflow trainer has no TrainJob API: links then poll.
         if let Err(e) = api.list(&ListParams::default().limit(1)).await {
-            warn!(kind = %resource.kind, error = %e, "not watching {}: DataLinks that use it are polled", resource.kind);
+            warn!(
+                kind = %resource.kind,
+                error = %e,
+                "cannot watch {} (is its CRD installed, and may the controller list it?); DataLinks that name one are polled every --poll-interval",
+                resource.plural
+            );
             continue;
         }
         let store = store.clone();
