@@ -88,6 +88,10 @@ class ShardRequest:
     drop_last: bool = False
     start_batch: int = 0
     streaming: bool = False
+    # Only these columns, in this order (empty: all), and only rows where `filter` (a SQL
+    # condition) holds; the shard plan runs over the rows that pass.
+    columns: Sequence[str] = ()
+    filter: str = ""
 
     def message(self) -> "pb.ReadShard":
         return pb.ReadShard(
@@ -95,6 +99,7 @@ class ShardRequest:
             seed=self.seed, batch_rows=self.batch_rows, shuffle=self.shuffle,
             drop_last=self.drop_last, start_batch=self.start_batch,
             mode=pb.READ_MODE_STREAMING if self.streaming else pb.READ_MODE_WAIT_FOR_SEAL,
+            columns=list(self.columns), filter=self.filter or "",
         )
 
 
@@ -194,7 +199,10 @@ class HandoffClient:
 
     def create(self, link: str, *, schema: Optional[pa.Schema] = None, exist_ok: bool = False,
                memory_limit: int = 0, memory_policy: Optional[str] = None,
-               ttl_seconds_after_seal: int = 0, ttl_seconds_after_read: int = 0) -> dict:
+               ttl_seconds_after_seal: int = 0, ttl_seconds_after_read: int = 0,
+               writer_token: str = "", reader_token: str = "") -> dict:
+        """Create a link. `writer_token`/`reader_token` give it tokens of its own, valid for it
+        alone (needs an admin token)."""
         policies = {None: pb.MEMORY_POLICY_UNSPECIFIED, "reject": pb.MEMORY_POLICY_REJECT,
                     "wait": pb.MEMORY_POLICY_WAIT, "spill": pb.MEMORY_POLICY_SPILL}
         if memory_policy not in policies:
@@ -203,8 +211,15 @@ class HandoffClient:
             link=link, exist_ok=exist_ok, memory_limit=memory_limit,
             memory_policy=policies[memory_policy], ttl_seconds_after_seal=ttl_seconds_after_seal,
             ttl_seconds_after_read=ttl_seconds_after_read,
+            writer_token=writer_token, reader_token=reader_token,
             schema=schema.serialize().to_pybytes() if schema is not None else b"")
         return self._json_action("create", message.SerializeToString())
+
+    def import_parquet(self, link: str, url: str, *, seal: bool = False) -> dict:
+        """Fill `link` from Parquet the server can reach (`s3://bucket/path/*.parquet`), all files
+        or none; the server's AWS_* environment gives credentials and endpoint."""
+        message = pb.Import(link=link, url=url, seal=seal)
+        return self._json_action("import", message.SerializeToString())
 
     def seal(self, link: str) -> dict:
         return self._json_action("seal", link.encode())

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -133,6 +133,10 @@ class HandoffDataset(IterableDataset):
         shuffle: a full, deterministic shuffle over (seed, epoch); call `set_epoch` every epoch.
             Default: $HANDOFF_SHUFFLE, else off.
         seed: the shuffle seed, the same on every rank. Default: $HANDOFF_SEED, else 0.
+        columns: read only these columns, in this order; the server never decodes the others.
+        filter: read only rows where this SQL condition holds, e.g. "split = 'train'". Ranks
+            split the rows that pass, with the same guarantees (disjoint, complete, equal
+            batch counts).
         drop_last: drop the rows that do not fill a batch on every rank; otherwise the shard wraps
             around to the start to pad them (as `DistributedSampler` does).
         streaming: start before the link is sealed and read batches as partitions are committed
@@ -150,7 +154,8 @@ class HandoffDataset(IterableDataset):
                  streaming: bool = False, rank: Optional[int] = None,
                  world_size: Optional[int] = None,
                  transform: Optional[Callable[[pa.RecordBatch], Any]] = None,
-                 prefetch: int = 2, endpoint: Optional[str] = None, token: Optional[str] = None):
+                 prefetch: int = 2, endpoint: Optional[str] = None, token: Optional[str] = None,
+                 columns: Optional[Sequence[str]] = None, filter: Optional[str] = None):
         super().__init__()
         # Defaults a DataLink's `spec.read` hands to the job through the environment.
         if batch_size is None:
@@ -176,6 +181,10 @@ class HandoffDataset(IterableDataset):
         self.world_size = world_size
         self.transform = transform
         self.prefetch = prefetch
+        if isinstance(columns, str):
+            raise ValueError("columns is a list of names, e.g. columns=['x', 'label']")
+        self.columns = tuple(columns or ())
+        self.filter = filter or ""
         self.endpoint = endpoint
         self.token = token
         self.epoch = 0
@@ -222,7 +231,8 @@ class HandoffDataset(IterableDataset):
         return ShardRequest(
             link=self.link, rank=rank * workers + slot, world_size=world * workers,
             epoch=self.epoch, seed=self.seed, batch_rows=self.batch_size, shuffle=self.shuffle,
-            drop_last=self.drop_last, start_batch=start, streaming=self.streaming)
+            drop_last=self.drop_last, start_batch=start, streaming=self.streaming,
+            columns=self.columns, filter=self.filter)
 
     def __iter__(self) -> Iterator[Any]:
         request = self._request()

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from conftest import handoff_bin, start_plain
+from conftest import handoff_bin, start_plain, start_plain_location
 
 ACCESS_KEY = "handoff-test"
 
@@ -195,6 +195,46 @@ def test_spill_with_a_wrong_secret_fails_the_write_and_keeps_earlier_data(s3):
         assert "object storage failed" in str(err.value), str(err.value)
         stats = json.loads(list(client.do_action(flight.Action("stats", b"l")))[0].body.to_pybytes())
         assert stats["rows"] == written and written > 0 and stats["spilled_partitions"] == 0, stats
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
+    """`handoff import` / DoAction import reads Parquet from the real S3 server in parallel."""
+    import pyarrow.parquet as pq
+    from handoff import HandoffClient, LinkNotFound
+
+    table = sample()
+    data = s3["root"] / "bucket" / "warehouse" / "features"
+    data.mkdir(parents=True)
+    for i, part in enumerate(table.to_batches(max_chunksize=7_500)):
+        pq.write_table(pa.Table.from_batches([part]), data / f"part-{i:03d}.parquet")
+    (data / "_SUCCESS").write_text("")  # what Spark leaves beside its files; not Parquet
+    proc, location = start_plain_location(env=env_for(s3))
+    try:
+        client = HandoffClient(location)
+        out = subprocess.run([str(handoff_bin()), "import", "--endpoint", location, "--link",
+                              "imported", "s3://bucket/warehouse/features/*.parquet", "--seal",
+                              "--json"], capture_output=True, text=True, env=env_for(s3), timeout=120)
+        assert out.returncode == 0, out.stderr
+        reply = json.loads(out.stdout)
+        assert (reply["files"], reply["rows"], reply["sealed"]) == (4, table.num_rows, True)
+        got = client.read_all("imported").sort_by("id")
+        assert got.equals(table.select(got.column_names)), "every row, every column"
+
+        # A glob that matches nothing, and a file that is not Parquet: refused, nothing kept.
+        out = subprocess.run([str(handoff_bin()), "import", "--endpoint", location, "--link",
+                              "none", "s3://bucket/warehouse/nothing/*.parquet"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "no .parquet files" in out.stderr, out.stderr
+        (data / "part-999.parquet").write_bytes(b"not parquet at all")
+        with pytest.raises(Exception, match="(?i)parquet"):
+            client.import_parquet("broken", "s3://bucket/warehouse/features/*.parquet")
+        try:
+            assert client.stats("broken")["rows"] == 0, "a failed import leaves nothing"
+        except LinkNotFound:
+            pass
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)

@@ -175,6 +175,13 @@ pub struct GetArgs {
     /// Read committed partitions as they arrive instead of waiting for the seal.
     #[arg(long)]
     pub streaming: bool,
+    /// Only these columns, in this order (comma-separated). The others are never decoded.
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Vec<String>,
+    /// Only rows where this SQL condition holds, e.g. "split = 'train' AND score > 0.5".
+    /// Ranks split the rows that pass.
+    #[arg(long)]
+    pub filter: Option<String>,
     /// Hide the progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -187,8 +194,16 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
     };
     let mut client = args.conn.connect().await?;
     let started = Instant::now();
-    let (total, mut streams) = match (args.rank, args.world_size) {
-        (Some(rank), Some(world_size)) => {
+    let query = !args.columns.is_empty() || args.filter.is_some();
+    // Columns and filters are applied by shard reads; the whole link is the one shard of one rank.
+    let shard_of = match (args.rank, args.world_size) {
+        (Some(rank), Some(world_size)) => Some((rank, world_size)),
+        _ if query => Some((0, 1)),
+        _ => None,
+    };
+    let mut schema = None;
+    let (total, mut streams) = match shard_of {
+        Some((rank, world_size)) => {
             let shard = ReadShard {
                 link: args.link.clone(),
                 rank,
@@ -204,8 +219,15 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
                 } else {
                     handoff_client::ReadMode::WaitForSeal
                 } as i32,
+                columns: args.columns.clone(),
+                filter: args.filter.clone().unwrap_or_default(),
             };
             let info = client.shard_info(&shard).await.map_err(|e| e.to_string())?;
+            schema = info
+                .clone()
+                .try_decode_schema()
+                .ok()
+                .map(std::sync::Arc::new);
             let total = (info.total_records >= 0).then_some(info.total_records as u64);
             (
                 total,
@@ -239,7 +261,10 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
         }
     }
     if output.is_none() {
-        let schema = client.schema(&args.link).await.map_err(|e| e.to_string())?;
+        let schema = match schema.filter(|s| !s.fields().is_empty()) {
+            Some(schema) => schema,
+            None => client.schema(&args.link).await.map_err(|e| e.to_string())?,
+        };
         output = Some(Output::create(&args.out, format, &schema)?);
     }
     if let Some(out) = output {
@@ -265,6 +290,60 @@ pub struct LinkArgs {
     /// Print the server's JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// The link to fill; created if it does not exist.
+    #[arg(long, env = "HANDOFF_LINK")]
+    pub link: String,
+    /// Parquet to import, as the server sees it: a file, a directory or a glob, e.g.
+    /// s3://bucket/path/*.parquet (the server's AWS_* variables give credentials and endpoint).
+    pub url: String,
+    /// Seal the link after the import.
+    #[arg(long)]
+    pub seal: bool,
+    /// Print the server's JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Hide the spinner.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub async fn import(args: ImportArgs) -> Result<(), String> {
+    let mut client = args.conn.connect().await?;
+    let started = Instant::now();
+    let spinner = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        let spinner = ProgressBar::new_spinner().with_message(format!(
+            "importing {} into '{}' on the server",
+            args.url, args.link
+        ));
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+        spinner
+    };
+    let reply = client.import(&args.link, &args.url, args.seal).await;
+    spinner.finish_and_clear();
+    let reply = reply.map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{reply}");
+    } else {
+        println!(
+            "imported {} rows ({}) from {} files into '{}' as {} partitions in {:.2}s{}",
+            reply["rows"],
+            format_size(reply["bytes"].as_u64().unwrap_or(0)),
+            reply["files"],
+            args.link,
+            reply["partitions"],
+            started.elapsed().as_secs_f64(),
+            if args.seal { "; sealed" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]

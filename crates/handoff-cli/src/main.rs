@@ -43,6 +43,9 @@ enum Command {
     Rm(commands::LinkArgs),
     /// Persist a sealed link to the server's object storage (`serve --spill-url`).
     Snapshot(commands::LinkArgs),
+    /// Fill a link from Parquet files in object storage (s3://bucket/path/*.parquet), all or
+    /// nothing, in parallel, within the server's memory budget.
+    Import(commands::ImportArgs),
     /// Measure this server against a pyarrow Flight server with the same pyarrow client.
     Bench(bench::BenchArgs),
     /// Print the DataLink CustomResourceDefinition as YAML (`handoff crd | kubectl apply -f -`).
@@ -126,6 +129,7 @@ fn main() {
             Command::Seal(args) => commands::seal(args).await,
             Command::Rm(args) => commands::rm(args).await,
             Command::Snapshot(args) => commands::snapshot(args).await,
+            Command::Import(args) => commands::import(args).await,
             Command::Bench(args) => tokio::task::spawn_blocking(move || bench::run(args))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string())),

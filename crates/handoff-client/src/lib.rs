@@ -366,6 +366,18 @@ impl HandoffClient {
             .await
     }
 
+    /// Fill `link` from Parquet in the server's reach (`s3://bucket/path/*.parquet`,
+    /// `file:///dir`), all files or none; optionally seal it after.
+    pub async fn import(&mut self, link: &str, url: &str, seal: bool) -> Result<serde_json::Value> {
+        let request = proto::Import {
+            link: link.to_string(),
+            url: url.to_string(),
+            seal,
+        };
+        self.json_action(proto::actions::IMPORT, request.encode_to_vec())
+            .await
+    }
+
     pub async fn stats(&mut self, link: &str) -> Result<LinkStats> {
         self.json_action(proto::actions::STATS, link.to_string())
             .await

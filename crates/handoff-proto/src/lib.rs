@@ -28,6 +28,7 @@ pub mod actions {
     pub const DELETE: &str = "delete";
     pub const STATS: &str = "stats";
     pub const SNAPSHOT: &str = "snapshot";
+    pub const IMPORT: &str = "import";
 }
 
 impl Ticket {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod metrics;
 pub mod raw;
 pub mod service;
+mod sql;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -120,7 +121,8 @@ pub async fn serve(
         config.auth.clone(),
         Arc::clone(&metrics),
         config.max_flight_data_size,
-    );
+    )
+    .map_err(|e| ServerError::Config(format!("cannot describe Flight SQL: {e}")))?;
     let grpc_service = FlightServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

@@ -39,6 +39,8 @@ pub struct HandoffService {
     pub(crate) auth: Arc<AuthConfig>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_flight_data_size: usize,
+    /// Flight SQL shares the port: its commands and tickets are routed there.
+    pub(crate) sql: crate::sql::SqlService,
 }
 
 /// What a descriptor names.
@@ -46,6 +48,9 @@ enum Target {
     Link(String),
     Shard(proto::ReadShard),
 }
+
+/// Parquet partitions an import reads and writes at once.
+const IMPORT_PARALLELISM: usize = 4;
 
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
@@ -79,6 +84,39 @@ fn parse_descriptor(descriptor: &FlightDescriptor) -> Result<Target, Status> {
             .map_err(|e| invalid(format!("CMD descriptor is not a handoff.v1.ReadShard: {e}"))),
         DescriptorType::Unknown => Err(invalid("descriptor type is unknown; use PATH or CMD")),
     }
+}
+
+/// The reader's columns and filter, for the store to plan once the link's schema is known; planned
+/// here already when it is, so a bad column or filter fails at GetFlightInfo.
+fn shard_query(
+    shard: &proto::ReadShard,
+    link: &Link,
+) -> Result<
+    (
+        Option<handoff_store::QueryPlanner>,
+        Option<arrow_schema::SchemaRef>,
+    ),
+    Status,
+> {
+    if shard.columns.is_empty() && shard.filter.trim().is_empty() {
+        return Ok((None, None));
+    }
+    let mut projected = None;
+    if let Some(schema) = link.schema() {
+        let query = handoff_query::plan_read(&schema.schema, &shard.columns, &shard.filter)
+            .map_err(|e| invalid(e.to_string()))?;
+        projected = Some(match &query.projection {
+            Some(columns) => Arc::new(
+                schema
+                    .schema
+                    .project(columns)
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            None => Arc::clone(&schema.schema),
+        });
+    }
+    let planner = handoff_query::planner(shard.columns.clone(), shard.filter.clone());
+    Ok((Some(planner), projected))
 }
 
 pub(crate) fn shard_spec(shard: &proto::ReadShard) -> (ShardSpec, ReadMode) {
@@ -125,13 +163,20 @@ impl HandoffService {
         auth: AuthConfig,
         metrics: Arc<Metrics>,
         max_flight_data_size: usize,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, arrow_flight::error::FlightError> {
+        let auth = Arc::new(auth);
+        let sql = crate::sql::SqlService::new(
+            Arc::clone(&store),
+            Arc::clone(&auth),
+            max_flight_data_size,
+        )?;
+        Ok(Self {
             store,
-            auth: Arc::new(auth),
+            auth,
             metrics,
             max_flight_data_size,
-        }
+            sql,
+        })
     }
 
     fn authorize(
@@ -185,8 +230,11 @@ impl HandoffService {
     ) -> Result<FlightInfo, Status> {
         let (spec, _) = shard_spec(&shard);
         spec.validate().map_err(status_of)?;
+        let (planner, projected) = shard_query(&shard, link)?;
         let snapshot = link.snapshot();
-        let (records, bytes) = if snapshot.state == LinkState::Sealed {
+        // With a filter, the count is known only by reading.
+        let filtered = !shard.filter.trim().is_empty();
+        let (records, bytes) = if snapshot.state == LinkState::Sealed && !filtered {
             let rows = spec.rows_for_rank(snapshot.rows);
             let bytes = if snapshot.rows == 0 {
                 0
@@ -197,9 +245,13 @@ impl HandoffService {
         } else {
             (-1, -1)
         };
-        let schema = Self::schema_of(link)?;
+        let schema = match projected {
+            Some(schema) => schema,
+            None => Arc::clone(&Self::schema_of(link)?.schema),
+        };
+        let bytes = if planner.is_some() { -1 } else { bytes };
         FlightInfo::new()
-            .try_with_schema(&schema.schema)
+            .try_with_schema(&schema)
             .map_err(|e| Status::internal(e.to_string()))
             .map(|info| {
                 info.with_descriptor(descriptor)
@@ -220,6 +272,19 @@ impl HandoffService {
         md: &MetadataMap,
         ticket: &[u8],
     ) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
+        if crate::sql::is_flight_sql(ticket) {
+            let sql = self.sql.clone();
+            let mut request = Request::new(Ticket::new(Bytes::copy_from_slice(ticket)));
+            *request.metadata_mut() = md.clone();
+            return Ok(stream::once(async move {
+                match <crate::sql::SqlService as FlightService>::do_get(&sql, request).await {
+                    Ok(response) => response.into_inner(),
+                    Err(status) => stream::iter([Err(status)]).boxed(),
+                }
+            })
+            .flatten()
+            .boxed());
+        }
         let ticket = proto::Ticket::decode(ticket).map_err(|e| {
             invalid(format!(
                 "not a ticket issued by this server ({e}); get one from GetFlightInfo"
@@ -247,7 +312,8 @@ impl HandoffService {
                 let link = self.link(&shard.link)?;
                 let (spec, mode) = shard_spec(&shard);
                 spec.validate().map_err(status_of)?;
-                let rx = handoff_store::read_shard(link, spec, mode);
+                let (planner, _) = shard_query(&shard, &link)?;
+                let rx = handoff_store::read_shard(link, spec, mode, planner);
                 stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|item| (item, rx))
                 })
@@ -418,6 +484,40 @@ impl HandoffService {
                     self.store.snapshot(&link).await.map_err(status_of)?;
                 }
                 self.stats_json(&link)
+            }
+            proto::actions::IMPORT => {
+                let request = proto::Import::decode(body.as_ref()).map_err(|e| {
+                    invalid(format!(
+                        "the body of 'import' is a handoff.v1.Import message: {e}"
+                    ))
+                })?;
+                let principal = self.authorize(md, Access::Write, Some(&request.link))?;
+                let outcome = handoff_query::import_parquet(
+                    &self.store,
+                    &request.link,
+                    &request.url,
+                    principal.may_create(),
+                    IMPORT_PARALLELISM,
+                    self.max_flight_data_size,
+                )
+                .await
+                .map_err(|e| match e {
+                    handoff_query::ImportError::Store(e) => status_of(e),
+                    handoff_query::ImportError::Invalid(m) => invalid(m),
+                    handoff_query::ImportError::Read(m) => Status::failed_precondition(m),
+                })?;
+                self.metrics.ingested_bytes.inc_by(outcome.bytes);
+                self.metrics.ingested_rows.inc_by(outcome.rows);
+                let sealed = if request.seal {
+                    self.store.seal(&request.link).map_err(status_of)?;
+                    true
+                } else {
+                    false
+                };
+                json_result(&serde_json::json!({
+                    "link": outcome.link, "files": outcome.files, "partitions": outcome.partitions,
+                    "rows": outcome.rows, "bytes": outcome.bytes, "sealed": sealed,
+                }))
             }
             proto::actions::SNAPSHOT => {
                 let link = utf8_link(&body, "snapshot")?;
@@ -604,6 +704,14 @@ impl FlightService for HandoffService {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        if request.get_ref().r#type() == DescriptorType::Cmd
+            && crate::sql::is_flight_sql(&request.get_ref().cmd)
+        {
+            let result =
+                <crate::sql::SqlService as FlightService>::get_flight_info(&self.sql, request)
+                    .await;
+            return self.record("get_flight_info", result);
+        }
         let result = (|| {
             let descriptor = request.get_ref().clone();
             match parse_descriptor(&descriptor)? {
@@ -692,6 +800,11 @@ impl FlightService for HandoffService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        if crate::sql::is_flight_sql_action(&request.get_ref().r#type) {
+            let result =
+                <crate::sql::SqlService as FlightService>::do_action(&self.sql, request).await;
+            return self.record("do_action", result);
+        }
         let (md, _, action) = request.into_parts();
         let result = self
             .action(&md, action)
@@ -732,6 +845,10 @@ impl FlightService for HandoffService {
             (
                 proto::actions::STATS,
                 "Link statistics as JSON. Body: the link name (UTF-8)",
+            ),
+            (
+                proto::actions::IMPORT,
+                "Fill a link from Parquet in object storage, all or nothing. Body: handoff.v1.Import",
             ),
         ];
         let items: Vec<Result<ActionType, Status>> = actions

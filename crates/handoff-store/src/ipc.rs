@@ -33,6 +33,17 @@ impl Frame {
 
     /// Decode into a `RecordBatch`, zero-copy where the body is aligned, with full validation.
     pub fn decode(&self, schema: &SchemaRef) -> Result<RecordBatch> {
+        self.decode_columns(schema, None)
+    }
+
+    /// Decode only the given columns of `schema`, in that order; the other columns' buffers are
+    /// never read.
+    pub fn decode_columns(
+        &self,
+        schema: &SchemaRef,
+        projection: Option<&[usize]>,
+    ) -> Result<RecordBatch> {
+        let projection = projection.map(<[usize]>::to_vec);
         let header = self.header.clone();
         let body = self.body.clone();
         let schema = Arc::clone(schema);
@@ -48,7 +59,7 @@ impl Frame {
                 batch,
                 schema,
                 &HashMap::new(),
-                None,
+                projection.as_deref(),
                 &message.version(),
             )
             .map_err(|e| StoreError::InvalidIpc(e.to_string()))

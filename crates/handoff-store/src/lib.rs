@@ -22,7 +22,7 @@ pub use link::{
     PartitionWriter, PutOutcome, PutTarget,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
-pub use read::{Chunk, ReadMode, read_partition, read_shard};
+pub use read::{Chunk, QueryPlanner, ReadMode, ReadQuery, RowFilter, read_partition, read_shard};
 pub use shard::ShardSpec;
 pub use snapshot::{ObjectStorage, SnapshotManifest};
 

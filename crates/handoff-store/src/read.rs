@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
+use arrow_array::{BooleanArray, RecordBatch};
 use arrow_schema::{Schema, SchemaRef};
 use tokio::sync::mpsc;
 
@@ -29,6 +29,58 @@ pub enum ReadMode {
     Streaming,
 }
 
+/// A row predicate, planned elsewhere (the store does not parse queries).
+pub trait RowFilter: Send + Sync {
+    /// Columns of the link schema the predicate reads; `evaluate` gets exactly these, in order.
+    fn columns(&self) -> &[usize];
+    /// Which rows pass. Null counts as not passing.
+    fn evaluate(&self, batch: &RecordBatch) -> std::result::Result<BooleanArray, String>;
+}
+
+/// What a shard read keeps: some columns, and the rows that pass a filter. The filter is applied
+/// before the shard plan, so the plan's guarantees (disjoint, complete, equal batch counts) hold
+/// for the rows that pass.
+#[derive(Clone, Default)]
+pub struct ReadQuery {
+    /// Columns of the link schema to send, in this order. `None`: all of them.
+    pub projection: Option<Vec<usize>>,
+    pub filter: Option<Arc<dyn RowFilter>>,
+}
+
+impl std::fmt::Debug for ReadQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadQuery")
+            .field("projection", &self.projection)
+            .field(
+                "filter",
+                &self.filter.as_ref().map(|p| p.columns().to_vec()),
+            )
+            .finish()
+    }
+}
+
+impl ReadQuery {
+    /// Stored frames can be replayed byte for byte only when every row and column is sent.
+    fn is_everything(&self) -> bool {
+        self.projection.is_none() && self.filter.is_none()
+    }
+
+    fn output_schema(&self, schema: &SchemaRef) -> Result<SchemaRef> {
+        match &self.projection {
+            None => Ok(Arc::clone(schema)),
+            Some(columns) => schema
+                .project(columns)
+                .map(Arc::new)
+                .map_err(|e| StoreError::InvalidArgument(e.to_string())),
+        }
+    }
+}
+
+/// Turns the link's schema into a [`ReadQuery`]; called once the schema is known, so a reader
+/// may ask before the first write. The error is a sentence for the reader.
+pub type QueryPlanner =
+    Arc<dyn Fn(&SchemaRef) -> std::result::Result<ReadQuery, String> + Send + Sync>;
+
 /// Rows produced per gathered batch when the reader did not ask for a batch size.
 const GATHER_ROWS: u64 = 64 * 1024;
 /// Chunks buffered ahead of a slow reader.
@@ -40,6 +92,7 @@ pub fn read_shard(
     link: Arc<Link>,
     spec: ShardSpec,
     mode: ReadMode,
+    planner: Option<QueryPlanner>,
 ) -> mpsc::Receiver<Result<Chunk>> {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::spawn(async move {
@@ -48,7 +101,7 @@ pub fn read_shard(
             sent_schema: false,
             gone: false,
         };
-        match shard_task(&link, &spec, mode, &mut out).await {
+        match shard_task(&link, &spec, mode, planner, &mut out).await {
             // A whole shard was delivered: count it towards the link's read TTL.
             Ok(()) if !out.gone && link.state() == LinkState::Sealed => {
                 link.finish_read(spec.world_size, spec.epoch, spec.rank)
@@ -76,11 +129,14 @@ impl Out {
         !self.gone
     }
 
-    async fn schema(&mut self, snapshot: &LinkSnapshot) -> Result<bool> {
+    async fn schema(&mut self, snapshot: &LinkSnapshot, query: &ReadQuery) -> Result<bool> {
         if self.sent_schema {
             return Ok(true);
         }
         let schema = match &snapshot.schema {
+            Some(s) if query.projection.is_some() => {
+                SchemaFrame::from_schema(query.output_schema(&s.schema)?)?
+            }
             Some(s) => s.clone(),
             None if snapshot.state == LinkState::Sealed => {
                 SchemaFrame::from_schema(Arc::new(Schema::empty()))?
@@ -96,6 +152,7 @@ async fn shard_task(
     link: &Arc<Link>,
     spec: &ShardSpec,
     mode: ReadMode,
+    planner: Option<QueryPlanner>,
     out: &mut Out,
 ) -> Result<()> {
     spec.validate()?;
@@ -111,6 +168,7 @@ async fn shard_task(
     }
     let mut changes = link.subscribe();
     let mut index = FrameIndex::default();
+    let mut query: Option<ReadQuery> = None;
     let mut next_k = spec.start_batch;
     loop {
         changes.mark_unchanged();
@@ -119,19 +177,32 @@ async fn shard_task(
             LinkState::Deleted => return Err(StoreError::Deleted(link.name().to_string())),
             LinkState::Open if mode == ReadMode::WaitForSeal => {}
             state => {
-                if !out.schema(&snapshot).await? {
+                if query.is_none()
+                    && let Some(schema) = &snapshot.schema
+                {
+                    query = Some(match &planner {
+                        Some(plan) => plan(&schema.schema).map_err(StoreError::InvalidArgument)?,
+                        None => ReadQuery::default(),
+                    });
+                }
+                let everything = ReadQuery::default();
+                let query_now = query.as_ref().unwrap_or(&everything);
+                if !out.schema(&snapshot, query_now).await? {
                     return Ok(());
                 }
                 let sealed = state == LinkState::Sealed;
-                let Some(schema) = snapshot.schema.as_ref().map(|s| Arc::clone(&s.schema)) else {
+                let (Some(schema), Some(query)) = (
+                    snapshot.schema.as_ref().map(|s| Arc::clone(&s.schema)),
+                    query.as_ref(),
+                ) else {
                     if sealed {
                         return Ok(());
                     }
                     wait(&mut changes, link).await?;
                     continue;
                 };
-                index.extend(&snapshot)?;
-                let mut rows = RowSource::new(link.name(), schema);
+                index.extend(&snapshot, &schema, query, link.name()).await?;
+                let mut rows = RowSource::new(link.name(), schema, query.clone())?;
                 if spec.batch_rows == 0 {
                     return contiguous(spec, &index, &mut rows, out).await;
                 }
@@ -195,7 +266,7 @@ async fn contiguous(
         let f = index.locate(pos);
         let (fs, fe) = (index.starts[f], index.starts[f] + index.frames[f].rows);
         let take_end = fe.min(end);
-        let chunk = if pos == fs && take_end == fe {
+        let chunk = if pos == fs && take_end == fe && rows.query.is_everything() {
             Chunk::Frame(index.fetch(f).await?)
         } else {
             Chunk::Batch(
@@ -238,7 +309,10 @@ async fn shuffled(
 struct FrameRef {
     partition: Arc<Partition>,
     index: usize,
+    /// Rows that pass the filter (all rows without one).
     rows: u64,
+    /// Which of the frame's rows pass, when there is a filter.
+    selection: Option<BooleanArray>,
 }
 
 /// All committed frames of a link in commit order, with the first row number of each.
@@ -254,7 +328,15 @@ struct FrameIndex {
 impl FrameIndex {
     /// Commits append, so new partitions are simply added at the end, unless a replacing commit
     /// swapped the contents, which ends the read.
-    fn extend(&mut self, snapshot: &LinkSnapshot) -> Result<()> {
+    /// With a filter, each new frame's filter columns are decoded once here to count the rows
+    /// that pass; the shard plan then runs over those rows only.
+    async fn extend(
+        &mut self,
+        snapshot: &LinkSnapshot,
+        schema: &SchemaRef,
+        query: &ReadQuery,
+        link: &str,
+    ) -> Result<()> {
         if *self.generation.get_or_insert(snapshot.generation) != snapshot.generation {
             return Err(StoreError::Replaced(snapshot.name.clone()));
         }
@@ -264,12 +346,31 @@ impl FrameIndex {
                 if rows == 0 {
                     continue;
                 }
+                let (rows, selection) = match &query.filter {
+                    None => (rows, None),
+                    Some(filter) => {
+                        let frame = partition.frame(index).await?;
+                        let columns = frame
+                            .decode_columns(schema, Some(filter.columns()))
+                            .map_err(|e| corrupt(link, e))?;
+                        let passed = filter.evaluate(&columns).map_err(|e| {
+                            StoreError::InvalidArgument(format!("the filter failed: {e}"))
+                        })?;
+                        // Null counts as not passing, for the count and for the cut alike.
+                        let passed = arrow_select::filter::prep_null_mask_filter(&passed);
+                        (passed.true_count() as u64, Some(passed))
+                    }
+                };
+                if rows == 0 {
+                    continue;
+                }
                 self.starts.push(self.total);
                 self.total += rows;
                 self.frames.push(FrameRef {
                     partition: Arc::clone(partition),
                     index,
                     rows,
+                    selection,
                 });
             }
         }
@@ -288,33 +389,46 @@ impl FrameIndex {
     }
 }
 
-/// Decodes frames on demand and keeps them for the rest of the read.
+fn corrupt(link: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        link: link.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// Decodes frames on demand (only the asked-for columns, only the passing rows) and keeps them
+/// for the rest of the read.
 struct RowSource {
     link: String,
+    /// The link's schema, which frames are encoded with.
+    stored: SchemaRef,
+    /// What the reader gets.
     schema: SchemaRef,
+    query: ReadQuery,
     decoded: std::collections::HashMap<usize, RecordBatch>,
 }
 
 impl RowSource {
-    fn new(link: &str, schema: SchemaRef) -> Self {
-        Self {
+    fn new(link: &str, stored: SchemaRef, query: ReadQuery) -> Result<Self> {
+        Ok(Self {
             link: link.to_string(),
-            schema,
+            schema: query.output_schema(&stored)?,
+            stored,
+            query,
             decoded: Default::default(),
-        }
+        })
     }
 
     async fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<&RecordBatch> {
         if !self.decoded.contains_key(&f) {
-            let batch =
-                index
-                    .fetch(f)
-                    .await?
-                    .decode(&self.schema)
-                    .map_err(|e| StoreError::Corrupt {
-                        link: self.link.clone(),
-                        detail: e.to_string(),
-                    })?;
+            let frame = index.fetch(f).await?;
+            let mut batch = frame
+                .decode_columns(&self.stored, self.query.projection.as_deref())
+                .map_err(|e| corrupt(&self.link, e))?;
+            if let Some(selection) = &index.frames[f].selection {
+                batch = arrow_select::filter::filter_record_batch(&batch, selection)
+                    .map_err(|e| corrupt(&self.link, e))?;
+            }
             self.decoded.insert(f, batch);
         }
         Ok(&self.decoded[&f])
@@ -329,7 +443,12 @@ impl RowSource {
             let f = index.locate(pos);
             let (fs, fe) = (index.starts[f], index.starts[f] + index.frames[f].rows);
             let take = (fe - pos).min(left);
-            if pieces.is_empty() && pos == fs && take == index.frames[f].rows && take == len {
+            if pieces.is_empty()
+                && pos == fs
+                && take == index.frames[f].rows
+                && take == len
+                && self.query.is_everything()
+            {
                 // The stored batch is exactly this batch: replay it without decoding.
                 return Ok(Chunk::Frame(index.fetch(f).await?));
             }

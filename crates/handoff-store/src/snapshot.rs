@@ -75,6 +75,10 @@ impl ObjectStorage {
         &self.url
     }
 
+    pub fn object_store(&self) -> &Arc<dyn object_store::ObjectStore> {
+        &self.store
+    }
+
     fn link_dir(&self, link: &str) -> Path {
         let mut path = self.prefix.clone().join("links");
         for part in link.split('/') {

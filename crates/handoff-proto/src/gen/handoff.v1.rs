@@ -98,6 +98,27 @@ pub struct ReadShard {
     pub start_batch: u64,
     #[prost(enumeration = "ReadMode", tag = "10")]
     pub mode: i32,
+    /// Columns to send, in this order. Empty: all of them.
+    #[prost(string, repeated, tag = "11")]
+    pub columns: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// A SQL predicate over the link's columns, e.g. "split = 'train' AND score > 0.5". Only rows
+    /// where it is true are read, and the shard plan runs over them. Empty: every row.
+    #[prost(string, tag = "12")]
+    pub filter: ::prost::alloc::string::String,
+}
+/// Body of the `import` action: fill a link from Parquet files in object storage, in parallel,
+/// within the link's memory budget. All files land, or none do.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Import {
+    #[prost(string, tag = "1")]
+    pub link: ::prost::alloc::string::String,
+    /// A Parquet file, a directory, or a glob: s3://bucket/path/*.parquet, file:///data/dir. S3
+    /// credentials and endpoint come from the server's AWS_* environment.
+    #[prost(string, tag = "2")]
+    pub url: ::prost::alloc::string::String,
+    /// Seal the link after a successful import.
+    #[prost(bool, tag = "3")]
+    pub seal: bool,
 }
 /// One committed partition, by its position in commit order.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

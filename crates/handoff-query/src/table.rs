@@ -1,0 +1,220 @@
+//! A link as a DataFusion table: its committed partitions, in memory or spilled, scanned frame by
+//! frame. Projection is pushed into the IPC decoder, so untouched columns are never decoded, and
+//! filters are applied as each frame is decoded (DataFusion re-checks them: `Inexact`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DFSchema, DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use futures::StreamExt;
+use handoff_store::link::Partition;
+use handoff_store::{Link, StoreError};
+
+/// One link's committed data at the moment the table was made.
+#[derive(Debug)]
+pub struct LinkTable {
+    name: String,
+    schema: SchemaRef,
+    partitions: Vec<Arc<Partition>>,
+}
+
+impl LinkTable {
+    /// The link as it is now; `None` while nothing was written (no schema yet).
+    pub fn new(link: &Link) -> Option<Self> {
+        let snapshot = link.snapshot();
+        let schema = snapshot.schema.as_ref().map(|s| Arc::clone(&s.schema))?;
+        Some(Self {
+            name: link.name().to_string(),
+            schema,
+            partitions: snapshot.partitions.clone(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn arrow_schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.partitions
+            .iter()
+            .flat_map(|p| p.frame_rows().iter())
+            .sum()
+    }
+}
+
+fn external(e: StoreError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+#[async_trait]
+impl TableProvider for LinkTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let projected = match projection {
+            Some(columns) => Arc::new(self.schema.project(columns)?),
+            None => Arc::clone(&self.schema),
+        };
+        // Inexact pushdown keeps the filters' columns in the projection, so they evaluate on it.
+        let filter = match conjunction(filters.iter().cloned()) {
+            Some(expr) => {
+                let df_schema = DFSchema::try_from(projected.as_ref().clone())?;
+                Some(state.create_physical_expr(expr, &df_schema)?)
+            }
+            None => None,
+        };
+        let frames: Vec<(Arc<Partition>, usize)> = self
+            .partitions
+            .iter()
+            .flat_map(|p| {
+                p.frame_rows()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, rows)| **rows > 0)
+                    .map(move |(i, _)| (Arc::clone(p), i))
+            })
+            .collect();
+        // Contiguous runs of frames, one per target partition, so scans use every core.
+        let groups = state
+            .config()
+            .target_partitions()
+            .max(1)
+            .min(frames.len().max(1));
+        let per_group = frames.len().div_ceil(groups).max(1);
+        let streams: Vec<Arc<dyn PartitionStream>> = frames
+            .chunks(per_group)
+            .map(|chunk| {
+                Arc::new(FrameScan {
+                    link: self.name.clone(),
+                    stored: Arc::clone(&self.schema),
+                    schema: Arc::clone(&projected),
+                    projection: projection.cloned(),
+                    filter: filter.clone(),
+                    frames: chunk.to_vec(),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
+        let streams = if streams.is_empty() {
+            vec![Arc::new(FrameScan {
+                link: self.name.clone(),
+                stored: Arc::clone(&self.schema),
+                schema: Arc::clone(&projected),
+                projection: projection.cloned(),
+                filter,
+                frames: Vec::new(),
+            }) as Arc<dyn PartitionStream>]
+        } else {
+            streams
+        };
+        Ok(Arc::new(StreamingTableExec::try_new(
+            projected,
+            streams,
+            None,
+            Vec::new(),
+            false,
+            limit,
+        )?))
+    }
+}
+
+/// One scan partition: some frames, decoded one at a time.
+struct FrameScan {
+    link: String,
+    stored: SchemaRef,
+    schema: SchemaRef,
+    projection: Option<Vec<usize>>,
+    filter: Option<Arc<dyn PhysicalExpr>>,
+    frames: Vec<(Arc<Partition>, usize)>,
+}
+
+impl fmt::Debug for FrameScan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrameScan")
+            .field("link", &self.link)
+            .field("frames", &self.frames.len())
+            .field("projection", &self.projection)
+            .finish()
+    }
+}
+
+impl FrameScan {
+    fn keep(filter: &Option<Arc<dyn PhysicalExpr>>, batch: RecordBatch) -> Result<RecordBatch> {
+        let Some(filter) = filter else {
+            return Ok(batch);
+        };
+        let mask = filter.evaluate(&batch)?.into_array(batch.num_rows())?;
+        let mask = mask
+            .as_any()
+            .downcast_ref::<arrow_array::BooleanArray>()
+            .ok_or_else(|| DataFusionError::Internal("filter is not boolean".into()))?;
+        Ok(datafusion::arrow::compute::filter_record_batch(
+            &batch, mask,
+        )?)
+    }
+}
+
+impl PartitionStream for FrameScan {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let stored = Arc::clone(&self.stored);
+        let projection = self.projection.clone();
+        let filter = self.filter.clone();
+        let frames = self.frames.clone();
+        let batches = futures::stream::iter(frames)
+            .then(move |(partition, index)| {
+                let (stored, projection, filter) =
+                    (Arc::clone(&stored), projection.clone(), filter.clone());
+                async move {
+                    // A spilled frame comes back by a ranged GET; one frame is held at a time.
+                    let frame = partition.frame(index).await.map_err(external)?;
+                    let batch = frame
+                        .decode_columns(&stored, projection.as_deref())
+                        .map_err(external)?;
+                    Self::keep(&filter, batch)
+                }
+            })
+            .filter(|batch| futures::future::ready(!matches!(batch, Ok(b) if b.num_rows() == 0)));
+        Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            batches,
+        ))
+    }
+}

@@ -1,0 +1,340 @@
+//! Flight SQL on the data port. Every sealed link the caller may read is a table named after it,
+//! in catalog `handoff`, schema `public`. Statements are planned and run by DataFusion over the
+//! links' committed data, and they use the same tokens as reads of the links themselves.
+//!
+//! Statement handles are the SQL text itself, so the server keeps no per-query state: DoGet plans
+//! the statement again.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::FlightSqlService;
+use arrow_flight::sql::{
+    Any, CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
+    CommandGetTables, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use arrow_schema::SchemaRef;
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use handoff_store::{LinkState, Store};
+use prost::Message;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Access, AuthConfig};
+
+pub const CATALOG: &str = "handoff";
+pub const SCHEMA: &str = "public";
+const TYPE_URL_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
+
+/// Whether a descriptor command or ticket is a Flight SQL message (a protobuf `Any` of the
+/// Flight SQL package) rather than one of ours.
+pub fn is_flight_sql(bytes: &[u8]) -> bool {
+    Any::decode(bytes).is_ok_and(|any| any.type_url.starts_with(TYPE_URL_PREFIX))
+}
+
+/// Flight SQL action types, routed here from DoAction.
+pub fn is_flight_sql_action(kind: &str) -> bool {
+    matches!(
+        kind,
+        "CreatePreparedStatement"
+            | "ClosePreparedStatement"
+            | "CreatePreparedSubstraitPlan"
+            | "BeginTransaction"
+            | "EndTransaction"
+            | "BeginSavepoint"
+            | "EndSavepoint"
+            | "CancelQuery"
+    )
+}
+
+#[derive(Clone)]
+pub struct SqlService {
+    store: Arc<Store>,
+    auth: Arc<AuthConfig>,
+    info: Arc<SqlInfoData>,
+    max_flight_data_size: usize,
+}
+
+type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
+
+fn sql_info() -> Result<SqlInfoData, FlightError> {
+    let mut builder = SqlInfoDataBuilder::new();
+    builder.append(SqlInfo::FlightSqlServerName, "handoff");
+    builder.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    builder.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+    builder.append(SqlInfo::FlightSqlServerReadOnly, true);
+    builder.append(SqlInfo::FlightSqlServerSql, true);
+    builder.append(SqlInfo::FlightSqlServerSubstrait, false);
+    builder.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+    builder.append(SqlInfo::FlightSqlServerCancel, false);
+    builder.append(SqlInfo::FlightSqlServerStatementTimeout, 0i32);
+    builder.append(SqlInfo::FlightSqlServerTransactionTimeout, 0i32);
+    builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    builder.build()
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl SqlService {
+    pub fn new(
+        store: Arc<Store>,
+        auth: Arc<AuthConfig>,
+        max_flight_data_size: usize,
+    ) -> Result<Self, FlightError> {
+        Ok(Self {
+            store,
+            auth,
+            info: Arc::new(sql_info()?),
+            max_flight_data_size,
+        })
+    }
+
+    /// The links this caller may query: sealed, and readable with its token.
+    fn tables(&self, metadata: &MetadataMap) -> Result<Vec<handoff_query::LinkTable>, Status> {
+        let principal = self.auth.identify(metadata, &self.store)?;
+        Ok(self
+            .store
+            .list()
+            .into_iter()
+            .filter(|link| link.state() == LinkState::Sealed)
+            .filter(|link| principal.may(Access::Read, Some(link.name())))
+            .filter_map(|link| handoff_query::LinkTable::new(&link))
+            .collect())
+    }
+
+    async fn plan(
+        &self,
+        metadata: &MetadataMap,
+        sql: &str,
+    ) -> Result<datafusion::dataframe::DataFrame, Status> {
+        let tables = self.tables(metadata)?;
+        let names: Vec<String> = tables.iter().map(|t| t.name().to_string()).collect();
+        let ctx = handoff_query::session(tables, CATALOG, SCHEMA).map_err(internal)?;
+        // Links are written through Flight, not SQL: no DDL, DML or SET.
+        let read_only = datafusion::execution::context::SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        ctx.sql_with_options(sql, read_only).await.map_err(|e| {
+            let message = e.strip_backtrace();
+            if message.contains("not supported") {
+                return Status::invalid_argument(format!(
+                    "{message}: SQL on Handoff is read-only; write links with DoPut (handoff put, the Spark sink)"
+                ));
+            }
+            let tables = if names.is_empty() {
+                "none: seal a link you may read first".to_string()
+            } else {
+                names.join(", ")
+            };
+            Status::invalid_argument(format!(
+                "{message}; the tables you may query are the sealed links you may read: {tables}"
+            ))
+        })
+    }
+
+    fn encode(
+        &self,
+        schema: SchemaRef,
+        batches: impl Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static,
+    ) -> FlightDataStream {
+        FlightDataEncoderBuilder::new()
+            .with_max_flight_data_size(self.max_flight_data_size)
+            .with_schema(schema)
+            .build(batches)
+            .map_err(Status::from)
+            .boxed()
+    }
+
+    fn one_batch(&self, batch: RecordBatch) -> FlightDataStream {
+        let schema = batch.schema();
+        self.encode(schema, stream::iter([Ok(batch)]))
+    }
+
+    fn info(
+        &self,
+        schema: &arrow_schema::Schema,
+        descriptor: FlightDescriptor,
+        ticket: Any,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let info = FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(internal)?
+            .with_descriptor(descriptor)
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode_to_vec())));
+        Ok(Response::new(info))
+    }
+
+    fn tables_batch(
+        &self,
+        metadata: &MetadataMap,
+        query: CommandGetTables,
+    ) -> Result<RecordBatch, Status> {
+        let tables = self.tables(metadata)?;
+        let mut builder = query.into_builder();
+        for table in &tables {
+            builder
+                .append(
+                    CATALOG,
+                    SCHEMA,
+                    table.name(),
+                    "TABLE",
+                    &table.arrow_schema(),
+                )
+                .map_err(internal)?;
+        }
+        builder.build().map_err(internal)
+    }
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for SqlService {
+    type FlightService = SqlService;
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let frame = self.plan(request.metadata(), &query.query).await?;
+        let schema = frame.schema().as_arrow().clone();
+        let ticket = TicketStatementQuery {
+            statement_handle: query.query.into_bytes().into(),
+        };
+        self.info(&schema, request.into_inner(), ticket.as_any())
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let sql = String::from_utf8(ticket.statement_handle.to_vec())
+            .map_err(|_| Status::invalid_argument("not a statement ticket from this server"))?;
+        let frame = self.plan(request.metadata(), &sql).await?;
+        let schema = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame
+            .execute_stream()
+            .await
+            .map_err(|e| Status::invalid_argument(e.strip_backtrace()))?
+            .map_err(|e| FlightError::ExternalError(Box::new(e)));
+        Ok(Response::new(self.encode(schema, batches)))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let batch = self.tables_batch(request.metadata(), query.clone())?;
+        self.info(&batch.schema(), request.into_inner(), query.as_any())
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let batch = self.tables_batch(request.metadata(), query)?;
+        Ok(Response::new(self.one_batch(batch)))
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let schema = query.clone().into_builder().schema();
+        self.info(&schema, request.into_inner(), query.as_any())
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG);
+        Ok(Response::new(
+            self.one_batch(builder.build().map_err(internal)?),
+        ))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let schema = query.clone().into_builder().schema();
+        self.info(&schema, request.into_inner(), query.as_any())
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG, SCHEMA);
+        Ok(Response::new(
+            self.one_batch(builder.build().map_err(internal)?),
+        ))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let schema = query.clone().into_builder().schema();
+        self.info(&schema, request.into_inner(), query.as_any())
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let mut builder = query.into_builder();
+        builder.append("TABLE");
+        Ok(Response::new(
+            self.one_batch(builder.build().map_err(internal)?),
+        ))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let schema = query.clone().into_builder(&self.info).schema();
+        self.info(&schema, request.into_inner(), query.as_any())
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        self.auth.identify(request.metadata(), &self.store)?;
+        let batch = query.into_builder(&self.info).build().map_err(internal)?;
+        Ok(Response::new(self.one_batch(batch)))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
