@@ -93,3 +93,23 @@ def test_two_phase_commit_and_replace(server):
         client.seal(link)
     with HandoffClient(server.location, server.reader_token.decode()) as reader:
         assert reader.read_all(link).column("a").to_pylist() == [9]
+
+
+def test_cli_get_reads_columns_and_a_filter(server, tmp_path):
+    import subprocess
+    import pyarrow.parquet as pq
+    from conftest import handoff_bin
+
+    with HandoffClient(server.location, server.writer_token.decode()) as writer:
+        writer.put("cli/q", pa.table({"id": list(range(1000)), "split": ["train", "test"] * 500,
+                                      "x": [float(i) for i in range(1000)]}))
+        writer.seal("cli/q")
+    out = tmp_path / "train.parquet"
+    done = subprocess.run([str(handoff_bin()), "get", "--endpoint", server.location, "--token",
+                           server.reader_token.decode(), "--link", "cli/q", "--out", str(out),
+                           "--columns", "x,id", "--filter", "split = 'train' AND id >= 100", "-q"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = pq.read_table(out)
+    assert got.column_names == ["x", "id"]
+    assert got.column("id").to_pylist() == [i for i in range(100, 1000) if i % 2 == 0]

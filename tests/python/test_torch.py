@@ -298,3 +298,25 @@ def test_read_defaults_come_from_the_datalink_env(endpoint, token, features, mon
     monkeypatch.setenv("HANDOFF_SHUFFLE", "maybe")
     with pytest.raises(ValueError, match="HANDOFF_SHUFFLE='maybe' is not a boolean"):
         HandoffDataset(features)
+
+
+def test_columns_and_filter_split_the_passing_rows_across_ranks(endpoint, token, features):
+    """Only the asked-for columns arrive, only rows that pass; ranks stay disjoint, complete and
+    equal in batch count over those rows."""
+    seen, counts = [], []
+    for rank in range(3):
+        ds = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token, rank=rank,
+                            world_size=3, shuffle=True, seed=3, drop_last=True,
+                            columns=["label", "id"], filter="label = 1 AND id < 4500")
+        batches = list(loader(ds, 0))
+        assert all(set(b) == {"label", "id"} for b in batches), "only the asked-for columns"
+        assert all(bool((b["label"] == 1).all()) for b in batches)
+        counts.append(len(batches))
+        seen += [i for b in batches for i in b["id"].tolist()]
+    passing = {i for i in range(4500) if i % 2 == 1}
+    assert len(set(counts)) == 1, counts
+    assert len(seen) == len(set(seen)) and set(seen) <= passing
+    assert len(passing) - len(seen) < 3 * BATCH, "drop_last leaves out less than a batch per rank"
+    with pytest.raises(Exception, match="its columns are id, emb, label, name"):
+        list(loader(HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token,
+                                   columns=["nope"]), 0))

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::{BooleanArray, RecordBatch};
+use arrow_array::{Array, BooleanArray, RecordBatch};
 use arrow_schema::{Schema, SchemaRef};
 use tokio::sync::mpsc;
 
@@ -101,7 +101,23 @@ pub fn read_shard(
             sent_schema: false,
             gone: false,
         };
-        match shard_task(&link, &spec, mode, planner, &mut out).await {
+        // A panic must reach the reader as an error, not as a stream that just ends short.
+        let task = std::panic::AssertUnwindSafe(shard_task(&link, &spec, mode, planner, &mut out));
+        let outcome = match futures::FutureExt::catch_unwind(task).await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".into());
+                Err(StoreError::Corrupt {
+                    link: link.name().to_string(),
+                    detail: format!("the read failed inside the server ({what}); please report it"),
+                })
+            }
+        };
+        match outcome {
             // A whole shard was delivered: count it towards the link's read TTL.
             Ok(()) if !out.gone && link.state() == LinkState::Sealed => {
                 link.finish_read(spec.world_size, spec.epoch, spec.rank)
@@ -357,7 +373,11 @@ impl FrameIndex {
                             StoreError::InvalidArgument(format!("the filter failed: {e}"))
                         })?;
                         // Null counts as not passing, for the count and for the cut alike.
-                        let passed = arrow_select::filter::prep_null_mask_filter(&passed);
+                        let passed = if passed.null_count() > 0 {
+                            arrow_select::filter::prep_null_mask_filter(&passed)
+                        } else {
+                            passed
+                        };
                         (passed.true_count() as u64, Some(passed))
                     }
                 };
