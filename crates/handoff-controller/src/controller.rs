@@ -359,20 +359,25 @@ impl<'a> Run<'a> {
             .await?;
             self.before = self.status.clone();
         }
+        self.publish_events("Reconcile").await;
+        Ok(())
+    }
+
+    /// Publish the events gathered so far; a failure is logged, never fails the reconcile.
+    async fn publish_events(&mut self, action: &str) {
         let reference = self.link.object_ref(&());
         for (type_, reason, note) in self.events.drain(..) {
             let event = Event {
                 type_,
                 reason: reason.clone(),
                 note: Some(note),
-                action: "Reconcile".into(),
+                action: action.into(),
                 secondary: None,
             };
             if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
                 warn!(link = %self.name, %reason, error = %e, "could not publish event");
             }
         }
-        Ok(())
     }
 
     fn poll(&self) -> Action {
@@ -720,19 +725,7 @@ impl<'a> Run<'a> {
             "Deleted".into(),
             "deleted the server, its Secret and its data; the SparkApplication and training job are untouched".into(),
         ));
-        let reference = self.link.object_ref(&());
-        for (type_, reason, note) in self.events.drain(..) {
-            let event = Event {
-                type_,
-                reason,
-                note: Some(note),
-                action: "Cleanup".into(),
-                secondary: None,
-            };
-            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
-                warn!(link = %self.name, error = %e, "could not publish event");
-            }
-        }
+        self.publish_events("Cleanup").await;
         Ok(Action::await_change())
     }
 
