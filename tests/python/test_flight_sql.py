@@ -112,3 +112,16 @@ def test_errors_name_the_tables_one_may_query(server, links):
         with pytest.raises(adbc_driver_manager.Error, match="read-only"):
             cur.execute("INSERT INTO labels VALUES (1, 1)")
             cur.fetchall()
+
+
+def test_prepared_statements_run_and_refuse_parameters_with_the_fix(server, links):
+    features, _ = links
+    with connect(server, server.reader_token) as conn, conn.cursor() as cur:
+        query = "SELECT count(*) AS n FROM features WHERE x > 0"
+        cur.adbc_prepare(query)
+        for _ in range(2):  # a prepared statement runs more than once
+            cur.execute(query)
+            assert cur.fetchone() == (pc.sum(pc.greater(features["x"], 0)).as_py(),)
+        with pytest.raises(adbc_driver_manager.Error, match="write the values into the SQL"):
+            cur.execute("SELECT count(*) FROM features WHERE x > $1", parameters=(0.5,))
+            cur.fetchall()

@@ -12,11 +12,14 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::{StreamExt, TryStreamExt};
 use handoff_store::link::PutTarget;
 use handoff_store::{ObjectStorage, Store, StoreError};
+use parking_lot::Mutex;
 use serde::Serialize;
+use tokio::task::JoinSet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -24,8 +27,25 @@ pub enum ImportError {
     Invalid(String),
     #[error("reading the Parquet files: {0}")]
     Read(String),
+    #[error(
+        "the import did not fit in memory: {0}. An import holds every row until it commits; \
+         give the link the spill policy (serve --memory-policy spill --spill-url URL) to import more than the budget"
+    )]
+    Memory(StoreError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl ImportError {
+    /// Memory errors under `reject` and `wait` get the import's own way out.
+    fn explained(self) -> Self {
+        match self {
+            ImportError::Store(
+                e @ (StoreError::MemoryExhausted { .. } | StoreError::MemoryWaitTimeout { .. }),
+            ) => ImportError::Memory(e),
+            other => other,
+        }
+    }
 }
 
 /// What an import did.
@@ -60,17 +80,126 @@ fn read_error(e: impl std::fmt::Display) -> ImportError {
     ImportError::Read(e.to_string())
 }
 
-/// Staged partition ids of one import: far above what appends use, and distinct per import.
+/// Largest partition an import writes. Smaller partitions let the spill policy move finished
+/// ones while the import goes on, and give readers more endpoints.
+const MAX_PARTITION_BYTES: u64 = 64 << 20;
+
+/// Staged partition ids of one import: far above what appends use, distinct per import, and in
+/// file order, because commits publish partitions by id. Stream `s` writes ids
+/// `base + s * STREAM_STRIDE + n`.
+const STREAM_STRIDE: u64 = 1 << 24;
+
 fn partition_base() -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    (1 << 62) | ((nanos & ((1 << 40) - 1)) << 16)
+    (1 << 62) | ((nanos & ((1 << 28) - 1)) << 32)
+}
+
+/// How large one partition may grow. Every stream holds one unfinished partition, which cannot
+/// spill; together they take at most half of the tightest limit, so finished partitions are left
+/// to move and the import fits the budget.
+fn partition_cap(store: &Store, link: &str, streams: usize) -> u64 {
+    let link_limit = store.link(link).ok().and_then(|l| l.stats().memory_limit);
+    [store.memory().limit(), link_limit]
+        .into_iter()
+        .flatten()
+        .map(|limit| limit / (2 * streams.max(1) as u64))
+        .fold(MAX_PARTITION_BYTES, u64::min)
+        .max(1)
+}
+
+/// The attempts an import staged and has not committed. They are dropped when the last holder
+/// goes away, so a failed or cancelled import (a client that hangs up) leaves nothing staged.
+struct StagedAttempts {
+    store: Arc<Store>,
+    link: String,
+    /// (partition, rows) of every staged attempt not yet committed.
+    attempts: Mutex<Vec<(u64, u64)>>,
+}
+
+impl StagedAttempts {
+    fn record(&self, partition: u64, rows: u64) {
+        self.attempts.lock().push((partition, rows));
+    }
+}
+
+impl Drop for StagedAttempts {
+    fn drop(&mut self) {
+        let staged: Vec<(u64, u64)> = self
+            .attempts
+            .get_mut()
+            .iter()
+            .map(|(p, _)| (*p, 0))
+            .collect();
+        if !staged.is_empty() {
+            let _ = self.store.abort(&self.link, &staged);
+        }
+    }
+}
+
+/// One of DataFusion's output streams, written as a run of staged partitions of at most `cap`
+/// bytes each.
+struct StreamWrite {
+    store: Arc<Store>,
+    staged: Arc<StagedAttempts>,
+    create: bool,
+    first_id: u64,
+    cap: u64,
+    max_flight_data_size: usize,
+}
+
+impl StreamWrite {
+    async fn run(self, batches: SendableRecordBatchStream) -> Result<(), ImportError> {
+        let link = self.staged.link.clone();
+        let mut data = FlightDataEncoderBuilder::new()
+            .with_max_flight_data_size(self.max_flight_data_size)
+            .with_schema(batches.schema())
+            .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))));
+        // The encoder sends the schema first; every partition starts with it.
+        let schema = data
+            .next()
+            .await
+            .ok_or_else(|| read_error("the Parquet scan ended before its schema"))?
+            .map_err(read_error)?;
+        let mut id = self.first_id;
+        let begin = |id: u64| {
+            let target = PutTarget::Staged {
+                partition: id,
+                attempt: 0,
+            };
+            self.store.begin_put(&link, target, self.create)
+        };
+        let mut writer = begin(id)?;
+        writer
+            .push(schema.data_header.clone(), schema.data_body.clone())
+            .await?;
+        while let Some(message) = data.next().await {
+            let message = message.map_err(read_error)?;
+            if writer.bytes() >= self.cap {
+                if id + 1 - self.first_id >= STREAM_STRIDE {
+                    return Err(ImportError::Invalid(format!(
+                        "the import would need more than {STREAM_STRIDE} partitions per stream; raise the memory limit"
+                    )));
+                }
+                let done = std::mem::replace(&mut writer, begin(id + 1)?);
+                self.staged.record(id, done.finish()?.rows);
+                id += 1;
+                writer
+                    .push(schema.data_header.clone(), schema.data_body.clone())
+                    .await?;
+            }
+            writer.push(message.data_header, message.data_body).await?;
+        }
+        self.staged.record(id, writer.finish()?.rows);
+        Ok(())
+    }
 }
 
 /// Import `url` (a Parquet file, a directory, or a glob such as `s3://bucket/path/*.parquet`)
-/// into `link`, creating it when `create`. `parallelism` partitions are read and written at once.
+/// into `link`, creating it when `create`. `parallelism` streams are read and written at once,
+/// each on its own task.
 pub async fn import_parquet(
     store: &Arc<Store>,
     link: &str,
@@ -119,48 +248,49 @@ pub async fn import_parquet(
         .execute_stream_partitioned()
         .await
         .map_err(read_error)?;
+    let cap = partition_cap(store, link, streams.len());
     let base = partition_base();
-    let staged_ids: Vec<(u64, u64)> = (0..streams.len() as u64).map(|i| (base + i, 0)).collect();
-    let writes = streams.into_iter().enumerate().map(|(i, batches)| {
-        let store = Arc::clone(store);
-        let link = link.to_string();
-        async move {
-            let target = PutTarget::Staged {
-                partition: base + i as u64,
-                attempt: 0,
-            };
-            let mut writer = store.begin_put(&link, target, create)?;
-            let schema = batches.schema();
-            let mut data = FlightDataEncoderBuilder::new()
-                .with_max_flight_data_size(max_flight_data_size)
-                .with_schema(schema)
-                .build(batches.map_err(|e| FlightError::ExternalError(Box::new(e))));
-            while let Some(message) = data.next().await {
-                let message = message.map_err(read_error)?;
-                writer.push(message.data_header, message.data_body).await?;
-            }
-            let outcome = writer.finish()?;
-            Ok::<_, ImportError>((base + i as u64, outcome.rows))
-        }
+    let staged = Arc::new(StagedAttempts {
+        store: Arc::clone(store),
+        link: link.to_string(),
+        attempts: Mutex::new(Vec::new()),
     });
-    let staged = futures::future::join_all(writes).await;
-    let attempts: Vec<(u64, u64)> = staged
+    // A plain Parquet scan's streams decode on whoever polls them: each gets its own task, or
+    // one thread would decode every file. Dropping the set (a cancelled import) stops them.
+    let mut tasks = JoinSet::new();
+    for (s, batches) in streams.into_iter().enumerate() {
+        let write = StreamWrite {
+            store: Arc::clone(store),
+            staged: Arc::clone(&staged),
+            create,
+            first_id: base + s as u64 * STREAM_STRIDE,
+            cap,
+            max_flight_data_size,
+        };
+        tasks.spawn(write.run(batches));
+    }
+    while let Some(done) = tasks.join_next().await {
+        let failed = match done {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => ImportError::Read(format!("an import task failed: {e}")),
+        };
+        // The other streams stop; their staged partitions are dropped with `staged`.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        return Err(failed.explained());
+    }
+    let mut written = staged.attempts.lock().clone();
+    written.sort_unstable();
+    // Empty partitions (a stream announces its schema even without rows) are not committed.
+    let attempts: Vec<(u64, u64)> = written
         .iter()
-        .filter_map(|r| r.as_ref().ok())
         .filter(|(_, rows)| *rows > 0)
         .map(|(partition, _)| (*partition, 0))
         .collect();
-    if let Some(failed) = staged.into_iter().find_map(Result::err) {
-        let _ = store.abort(link, &staged_ids);
-        return Err(failed);
-    }
     let committed = store.commit(link, &attempts, false)?;
-    // Empty partitions were staged (every stream announces its schema) but not committed.
-    let empty: Vec<(u64, u64)> = staged_ids
-        .into_iter()
-        .filter(|a| !attempts.contains(a))
-        .collect();
-    let _ = store.abort(link, &empty);
+    staged.attempts.lock().retain(|(_, rows)| *rows == 0);
+    drop(staged);
     Ok(ImportOutcome {
         link: link.to_string(),
         files,

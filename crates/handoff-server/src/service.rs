@@ -503,6 +503,9 @@ impl HandoffService {
                 .await
                 .map_err(|e| match e {
                     handoff_query::ImportError::Store(e) => status_of(e),
+                    e @ handoff_query::ImportError::Memory(_) => {
+                        Status::resource_exhausted(e.to_string())
+                    }
                     handoff_query::ImportError::Invalid(m) => invalid(m),
                     handoff_query::ImportError::Read(m) => Status::failed_precondition(m),
                 })?;

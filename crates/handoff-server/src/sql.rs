@@ -2,8 +2,8 @@
 //! in catalog `handoff`, schema `public`. Statements are planned and run by DataFusion over the
 //! links' committed data, and they use the same tokens as reads of the links themselves.
 //!
-//! Statement handles are the SQL text itself, so the server keeps no per-query state: DoGet plans
-//! the statement again.
+//! Statement and prepared-statement handles are the SQL text itself, so the server keeps no
+//! per-query state: DoGet plans the statement again. Prepared statements take no parameters.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,10 +15,15 @@ use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::sql::{
-    Any, CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes,
-    CommandGetTables, CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, Any, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
-use arrow_flight::{FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, Ticket};
+use arrow_flight::{
+    Action, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, IpcMessage, SchemaAsIpc,
+    Ticket,
+};
 use arrow_schema::SchemaRef;
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use handoff_store::{LinkState, Store};
@@ -77,6 +82,12 @@ fn sql_info() -> Result<SqlInfoData, FlightError> {
     builder.append(SqlInfo::FlightSqlServerTransactionTimeout, 0i32);
     builder.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
     builder.build()
+}
+
+/// The SQL text a statement or prepared-statement handle carries.
+fn handle_sql(handle: &[u8]) -> Result<String, Status> {
+    String::from_utf8(handle.to_vec())
+        .map_err(|_| Status::invalid_argument("not a statement handle from this server"))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -139,6 +150,17 @@ impl SqlService {
                 "{message}; the tables you may query are the sealed links you may read: {tables}"
             ))
         })
+    }
+
+    async fn execute(&self, metadata: &MetadataMap, sql: &str) -> Result<FlightDataStream, Status> {
+        let frame = self.plan(metadata, sql).await?;
+        let schema = Arc::new(frame.schema().as_arrow().clone());
+        let batches = frame
+            .execute_stream()
+            .await
+            .map_err(|e| Status::invalid_argument(e.strip_backtrace()))?
+            .map_err(|e| FlightError::ExternalError(Box::new(e)));
+        Ok(self.encode(schema, batches))
     }
 
     fn encode(
@@ -217,16 +239,65 @@ impl FlightSqlService for SqlService {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let sql = String::from_utf8(ticket.statement_handle.to_vec())
-            .map_err(|_| Status::invalid_argument("not a statement ticket from this server"))?;
+        let sql = handle_sql(&ticket.statement_handle)?;
+        Ok(Response::new(self.execute(request.metadata(), &sql).await?))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let frame = self.plan(request.metadata(), &query.query).await?;
+        let parameters = frame
+            .logical_plan()
+            .get_parameter_types()
+            .map_err(internal)?;
+        if !parameters.is_empty() {
+            let mut names: Vec<&String> = parameters.keys().collect();
+            names.sort();
+            return Err(Status::invalid_argument(format!(
+                "this server does not bind parameters ({names:?}); write the values into the SQL text"
+            )));
+        }
+        let schema = frame.schema().as_arrow().clone();
+        let IpcMessage(dataset_schema) = SchemaAsIpc::new(&schema, &Default::default())
+            .try_into()
+            .map_err(internal)?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: query.query.into_bytes().into(),
+            dataset_schema,
+            parameter_schema: Default::default(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        _request: Request<Action>,
+    ) -> Result<(), Status> {
+        // Handles hold no server state.
+        Ok(())
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let sql = handle_sql(&query.prepared_statement_handle)?;
         let frame = self.plan(request.metadata(), &sql).await?;
-        let schema = Arc::new(frame.schema().as_arrow().clone());
-        let batches = frame
-            .execute_stream()
-            .await
-            .map_err(|e| Status::invalid_argument(e.strip_backtrace()))?
-            .map_err(|e| FlightError::ExternalError(Box::new(e)));
-        Ok(Response::new(self.encode(schema, batches)))
+        let schema = frame.schema().as_arrow().clone();
+        self.info(&schema, request.into_inner(), query.as_any())
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let sql = handle_sql(&query.prepared_statement_handle)?;
+        Ok(Response::new(self.execute(request.metadata(), &sql).await?))
     }
 
     async fn get_flight_info_tables(
