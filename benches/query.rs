@@ -1,7 +1,8 @@
 //! Criterion: the query paths against their peers in the same run, through a real in-process
 //! server. `cargo bench -p handoff-server --bench query`
 //!
-//! - `shard_read`: 2 of 8 float64 columns against all 8, 1M rows.
+//! - `shard_read`: 2 of 8 float64 columns against all 8, 1M rows; and four ranks reading 2
+//!   columns with and without a filter.
 //! - `flight_sql`: `count(*)` and a filtered aggregate over the same 1M rows.
 //! - `import`: 8 Parquet files into a link, against arrow-rs reading the same files on the same
 //!   two threads (decode only, nothing kept).
@@ -145,6 +146,40 @@ fn benches(c: &mut Criterion) {
                         .await
                         .expect("batches");
                     assert_eq!(read.iter().map(|b| b.num_rows()).sum::<usize>(), ROWS);
+                })
+            })
+        });
+    }
+    // Four ranks split the link, with and without a filter: each rank evaluates the filter over
+    // the whole link before it takes its share, so the gap is the filter's cost times four.
+    group.throughput(Throughput::Bytes(bytes * 2 / COLUMNS as u64));
+    for (name, filter) in [
+        ("2_of_8_4_ranks", ""),
+        ("2_of_8_4_ranks_filtered", "c0 > 0.5"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let mut rows = 0;
+                    for rank in 0..4 {
+                        let shard = ReadShard {
+                            link: "wide".into(),
+                            rank,
+                            world_size: 4,
+                            columns: vec!["c0".into(), "c1".into()],
+                            filter: filter.into(),
+                            ..Default::default()
+                        };
+                        let read: Vec<RecordBatch> = client
+                            .read_shard(shard)
+                            .await
+                            .expect("read")
+                            .try_collect()
+                            .await
+                            .expect("batches");
+                        rows += read.iter().map(|b| b.num_rows()).sum::<usize>();
+                    }
+                    assert!(rows >= ROWS / 3, "{rows}");
                 })
             })
         });

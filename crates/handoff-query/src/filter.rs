@@ -22,6 +22,7 @@ pub enum QueryError {
 struct PlannedFilter {
     columns: Vec<usize>,
     expr: Arc<dyn PhysicalExpr>,
+    sql: String,
 }
 
 impl RowFilter for PlannedFilter {
@@ -39,6 +40,10 @@ impl RowFilter for PlannedFilter {
             .downcast_ref::<BooleanArray>()
             .cloned()
             .ok_or_else(|| format!("the filter gave {} values, not booleans", array.data_type()))
+    }
+
+    fn key(&self) -> &str {
+        &self.sql
     }
 }
 
@@ -90,6 +95,12 @@ fn plan_filter(schema: &SchemaRef, sql: &str) -> Result<PlannedFilter, QueryErro
     let ctx = SessionContext::new();
     let whole = DFSchema::try_from(schema.as_ref().clone()).map_err(invalid)?;
     let expr = ctx.parse_sql_expr(sql, &whole).map_err(invalid)?;
+    // Every rank evaluates the filter and all must agree on the rows, or shards would overlap.
+    if expr.is_volatile() {
+        return Err(QueryError::Invalid(format!(
+            "filter '{sql}' calls a function whose result changes between calls (such as random()), so ranks would disagree on the rows; sample deterministically instead, e.g. id % 10 = 0"
+        )));
+    }
     // Evaluate on the referenced columns only, so the others are never decoded.
     let mut columns: Vec<usize> = Vec::new();
     for column in expr.column_refs() {
@@ -118,6 +129,7 @@ fn plan_filter(schema: &SchemaRef, sql: &str) -> Result<PlannedFilter, QueryErro
     Ok(PlannedFilter {
         columns,
         expr: physical,
+        sql: sql.to_string(),
     })
 }
 
@@ -188,5 +200,6 @@ mod tests {
         assert!(err(&[], "score + 1").contains("true/false condition"));
         assert!(err(&[], "id = 1; DROP TABLE x").contains("filter"));
         assert!(err(&[], "split = ").contains("filter"));
+        assert!(err(&[], "random() < 0.5").contains("deterministically"));
     }
 }

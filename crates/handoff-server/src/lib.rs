@@ -20,7 +20,6 @@ use axum::routing::get;
 use handoff_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 
 pub use auth::AuthConfig;
@@ -177,14 +176,18 @@ pub async fn serve(
     });
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)));
     let grpc_future = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .max_frame_size(H2_MAX_FRAME)
         .initial_stream_window_size(H2_WINDOW)
         .initial_connection_window_size(H2_WINDOW)
         .add_service(health_service)
         .add_service(router)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+        // Builder socket options do not reach a listener we bound ourselves; without nodelay,
+        // every small reply (FlightInfo, actions) waits out a delayed ACK, ~40 ms.
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = drain_rx.await;
         });
     tokio::pin!(grpc_future);

@@ -1,14 +1,15 @@
 //! A link: one schema, staged and committed partitions, and its open/sealed/deleted state.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use arrow_array::BooleanArray;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, Incoming, SchemaFrame, check_compatible, validate_message};
@@ -68,7 +69,23 @@ pub struct Partition {
     frame_rows: Vec<u64>,
     data: RwLock<Data>,
     last_used_ms: AtomicU64,
+    /// Which rows pass recent filters, shared by every reader that uses the same one.
+    selections: parking_lot::Mutex<VecDeque<(Arc<str>, SelectionCell)>>,
 }
+
+/// The rows of one frame that pass a filter.
+#[derive(Debug, Clone)]
+pub(crate) struct FrameSelection {
+    pub rows: u64,
+    /// `None` when every row passes.
+    pub passed: Option<BooleanArray>,
+}
+
+pub(crate) type SelectionCell = Arc<OnceCell<Arc<[FrameSelection]>>>;
+
+/// Filters whose selections a partition keeps. A selection costs one bit per row; ranks of one
+/// job share a filter, and a few jobs may read one link at once.
+const CACHED_FILTERS: usize = 4;
 
 #[derive(Debug)]
 enum Data {
@@ -105,7 +122,24 @@ impl Partition {
                 _reservation: reservation,
             }),
             last_used_ms: AtomicU64::new(now_ms()),
+            selections: parking_lot::Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The selection of `filter` (its text) over this partition's frames: computed by the first
+    /// reader that asks, and awaited by the others, so W ranks evaluate a filter once, not W
+    /// times, and agree on the result.
+    pub(crate) fn selection_cell(&self, filter: &str) -> SelectionCell {
+        let mut cached = self.selections.lock();
+        if let Some((_, cell)) = cached.iter().find(|(key, _)| &**key == filter) {
+            return Arc::clone(cell);
+        }
+        if cached.len() >= CACHED_FILTERS {
+            cached.pop_front();
+        }
+        let cell = SelectionCell::default();
+        cached.push_back((Arc::from(filter), Arc::clone(&cell)));
+        cell
     }
 
     pub fn link_name(&self) -> &str {

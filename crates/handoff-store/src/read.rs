@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, SchemaFrame, guard_panic};
-use crate::link::{Link, LinkSnapshot, LinkState, Partition};
+use crate::link::{FrameSelection, Link, LinkSnapshot, LinkState, Partition};
 use crate::shard::{ShardSpec, permutation};
 
 /// One item of a read stream. The first item is always the schema.
@@ -35,6 +35,9 @@ pub trait RowFilter: Send + Sync {
     fn columns(&self) -> &[usize];
     /// Which rows pass. Null counts as not passing.
     fn evaluate(&self, batch: &RecordBatch) -> std::result::Result<BooleanArray, String>;
+    /// Equal for filters that pass the same rows (the filter text will do); readers share the
+    /// selections of equal filters. The filter must be deterministic.
+    fn key(&self) -> &str;
 }
 
 /// What a shard read keeps: some columns, and the rows that pass a filter. The filter is applied
@@ -331,6 +334,41 @@ struct FrameRef {
     selection: Option<BooleanArray>,
 }
 
+/// Which rows of each frame of `partition` pass `filter`. Only the filter's columns are decoded.
+async fn select(
+    partition: &Partition,
+    filter: &dyn RowFilter,
+    schema: &SchemaRef,
+    link: &str,
+) -> Result<Arc<[FrameSelection]>> {
+    let mut selections = Vec::with_capacity(partition.frame_rows().len());
+    for (index, &rows) in partition.frame_rows().iter().enumerate() {
+        if rows == 0 {
+            selections.push(FrameSelection { rows, passed: None });
+            continue;
+        }
+        let frame = partition.frame(index).await?;
+        let columns = frame
+            .decode_columns(schema, Some(filter.columns()))
+            .map_err(|e| corrupt(link, e))?;
+        let passed = filter
+            .evaluate(&columns)
+            .map_err(|e| StoreError::InvalidArgument(format!("the filter failed: {e}")))?;
+        // Null counts as not passing, for the count and for the cut alike.
+        let passed = if passed.null_count() > 0 {
+            arrow_select::filter::prep_null_mask_filter(&passed)
+        } else {
+            passed
+        };
+        let kept = passed.true_count() as u64;
+        selections.push(FrameSelection {
+            rows: kept,
+            passed: (kept < rows).then_some(passed),
+        });
+    }
+    Ok(selections.into())
+}
+
 /// All committed frames of a link in commit order, with the first row number of each.
 #[derive(Default)]
 struct FrameIndex {
@@ -344,8 +382,9 @@ struct FrameIndex {
 impl FrameIndex {
     /// Commits append, so new partitions are simply added at the end, unless a replacing commit
     /// swapped the contents, which ends the read.
-    /// With a filter, each new frame's filter columns are decoded once here to count the rows
-    /// that pass; the shard plan then runs over those rows only.
+    /// With a filter, each new partition's selection (the rows that pass, counted) is taken from
+    /// the partition, computed there by the first reader; the shard plan then runs over those
+    /// rows only.
     async fn extend(
         &mut self,
         snapshot: &LinkSnapshot,
@@ -358,28 +397,20 @@ impl FrameIndex {
         }
         for partition in &snapshot.partitions[self.partitions_seen.min(snapshot.partitions.len())..]
         {
+            let selections = match &query.filter {
+                None => None,
+                Some(filter) => Some(
+                    partition
+                        .selection_cell(filter.key())
+                        .get_or_try_init(|| select(partition, filter.as_ref(), schema, link))
+                        .await?
+                        .clone(),
+                ),
+            };
             for (index, &rows) in partition.frame_rows().iter().enumerate() {
-                if rows == 0 {
-                    continue;
-                }
-                let (rows, selection) = match &query.filter {
+                let (rows, selection) = match &selections {
                     None => (rows, None),
-                    Some(filter) => {
-                        let frame = partition.frame(index).await?;
-                        let columns = frame
-                            .decode_columns(schema, Some(filter.columns()))
-                            .map_err(|e| corrupt(link, e))?;
-                        let passed = filter.evaluate(&columns).map_err(|e| {
-                            StoreError::InvalidArgument(format!("the filter failed: {e}"))
-                        })?;
-                        // Null counts as not passing, for the count and for the cut alike.
-                        let passed = if passed.null_count() > 0 {
-                            arrow_select::filter::prep_null_mask_filter(&passed)
-                        } else {
-                            passed
-                        };
-                        (passed.true_count() as u64, Some(passed))
-                    }
+                    Some(s) => (s[index].rows, s[index].passed.clone()),
                 };
                 if rows == 0 {
                     continue;
@@ -544,4 +575,144 @@ pub fn read_partition(
         .schema
         .ok_or_else(|| StoreError::InvalidArgument("link has no schema yet".into()))?;
     Ok((schema, partition))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use arrow_array::Int64Array;
+    use arrow_ipc::writer::{
+        DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions,
+    };
+    use arrow_schema::{DataType, Field};
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::link::PutTarget;
+    use crate::{Store, StoreConfig};
+
+    /// `id % 2 = 0`, counting the frames it is evaluated on.
+    struct EvenIds {
+        columns: Vec<usize>,
+        frames: AtomicUsize,
+    }
+
+    impl RowFilter for EvenIds {
+        fn columns(&self) -> &[usize] {
+            &self.columns
+        }
+
+        fn evaluate(&self, batch: &RecordBatch) -> std::result::Result<BooleanArray, String> {
+            self.frames.fetch_add(1, Ordering::SeqCst);
+            let ids = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or("not int64")?;
+            Ok(ids.iter().map(|id| id.map(|id| id % 2 == 0)).collect())
+        }
+
+        fn key(&self) -> &str {
+            "id % 2 = 0"
+        }
+    }
+
+    /// A sealed link of `partitions` x `frames` frames of 100 ids each, counting up from 0.
+    async fn sealed_link(store: &Store, partitions: i64, frames: i64) -> Arc<Link> {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+        let options = IpcWriteOptions::default();
+        let generator = IpcDataGenerator::default();
+        let mut tracker = DictionaryTracker::new(false);
+        let mut context = IpcWriteContext::default();
+        let encoded_schema =
+            generator.schema_to_bytes_with_dictionary_tracker(&schema, &mut tracker, &options);
+        let mut next = 0i64;
+        for _ in 0..partitions {
+            let mut writer = store
+                .begin_put("l", PutTarget::Append, true)
+                .expect("begin");
+            writer
+                .push(
+                    Bytes::from(encoded_schema.ipc_message.clone()),
+                    Bytes::new(),
+                )
+                .await
+                .expect("schema");
+            for _ in 0..frames {
+                let ids = Int64Array::from_iter_values(next..next + 100);
+                next += 100;
+                let batch =
+                    RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(ids)]).expect("batch");
+                let (_, data) = generator
+                    .encode(&batch, &mut tracker, &options, &mut context)
+                    .expect("encode");
+                writer
+                    .push(Bytes::from(data.ipc_message), Bytes::from(data.arrow_data))
+                    .await
+                    .expect("frame");
+            }
+            writer.finish().expect("finish");
+        }
+        store.seal("l").expect("seal");
+        store.link("l").expect("link")
+    }
+
+    async fn read_ids(mut chunks: mpsc::Receiver<Result<Chunk>>) -> Vec<i64> {
+        let mut ids = Vec::new();
+        while let Some(chunk) = chunks.recv().await {
+            if let Chunk::Batch(batch) = chunk.expect("chunk") {
+                let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+                ids.extend(column.expect("ids").values().iter().copied());
+            }
+        }
+        ids
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ranks_share_one_evaluation_of_a_filter_per_frame() {
+        let store = Store::new(StoreConfig::default());
+        let link = sealed_link(&store, 3, 4).await;
+        let filter = Arc::new(EvenIds {
+            columns: vec![0],
+            frames: AtomicUsize::new(0),
+        });
+        let shared: Arc<dyn RowFilter> = filter.clone();
+        let planner: QueryPlanner = Arc::new(move |_: &SchemaRef| {
+            Ok(ReadQuery {
+                projection: None,
+                filter: Some(Arc::clone(&shared)),
+            })
+        });
+        let world = 4;
+        for epoch in 0..2 {
+            let reads = (0..world).map(|rank| {
+                let spec = ShardSpec {
+                    rank,
+                    world_size: world,
+                    epoch,
+                    seed: 1,
+                    batch_rows: 25,
+                    shuffle: true,
+                    drop_last: true,
+                    start_batch: 0,
+                };
+                read_ids(read_shard(
+                    Arc::clone(&link),
+                    spec,
+                    ReadMode::WaitForSeal,
+                    Some(Arc::clone(&planner)),
+                ))
+            });
+            let mut ids: Vec<i64> = futures::future::join_all(reads)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            ids.sort_unstable();
+            assert_eq!(ids, (0..1200).step_by(2).collect::<Vec<_>>());
+        }
+        // 12 frames, evaluated once for four ranks and two epochs.
+        assert_eq!(filter.frames.load(Ordering::SeqCst), 12);
+    }
 }
