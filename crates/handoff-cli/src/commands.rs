@@ -326,7 +326,31 @@ pub async fn import(args: ImportArgs) -> Result<(), String> {
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
         spinner
     };
+    // The import is one call; a second connection reports what it has staged so far.
+    let progress = if args.quiet {
+        None
+    } else {
+        let mut watcher = args.conn.connect().await?;
+        let (spinner, link, url) = (spinner.clone(), args.link.clone(), args.url.clone());
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if let Ok(stats) = watcher.stats(&link).await
+                    && stats.staged_bytes > 0
+                {
+                    spinner.set_message(format!(
+                        "importing {url} into '{link}': {} read into {} partitions so far",
+                        format_size(stats.staged_bytes),
+                        stats.staged_partitions
+                    ));
+                }
+            }
+        }))
+    };
     let reply = client.import(&args.link, &args.url, args.seal).await;
+    if let Some(progress) = progress {
+        progress.abort();
+    }
     spinner.finish_and_clear();
     let reply = reply.map_err(|e| e.to_string())?;
     if args.json {

@@ -49,8 +49,14 @@ enum Target {
     Shard(proto::ReadShard),
 }
 
-/// Parquet partitions an import reads and writes at once.
-const IMPORT_PARALLELISM: usize = 4;
+/// Parquet streams an import reads and writes at once: one per core, at least 4 (so small
+/// servers still overlap reads from object storage) and at most 16.
+fn import_parallelism() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(4)
+        .clamp(4, 16)
+}
 
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
@@ -497,7 +503,7 @@ impl HandoffService {
                     &request.link,
                     &request.url,
                     principal.may_create(),
-                    IMPORT_PARALLELISM,
+                    import_parallelism(),
                     self.max_flight_data_size,
                 )
                 .await
