@@ -47,3 +47,27 @@ pub fn encode(batches: &[RecordBatch]) -> Vec<FlightData> {
     }
     out
 }
+
+/// A server without auth on 127.0.0.1:0, running on `runtime` until the bench ends.
+#[allow(dead_code)] // not every bench serves
+pub fn start_server(runtime: &tokio::runtime::Runtime) -> (String, Arc<handoff_store::Store>) {
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("grpc://{}", listener.local_addr().expect("addr"));
+        let store = handoff_store::Store::new(handoff_store::StoreConfig::default());
+        let config = handoff_server::ServerConfig {
+            auth: handoff_server::AuthConfig::disabled(),
+            ..Default::default()
+        };
+        tokio::spawn(handoff_server::serve(
+            Arc::clone(&store),
+            config,
+            listener,
+            None,
+            std::future::pending(),
+        ));
+        (endpoint, store)
+    })
+}

@@ -3,13 +3,10 @@
 
 mod data;
 
-use std::sync::Arc;
-
 use arrow_array::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use data::{batch, encode};
 use futures::TryStreamExt;
-use handoff_server::{AuthConfig, ServerConfig};
 use handoff_store::{PutTarget, Store, StoreConfig};
 
 fn benches(c: &mut Criterion) {
@@ -45,25 +42,7 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
-    let (endpoint, store) = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let endpoint = format!("grpc://{}", listener.local_addr().expect("addr"));
-        let store = Store::new(StoreConfig::default());
-        let config = ServerConfig {
-            auth: AuthConfig::disabled(),
-            ..Default::default()
-        };
-        tokio::spawn(handoff_server::serve(
-            Arc::clone(&store),
-            config,
-            listener,
-            None,
-            std::future::pending(),
-        ));
-        (endpoint, store)
-    });
+    let (endpoint, store) = data::start_server(&runtime);
     let mut client = runtime
         .block_on(handoff_client::HandoffClient::connect(&endpoint, None))
         .expect("connect");

@@ -7,6 +7,9 @@
 //! - `import`: 8 Parquet files into a link, against arrow-rs reading the same files on the same
 //!   two threads (decode only, nothing kept).
 
+#[allow(dead_code)]
+mod data;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,8 +20,6 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use futures::TryStreamExt;
 use handoff_client::{HandoffClient, ReadShard};
-use handoff_server::{AuthConfig, ServerConfig};
-use handoff_store::{Store, StoreConfig};
 
 const ROWS: usize = 1 << 20;
 const COLUMNS: usize = 8;
@@ -96,25 +97,7 @@ fn benches(c: &mut Criterion) {
         .map(|b| b.get_array_memory_size() as u64)
         .sum();
 
-    let (endpoint, store) = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let endpoint = format!("grpc://{}", listener.local_addr().expect("addr"));
-        let store = Store::new(StoreConfig::default());
-        let config = ServerConfig {
-            auth: AuthConfig::disabled(),
-            ..Default::default()
-        };
-        tokio::spawn(handoff_server::serve(
-            Arc::clone(&store),
-            config,
-            listener,
-            None,
-            std::future::pending(),
-        ));
-        (endpoint, store)
-    });
+    let (endpoint, store) = data::start_server(&runtime);
     let mut client = runtime
         .block_on(HandoffClient::connect(&endpoint, None))
         .expect("connect");
