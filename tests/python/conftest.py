@@ -3,10 +3,18 @@
 The binary comes from $HANDOFF_BIN (default: <repo>/target/debug/handoff). The server is started
 with random admin/writer/reader tokens on ephemeral ports; readiness is the single stdout line
 `handoff listening grpc=HOST:PORT http=HOST:PORT`.
+
+Waiting: every timeout in this suite (subprocesses, process exits, thread joins, Flight call
+deadlines, polling) goes through `patience(seconds)` or `eventually(...)` below. The numbers in the
+tests are generous for a busy 2-core machine (2-4x slower than an idle one);
+HANDOFF_TEST_TIMEOUT_SCALE multiplies all of them for slower machines still. Numbers that are
+behaviour of the server under test (`--drain-timeout 3`, a TTL of 1 s) are not scaled, unless the
+test needs them to outlast the machine's slowness.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
@@ -16,17 +24,70 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.flight as flight
 import pytest
 
+# --- waiting ------------------------------------------------------------------------------------
+
+
+def _timeout_scale() -> float:
+    raw = os.environ.get("HANDOFF_TEST_TIMEOUT_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise pytest.UsageError(
+            f"HANDOFF_TEST_TIMEOUT_SCALE={raw!r}: must be a positive, finite number; it multiplies "
+            "every timeout of the Python tests (e.g. 2 doubles them; unset means 1)")
+    return scale
+
+
+# How much more patient than the stated defaults the tests are: HANDOFF_TEST_TIMEOUT_SCALE (a
+# positive number, default 1).
+TIMEOUT_SCALE = _timeout_scale()
+
+
+def patience(seconds: float) -> float:
+    """The time to allow for something that takes well under `seconds` on a busy machine:
+    `seconds` times HANDOFF_TEST_TIMEOUT_SCALE. Every timeout of the tests goes through here."""
+    return seconds * TIMEOUT_SCALE
+
+
+def eventually(what: str, predicate, timeout: float = 60.0, interval: float = 0.05):
+    """Call `predicate` every `interval` seconds until it returns something truthy, and return that;
+    fail with "timed out after N s waiting until {what}" once `patience(timeout)` seconds passed.
+
+    For state that another thread or process changes asynchronously: poll it instead of sleeping
+    and asserting once. Exceptions from `predicate` propagate (catch the expected ones inside).
+    It raises AssertionError, so it works the same in helper threads."""
+    __tracebackhide__ = True
+    limit = patience(timeout)
+    deadline = time.monotonic() + limit
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            last = "" if value is None or value is False else f" (last value: {value!r})"
+            raise AssertionError(f"timed out after {limit:g} s waiting until {what}{last}")
+        time.sleep(interval)
+
+
+# --- servers ------------------------------------------------------------------------------------
+
 REPO = Path(__file__).resolve().parents[2]
 READY_RE = re.compile(r"^handoff listening grpc=(\S+):(\d+) http=(\S+):(\d+)\s*$")
-READY_TIMEOUT_S = 30.0
-# The server drains in-flight calls for up to 30 s on SIGTERM; allow a little more.
-STOP_TIMEOUT_S = 45.0
+# Readiness (a debug build, small restores included) takes seconds at most.
+READY_TIMEOUT_S = patience(60.0)
+# On SIGTERM the server drains in-flight calls for up to --drain-timeout (default 30 s, a server
+# setting, not scaled); then it needs a moment to stop.
+SERVER_DRAIN_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = SERVER_DRAIN_TIMEOUT_S + patience(30.0)
 
 
 def handoff_bin() -> Path:
@@ -65,9 +126,23 @@ class Server:
 
 
 def options(token: bytes | None, timeout: float = 120.0) -> flight.FlightCallOptions:
-    """Call options with `authorization: Bearer <token>` (no header when token is None)."""
+    """Call options with `authorization: Bearer <token>` (no header when token is None) and a
+    deadline of `patience(timeout)` seconds."""
     headers = [] if token is None else [(b"authorization", b"Bearer " + token)]
-    return flight.FlightCallOptions(timeout=timeout, headers=headers)
+    return flight.FlightCallOptions(timeout=patience(timeout), headers=headers)
+
+
+def rpc_count(http_url: str, method: str, code: str = "ok") -> int:
+    """`handoff_rpcs_total` for one Flight method and result code, from the server's /metrics. The
+    server counts a DoGet when it starts streaming, so a rise shows that a read reached it."""
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=patience(30)) as r:
+        text = r.read().decode()
+    total = 0
+    for line in text.splitlines():
+        if (line.startswith("handoff_rpcs_total{") and f'method="{method}"' in line
+                and f'code="{code}"' in line):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
 
 
 def _pump(stream, lines: "queue.Queue[str | None]") -> None:
@@ -108,7 +183,7 @@ def _start(log_dir: Path) -> Server:
             proc.kill()
             proc.wait()
             pytest.fail(
-                f"handoff did not print its readiness line within {READY_TIMEOUT_S} s; "
+                f"handoff did not print its readiness line within {READY_TIMEOUT_S:g} s; "
                 f"stdout so far: {seen!r}\nstderr:\n{log_path.read_text(errors='replace')[-4000:]}",
                 pytrace=False,
             )
@@ -149,7 +224,7 @@ def _stop(server: Server) -> None:
             proc.kill()
             proc.wait()
             pytest.fail(
-                f"handoff did not exit within {STOP_TIMEOUT_S} s of SIGTERM\n{server.log_tail()}",
+                f"handoff did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM\n{server.log_tail()}",
                 pytrace=False,
             )
     if proc.returncode != 0:
@@ -191,16 +266,28 @@ def reader(server):
     return options(server.reader_token)
 
 
+def ready_line(proc: subprocess.Popen) -> str:
+    """The first line `proc` prints on its (text) stdout: the readiness line, or "" if it exited
+    first. Fails, and kills `proc`, if neither happens within READY_TIMEOUT_S."""
+    box: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: box.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        return box.get(timeout=READY_TIMEOUT_S)
+    except queue.Empty:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{proc.args[0]} printed nothing within {READY_TIMEOUT_S:g} s", pytrace=False)
+
+
 def start_plain_location(*args, env=None):
     """`handoff serve --no-auth` on free ports with extra flags; returns (process, grpc location, or
     None if it exited before becoming ready)."""
     proc = subprocess.Popen([str(handoff_bin()), "serve", "--no-auth", "--listen", "127.0.0.1:0",
                              "--http-listen", "127.0.0.1:0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()
-    m = re.match(r"handoff listening grpc=(\S+)", line)
+    m = re.match(r"handoff listening grpc=(\S+)", ready_line(proc))
     if not m:
-        proc.wait(timeout=30)
+        proc.wait(timeout=patience(30))
         return proc, None
     return proc, f"grpc://{m.group(1)}"
 

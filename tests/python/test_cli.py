@@ -17,12 +17,13 @@ import pyarrow.feather as feather
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from conftest import handoff_bin, options
+from conftest import eventually, handoff_bin, patience, ready_line, rpc_count
 
 
 def run(server, *args, token=None, check=True):
     env = dict(os.environ, HANDOFF_ENDPOINT=server.location, HANDOFF_TOKEN=(token or server.admin_token).decode())
-    proc = subprocess.run([str(handoff_bin()), *args], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(handoff_bin()), *args], env=env, capture_output=True, text=True,
+                          timeout=patience(120))
     if check:
         assert proc.returncode == 0, f"{args} failed: {proc.stderr}"
     return proc
@@ -72,17 +73,18 @@ def test_cli_errors_name_the_fix(server, tmp_path):
     unknown = run(server, "put", "--link", "l", str(tmp_path / "x.bin"), check=False)
     assert unknown.returncode == 1 and "--format" in unknown.stderr
     env = dict(os.environ, HANDOFF_ENDPOINT="grpc://127.0.0.1:1")
-    down = subprocess.run([str(handoff_bin()), "ls"], env=env, capture_output=True, text=True, timeout=60)
+    down = subprocess.run([str(handoff_bin()), "ls"], env=env, capture_output=True, text=True,
+                          timeout=patience(60))
     assert down.returncode == 1 and "is `handoff serve` running there?" in down.stderr
     noauth = subprocess.run([str(handoff_bin()), "serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
                             env={k: v for k, v in os.environ.items() if not k.startswith("HANDOFF_")},
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=patience(60))
     assert noauth.returncode == 1 and "--no-auth" in noauth.stderr
 
 
 def http_get(server, path):
     try:
-        with urllib.request.urlopen(f"{server.http_url}{path}", timeout=10) as r:
+        with urllib.request.urlopen(f"{server.http_url}{path}", timeout=patience(30)) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -96,12 +98,24 @@ def test_health_ready_and_metrics(server):
     assert "handoff_memory_used_bytes" in text and "handoff_rpcs_total" in text
 
 
+def readyz(http):
+    """/readyz's status, or None once the server closed its HTTP port."""
+    try:
+        with urllib.request.urlopen(f"http://{http}/readyz", timeout=patience(5)) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None  # already closed
+
+
 def test_sigterm_drains_then_stops(tmp_path):
+    # --drain-timeout 3 is the behaviour under test: not scaled.
     proc = subprocess.Popen([str(handoff_bin()), "serve", "--no-auth", "--listen", "127.0.0.1:0",
                              "--http-listen", "127.0.0.1:0", "--drain-timeout", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        m = re.match(r"handoff listening grpc=(\S+) http=(\S+)", proc.stdout.readline())
+        m = re.match(r"handoff listening grpc=(\S+) http=(\S+)", ready_line(proc))
         assert m, "no readiness line"
         grpc, http = m.groups()
         client = flight.connect(f"grpc://{grpc}")
@@ -118,24 +132,20 @@ def test_sigterm_drains_then_stops(tmp_path):
             except Exception as e:  # the drain timeout closes it
                 errors.append(e)
 
-        reader = threading.Thread(target=read)
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        time.sleep(0.5)
+        # The server counts a DoGet when its stream starts: from then on the call is in flight.
+        eventually("the reader's DoGet is in flight on the server",
+                   lambda: rpc_count(f"http://{http}", "do_get") >= 1)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        try:
-            with urllib.request.urlopen(f"http://{http}/readyz", timeout=5) as r:
-                ready = r.status
-        except urllib.error.HTTPError as e:
-            ready = e.code
-        except OSError:
-            ready = None  # already closed
-        assert ready in (503, None)
+        eventually("SIGTERM makes /readyz answer 503 (or closes the HTTP port)",
+                   lambda: readyz(http) in (503, None))
         assert proc.poll() is None, "still draining the in-flight call"
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=patience(60)) == 0
+        # Not scaled: at least the drain timeout, and well under the default of 30 s.
         assert 2.5 <= time.monotonic() - started < 30
-        reader.join(timeout=30)
+        reader.join(timeout=patience(30))
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from google.protobuf import descriptor_pb2
 
-from conftest import REPO
+from conftest import REPO, patience
 from handoff import HandoffClient, HandoffError, LinkNotFound, ServerUnavailable, resolve_link
 from handoff._proto import pb
 
@@ -20,7 +20,8 @@ def test_generated_messages_match_the_proto(tmp_path):
     protoc = shutil.which("protoc")
     assert protoc, "protoc is needed to check python/handoff/_proto (scripts/test.sh installs it)"
     out = tmp_path / "handoff.pb"
-    subprocess.run([protoc, "-I", str(REPO / "proto"), "-o", str(out), "handoff.proto"], check=True)
+    subprocess.run([protoc, "-I", str(REPO / "proto"), "-o", str(out), "handoff.proto"], check=True,
+                   timeout=patience(60))
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     # Generated Python code leaves out the derived JSON names; so does the comparison.
     for message in fresh.message_type:
@@ -108,7 +109,7 @@ def test_cli_get_reads_columns_and_a_filter(server, tmp_path):
     done = subprocess.run([str(handoff_bin()), "get", "--endpoint", server.location, "--token",
                            server.reader_token.decode(), "--link", "cli/q", "--out", str(out),
                            "--columns", "x,id", "--filter", "split = 'train' AND id >= 100", "-q"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=patience(60))
     assert done.returncode == 0, done.stderr
     got = pq.read_table(out)
     assert got.column_names == ["x", "id"]

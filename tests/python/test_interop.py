@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.flight as flight
 import pytest
 
-from conftest import options
+from conftest import eventually, options, patience, rpc_count
 
 # pyarrow.flight.FlightError does not derive from ArrowException, and some gRPC codes map to plain
 # Arrow exceptions (NOT_FOUND -> KeyError, INVALID_ARGUMENT -> ArrowInvalid, ...): catch both.
@@ -222,7 +221,7 @@ def sealed_link(client, admin):
 
 
 def test_http_healthz(server):
-    with urllib.request.urlopen(server.http_url + "/healthz", timeout=10) as resp:
+    with urllib.request.urlopen(server.http_url + "/healthz", timeout=patience(30)) as resp:
         assert resp.status == 200
 
 
@@ -415,13 +414,17 @@ def test_shard_read_waits_for_seal(server, client, admin):
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             out["error"] = e
 
+    gets = rpc_count(server.http_url, "do_get")
     th = threading.Thread(target=run, daemon=True)
     th.start()
+    # The server counts a DoGet when its stream starts: wait until the read reached it, then give
+    # it time (a fixed gap, not a wait for anything) to return early if it were going to.
+    eventually("the shard DoGet reached the server", lambda: rpc_count(server.http_url, "do_get") > gets)
     th.join(1.5)
     assert th.is_alive(), f"shard DoGet on an open link returned before the seal: {out}"
     put(client, path(link), make_table(2000, 3000), admin)  # commits while the reader waits
     seal(client, link, admin)
-    th.join(30)
+    th.join(patience(60))
     assert not th.is_alive(), "shard DoGet did not finish after the seal"
     assert "error" not in out, out.get("error")
     assert ids(out["batches"]) == list(range(5000))
@@ -446,16 +449,15 @@ def test_streaming_mode_emits_before_seal(server, client, admin):
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
-    deadline = time.monotonic() + 20
-    while sum(b.num_rows for b in received) < 4000 and time.monotonic() < deadline and th.is_alive():
-        time.sleep(0.05)
+    eventually("the streaming read received the 4000 committed rows (or ended)",
+               lambda: sum(b.num_rows for b in received) >= 4000 or not th.is_alive())
     assert "error" not in out, out.get("error")
     assert sum(b.num_rows for b in received) == 4000, "streaming read did not deliver committed rows before the seal"
     assert th.is_alive(), "streaming read ended before the seal"
     put(client, path(link), make_table(4000, 3000), admin)
     put(client, path(link), make_table(7000, 1000), admin)
     seal(client, link, admin)
-    th.join(30)
+    th.join(patience(60))
     assert not th.is_alive()
     assert "error" not in out, out.get("error")
     assert [b.num_rows for b in received] == [B] * 8
@@ -521,7 +523,7 @@ def test_two_phase_commit(client, admin, writer):
 
 
 def test_no_token_is_unauthenticated(client):
-    none = flight.FlightCallOptions(timeout=30)
+    none = flight.FlightCallOptions(timeout=patience(30))
     with pytest.raises(flight.FlightUnauthenticatedError):
         list(client.list_flights(b"", none))
     with pytest.raises(flight.FlightUnauthenticatedError):
@@ -560,11 +562,11 @@ def test_writer_token_may_write(client, writer, admin):
 
 def test_basic_token_handshake(server, client):
     pair = client.authenticate_basic_token("anyone", server.admin_token.decode(),
-                                           flight.FlightCallOptions(timeout=30))
+                                           flight.FlightCallOptions(timeout=patience(30)))
     key, value = (x.encode() if isinstance(x, str) else x for x in pair)
     assert key.lower() == b"authorization"
     assert value.startswith(b"Bearer ")
-    opts = flight.FlightCallOptions(timeout=30, headers=[(key, value)])
+    opts = flight.FlightCallOptions(timeout=patience(30), headers=[(key, value)])
     link = uniq("basic")
     put(client, path(link), make_table(0, 100), opts)
     assert client.get_flight_info(path(link), opts).total_records == 100
@@ -573,7 +575,8 @@ def test_basic_token_handshake(server, client):
 
 def test_basic_token_handshake_refuses_a_bad_password(client):
     with pytest.raises(flight.FlightUnauthenticatedError):
-        client.authenticate_basic_token("anyone", "wrong", flight.FlightCallOptions(timeout=30))
+        client.authenticate_basic_token("anyone", "wrong",
+                                        flight.FlightCallOptions(timeout=patience(30)))
 
 
 # --------------------------------------------------------------------------------------------

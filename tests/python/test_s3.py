@@ -9,14 +9,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from conftest import handoff_bin, start_plain, start_plain_location
+from conftest import STOP_TIMEOUT_S, eventually, handoff_bin, patience, start_plain, start_plain_location
 
 ACCESS_KEY = "handoff-test"
 
@@ -41,17 +40,21 @@ def s3(tmp_path):
     proc = subprocess.Popen([str(s3s_fs_bin()), "--host", "127.0.0.1", "--port", str(port),
                              "--access-key", ACCESS_KEY, "--secret-key", secret, str(root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def accepting():
+        assert proc.poll() is None, f"s3s-fs exited with {proc.returncode} (is port {port} taken?)"
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=patience(1)).close()
+            return True
         except OSError:
-            assert time.monotonic() < deadline, "s3s-fs did not start"
-            time.sleep(0.1)
-    yield {"port": port, "secret": secret, "root": root}
-    proc.terminate()
-    proc.wait()
+            return False
+
+    try:
+        eventually("s3s-fs accepts connections", accepting, interval=0.1)
+        yield {"port": port, "secret": secret, "root": root}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=patience(30))
 
 
 def env_for(s3, secret=None):
@@ -92,7 +95,7 @@ def test_snapshot_to_s3_survives_sigkill(s3):
         assert restored.equals(table)
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
 
 
 def test_wrong_secret_fails_clearly(s3):
@@ -111,7 +114,7 @@ def test_wrong_secret_fails_clearly(s3):
         assert b'"rows":30000' in stats
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=STOP_TIMEOUT_S)
 
     proc, client = start(env_for(s3, secret="wrong-secret"), "--restore-from", url)
     assert client is None and proc.returncode == 1
@@ -138,13 +141,6 @@ def spilled_objects(s3) -> list[str]:
     return sorted(p.name for p in (s3["root"] / "bucket").rglob("*.arrows") if "spill" in p.parts)
 
 
-def wait_for(what, predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.1)
-
-
 def test_spill_to_s3_reads_back_and_delete_and_ttl_remove_objects(s3):
     proc, client = start(env_for(s3), "--spill-url", "s3://bucket/handoff", "--memory-limit", "4MiB",
                          "--memory-policy", "spill")
@@ -166,18 +162,20 @@ def test_spill_to_s3_reads_back_and_delete_and_ttl_remove_objects(s3):
         assert pa.concat_tables([client.do_get(e.ticket).read_all() for e in info.endpoints]).equals(expected)
 
         list(client.do_action(flight.Action("delete", b"kept")))
-        wait_for("delete removes the spilled objects from the bucket", lambda: not spilled_objects(s3))
+        # Spilled objects are removed in the background once their last holder lets go.
+        eventually("delete removes the spilled objects from the bucket", lambda: not spilled_objects(s3))
 
-        # A link with a TTL after seal: its spilled objects go when it expires.
+        # A link with a TTL after seal (1 s, not scaled: the behaviour under test): its spilled
+        # objects go when it expires.
         list(client.do_action(flight.Action("create", create_link("brief", policy=MEMORY_POLICY_SPILL,
                                                                         ttl_after_seal=1))))
         fill("brief")
         assert spilled_objects(s3)
         list(client.do_action(flight.Action("seal", b"brief")))
-        wait_for("the TTL removes the spilled objects from the bucket", lambda: not spilled_objects(s3))
+        eventually("the TTL removes the spilled objects from the bucket", lambda: not spilled_objects(s3))
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
 
 
 def test_spill_with_a_wrong_secret_fails_the_write_and_keeps_earlier_data(s3):
@@ -197,7 +195,7 @@ def test_spill_with_a_wrong_secret_fails_the_write_and_keeps_earlier_data(s3):
         assert stats["rows"] == written and written > 0 and stats["spilled_partitions"] == 0, stats
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
@@ -216,7 +214,8 @@ def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
         client = HandoffClient(location)
         out = subprocess.run([str(handoff_bin()), "import", "--endpoint", location, "--link",
                               "imported", "s3://bucket/warehouse/features/*.parquet", "--seal",
-                              "--json"], capture_output=True, text=True, env=env_for(s3), timeout=120)
+                              "--json"], capture_output=True, text=True, env=env_for(s3),
+                             timeout=patience(120))
         assert out.returncode == 0, out.stderr
         reply = json.loads(out.stdout)
         assert (reply["files"], reply["rows"], reply["sealed"]) == (4, table.num_rows, True)
@@ -226,7 +225,7 @@ def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
         # A glob that matches nothing, and a file that is not Parquet: refused, nothing kept.
         out = subprocess.run([str(handoff_bin()), "import", "--endpoint", location, "--link",
                               "none", "s3://bucket/warehouse/nothing/*.parquet"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=patience(60))
         assert out.returncode == 1 and "no .parquet files" in out.stderr, out.stderr
         (data / "part-999.parquet").write_bytes(b"not parquet at all")
         with pytest.raises(Exception, match="(?i)parquet"):
@@ -237,4 +236,4 @@ def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
             pass
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=STOP_TIMEOUT_S)

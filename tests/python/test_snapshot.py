@@ -7,7 +7,7 @@ import signal
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from conftest import handoff_bin, start_plain
+from conftest import STOP_TIMEOUT_S, handoff_bin, start_plain
 
 
 def start(*args):
@@ -45,4 +45,4 @@ def test_snapshot_survives_sigkill(tmp_path):
         assert b'"state":"sealed"' in stats
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0

@@ -26,7 +26,7 @@ from pyspark import TaskContext  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
 import handoff.spark as handoff_spark  # noqa: E402
-from conftest import REPO, start_plain_location  # noqa: E402
+from conftest import REPO, STOP_TIMEOUT_S, patience, start_plain_location  # noqa: E402
 from handoff import HandoffClient  # noqa: E402
 from handoff.client import ShardRequest  # noqa: E402
 from handoff.spark import HandoffTarget, HandoffWriter, register, write  # noqa: E402
@@ -224,13 +224,17 @@ def test_task_failing_mid_stream_is_retried_exactly_once(spark, tmp_path, route)
         client.create(link)
         marker = tmp_path / "in-flight.json"
         rows, partitions, failing = 4000, 4, 3
+        # These loops run in Spark's Python workers, which cannot import conftest (`eventually`):
+        # their limits are computed here. Both are best effort: on timeout the task goes on, and
+        # the assertions below tell whether the failure hit mid-stream.
+        others_staged_s, in_flight_s = patience(60), patience(30)
 
         def fail_first_attempt_mid_stream(batches):
             context = TaskContext.get()
             fail = context.partitionId() == failing and context.attemptNumber() == 0
             probe = HandoffClient(location)
             if fail:  # let the other partitions finish, so only our stream can be in flight
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + others_staged_s
                 while (probe.stats(link)["staged_partitions"] < partitions - 1
                        and time.monotonic() < deadline):
                     time.sleep(0.05)
@@ -238,7 +242,7 @@ def test_task_failing_mid_stream_is_retried_exactly_once(spark, tmp_path, route)
                 # Batches of ~200 KB get past Spark's 64 KB socket buffers to our writer at once.
                 yield batch.append_column("pad", pa.array(["x" * 2000] * batch.num_rows))
                 if fail and index == 3:
-                    deadline = time.monotonic() + 30
+                    deadline = time.monotonic() + in_flight_s
                     in_flight = 0
                     while in_flight <= 0 and time.monotonic() < deadline:
                         stats = probe.stats(link)
@@ -262,7 +266,7 @@ def test_task_failing_mid_stream_is_retried_exactly_once(spark, tmp_path, route)
         client.close()
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.wait(timeout=STOP_TIMEOUT_S)
 
 
 def test_append_twice_then_overwrite(spark, hc):
@@ -335,7 +339,7 @@ def test_task_commit_streams_rows_to_a_reader_before_the_job_ends(spark, server,
     df = spark.range(0, rows, numPartitions=4).mapInArrow(slow, "id long")
     save(df, link, commit="task")
     job_done = time.time()
-    reader.join(timeout=60)
+    reader.join(timeout=patience(60))
 
     assert not errors, errors
     assert not reader.is_alive(), "the streaming reader did not finish at the seal"
@@ -399,7 +403,7 @@ def test_scala_job_writes_through_the_same_format(server, hc, tmp_path):
         [str(shell), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
          "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
          "-i", str(script)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=180)
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=patience(300))
     assert "HANDOFF_SCALA_WRITE_DONE" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert ids_in(hc, link) == list(range(500))
     assert hc.stats(link)["state"] == "sealed"

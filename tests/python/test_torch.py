@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from conftest import eventually, patience
 from handoff import HandoffClient, LinkNotFound, ServerUnavailable
 from handoff.client import ShardRequest
 from handoff.torch import HandoffDataset, to_tensors
@@ -221,7 +222,7 @@ def test_prefetch_is_bounded_and_an_early_stop_releases_the_read(endpoint, token
     ds = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token, prefetch=1)
     it = iter(ds)
     next(it)
-    time.sleep(0.3)
+    time.sleep(0.3)  # the reader runs ahead to its bound; the checks below hold without it too
     threads = [t for t in threading.enumerate() if t.name.startswith("handoff-prefetch")]
     assert len(threads) == 1
     it.close()
@@ -238,11 +239,17 @@ def test_streaming_reads_while_the_writer_still_writes(endpoint, token, writer):
     def produce():
         for p in range(6):
             writer.put(link, table(p * 1000, 1000))
-            time.sleep(0.3)
+            time.sleep(0.3)  # a gap between partitions, not a wait for anything
+        # Seal only once the reader has shown that it streams, or has had ample time to: a reader
+        # that waits for the seal never gets a batch first, however long this waits.
+        try:
+            eventually("the streaming reader received its first batch", lambda: first_batch_at)
+        except AssertionError:
+            pass  # the assertion below reports it
         sealed_at.append(time.monotonic())
         writer.seal(link)
 
-    producer = threading.Thread(target=produce)
+    producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     ds = HandoffDataset(link, batch_size=BATCH, streaming=True, endpoint=endpoint, token=token)
     seen = []
@@ -250,7 +257,8 @@ def test_streaming_reads_while_the_writer_still_writes(endpoint, token, writer):
         if not first_batch_at:
             first_batch_at.append(time.monotonic())
         seen.extend(batch["id"].tolist())
-    producer.join()
+    producer.join(patience(60))
+    assert not producer.is_alive(), "the writer did not finish after the seal"
     assert first_batch_at[0] < sealed_at[0], "training read before the writer finished"
     assert sorted(seen) == list(range(6000))
 
@@ -278,7 +286,8 @@ def test_default_fork_workers_in_a_training_process_that_leaves_grpc_to_them(end
         assert sorted(ids) == list(range({ROWS})), len(ids)
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=patience(240))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
