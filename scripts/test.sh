@@ -9,6 +9,21 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# Phase timings, printed at the end (and on failure), so CI's time stays visible per phase.
+PHASES=()
+phase_start=$(date +%s)
+phase() { # phase NAME: closes the current phase under NAME
+  local now; now=$(date +%s)
+  PHASES+=("$(printf '%-28s %5ss' "$1" $((now - phase_start)))")
+  phase_start=$now
+}
+report() {
+  local rc=$?
+  echo "== scripts/test.sh timings (exit $rc) ==" >&2
+  local p; for p in "${PHASES[@]}"; do echo "  $p" >&2; done
+}
+trap report EXIT
+
 # protoc checks that the checked-in protobuf code is fresh.
 if ! command -v protoc >/dev/null 2>&1; then
   echo "installing protobuf-compiler" >&2
@@ -27,6 +42,7 @@ if [ -z "${JAVA_HOME:-}" ] && [ -d /usr/lib/jvm/java-17-openjdk-amd64 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+phase "system and pip packages"
 
 # A real S3 server for the snapshot tests; built once and cached outside the checkout.
 S3S_ROOT="$HOME/.cache/handoff-tools/s3s-fs"
@@ -35,13 +51,18 @@ if [ ! -x "$S3S_ROOT/bin/s3s-fs" ]; then
   cargo install -q s3s-fs@0.14.1 --features binary --root "$S3S_ROOT"
 fi
 export S3S_FS_BIN="$S3S_ROOT/bin/s3s-fs"
+phase "tool: s3s-fs"
 
 # A real kube-apiserver (1.20, from Debian's source package) and etcd for the controller tests;
 # built once into ~/.cache/handoff-tools/kube-apiserver (5-10 min the first time).
 bash scripts/kube-apiserver.sh >/dev/null
+phase "tool: kube-apiserver, etcd"
 
 cargo build --workspace --all-targets
+phase "build: workspace"
 cargo test --workspace
+phase "tests: rust"
 # The package is tested from the checkout, not from whatever copy pip installed earlier.
 PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" HANDOFF_BIN="$PWD/target/debug/handoff" \
   python3 -m pytest -q tests/python
+phase "tests: python"
