@@ -23,19 +23,29 @@ usage() { die "usage: $0 DIR | $0 --down DIR | $0 --restart-apiserver DIR"; }
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 
-# Sends SIGTERM, waits up to 30 s, then SIGKILL. The processes are not our children, so poll.
+# Waits are generous (a loaded 2-core machine starts an API server slowly) and scale with
+# HANDOFF_TEST_TIMEOUT_SCALE, like every other wait of the test suite (crates/handoff-testkit).
+wait_s() { awk -v base="$1" -v scale="${HANDOFF_TEST_TIMEOUT_SCALE:-1}" \
+  'BEGIN { if (scale + 0 <= 0) scale = 1; printf "%d", base * scale + 0.5 }'; }
+READY_S=$(wait_s 180)
+STOP_S=$(wait_s 30)
+# Seconds since the epoch, for deadlines that hold however long each poll takes.
+now_s() { date +%s; }
+
+# Sends SIGTERM, waits up to $STOP_S s, then SIGKILL. The processes are not our children, so poll.
 stop_pid() {
-  local pid=$1 name=$2
+  local pid=$1 name=$2 deadline
   alive "$pid" || return 0
   log "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 300); do
+  deadline=$(( $(now_s) + STOP_S ))
+  while [ "$(now_s)" -lt "$deadline" ]; do
     alive "$pid" || return 0
     # A zombie (when the caller is our parent and hasn't reaped it) counts as stopped.
     [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ] && return 0
     sleep 0.1
   done
-  log "$name (pid $pid) did not stop in 30 s; killing it"
+  log "$name (pid $pid) did not stop in $STOP_S s; killing it"
   kill -KILL "$pid" 2>/dev/null || true
   for _ in $(seq 1 50); do alive "$pid" || return 0; sleep 0.1; done
 }
@@ -107,7 +117,8 @@ started_pids=("$apiserver_pid" ${etcd_pid:+"$etcd_pid"})
 
 start=$(date +%s%N)
 ready=0
-for _ in $(seq 1 600); do
+deadline=$(( $(now_s) + READY_S ))
+while [ "$(now_s)" -lt "$deadline" ]; do
   if ! alive "$apiserver_pid"; then
     log "kube-apiserver exited; last log lines:"
     tail -n 30 "$DIR/kube-apiserver.log" >&2 || true
@@ -121,7 +132,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 if [ "$ready" != 1 ]; then
-  log "kube-apiserver not ready after 60 s; last log lines:"
+  log "kube-apiserver not ready after $READY_S s (HANDOFF_TEST_TIMEOUT_SCALE raises it); last log lines:"
   tail -n 30 "$DIR/kube-apiserver.log" >&2 || true
   exit 1
 fi
@@ -236,7 +247,8 @@ for attempt in 1 2 3; do
   etcd_pid=$!
   started_pids=("$etcd_pid")
   ok=0
-  for _ in $(seq 1 200); do
+  deadline=$(( $(now_s) + READY_S / 3 ))
+  while [ "$(now_s)" -lt "$deadline" ]; do
     if ! alive "$etcd_pid"; then break; fi
     if curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"'; then
       ok=1

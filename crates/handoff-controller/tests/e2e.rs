@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use arrow_array::{Float32Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
+use handoff_testkit::eventually;
 use common::{Cluster, fixture, install_crd, install_upstream_crds, repo};
 use handoff_client::HandoffClient;
 use handoff_controller::{ControllerConfig, DataLink, Metrics, Phase, resources};
@@ -33,7 +34,6 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:handoff-system:handoff-controller";
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Apply deploy/base's namespace and RBAC, as `kubectl apply -k deploy/base` would.
 async fn install_rbac(client: &Client) {
@@ -189,24 +189,6 @@ fn batch(start: i64, rows: usize) -> RecordBatch {
         ],
     )
     .expect("batch")
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -572,6 +554,20 @@ impl<'a> Scenario<'a> {
             .collect()
     }
 
+    /// Waits until the link has an event with each reason; events are published after the
+    /// writes they report, so a single read can come too early.
+    async fn wait_events(&self, reasons: &[&str]) {
+        let what = format!("events {reasons:?} in {}", self.namespace);
+        eventually(&what, || async {
+            let seen = self.event_reasons().await;
+            reasons
+                .iter()
+                .all(|reason| seen.iter().any(|r| r == reason))
+                .then_some(())
+        })
+        .await
+    }
+
     async fn server_objects_gone(&self) {
         let deployments: Api<Deployment> = self.api();
         let services: Api<Service> = self.api();
@@ -700,20 +696,17 @@ async fn happy_path_pytorchjob(cluster: &Cluster) {
         .await
         .expect_err("the link was deleted on the server");
     assert_eq!(err.code(), Some(tonic::Code::NotFound));
-    let reasons = s.event_reasons().await;
-    for reason in [
+    // The controller deletes the objects first and publishes ServerDeleted after, so the events
+    // are awaited, not read once.
+    s.wait_events(&[
         "Provisioning",
         "Receiving",
         "Sealed",
         "Consuming",
         "ConsumerSucceeded",
         "ServerDeleted",
-    ] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "event {reason} in {reasons:?}"
-        );
-    }
+    ])
+    .await;
 
     // Deletion goes through the finalizer and leaves the user's jobs.
     s.links()

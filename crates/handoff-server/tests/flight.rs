@@ -187,22 +187,16 @@ async fn a_broken_stream_leaves_nothing_and_frees_its_memory() {
             .chain(futures::stream::pending());
         let _ = client.put_partition("broken", 0, 0, batches).await;
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while server.store.memory().used() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the writer's data never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let memory = server.store.memory();
+    handoff_testkit::eventually("the writer's data to arrive", || async {
+        (memory.used() != 0).then_some(())
+    })
+    .await;
     writer_runtime.shutdown_background();
-    while server.store.memory().used() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "memory of the broken stream was not freed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    handoff_testkit::eventually("the broken stream's memory to be freed", || async {
+        (memory.used() == 0).then_some(())
+    })
+    .await;
     let stats = server.store.stats("broken").expect("link exists");
     assert_eq!(
         (stats.staged_partitions, stats.partitions, stats.rows),
@@ -736,9 +730,8 @@ async fn wait_policy_stalls_the_writer_until_a_reader_frees_memory() {
     }
     assert_eq!(rows, 40_000);
     admin.delete("a").await.expect("delete");
-    let outcome = tokio::time::timeout(Duration::from_secs(20), put)
+    let outcome = handoff_testkit::within("the stalled writer to resume", put)
         .await
-        .expect("resumed")
         .expect("task")
         .expect("put");
     assert_eq!(outcome.rows, 40_000);
@@ -865,14 +858,12 @@ async fn snapshot_on_seal_then_restore_in_a_new_store() {
 }
 
 async fn wait_until_gone(client: &mut handoff_client::HandoffClient, link: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match client.stats(link).await {
-            Err(e) if e.code() == Some(Code::NotFound) => return,
-            _ if tokio::time::Instant::now() > deadline => panic!("link '{link}' was not dropped"),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
+    let client = tokio::sync::Mutex::new(client);
+    handoff_testkit::eventually(&format!("link '{link}' to be dropped"), || async {
+        let result = client.lock().await.stats(link).await;
+        matches!(result, Err(e) if e.code() == Some(Code::NotFound)).then_some(())
+    })
+    .await
 }
 
 #[tokio::test]

@@ -55,13 +55,11 @@ fn files_under(dir: &Path, sub: &str) -> usize {
 }
 
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..100 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting until {what}");
+    handoff_testkit::eventually(what, || {
+        let done = done();
+        async move { done.then_some(()) }
+    })
+    .await
 }
 
 async fn shard_ids(client: &mut handoff_client::HandoffClient, shard: ReadShard) -> Vec<i64> {

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use handoff_controller::DataLink;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -120,12 +119,11 @@ pub async fn install_crd(client: &Client) {
 }
 
 async fn established(crds: &Api<CustomResourceDefinition>, name: &str) {
-    tokio::time::timeout(
-        Duration::from_secs(30),
+    handoff_testkit::within(
+        &format!("CRD {name} to be established"),
         await_condition(crds.clone(), name, conditions::is_crd_established()),
     )
     .await
-    .expect("established in time")
     .expect("watch");
 }
 
