@@ -306,4 +306,133 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Every position each rank reads, batch by batch, as the plan gives them.
+        fn positions(spec: &ShardSpec, n: u64) -> Vec<Vec<u64>> {
+            let order = spec.shuffle.then(|| permutation(n, spec.seed, spec.epoch));
+            (spec.start_batch..spec.batches_per_rank(n))
+                .map(|k| {
+                    let start = spec.batch_start(k).expect("in range");
+                    (start..start + spec.batch_rows)
+                        .map(|p| p % n)
+                        .map(|p| order.as_ref().map_or(p, |o| o[p as usize]))
+                        .collect()
+                })
+                .collect()
+        }
+
+        fn spec(
+            rank: u32,
+            world: u32,
+            b: u64,
+            drop_last: bool,
+            shuffle: bool,
+            start: u64,
+        ) -> ShardSpec {
+            ShardSpec {
+                rank,
+                world_size: world,
+                epoch: 3,
+                seed: 11,
+                batch_rows: b,
+                shuffle,
+                drop_last,
+                start_batch: start,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Equal batch counts; with drop_last, disjoint; without, every row at least once
+            /// and repeats only from the wrap-around of the last round. Shuffled or not.
+            #[test]
+            fn shards_are_equal_disjoint_and_complete(
+                n in 1u64..3000, world in 1u32..9, b in 1u64..64,
+                drop_last: bool, shuffle: bool, start in 0u64..4,
+            ) {
+                let ranks: Vec<Vec<Vec<u64>>> = (0..world)
+                    .map(|r| positions(&spec(r, world, b, drop_last, shuffle, start), n))
+                    .collect();
+                let counts: Vec<usize> = ranks.iter().map(Vec::len).collect();
+                prop_assert!(counts.iter().all(|c| *c == counts[0]), "counts {:?}", counts);
+                prop_assert!(ranks.iter().flatten().all(|batch| batch.len() as u64 == b));
+                let mut seen = vec![0u32; n as usize];
+                for p in ranks.iter().flatten().flatten() {
+                    seen[*p as usize] += 1;
+                }
+                let read: u64 = seen.iter().map(|s| u64::from(*s)).sum();
+                let round = b * u64::from(world);
+                if drop_last {
+                    prop_assert!(seen.iter().all(|s| *s <= 1), "a row read twice");
+                    let full = n / round;
+                    prop_assert_eq!(read, full.saturating_sub(start) * round);
+                } else if start == 0 {
+                    prop_assert!(seen.iter().all(|s| *s >= 1), "a row never read");
+                    prop_assert!(read - n < round, "more repeats than one round's wrap");
+                }
+            }
+
+            /// A rank's plan is the same on every call: deterministic in (seed, epoch).
+            #[test]
+            fn plans_are_deterministic(n in 1u64..2000, world in 1u32..5, b in 1u64..32, rank_seed: u32) {
+                let rank = rank_seed % world;
+                let s = spec(rank, world, b, false, true, 0);
+                prop_assert_eq!(positions(&s, n), positions(&s, n));
+            }
+
+            /// Contiguous ranges (batch_rows 0) tile the rows exactly, sizes within one.
+            #[test]
+            fn contiguous_ranges_tile(n in 0u64..100_000, world in 1u32..1000) {
+                let mut next = 0;
+                for r in 0..world {
+                    let (s, e) = spec(r, world, 0, false, false, 0).contiguous_range(n);
+                    prop_assert_eq!(s, next);
+                    prop_assert!(e - s <= n / u64::from(world) + 1);
+                    next = e;
+                }
+                prop_assert_eq!(next, n);
+            }
+
+            /// Streaming never hands a rank more batches than the sealed plan gives it, and
+            /// with drop_last all ranks hold the same count at every moment.
+            #[test]
+            fn streaming_never_overtakes_the_seal(
+                committed in 0u64..2000, more in 0u64..500, world in 1u32..6, b in 1u64..40, drop_last: bool,
+            ) {
+                let total = committed + more;
+                let streamed: Vec<u64> = (0..world)
+                    .map(|r| {
+                        let s = spec(r, world, b, drop_last, false, 0);
+                        (0..).take_while(|k| s.streamable(*k, committed)).count() as u64
+                    })
+                    .collect();
+                let sealed = spec(0, world, b, drop_last, false, 0).batches_per_rank(total);
+                prop_assert!(streamed.iter().all(|c| *c <= sealed), "{:?} > {}", streamed, sealed);
+                if drop_last {
+                    prop_assert!(streamed.iter().all(|c| *c == streamed[0]), "{:?}", streamed);
+                }
+            }
+
+            /// Any numbers a client sends either validate, and then plan without overflow, or
+            /// are refused.
+            #[test]
+            fn any_numbers_validate_or_are_refused(
+                world: u32, b: u64, start: u64, rank: u32, n: u64,
+            ) {
+                let s = spec(rank, world, b, false, false, start);
+                if s.validate().is_ok() {
+                    let _ = s.batches_per_rank(n);
+                    let _ = s.rows_for_rank(n);
+                    let _ = s.batch_start(start);
+                    let _ = s.streamable(start, n);
+                }
+            }
+        }
+    }
 }
