@@ -4,6 +4,7 @@
 pub mod filter;
 pub mod import;
 pub mod limits;
+pub mod memory;
 pub mod table;
 
 use std::sync::Arc;
@@ -17,11 +18,20 @@ pub use table::LinkTable;
 
 /// A DataFusion session in which each given link is a table named after it, in `catalog.schema`
 /// (also the defaults, so bare names work).
-pub fn session(tables: Vec<LinkTable>, catalog: &str, schema: &str) -> Result<SessionContext> {
+/// Its operators reserve memory from `memory`, the server's pool.
+pub fn session(
+    tables: Vec<LinkTable>,
+    catalog: &str,
+    schema: &str,
+    memory: Arc<handoff_store::MemoryPool>,
+) -> Result<SessionContext> {
     let config = SessionConfig::new()
         .with_default_catalog_and_schema(catalog, schema)
         .with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config);
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(memory::SharedPool::new(memory)))
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
     for table in tables {
         let name = datafusion::common::TableReference::full(catalog, schema, table.name());
         ctx.register_table(name, Arc::new(table))?;

@@ -90,6 +90,16 @@ fn handle_sql(handle: &[u8]) -> Result<String, Status> {
         .map_err(|_| Status::invalid_argument("not a statement handle from this server"))
 }
 
+/// A query that ran out of the server's memory is RESOURCE_EXHAUSTED; other failures of a
+/// planned query are the query's.
+fn query_failed(e: &datafusion::error::DataFusionError) -> Status {
+    if handoff_query::memory::is_out_of_memory(e) {
+        Status::resource_exhausted(e.find_root().strip_backtrace())
+    } else {
+        Status::invalid_argument(e.strip_backtrace())
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -131,7 +141,8 @@ impl SqlService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let tables = self.tables(metadata)?;
         let names: Vec<String> = tables.iter().map(|t| t.name().to_string()).collect();
-        let ctx = handoff_query::session(tables, CATALOG, SCHEMA).map_err(internal)?;
+        let ctx = handoff_query::session(tables, CATALOG, SCHEMA, Arc::clone(self.store.memory()))
+            .map_err(internal)?;
         // Links are written through Flight, not SQL: no DDL, DML or SET.
         let read_only = datafusion::execution::context::SQLOptions::new()
             .with_allow_ddl(false)
@@ -161,8 +172,8 @@ impl SqlService {
         let batches = frame
             .execute_stream()
             .await
-            .map_err(|e| Status::invalid_argument(e.strip_backtrace()))?
-            .map_err(|e| FlightError::ExternalError(Box::new(e)));
+            .map_err(|e| query_failed(&e))?
+            .map_err(|e| FlightError::Tonic(Box::new(query_failed(&e))));
         Ok(self.encode(schema, batches))
     }
 

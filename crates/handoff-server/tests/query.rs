@@ -208,3 +208,61 @@ async fn bad_columns_and_filters_are_refused_with_a_sentence() {
     }
     server.stop().await;
 }
+
+/// SQL reserves from the server's pool, so a query larger than the budget fails with
+/// RESOURCE_EXHAUSTED instead of growing the process (an `array_agg` over a large `range()` took
+/// 1.1 GiB under a 256 MiB limit), and gives its memory back.
+#[tokio::test]
+async fn sql_that_outgrows_the_budget_is_resource_exhausted() {
+    use futures::TryStreamExt;
+
+    let limit = 16 << 20;
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            memory_limit: Some(limit),
+            ..Default::default()
+        },
+    )
+    .await;
+    let channel =
+        tonic::transport::Channel::from_shared(server.endpoint.replace("grpc://", "http://"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+    let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    sql.set_header("authorization", format!("Bearer {READER}"));
+    let run = |query: &'static str| {
+        let mut sql = sql.clone();
+        async move {
+            let info = sql.execute(query.to_string(), None).await?;
+            let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+            let batches: Vec<arrow_array::RecordBatch> =
+                sql.do_get(ticket).await?.try_collect().await?;
+            Ok::<_, arrow_flight::error::FlightError>(batches)
+        }
+    };
+    let err = run("SELECT array_agg(value) FROM range(20000000)")
+        .await
+        .expect_err("over the budget");
+    let status = match err {
+        arrow_flight::error::FlightError::Tonic(status) => status,
+        other => panic!("not a gRPC status: {other}"),
+    };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("--memory-limit"), "{status}");
+    assert!(
+        server.store.memory().peak() <= limit,
+        "never past the budget"
+    );
+    handoff_testkit::eventually("the query's memory to be given back", || async {
+        (server.store.memory().used() == 0).then_some(())
+    })
+    .await;
+    let small = run("SELECT count(*) FROM range(1000)")
+        .await
+        .expect("a small query runs");
+    assert_eq!(small[0].num_rows(), 1);
+    server.stop().await;
+}

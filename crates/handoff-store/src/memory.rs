@@ -78,6 +78,27 @@ impl MemoryPool {
         }
     }
 
+    /// Count `bytes` against the limit, or fail with the numbers. For pools of other libraries
+    /// built over this one (DataFusion's); everything else holds a [`Reservation`].
+    pub fn try_acquire(&self, bytes: u64) -> Result<()> {
+        self.try_add(bytes)
+    }
+
+    /// Count `bytes` even past the limit: for allocations that already happened and can only
+    /// be accounted for (DataFusion's infallible `grow`).
+    pub fn acquire_unchecked(&self, bytes: u64) {
+        let now = self
+            .used
+            .fetch_add(bytes, Ordering::AcqRel)
+            .saturating_add(bytes);
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Give back bytes taken by [`Self::try_acquire`] or [`Self::acquire_unchecked`].
+    pub fn release_acquired(&self, bytes: u64) {
+        self.release(bytes);
+    }
+
     fn try_add(&self, bytes: u64) -> Result<()> {
         let mut current = self.used.load(Ordering::Relaxed);
         loop {
