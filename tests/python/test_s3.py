@@ -209,7 +209,7 @@ def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
     for i, part in enumerate(table.to_batches(max_chunksize=7_500)):
         pq.write_table(pa.Table.from_batches([part]), data / f"part-{i:03d}.parquet")
     (data / "_SUCCESS").write_text("")  # what Spark leaves beside its files; not Parquet
-    proc, location = start_plain_location(env=env_for(s3))
+    proc, location = start_plain_location("--import-allow", "s3://bucket/warehouse/", env=env_for(s3))
     try:
         client = HandoffClient(location)
         out = subprocess.run([str(handoff_bin()), "import", "--endpoint", location, "--link",
@@ -227,6 +227,11 @@ def test_import_parquet_from_s3_fills_a_link_all_or_nothing(s3, tmp_path):
                               "none", "s3://bucket/warehouse/nothing/*.parquet"],
                              capture_output=True, text=True, timeout=patience(60))
         assert out.returncode == 1 and "no .parquet files" in out.stderr, out.stderr
+        # Outside --import-allow: refused before anything is read.
+        out = subprocess.run([str(handoff_bin()), "import", "--endpoint", location, "--link",
+                              "elsewhere", "s3://bucket/private/*.parquet"],
+                             capture_output=True, text=True, timeout=patience(60))
+        assert out.returncode == 1 and "not allowed" in out.stderr, out.stderr
         (data / "part-999.parquet").write_bytes(b"not parquet at all")
         with pytest.raises(Exception, match="(?i)parquet"):
             client.import_parquet("broken", "s3://bucket/warehouse/features/*.parquet")

@@ -111,6 +111,9 @@ fn main() {
     init_tracing(default_log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // DataFusion plans by recursion; the SQL limits (handoff_query::limits) keep the deepest
+        // plan inside 2 MiB, and 8 MiB leaves margin. Untouched stack pages cost no memory.
+        .thread_stack_size(8 << 20)
         .build()
     {
         Ok(rt) => rt,

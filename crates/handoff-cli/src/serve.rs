@@ -64,6 +64,14 @@ pub struct ServeArgs {
     /// Seconds that SIGTERM waits for in-flight calls before closing them.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Let `import` read Parquet under this URL prefix (repeat for more), with the server's own
+    /// credentials: e.g. s3://bucket/warehouse/. Without it, import is off. Local files need a
+    /// file:// prefix named here.
+    #[arg(long = "import-allow", value_name = "URL_PREFIX")]
+    pub import_allow: Vec<String>,
+    /// Open connections each port accepts; further ones are closed at once, with a warning.
+    #[arg(long, default_value_t = handoff_server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
     #[arg(long, hide = true)]
     pub copying_get: bool,
@@ -134,6 +142,9 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 drain_timeout: Duration::from_secs(args.drain_timeout),
                 idle_timeout: (args.idle_timeout > 0)
                     .then(|| Duration::from_secs(args.idle_timeout)),
+                max_connections: args.max_connections.max(1),
+                import_allow: args.import_allow.clone(),
+                ..ServerConfig::default()
             },
             store: StoreConfig {
                 storage: Some(ObjectStorage::from_url(&spill_url).map_err(|e| e.to_string())?),

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use arrow_array::{Float32Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
-use handoff_testkit::eventually;
 use common::{Cluster, fixture, install_crd, install_upstream_crds, repo};
 use handoff_client::HandoffClient;
 use handoff_controller::{ControllerConfig, DataLink, Metrics, Phase, resources};
+use handoff_testkit::eventually;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;

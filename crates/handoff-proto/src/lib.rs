@@ -38,11 +38,12 @@ impl Ticket {
         }
     }
 
-    pub fn partition(link: impl Into<String>, index: u64) -> Self {
+    pub fn partition(link: impl Into<String>, index: u64, generation: u64) -> Self {
         Self {
             kind: Some(ticket::Kind::Partition(ReadPartition {
                 link: link.into(),
                 index,
+                generation,
             })),
         }
     }

@@ -12,6 +12,10 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use handoff_store::{QueryPlanner, ReadQuery, RowFilter};
 
+use handoff_store::echo;
+
+use crate::limits::{MAX_FILTER_BYTES, check_expression};
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum QueryError {
     #[error("{0}")]
@@ -51,7 +55,8 @@ fn column_index(schema: &SchemaRef, name: &str) -> Result<usize, QueryError> {
     schema.index_of(name).map_err(|_| {
         let known: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         QueryError::Invalid(format!(
-            "the link has no column '{name}'; its columns are {}",
+            "the link has no column '{}'; its columns are {}",
+            echo(name),
             known.join(", ")
         ))
     })
@@ -72,7 +77,8 @@ pub fn plan_read(
             let index = column_index(schema, name)?;
             if !seen.insert(index) {
                 return Err(QueryError::Invalid(format!(
-                    "column '{name}' is asked for twice"
+                    "column '{}' is asked for twice",
+                    echo(name)
                 )));
             }
             indices.push(index);
@@ -89,8 +95,9 @@ pub fn plan_read(
 }
 
 fn plan_filter(schema: &SchemaRef, sql: &str) -> Result<PlannedFilter, QueryError> {
+    check_expression("filter", sql, MAX_FILTER_BYTES)?;
     let invalid = |e: datafusion::error::DataFusionError| {
-        QueryError::Invalid(format!("filter '{sql}': {}", e.strip_backtrace()))
+        QueryError::Invalid(format!("filter '{}': {}", echo(sql), e.strip_backtrace()))
     };
     let ctx = SessionContext::new();
     let whole = DFSchema::try_from(schema.as_ref().clone()).map_err(invalid)?;
@@ -98,7 +105,8 @@ fn plan_filter(schema: &SchemaRef, sql: &str) -> Result<PlannedFilter, QueryErro
     // Every rank evaluates the filter and all must agree on the rows, or shards would overlap.
     if expr.is_volatile() {
         return Err(QueryError::Invalid(format!(
-            "filter '{sql}' calls a function whose result changes between calls (such as random()), so ranks would disagree on the rows; sample deterministically instead, e.g. id % 10 = 0"
+            "filter '{}' calls a function whose result changes between calls (such as random()), so ranks would disagree on the rows; sample deterministically instead, e.g. id % 10 = 0",
+            echo(sql)
         )));
     }
     // Evaluate on the referenced columns only, so the others are never decoded.
@@ -123,7 +131,8 @@ fn plan_filter(schema: &SchemaRef, sql: &str) -> Result<PlannedFilter, QueryErro
     let kind = physical.data_type(&narrow).map_err(invalid)?;
     if kind != DataType::Boolean {
         return Err(QueryError::Invalid(format!(
-            "filter '{sql}' gives {kind} values; it must be a true/false condition, e.g. split = 'train'"
+            "filter '{}' gives {kind} values; it must be a true/false condition, e.g. split = 'train'",
+            echo(sql)
         )));
     }
     Ok(PlannedFilter {
@@ -178,6 +187,31 @@ mod tests {
         let two = plan_read(&schema(), &[], "score > 0.5 AND id % 2 = 0").expect("plans");
         assert_eq!(two.filter.expect("filter").columns(), &[0, 2]);
         let _ = (Int64Array::from(vec![1]), Float64Array::from(vec![1.0]));
+    }
+
+    /// The deepest tree the limits allow (every operator one level: 255 `+` and a `>`) plans
+    /// and evaluates on a 2 MiB stack, a quarter of what the server's workers get.
+    #[test]
+    fn the_deepest_allowed_filter_runs_on_a_small_stack() {
+        let sql = format!("id{} > 0", " + 1".repeat(255));
+        crate::limits::check_expression("filter", &sql, crate::limits::MAX_FILTER_BYTES)
+            .expect("at the limit");
+        let worker = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let query = plan_read(&schema(), &[], &sql).expect("plans");
+                let filter = query.filter.expect("filter");
+                let narrow = Arc::new(schema().project(&[0]).expect("project"));
+                let ids = Int64Array::from(vec![-300, -255, 0]);
+                let batch = RecordBatch::try_new(narrow, vec![Arc::new(ids)]).expect("batch");
+                let passed = filter.evaluate(&batch).expect("evaluates");
+                arrow_select_free_true_count(&passed)
+            })
+            .expect("spawn");
+        assert_eq!(worker.join().expect("no overflow"), 1);
+        let err = plan_read(&schema(), &[], &format!("id{} > 0", " + 1".repeat(300)))
+            .expect_err("past the limit");
+        assert!(err.to_string().contains("operators"), "{err}");
     }
 
     fn arrow_select_free_true_count(a: &BooleanArray) -> usize {

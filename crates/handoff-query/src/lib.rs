@@ -3,6 +3,7 @@
 
 pub mod filter;
 pub mod import;
+pub mod limits;
 pub mod table;
 
 use std::sync::Arc;

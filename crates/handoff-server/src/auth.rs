@@ -1,5 +1,7 @@
 //! Bearer tokens: server-wide admin, writer and reader tokens, plus per-link tokens.
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use handoff_store::Store;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
@@ -114,34 +116,10 @@ pub fn token_of(metadata: &MetadataMap) -> Option<String> {
     let basic = value
         .strip_prefix("Basic ")
         .or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64_decode(basic.trim())?;
+    let decoded = BASE64.decode(basic.trim()).ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (_, password) = text.split_once(':')?;
     Some(password.to_string())
-}
-
-fn base64_decode(input: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let clean: Vec<u8> = input.bytes().filter(|c| *c != b'=').collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for chunk in clean.chunks(4) {
-        let mut acc = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            acc |= value(*c)? << (18 - 6 * i);
-        }
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
 }
 
 pub const MISSING_TOKEN: &str = "missing bearer token: send 'authorization: Bearer <token>' (handoff CLI: --token or HANDOFF_TOKEN)";
@@ -198,13 +176,11 @@ impl AuthConfig {
             .map(|l| format!("link '{l}'"))
             .unwrap_or_else(|| "this server".into());
         Err(Status::permission_denied(format!(
-            "this token may not {what} {target}; use a {} token for it",
-            if matches!(access, Access::Read) {
-                "reader"
-            } else if matches!(access, Access::Admin) {
-                "admin"
-            } else {
-                "writer"
+            "this token may not {what} {target}; use {} token for it",
+            match access {
+                Access::Read => "a reader",
+                Access::Admin => "an admin",
+                Access::Write | Access::Inspect => "a writer",
             }
         )))
     }
@@ -225,6 +201,20 @@ mod tests {
         assert_eq!(token_of(&md).as_deref(), Some("s3cret"));
         md.insert("authorization", "Bearer abc".parse().expect("header"));
         assert_eq!(token_of(&md).as_deref(), Some("abc"));
+    }
+
+    /// Basic auth is RFC 7617's standard alphabet only: the old hand-written decoder also took
+    /// URL-safe characters, and mixtures of the two.
+    #[test]
+    fn basic_auth_takes_one_alphabet() {
+        let mut md = MetadataMap::new();
+        // "u:??>" is "dTo/Pz4=" in the standard alphabet and "dTo_Pz4=" in the URL-safe one.
+        md.insert("authorization", "Basic dTo/Pz4=".parse().expect("header"));
+        assert_eq!(token_of(&md).as_deref(), Some("??>"));
+        for mixed in ["Basic dTo_Pz4=", "Basic dTo/Pz4-", "Basic !!!!"] {
+            md.insert("authorization", mixed.parse().expect("header"));
+            assert_eq!(token_of(&md), None, "{mixed}");
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@ use tonic::{Code, Status};
 pub fn status_of(err: StoreError) -> Status {
     let code = match &err {
         StoreError::UnknownLink(_) | StoreError::Deleted(_) => Code::NotFound,
-        StoreError::LinkExists(_) | StoreError::AlreadyCommitted { .. } => Code::AlreadyExists,
+        StoreError::LinkExists(_)
+        | StoreError::LinkExistsOtherwise { .. }
+        | StoreError::AlreadyCommitted { .. } => Code::AlreadyExists,
         StoreError::Sealed(_) | StoreError::NotStaged { .. } => Code::FailedPrecondition,
         StoreError::Replaced(_) => Code::Aborted,
         StoreError::InvalidLinkName(_)

@@ -1,9 +1,12 @@
 //! The Handoff Arrow Flight server: the tonic service, auth, health and metrics endpoints.
 
 pub mod auth;
+mod conn;
 pub mod encode;
 pub mod error;
+mod imports;
 pub mod metrics;
+mod panic;
 pub mod raw;
 pub mod service;
 mod sql;
@@ -32,6 +35,16 @@ pub use service::HandoffService;
 const H2_MAX_FRAME: u32 = 1 << 20;
 const H2_WINDOW: u32 = 16 << 20;
 
+/// Far more than one link's writers and readers need (an executor or a rank holds one or two),
+/// and far below the open-files limit of a container (usually 1M; 20k on small machines).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Calls in flight on one connection: Spark and torch clients multiplex a handful.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// HTTP/2 pings on a quiet connection, and how long an answer may take before it is closed:
+/// a peer that vanished (a killed pod, a cut network) frees its connection within a minute.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub auth: AuthConfig,
@@ -45,6 +58,13 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Drop open links that nobody wrote to for this long.
     pub idle_timeout: Option<Duration>,
+    /// Open connections per port; further ones are closed at once.
+    pub max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    pub max_concurrent_streams: u32,
+    /// URL prefixes `import` may read under, with the server's own credentials. Empty: import
+    /// is off. `file://` is allowed only under a `file://` prefix named here.
+    pub import_allow: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +76,9 @@ impl Default for ServerConfig {
             zero_copy_get: true,
             drain_timeout: Duration::from_secs(30),
             idle_timeout: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            import_allow: Vec::new(),
         }
     }
 }
@@ -121,11 +144,17 @@ pub async fn serve(
         Arc::clone(&metrics),
         config.max_flight_data_size,
     )
-    .map_err(|e| ServerError::Config(format!("cannot describe Flight SQL: {e}")))?;
+    .map_err(|e| ServerError::Config(format!("cannot describe Flight SQL: {e}")))?
+    .with_imports(
+        imports::ImportAllowlist::new(&config.import_allow).map_err(ServerError::Config)?,
+    );
     let grpc_service = FlightServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let router = FlightRouter::new(grpc_service, service, config.zero_copy_get);
+    let router = panic::CatchPanic::new(
+        FlightRouter::new(grpc_service, service, config.zero_copy_get),
+        Arc::clone(&metrics),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -164,8 +193,10 @@ pub async fn serve(
         ready: AtomicBool::new(true),
     });
     let (http_stop, http_stopped) = oneshot::channel::<()>();
+    let http_cap = conn::ConnectionCap::new("http", config.max_connections);
     let http_task = http.map(|listener| {
         let app = http_router(Arc::clone(&state));
+        let listener = conn::CappedListener::new(listener, http_cap);
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -179,7 +210,11 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(grpc)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)));
+    let incoming = conn::ConnectionCap::new("grpc", config.max_connections).limit(incoming);
     let grpc_future = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(H2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(H2_KEEPALIVE_TIMEOUT))
         .max_frame_size(H2_MAX_FRAME)
         .initial_stream_window_size(H2_WINDOW)
         .initial_connection_window_size(H2_WINDOW)

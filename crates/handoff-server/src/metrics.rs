@@ -33,6 +33,8 @@ pub struct Metrics {
     pub served_bytes: Counter,
     pub served_rows: Counter,
     pub broken_puts: Counter,
+    /// Calls that hit a bug (a panic) and were answered INTERNAL.
+    pub panics: Counter,
     pub expired_links: Family<ReasonLabels, Counter>,
     memory_used: Gauge<u64, AtomicU64>,
     memory_limit: Gauge<u64, AtomicU64>,
@@ -53,6 +55,7 @@ impl Default for Metrics {
             served_bytes: Counter::default(),
             served_rows: Counter::default(),
             broken_puts: Counter::default(),
+            panics: Counter::default(),
             expired_links: Family::default(),
             memory_used: Gauge::default(),
             memory_limit: Gauge::default(),
@@ -88,6 +91,11 @@ impl Default for Metrics {
             "broken_puts",
             "DoPut streams that ended in an error and left nothing",
             m.broken_puts.clone(),
+        );
+        registry.register(
+            "panics",
+            "Calls that hit a server bug and were answered INTERNAL; the server went on",
+            m.panics.clone(),
         );
         registry.register(
             "memory_used_bytes",

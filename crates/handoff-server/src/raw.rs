@@ -133,7 +133,8 @@ struct FlightBody {
     done: bool,
 }
 
-fn trailers(status: &Status) -> HeaderMap {
+/// The trailers that end a gRPC response with `status`.
+pub(crate) fn trailers(status: &Status) -> HeaderMap {
     let mut headers = HeaderMap::new();
     if status.add_header(&mut headers).is_err() {
         headers.insert("grpc-status", HeaderValue::from_static("13"));

@@ -29,6 +29,22 @@ use crate::metrics::Metrics;
 
 /// How long a `wait` link's writes wait for memory when neither the link nor the server says.
 const DEFAULT_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest TTL a link may ask for: ten years. Far longer would overflow the clock's
+/// arithmetic, which once read as "already expired" and deleted the link at once.
+const MAX_TTL_SECONDS: u64 = 10 * 365 * 24 * 3600;
+/// The longest a `wait` link's writer may wait for memory: a day.
+const MAX_WAIT_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+/// A TTL from a request, checked against its range.
+fn ttl(field: &str, seconds: u64) -> Result<Option<std::time::Duration>, Status> {
+    match seconds {
+        0 => Ok(None),
+        s if s <= MAX_TTL_SECONDS => Ok(Some(std::time::Duration::from_secs(s))),
+        s => Err(invalid(format!(
+            "{field} {s} is out of range: use 0 (none) to {MAX_TTL_SECONDS} seconds (ten years)"
+        ))),
+    }
+}
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -41,6 +57,8 @@ pub struct HandoffService {
     pub(crate) max_flight_data_size: usize,
     /// Flight SQL shares the port: its commands and tickets are routed there.
     pub(crate) sql: crate::sql::SqlService,
+    /// Where `import` may read from; nowhere unless the operator says.
+    imports: Arc<crate::imports::ImportAllowlist>,
 }
 
 /// What a descriptor names.
@@ -182,7 +200,13 @@ impl HandoffService {
             metrics,
             max_flight_data_size,
             sql,
+            imports: Arc::default(),
         })
+    }
+
+    pub(crate) fn with_imports(mut self, imports: crate::imports::ImportAllowlist) -> Self {
+        self.imports = Arc::new(imports);
+        self
     }
 
     fn authorize(
@@ -212,7 +236,7 @@ impl HandoffService {
         let schema = Self::schema_of(link)?;
         let endpoints = (0..snapshot.partitions.len() as u64).map(|i| {
             FlightEndpoint::new().with_ticket(Ticket::new(
-                proto::Ticket::partition(link.name(), i).encode_to_vec(),
+                proto::Ticket::partition(link.name(), i, snapshot.generation).encode_to_vec(),
             ))
         });
         let mut info = FlightInfo::new()
@@ -301,7 +325,8 @@ impl HandoffService {
                 self.authorize(md, Access::Read, Some(&p.link))?;
                 let link = self.link(&p.link)?;
                 let (schema, partition) =
-                    handoff_store::read_partition(&link, p.index).map_err(status_of)?;
+                    handoff_store::read_partition(&link, p.index, p.generation)
+                        .map_err(status_of)?;
                 // Fetch one frame ahead, so a spilled partition streams at the store's pace.
                 let frames = stream::iter(0..partition.frame_rows().len())
                     .map(move |i| {
@@ -395,7 +420,12 @@ impl HandoffService {
                 timeout: match (req.wait_timeout_ms, self.store.default_policy()) {
                     (0, MemoryPolicy::Wait { timeout }) => timeout,
                     (0, _) => DEFAULT_WAIT_TIMEOUT,
-                    (ms, _) => std::time::Duration::from_millis(ms),
+                    (ms, _) if ms <= MAX_WAIT_TIMEOUT_MS => std::time::Duration::from_millis(ms),
+                    (ms, _) => {
+                        return Err(invalid(format!(
+                            "wait_timeout_ms {ms} is out of range: use 0 (the server's) to {MAX_WAIT_TIMEOUT_MS} (a day)"
+                        )));
+                    }
                 },
             }),
             proto::MemoryPolicy::Spill => {
@@ -411,10 +441,8 @@ impl HandoffService {
             tokens,
             memory_limit: (req.memory_limit > 0).then_some(req.memory_limit),
             policy,
-            ttl_after_seal: (req.ttl_seconds_after_seal > 0)
-                .then(|| std::time::Duration::from_secs(req.ttl_seconds_after_seal)),
-            ttl_after_read: (req.ttl_seconds_after_read > 0)
-                .then(|| std::time::Duration::from_secs(req.ttl_seconds_after_read)),
+            ttl_after_seal: ttl("ttl_seconds_after_seal", req.ttl_seconds_after_seal)?,
+            ttl_after_read: ttl("ttl_seconds_after_read", req.ttl_seconds_after_read)?,
         };
         let link = self
             .store
@@ -473,7 +501,14 @@ impl HandoffService {
                         "the body of 'abort' is a handoff.v1.Abort message: {e}"
                     ))
                 })?;
-                self.authorize(md, Access::Write, Some(&req.link))?;
+                let principal = self.authorize(md, Access::Write, Some(&req.link))?;
+                // An empty list drops every job's staged attempts, not just the caller's: that
+                // is cleanup for an admin, never a writer's.
+                if req.attempts.is_empty() && principal != Principal::Admin && !self.auth.disabled {
+                    return Err(invalid(
+                        "abort names no attempts; list the (partition, attempt) pairs your job staged (an empty list, dropping every job's, needs an admin token)",
+                    ));
+                }
                 let attempts: Vec<(u64, u64)> = req
                     .attempts
                     .iter()
@@ -497,7 +532,9 @@ impl HandoffService {
                         "the body of 'import' is a handoff.v1.Import message: {e}"
                     ))
                 })?;
-                let principal = self.authorize(md, Access::Write, Some(&request.link))?;
+                // Import reads what the server can reach, under the server's credentials.
+                let principal = self.authorize(md, Access::Admin, Some(&request.link))?;
+                self.imports.check(&request.url)?;
                 let outcome = handoff_query::import_parquet(
                     &self.store,
                     &request.link,
@@ -530,7 +567,7 @@ impl HandoffService {
             }
             proto::actions::SNAPSHOT => {
                 let link = utf8_link(&body, "snapshot")?;
-                self.authorize(md, Access::Write, Some(&link))?;
+                self.authorize(md, Access::Admin, Some(&link))?;
                 let manifest = self.store.snapshot(&link).await.map_err(status_of)?;
                 let url = self
                     .store
@@ -543,8 +580,9 @@ impl HandoffService {
                 }))
             }
             proto::actions::DELETE => {
+                // Not a writer's: a Spark job's token must not delete the link it feeds.
                 let link = utf8_link(&body, "delete")?;
-                self.authorize(md, Access::Write, Some(&link))?;
+                self.authorize(md, Access::Admin, Some(&link))?;
                 json_result(&self.store.delete(&link).map_err(status_of)?)
             }
             proto::actions::STATS => {
@@ -571,6 +609,9 @@ impl HandoffService {
 
     async fn put(&self, request: Request<Streaming<FlightData>>) -> Result<PutResult, Status> {
         let md = request.metadata().clone();
+        // The token is checked before any payload is read: the link it may write is named only
+        // in the first message, but a caller without a valid token gets nothing read at all.
+        self.auth.identify(&md, &self.store)?;
         let mut input = request.into_inner();
         let first = input.message().await?.ok_or_else(|| {
             invalid("empty DoPut stream: send a schema message with a FlightDescriptor first")
@@ -824,8 +865,14 @@ impl FlightService for HandoffService {
 
     async fn list_actions(
         &self,
-        _request: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.record(
+            "list_actions",
+            self.auth
+                .identify(request.metadata(), &self.store)
+                .map(|_| ()),
+        )?;
         let actions = [
             (
                 proto::actions::CREATE,

@@ -126,6 +126,9 @@ impl SqlService {
         metadata: &MetadataMap,
         sql: &str,
     ) -> Result<datafusion::dataframe::DataFrame, Status> {
+        // Measured before DataFusion parses it: a deep expression would overflow the stack.
+        handoff_query::limits::check_expression("SQL", sql, handoff_query::limits::MAX_SQL_BYTES)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let tables = self.tables(metadata)?;
         let names: Vec<String> = tables.iter().map(|t| t.name().to_string()).collect();
         let ctx = handoff_query::session(tables, CATALOG, SCHEMA).map_err(internal)?;
@@ -274,9 +277,10 @@ impl FlightSqlService for SqlService {
     async fn do_action_close_prepared_statement(
         &self,
         _query: ActionClosePreparedStatementRequest,
-        _request: Request<Action>,
+        request: Request<Action>,
     ) -> Result<(), Status> {
-        // Handles hold no server state.
+        // Handles hold no server state, but every call but health needs a token.
+        self.auth.identify(request.metadata(), &self.store)?;
         Ok(())
     }
 
@@ -324,7 +328,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.auth.identify(request.metadata(), &self.store)?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.info(&schema, request.into_inner(), query.as_any())
     }
 
@@ -370,7 +374,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.auth.identify(request.metadata(), &self.store)?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         self.info(&schema, request.into_inner(), query.as_any())
     }
 

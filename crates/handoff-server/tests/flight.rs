@@ -155,7 +155,16 @@ async fn two_phase_commit_publishes_exactly_the_winning_attempts() {
         .expect_err("unknown attempt");
     assert_eq!(code(partial), Code::FailedPrecondition);
     assert_eq!(w.stats("tpc").await.expect("stats").rows, 15);
-    w.abort("tpc", &[]).await.expect("abort");
+    let err = w
+        .abort("tpc", &[])
+        .await
+        .expect_err("a writer names its attempts");
+    assert_eq!(code(err), Code::InvalidArgument);
+    let mut admin = server.admin().await;
+    admin
+        .abort("tpc", &[])
+        .await
+        .expect("an admin may drop every job's");
     assert_eq!(w.stats("tpc").await.expect("stats").staged_partitions, 0);
 
     w.seal("tpc").await.expect("seal");

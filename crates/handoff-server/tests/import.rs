@@ -41,7 +41,11 @@ async fn server(policy: MemoryPolicy, spill_dir: Option<&Path>) -> Fixture {
     let storage = spill_dir
         .map(|d| ObjectStorage::from_url(&format!("file://{}", d.display())).expect("storage"));
     Fixture::start_with(
-        ServerConfig::default(),
+        ServerConfig {
+            // The tests' Parquet files are under the system's temporary directory.
+            import_allow: vec![format!("file://{}", std::env::temp_dir().display())],
+            ..ServerConfig::default()
+        },
         StoreConfig {
             memory_limit: Some(LIMIT),
             default_policy: policy,
@@ -64,7 +68,7 @@ async fn an_import_four_times_the_budget_spills_and_keeps_every_row() {
     let files = parquet_files();
     let spill = tempfile::tempdir().expect("tempdir");
     let server = server(MemoryPolicy::Spill, Some(spill.path())).await;
-    let mut w = server.client(WRITER).await;
+    let mut w = server.client(ADMIN).await;
     let reply = w
         .import("imported", &glob(files.path()), true)
         .await
@@ -91,7 +95,7 @@ async fn an_import_four_times_the_budget_spills_and_keeps_every_row() {
 async fn an_import_over_a_reject_budget_fails_clearly_and_leaves_nothing() {
     let files = parquet_files();
     let server = server(MemoryPolicy::Reject, None).await;
-    let mut w = server.client(WRITER).await;
+    let mut w = server.client(ADMIN).await;
     let err = w
         .import("imported", &glob(files.path()), true)
         .await
@@ -134,14 +138,14 @@ async fn an_import_under_wait_goes_on_when_memory_is_freed_and_times_out_when_no
         None,
     )
     .await;
-    let mut w = server.client(WRITER).await;
+    let mut w = server.client(ADMIN).await;
     // Another link holds most of the budget; one more file does not fit beside it.
     w.put("other", stream_of(vec![batch(0, 30_000)]))
         .await
         .expect("put other");
     let one = format!("file://{}/part-[1].parquet", files.path().display());
     let import = {
-        let mut w = server.client(WRITER).await;
+        let mut w = server.client(ADMIN).await;
         tokio::spawn(async move { w.import("imported", &one, true).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -166,7 +170,7 @@ async fn an_import_under_wait_goes_on_when_memory_is_freed_and_times_out_when_no
 
     // With nothing freed, the wait ends with the reason, and the import leaves nothing.
     let server = server_with_wait(Duration::from_millis(300)).await;
-    let mut w = server.client(WRITER).await;
+    let mut w = server.client(ADMIN).await;
     let err = w
         .import("imported", &glob(files.path()), true)
         .await

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
 use handoff_client::{CreateLink, MemoryPolicy, ReadShard};

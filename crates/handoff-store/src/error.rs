@@ -8,6 +8,10 @@ pub enum StoreError {
     #[error("link '{0}' already exists")]
     LinkExists(String),
     #[error(
+        "link '{link}' already exists with {detail}; create it under another name, or ask for what it has"
+    )]
+    LinkExistsOtherwise { link: String, detail: String },
+    #[error(
         "invalid link name '{0}': use 1-253 characters of [A-Za-z0-9._-], optionally as 'namespace/name'"
     )]
     InvalidLinkName(String),
@@ -72,3 +76,16 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Longest piece of a client's text that an error repeats back: a 100 KB name or a 1 MB filter
+/// echoed whole would push the reply past gRPC's metadata limit, and the client would see that
+/// instead of the refusal.
+pub const ECHO_CHARS: usize = 120;
+
+/// `text` as an error may quote it: whole when short, else its start and its length.
+pub fn echo(text: &str) -> String {
+    match text.char_indices().nth(ECHO_CHARS) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes in all)", &text[..cut], text.len()),
+    }
+}

@@ -18,6 +18,11 @@ use bytes::Bytes;
 
 use crate::error::{Result, StoreError};
 
+/// The most rows one record batch message may declare (2^26, 67,108,864): far above what
+/// writers send (Spark's Arrow batches are 10,000 rows), and it keeps row counts, offsets and
+/// shard positions far from any integer limit.
+pub const MAX_FRAME_ROWS: u64 = 1 << 26;
+
 /// One IPC record batch message, exactly as the client sent it.
 #[derive(Debug, Clone)]
 pub struct Frame {
@@ -117,6 +122,7 @@ impl SchemaFrame {
 }
 
 /// What one incoming message turned out to be.
+#[derive(Debug)]
 pub enum Incoming {
     Schema(SchemaFrame),
     Batch(Frame),
@@ -158,10 +164,17 @@ pub fn validate_message(
 fn parse_message(header: &[u8]) -> Result<Message<'_>> {
     let message = arrow_ipc::root_as_message(header)
         .map_err(|e| StoreError::InvalidIpc(format!("not an Arrow IPC message ({e})")))?;
-    if message.version() < MetadataVersion::V4 {
+    let version = message.version();
+    if version < MetadataVersion::V4 {
         return Err(StoreError::Unsupported(format!(
-            "IPC metadata version {:?} is too old; use Arrow IPC V4 or V5",
-            message.version()
+            "IPC metadata version {version:?} is too old; use Arrow IPC V4 or V5"
+        )));
+    }
+    // A version we do not read would be stored, then fail every plain read of the link.
+    if version > MetadataVersion::V5 {
+        return Err(StoreError::Unsupported(format!(
+            "IPC metadata version {} is newer than this server reads; use Arrow IPC V4 or V5",
+            version.0
         )));
     }
     Ok(message)
@@ -213,6 +226,21 @@ fn validate_batch(message: &Message<'_>, schema: &Schema, body: &[u8]) -> Result
     let rows = batch.length();
     if rows < 0 {
         return Err(StoreError::InvalidIpc(format!("negative row count {rows}")));
+    }
+    if rows as u64 > MAX_FRAME_ROWS {
+        return Err(StoreError::InvalidIpc(format!(
+            "a batch of {rows} rows is more than the {MAX_FRAME_ROWS} rows one message may carry; write smaller batches"
+        )));
+    }
+    // Every stored type but Null spends at least a bit per row, so rows that the body cannot
+    // hold are rows nobody sent: a zero-column or all-Null batch declaring 2^40 rows in 80 bytes
+    // would otherwise cost the reads that plan over them.
+    let backed = (body.len() as u64).saturating_mul(8);
+    if rows as u64 > backed {
+        return Err(StoreError::InvalidIpc(format!(
+            "the batch declares {rows} rows but its {} byte body holds data for at most {backed}; batches need at least one column of a type other than Null",
+            body.len()
+        )));
     }
     let nodes = batch
         .nodes()
@@ -513,4 +541,103 @@ fn describe(schema: &Schema) -> String {
         .map(|f| format!("{}: {}", f.name(), f.data_type()))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{ArrayRef, Int32Array, NullArray, RecordBatchOptions};
+    use arrow_ipc::writer::{
+        DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions,
+    };
+
+    use super::*;
+
+    /// The header and body a writer would send for `batch`.
+    fn encode(batch: &RecordBatch) -> (Bytes, Bytes) {
+        let generator = IpcDataGenerator::default();
+        let (_, data) = generator
+            .encode(
+                batch,
+                &mut DictionaryTracker::new(false),
+                &IpcWriteOptions::default(),
+                &mut IpcWriteContext::default(),
+            )
+            .expect("encode");
+        (Bytes::from(data.ipc_message), Bytes::from(data.arrow_data))
+    }
+
+    fn batch_of(columns: Vec<(&str, ArrayRef)>, rows: usize) -> RecordBatch {
+        let schema = Schema::new(
+            columns
+                .iter()
+                .map(|(name, a)| Field::new(*name, a.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        );
+        let arrays = columns.into_iter().map(|(_, a)| a).collect();
+        RecordBatch::try_new_with_options(
+            Arc::new(schema),
+            arrays,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )
+        .expect("batch")
+    }
+
+    /// The same message with another metadata version, patched in place.
+    fn with_version(header: &[u8], version: i16) -> Bytes {
+        let message = arrow_ipc::root_as_message(header).expect("message");
+        let table = message._tab;
+        let field = table.vtable().get(Message::VT_VERSION) as usize;
+        assert_ne!(field, 0, "the encoder writes the version explicitly");
+        let at = table.loc() + field;
+        let mut out = header.to_vec();
+        out[at..at + 2].copy_from_slice(&version.to_le_bytes());
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_real_batch_passes() {
+        let batch = batch_of(vec![("x", Arc::new(Int32Array::from(vec![1, 2, 3])))], 3);
+        let (header, body) = encode(&batch);
+        match validate_message(Some(&batch.schema()), header, body).expect("valid") {
+            Incoming::Batch(frame) => assert_eq!(frame.rows, 3),
+            Incoming::Schema(_) => panic!("a batch"),
+        }
+    }
+
+    /// Rows nobody sent: zero columns, or only Null columns, declaring 2^40 rows in a few bytes.
+    #[test]
+    fn rows_without_data_are_refused() {
+        for batch in [
+            batch_of(vec![], 1 << 40),
+            batch_of(vec![("n", Arc::new(NullArray::new(1 << 40)))], 1 << 40),
+            batch_of(vec![("n", Arc::new(NullArray::new(1 << 20)))], 1 << 20),
+        ] {
+            let (header, body) = encode(&batch);
+            let err = validate_message(Some(&batch.schema()), header, body).expect_err("refused");
+            assert!(matches!(err, StoreError::InvalidIpc(_)), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("more than the") || text.contains("holds data for at most"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn metadata_versions_we_do_not_read_are_refused() {
+        let batch = batch_of(vec![("x", Arc::new(Int32Array::from(vec![1, 2, 3])))], 3);
+        let (header, body) = encode(&batch);
+        let err = validate_message(
+            Some(&batch.schema()),
+            with_version(&header, 99),
+            body.clone(),
+        )
+        .expect_err("version 99");
+        assert!(
+            err.to_string().contains("newer than this server reads"),
+            "{err}"
+        );
+        // V4 (3) is still read.
+        validate_message(Some(&batch.schema()), with_version(&header, 3), body).expect("V4");
+    }
 }

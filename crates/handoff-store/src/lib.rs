@@ -15,11 +15,11 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-pub use error::{Result, StoreError};
+pub use error::{Result, StoreError, echo};
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
-    Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens, Partition,
-    PartitionWriter, PutOutcome, PutTarget,
+    APPEND_IDS_FROM, Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens,
+    Partition, PartitionWriter, PutOutcome, PutTarget,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use read::{Chunk, QueryPlanner, ReadMode, ReadQuery, RowFilter, read_partition, read_shard};
@@ -58,7 +58,7 @@ pub fn validate_link_name(name: &str) -> Result<()> {
     };
     let parts: Vec<&str> = name.split('/').collect();
     if name.len() > 253 || parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
-        return Err(StoreError::InvalidLinkName(name.to_string()));
+        return Err(StoreError::InvalidLinkName(echo(name)));
     }
     Ok(())
 }
@@ -98,11 +98,19 @@ impl Store {
         validate_link_name(name)?;
         let mut links = self.links.write();
         if let Some(existing) = links.get(name) {
-            return if exist_ok {
-                Ok(Arc::clone(existing))
-            } else {
-                Err(StoreError::LinkExists(name.to_string()))
-            };
+            if !exist_ok {
+                return Err(StoreError::LinkExists(name.to_string()));
+            }
+            // exist_ok answers OK only if the link is what the caller asked for: otherwise
+            // anyone who knows a name could squat it, and the caller's tokens and quota would
+            // silently not apply.
+            if let Some(detail) = existing.differs_from(&options) {
+                return Err(StoreError::LinkExistsOtherwise {
+                    link: name.to_string(),
+                    detail,
+                });
+            }
+            return Ok(Arc::clone(existing));
         }
         let link = Arc::new(Link::new(
             name.to_string(),
@@ -120,7 +128,7 @@ impl Store {
             .read()
             .get(name)
             .cloned()
-            .ok_or_else(|| StoreError::UnknownLink(name.to_string()))
+            .ok_or_else(|| StoreError::UnknownLink(echo(name)))
     }
 
     pub fn list(&self) -> Vec<Arc<Link>> {
@@ -134,6 +142,10 @@ impl Store {
         target: PutTarget,
         create: bool,
     ) -> Result<PartitionWriter> {
+        // Refused before any data is received.
+        if let PutTarget::Staged { partition, .. } = target {
+            link::check_staged_id(partition)?;
+        }
         let link = match self.link(name) {
             Ok(link) => link,
             Err(StoreError::UnknownLink(_)) if create => {
@@ -181,7 +193,7 @@ impl Store {
             .links
             .write()
             .remove(name)
-            .ok_or_else(|| StoreError::UnknownLink(name.to_string()))?;
+            .ok_or_else(|| StoreError::UnknownLink(echo(name)))?;
         let stats = link.stats();
         link.mark_deleted();
         tracing::info!(link = name, rows = stats.rows, "link deleted");

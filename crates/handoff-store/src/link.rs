@@ -371,6 +371,45 @@ impl Link {
         &self.tokens
     }
 
+    /// What of `options` this link does not have, in words (never the tokens themselves);
+    /// `None` when every option the caller set matches.
+    pub fn differs_from(&self, options: &LinkOptions) -> Option<String> {
+        let mut differences = Vec::new();
+        let token_differs =
+            |asked: &Option<String>, have: &Option<String>| asked.is_some() && asked != have;
+        if token_differs(&options.tokens.writer, &self.tokens.writer) {
+            differences.push("another writer token".to_string());
+        }
+        if token_differs(&options.tokens.reader, &self.tokens.reader) {
+            differences.push("another reader token".to_string());
+        }
+        let limit = self.quota.as_ref().and_then(|q| q.limit());
+        if let Some(asked) = options.memory_limit
+            && Some(asked) != limit
+        {
+            differences.push(match limit {
+                Some(have) => format!("a memory limit of {have} bytes, not {asked}"),
+                None => format!("no memory limit of its own, not {asked} bytes"),
+            });
+        }
+        if let Some(asked) = options.policy
+            && asked.label() != self.policy.label()
+        {
+            differences.push(format!(
+                "memory policy {}, not {}",
+                self.policy.label(),
+                asked.label()
+            ));
+        }
+        if options.ttl_after_seal.is_some() && options.ttl_after_seal != self.ttl_after_seal {
+            differences.push("another ttl_seconds_after_seal".to_string());
+        }
+        if options.ttl_after_read.is_some() && options.ttl_after_read != self.ttl_after_read {
+            differences.push("another ttl_seconds_after_read".to_string());
+        }
+        (!differences.is_empty()).then(|| differences.join(", "))
+    }
+
     pub fn policy(&self) -> MemoryPolicy {
         self.policy
     }
@@ -486,12 +525,23 @@ impl Link {
         inner.last_write_ms = now_ms();
         match target {
             PutTarget::Append => {
-                let id = inner
+                // Appends number from APPEND_IDS_FROM up, writers' staged ids stay below it: an
+                // append can never take an id that a task stages later (the task would then read
+                // ALREADY_EXISTS as "done" and its rows would be lost).
+                let id = match inner
                     .committed_ids
                     .keys()
+                    .filter(|id| **id >= APPEND_IDS_FROM)
                     .max()
-                    .map_or(0, |m| m + 1)
-                    .max(inner.staged.keys().map(|(p, _)| p + 1).max().unwrap_or(0));
+                {
+                    None => APPEND_IDS_FROM,
+                    Some(last) => last.checked_add(1).ok_or_else(|| {
+                        StoreError::InvalidArgument(format!(
+                            "link '{}' has used every partition id for appends; write a new link",
+                            self.name
+                        ))
+                    })?,
+                };
                 let partition = Partition {
                     id,
                     attempt: 0,
@@ -507,6 +557,7 @@ impl Link {
                 partition: id,
                 attempt,
             } => {
+                check_staged_id(id)?;
                 if let Some(committed) = inner.committed_ids.get(&id) {
                     return Err(StoreError::AlreadyCommitted {
                         link: self.name.clone(),
@@ -686,9 +737,7 @@ impl Link {
             LinkState::Sealed => {
                 let passed =
                     |ttl: Option<std::time::Duration>, since: Option<u64>| match (ttl, since) {
-                        (Some(ttl), Some(since)) => {
-                            now_ms.saturating_sub(since) >= ttl.as_millis() as u64
-                        }
+                        (Some(ttl), Some(since)) => now_ms.saturating_sub(since) >= millis(ttl),
                         _ => false,
                     };
                 if passed(self.ttl_after_seal, inner.sealed_at_ms) {
@@ -701,12 +750,30 @@ impl Link {
             }
             LinkState::Open => {
                 let idle = idle_timeout?;
-                (now_ms.saturating_sub(inner.last_write_ms) >= idle.as_millis() as u64)
-                    .then_some(Expiry::Idle)
+                (now_ms.saturating_sub(inner.last_write_ms) >= millis(idle)).then_some(Expiry::Idle)
             }
             LinkState::Deleted => None,
         }
     }
+}
+
+/// Partition ids from here up are the server's, given to appends in order; writers stage under
+/// ids below it (the Spark sink and import pick random bases under 2^63).
+pub const APPEND_IDS_FROM: u64 = 1 << 63;
+
+/// A staged partition id must be a writer's.
+pub(crate) fn check_staged_id(id: u64) -> Result<()> {
+    if id >= APPEND_IDS_FROM {
+        return Err(StoreError::InvalidArgument(format!(
+            "staged partition id {id} is reserved: ids from 2^63 up number appends; stage under ids below {APPEND_IDS_FROM}"
+        )));
+    }
+    Ok(())
+}
+
+/// A duration in whole milliseconds, saturating: a TTL of centuries must not wrap into "now".
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn outcome(p: &Partition, committed: bool) -> PutOutcome {

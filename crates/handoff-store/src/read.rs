@@ -240,10 +240,10 @@ async fn shard_task(
                         if next_k >= last {
                             return Ok(());
                         }
-                    } else if (spec.global_batch(next_k) + 1) * b > index.total {
+                    } else if !spec.streamable(next_k, index.total) {
                         break;
                     }
-                    let start = spec.global_batch(next_k) * b;
+                    let start = spec.batch_start(next_k).ok_or_else(|| past_the_end(spec))?;
                     let chunk = rows.range_wrapping(&index, start, b).await?;
                     if !out.send(chunk).await {
                         return Ok(());
@@ -254,6 +254,14 @@ async fn shard_task(
         }
         wait(&mut changes, link).await?;
     }
+}
+
+/// Only reachable if validation missed a case: a plan position that is not a number.
+fn past_the_end(spec: &ShardSpec) -> StoreError {
+    StoreError::InvalidArgument(format!(
+        "start_batch {} is past the end of any link at world_size {} and batch_rows {}",
+        spec.start_batch, spec.world_size, spec.batch_rows
+    ))
 }
 
 async fn wait(changes: &mut tokio::sync::watch::Receiver<u64>, link: &Link) -> Result<()> {
@@ -313,7 +321,7 @@ async fn shuffled(
     let b = spec.batch_rows;
     let mut picked = Vec::with_capacity(b as usize);
     for k in spec.start_batch..spec.batches_per_rank(n) {
-        let start = spec.global_batch(k) * b;
+        let start = spec.batch_start(k).ok_or_else(|| past_the_end(spec))?;
         picked.clear();
         picked.extend((start..start + b).map(|p| order[(p % n) as usize]));
         let batch = rows.gather(index, &picked).await?;
@@ -555,22 +563,32 @@ impl RowSource {
 }
 
 /// One committed partition by its position in commit order, with the link schema.
+/// One committed partition, by its position in commit order, if the link is still at the
+/// `generation` the caller's ticket was issued for.
 pub fn read_partition(
     link: &Link,
     index: u64,
+    generation: u64,
 ) -> Result<(SchemaFrame, Arc<crate::link::Partition>)> {
     let snapshot = link.snapshot();
     if snapshot.state == LinkState::Deleted {
         return Err(StoreError::Deleted(link.name().to_string()));
     }
-    let partition = snapshot.partitions.get(index as usize).cloned().ok_or_else(|| {
-        StoreError::InvalidArgument(format!(
-            "link '{}' has {} committed partitions, not {}; ask GetFlightInfo for fresh tickets",
-            link.name(),
-            snapshot.partitions.len(),
-            index + 1
-        ))
-    })?;
+    // A replacing commit renumbers the partitions: an older ticket would read the new data.
+    if snapshot.generation != generation {
+        return Err(StoreError::Replaced(link.name().to_string()));
+    }
+    let partition = usize::try_from(index)
+        .ok()
+        .and_then(|i| snapshot.partitions.get(i))
+        .cloned()
+        .ok_or_else(|| {
+            StoreError::InvalidArgument(format!(
+                "link '{}' has {} committed partitions, and position {index} is not one of them; ask GetFlightInfo for fresh tickets",
+                link.name(),
+                snapshot.partitions.len(),
+            ))
+        })?;
     let schema = snapshot
         .schema
         .ok_or_else(|| StoreError::InvalidArgument("link has no schema yet".into()))?;

@@ -33,12 +33,21 @@ pub struct ShardSpec {
     pub start_batch: u64,
 }
 
+/// The largest `world_size` a read may name: far past any training job, and small enough that
+/// `world_size * batch_rows` and the row positions built from it stay well inside `u64`.
+pub const MAX_WORLD_SIZE: u32 = 1 << 20;
+/// The largest `batch_rows` a read may ask for (16,777,216 rows).
+pub const MAX_BATCH_ROWS: u64 = 1 << 24;
+
 impl ShardSpec {
+    /// Checks every number a client sent against what it can mean. After this, the arithmetic of
+    /// the plan cannot overflow for any link of fewer than 2^63 rows.
     pub fn validate(&self) -> Result<()> {
-        if self.world_size == 0 {
-            return Err(StoreError::InvalidArgument(
-                "world_size must be at least 1".into(),
-            ));
+        if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
+            return Err(StoreError::InvalidArgument(format!(
+                "world_size {} is out of range: it must be 1 to {MAX_WORLD_SIZE}",
+                self.world_size
+            )));
         }
         if self.rank >= self.world_size {
             return Err(StoreError::InvalidArgument(format!(
@@ -46,12 +55,35 @@ impl ShardSpec {
                 self.rank, self.world_size
             )));
         }
+        if self.batch_rows > MAX_BATCH_ROWS {
+            return Err(StoreError::InvalidArgument(format!(
+                "batch_rows {} is out of range: it must be 0 (the stored batching) to {MAX_BATCH_ROWS}",
+                self.batch_rows
+            )));
+        }
         if self.batch_rows == 0 && self.start_batch > 0 {
             return Err(StoreError::InvalidArgument(
                 "start_batch needs batch_rows > 0: without re-batching there are no batch numbers to resume from".into(),
             ));
         }
+        // The first row position this read would name must exist as a number.
+        if self
+            .start_batch
+            .checked_mul(self.round_rows())
+            .and_then(|rows| rows.checked_add(self.round_rows()))
+            .is_none_or(|rows| rows > i64::MAX as u64)
+        {
+            return Err(StoreError::InvalidArgument(format!(
+                "start_batch {} is past the end of any link at world_size {} and batch_rows {}",
+                self.start_batch, self.world_size, self.batch_rows
+            )));
+        }
         Ok(())
+    }
+
+    /// Rows in one round of batches, one batch per rank (at most 2^44 once validated).
+    fn round_rows(&self) -> u64 {
+        self.batch_rows * u64::from(self.world_size)
     }
 
     /// Batches each rank reads in total, for a sealed link of `total_rows` rows.
@@ -59,7 +91,7 @@ impl ShardSpec {
         if self.batch_rows == 0 || total_rows == 0 {
             return 0;
         }
-        let per_round = self.batch_rows * self.world_size as u64;
+        let per_round = self.round_rows();
         if self.drop_last {
             total_rows / per_round
         } else {
@@ -75,20 +107,43 @@ impl ShardSpec {
         }
         self.batches_per_rank(total_rows)
             .saturating_sub(self.start_batch)
-            * self.batch_rows
+            .saturating_mul(self.batch_rows)
     }
 
     /// The global batch number of this rank's `k`-th batch.
-    pub fn global_batch(&self, k: u64) -> u64 {
-        k * self.world_size as u64 + self.rank as u64
+    pub fn global_batch(&self, k: u64) -> Option<u64> {
+        k.checked_mul(u64::from(self.world_size))?
+            .checked_add(u64::from(self.rank))
+    }
+
+    /// The first row position of this rank's `k`-th batch; `None` past any possible link.
+    pub fn batch_start(&self, k: u64) -> Option<u64> {
+        self.global_batch(k)?.checked_mul(self.batch_rows)
+    }
+
+    /// Whether a streaming read may hand out this rank's `k`-th batch once `committed` rows are
+    /// committed, so that the result equals a read after the seal. With `drop_last` the whole
+    /// round must be there: otherwise a rank whose batch is complete could take one more batch
+    /// than the others, which the seal then drops for them, and ranks would disagree on the count
+    /// (DDP hangs on that).
+    pub fn streamable(&self, k: u64, committed: u64) -> bool {
+        let end = if self.drop_last {
+            k.checked_add(1)
+                .and_then(|round| round.checked_mul(self.round_rows()))
+        } else {
+            self.batch_start(k)
+                .and_then(|start| start.checked_add(self.batch_rows))
+        };
+        end.is_some_and(|end| end <= committed)
     }
 
     /// For `batch_rows == 0`: this rank's half-open range of row positions.
     pub fn contiguous_range(&self, total_rows: u64) -> (u64, u64) {
-        let world = self.world_size as u64;
-        let rank = self.rank as u64;
+        let world = u64::from(self.world_size);
+        let rank = u64::from(self.rank);
         let base = total_rows / world;
         let extra = total_rows % world;
+        // rank * base <= total_rows, so neither sum overflows.
         let start = rank * base + rank.min(extra);
         let len = base + u64::from(rank < extra);
         (start, start + len)
@@ -196,5 +251,188 @@ mod tests {
         let mut s = spec(0, 1, 0, false);
         s.start_batch = 2;
         assert!(s.validate().is_err());
+    }
+
+    /// The numbers a hostile reader sent us: each is refused with the allowed range, none panics.
+    #[test]
+    fn numbers_past_their_meaning_are_refused() {
+        for (world, b, start) in [
+            (2, 1_000_000_000_000, 0),                 // batch_rows 10^12
+            (2, 1 << 40, 0),                           // batch_rows 2^40
+            (2, (1 << 63) + 1, 0), // batch_rows 2^63+1, world 2: overflowed to 0
+            (u32::MAX, 1, 0),      // world past MAX_WORLD_SIZE
+            (MAX_WORLD_SIZE, MAX_BATCH_ROWS, 1 << 30), // the first row is past 2^63
+            (1, 1, u64::MAX),
+        ] {
+            let mut s = spec(0, world, b, false);
+            s.start_batch = start;
+            let err = s.validate().expect_err("refused");
+            assert!(
+                err.to_string().contains("range") || err.to_string().contains("past the end"),
+                "{err}"
+            );
+        }
+        let mut s = spec(MAX_WORLD_SIZE - 1, MAX_WORLD_SIZE, MAX_BATCH_ROWS, true);
+        s.validate().expect("the largest plan is valid");
+        s.start_batch = 100;
+        s.validate().expect("resuming inside range is valid");
+        assert_eq!(s.batches_per_rank(u64::MAX), u64::MAX / (1 << 44));
+        assert!(s.rows_for_rank(u64::MAX) > 0);
+        assert!(!s.streamable(u64::MAX, u64::MAX));
+    }
+
+    /// Streaming with drop_last hands out a batch only when its whole round is committed, so the
+    /// ranks' counts before the seal never exceed what the seal gives each.
+    #[test]
+    fn streaming_with_drop_last_keeps_counts_equal() {
+        let (w, b) = (2u32, 10u64);
+        for committed in 0..100u64 {
+            for drop_last in [false, true] {
+                let counts: Vec<u64> = (0..w)
+                    .map(|r| {
+                        let s = spec(r, w, b, drop_last);
+                        (0..).take_while(|k| s.streamable(*k, committed)).count() as u64
+                    })
+                    .collect();
+                if drop_last {
+                    assert!(
+                        counts.iter().all(|c| *c == counts[0]),
+                        "{committed}: {counts:?}"
+                    );
+                    assert_eq!(counts[0], spec(0, w, b, true).batches_per_rank(committed));
+                } else {
+                    assert!(counts[0] - counts[1] <= 1, "{committed}: {counts:?}");
+                }
+            }
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Every position each rank reads, batch by batch, as the plan gives them.
+        fn positions(spec: &ShardSpec, n: u64) -> Vec<Vec<u64>> {
+            let order = spec.shuffle.then(|| permutation(n, spec.seed, spec.epoch));
+            (spec.start_batch..spec.batches_per_rank(n))
+                .map(|k| {
+                    let start = spec.batch_start(k).expect("in range");
+                    (start..start + spec.batch_rows)
+                        .map(|p| p % n)
+                        .map(|p| order.as_ref().map_or(p, |o| o[p as usize]))
+                        .collect()
+                })
+                .collect()
+        }
+
+        fn spec(
+            rank: u32,
+            world: u32,
+            b: u64,
+            drop_last: bool,
+            shuffle: bool,
+            start: u64,
+        ) -> ShardSpec {
+            ShardSpec {
+                rank,
+                world_size: world,
+                epoch: 3,
+                seed: 11,
+                batch_rows: b,
+                shuffle,
+                drop_last,
+                start_batch: start,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Equal batch counts; with drop_last, disjoint; without, every row at least once
+            /// and repeats only from the wrap-around of the last round. Shuffled or not.
+            #[test]
+            fn shards_are_equal_disjoint_and_complete(
+                n in 1u64..3000, world in 1u32..9, b in 1u64..64,
+                drop_last: bool, shuffle: bool, start in 0u64..4,
+            ) {
+                let ranks: Vec<Vec<Vec<u64>>> = (0..world)
+                    .map(|r| positions(&spec(r, world, b, drop_last, shuffle, start), n))
+                    .collect();
+                let counts: Vec<usize> = ranks.iter().map(Vec::len).collect();
+                prop_assert!(counts.iter().all(|c| *c == counts[0]), "counts {:?}", counts);
+                prop_assert!(ranks.iter().flatten().all(|batch| batch.len() as u64 == b));
+                let mut seen = vec![0u32; n as usize];
+                for p in ranks.iter().flatten().flatten() {
+                    seen[*p as usize] += 1;
+                }
+                let read: u64 = seen.iter().map(|s| u64::from(*s)).sum();
+                let round = b * u64::from(world);
+                if drop_last {
+                    prop_assert!(seen.iter().all(|s| *s <= 1), "a row read twice");
+                    let full = n / round;
+                    prop_assert_eq!(read, full.saturating_sub(start) * round);
+                } else if start == 0 {
+                    prop_assert!(seen.iter().all(|s| *s >= 1), "a row never read");
+                    prop_assert!(read - n < round, "more repeats than one round's wrap");
+                }
+            }
+
+            /// A rank's plan is the same on every call: deterministic in (seed, epoch).
+            #[test]
+            fn plans_are_deterministic(n in 1u64..2000, world in 1u32..5, b in 1u64..32, rank_seed: u32) {
+                let rank = rank_seed % world;
+                let s = spec(rank, world, b, false, true, 0);
+                prop_assert_eq!(positions(&s, n), positions(&s, n));
+            }
+
+            /// Contiguous ranges (batch_rows 0) tile the rows exactly, sizes within one.
+            #[test]
+            fn contiguous_ranges_tile(n in 0u64..100_000, world in 1u32..1000) {
+                let mut next = 0;
+                for r in 0..world {
+                    let (s, e) = spec(r, world, 0, false, false, 0).contiguous_range(n);
+                    prop_assert_eq!(s, next);
+                    prop_assert!(e - s <= n / u64::from(world) + 1);
+                    next = e;
+                }
+                prop_assert_eq!(next, n);
+            }
+
+            /// Streaming never hands a rank more batches than the sealed plan gives it, and
+            /// with drop_last all ranks hold the same count at every moment.
+            #[test]
+            fn streaming_never_overtakes_the_seal(
+                committed in 0u64..2000, more in 0u64..500, world in 1u32..6, b in 1u64..40, drop_last: bool,
+            ) {
+                let total = committed + more;
+                let streamed: Vec<u64> = (0..world)
+                    .map(|r| {
+                        let s = spec(r, world, b, drop_last, false, 0);
+                        (0..).take_while(|k| s.streamable(*k, committed)).count() as u64
+                    })
+                    .collect();
+                let sealed = spec(0, world, b, drop_last, false, 0).batches_per_rank(total);
+                prop_assert!(streamed.iter().all(|c| *c <= sealed), "{:?} > {}", streamed, sealed);
+                if drop_last {
+                    prop_assert!(streamed.iter().all(|c| *c == streamed[0]), "{:?}", streamed);
+                }
+            }
+
+            /// Any numbers a client sends either validate, and then plan without overflow, or
+            /// are refused.
+            #[test]
+            fn any_numbers_validate_or_are_refused(
+                world: u32, b: u64, start: u64, rank: u32, n: u64,
+            ) {
+                let s = spec(rank, world, b, false, false, start);
+                if s.validate().is_ok() {
+                    let _ = s.batches_per_rank(n);
+                    let _ = s.rows_for_rank(n);
+                    let _ = s.batch_start(start);
+                    let _ = s.streamable(start, n);
+                }
+            }
+        }
     }
 }

@@ -80,7 +80,9 @@ pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
     let wait = patience();
     match tokio::time::timeout(wait, future).await {
         Ok(value) => value,
-        Err(_) => panic!("timed out after {wait:?} waiting for {what} (raise {SCALE_VAR} on a slow machine)"),
+        Err(_) => panic!(
+            "timed out after {wait:?} waiting for {what} (raise {SCALE_VAR} on a slow machine)"
+        ),
     }
 }
 
@@ -119,6 +121,9 @@ mod tests {
     #[tokio::test]
     #[should_panic(expected = "timed out")]
     async fn eventually_names_what_it_waited_for() {
-        eventually_within("nothing", Duration::from_millis(30), || async { None::<()> }).await;
+        eventually_within("nothing", Duration::from_millis(30), || async {
+            None::<()>
+        })
+        .await;
     }
 }

@@ -127,6 +127,10 @@ pub struct ReadPartition {
     pub link: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
     pub index: u64,
+    /// The link's generation when the ticket was issued. A replacing commit bumps it, so a ticket
+    /// from before the replace is refused with ABORTED instead of reading the new data.
+    #[prost(uint64, tag = "3")]
+    pub generation: u64,
 }
 /// The opaque Flight ticket that the server hands out in FlightInfo endpoints.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

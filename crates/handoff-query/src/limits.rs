@@ -1,0 +1,153 @@
+//! Bounds on the SQL a client may send, checked before anything parses it into a tree.
+//!
+//! DataFusion plans, simplifies and evaluates expressions by recursion, one stack frame per
+//! level (several per level, across its passes). A chain of 1,000 `OR` terms (10 KB of text) is
+//! 1,000 levels deep, and overflowing the stack aborts the whole process, with every link on it.
+//! So the text is measured first, with the tokenizer alone (a flat loop): its size, the operators
+//! it holds (each may add a level) and how deep its brackets nest. Under these limits the deepest
+//! tree plans well inside a 2 MiB thread stack (tests below and in the server prove it), and the
+//! server runs its workers with 8 MiB for margin.
+
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+use handoff_store::echo;
+
+use crate::filter::QueryError;
+
+/// The longest filter a reader may send.
+pub const MAX_FILTER_BYTES: usize = 16 * 1024;
+/// The longest Flight SQL statement.
+pub const MAX_SQL_BYTES: usize = 64 * 1024;
+/// Operators (`AND`, `OR`, `=`, `+`, `CASE`, `::` ...) in one filter or statement.
+pub const MAX_OPERATORS: usize = 256;
+/// Brackets inside brackets.
+pub const MAX_NESTING: usize = 32;
+
+/// Checks a filter (`what` = "filter") or statement ("SQL") against the limits above.
+pub fn check_expression(what: &str, text: &str, max_bytes: usize) -> Result<(), QueryError> {
+    if text.len() > max_bytes {
+        return Err(QueryError::Invalid(format!(
+            "the {what} is {} bytes; the limit is {max_bytes}. Filter on fewer values, or put them in a link and join",
+            text.len()
+        )));
+    }
+    let tokens = Tokenizer::new(&GenericDialect {}, text)
+        .tokenize()
+        .map_err(|e| QueryError::Invalid(format!("{what} '{}': {e}", echo(text))))?;
+    let (mut operators, mut depth, mut deepest) = (0usize, 0usize, 0usize);
+    for token in &tokens {
+        match token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            Token::RParen | Token::RBracket | Token::RBrace => depth = depth.saturating_sub(1),
+            Token::Word(word) => {
+                if matches!(
+                    word.keyword,
+                    Keyword::AND
+                        | Keyword::OR
+                        | Keyword::NOT
+                        | Keyword::XOR
+                        | Keyword::IS
+                        | Keyword::LIKE
+                        | Keyword::ILIKE
+                        | Keyword::SIMILAR
+                        | Keyword::BETWEEN
+                        | Keyword::CASE
+                        | Keyword::WHEN
+                ) {
+                    operators += 1;
+                }
+            }
+            token if is_operand(token) => {}
+            // Every other symbol is an operator: comparison, arithmetic, casts, concatenation.
+            _ => operators += 1,
+        }
+    }
+    if deepest > MAX_NESTING {
+        return Err(QueryError::Invalid(format!(
+            "the {what} nests brackets {deepest} deep; the limit is {MAX_NESTING}"
+        )));
+    }
+    if operators > MAX_OPERATORS {
+        return Err(QueryError::Invalid(format!(
+            "the {what} has {operators} operators; the limit is {MAX_OPERATORS}. A list of values reads better as `x IN (1, 2, 3)` than as a chain of ORs"
+        )));
+    }
+    Ok(())
+}
+
+/// Tokens that add no level to an expression: names, literals, separators, spaces.
+fn is_operand(token: &Token) -> bool {
+    matches!(
+        token,
+        Token::Number(..)
+            | Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::NationalStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::HexStringLiteral(_)
+            | Token::Whitespace(_)
+            | Token::Comma
+            | Token::Period
+            | Token::SemiColon
+            | Token::EOF
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(terms: usize) -> String {
+        (0..terms)
+            .map(|i| format!("id = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+
+    #[test]
+    fn ordinary_filters_pass() {
+        for text in [
+            "split = 'train'",
+            "score > 0.5 AND id % 10 = 0",
+            "id IN (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)",
+            "SELECT count(*), avg(x) FROM features WHERE split = 'train' GROUP BY label",
+        ] {
+            check_expression("filter", text, MAX_FILTER_BYTES).expect(text);
+        }
+        // A long IN list adds no depth.
+        let values: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
+        check_expression(
+            "filter",
+            &format!("id IN ({})", values.join(", ")),
+            MAX_FILTER_BYTES,
+        )
+        .expect("long IN list");
+    }
+
+    #[test]
+    fn deep_expressions_are_refused_with_the_limit() {
+        let err = check_expression("filter", &chain(1000), MAX_FILTER_BYTES)
+            .expect_err("1000 ORs")
+            .to_string();
+        assert!(
+            err.contains("the limit is 256") && err.contains("IN ("),
+            "{err}"
+        );
+        let nested = format!("{}1{}", "(".repeat(100), ")".repeat(100));
+        let err = check_expression("filter", &nested, MAX_FILTER_BYTES)
+            .expect_err("nested")
+            .to_string();
+        assert!(err.contains("nests brackets 100 deep"), "{err}");
+        let long = "x".repeat(MAX_FILTER_BYTES + 1);
+        let err = check_expression("filter", &long, MAX_FILTER_BYTES)
+            .expect_err("long")
+            .to_string();
+        assert!(err.contains("the limit is 16384"), "{err}");
+        assert!(err.len() < 300, "the text is not echoed whole");
+    }
+}

@@ -1,0 +1,597 @@
+//! Requests a careless or hostile client can send with a valid token (or none). Each is refused
+//! with the right code and a sentence that fits in a reply, and the server goes on serving: every
+//! test ends by reading the link back whole.
+
+mod common;
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Int32Array, NullArray, RecordBatch, RecordBatchOptions};
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::{ActionClosePreparedStatementRequest, ProstMessageExt};
+use arrow_flight::{Action, Criteria, Empty, FlightData, FlightDescriptor};
+use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
+use arrow_schema::{DataType, Field, Schema};
+use common::{Fixture, READER, WRITER, batch, link_ids, stream_of};
+use futures::StreamExt;
+use handoff_client::{ClientError, CreateLink, HandoffClient, ReadShard};
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A link of 100 rows, sealed, that every test reads back at the end.
+async fn served(server: &Fixture) {
+    let mut w = server.client(WRITER).await;
+    w.put("l", stream_of(vec![batch(0, 100)]))
+        .await
+        .expect("put");
+    w.seal("l").await.expect("seal");
+}
+
+async fn still_serving(server: &Fixture) {
+    let mut admin = server.admin().await;
+    assert_eq!(
+        link_ids(&mut admin, "l").await,
+        (0..100).collect::<Vec<_>>()
+    );
+}
+
+fn code(e: &ClientError) -> Option<Code> {
+    e.code()
+}
+
+/// The refusal of a shard read, whether it comes at DoGet or in its stream.
+async fn read_refusal(client: &mut HandoffClient, shard: ReadShard) -> ClientError {
+    match client.read_shard(shard).await {
+        Err(e) => e,
+        Ok(mut stream) => loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break ClientError::from(e),
+                None => panic!("the read was not refused"),
+            }
+        },
+    }
+}
+
+async fn channel(server: &Fixture) -> Channel {
+    Channel::from_shared(server.endpoint.replace("grpc://", "http://"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    request
+}
+
+/// The FlightData a writer sends for `batch` (schema first), under a PATH descriptor.
+fn flight_data(link: &str, batch: &RecordBatch) -> Vec<FlightData> {
+    let generator = IpcDataGenerator::default();
+    let options = IpcWriteOptions::default();
+    let mut tracker = DictionaryTracker::new(false);
+    let schema =
+        generator.schema_to_bytes_with_dictionary_tracker(&batch.schema(), &mut tracker, &options);
+    let (_, data) = generator
+        .encode(
+            batch,
+            &mut tracker,
+            &options,
+            &mut IpcWriteContext::default(),
+        )
+        .expect("encode");
+    vec![
+        FlightData {
+            flight_descriptor: Some(FlightDescriptor::new_path(vec![link.to_string()])),
+            data_header: schema.ipc_message.into(),
+            ..Default::default()
+        },
+        FlightData {
+            data_header: data.ipc_message.into(),
+            data_body: data.arrow_data.into(),
+            ..Default::default()
+        },
+    ]
+}
+
+async fn raw_put(
+    server: &Fixture,
+    token: &str,
+    messages: Vec<FlightData>,
+) -> Result<(), tonic::Status> {
+    let mut client = FlightServiceClient::new(channel(server).await);
+    let request = with_token(futures::stream::iter(messages), Some(token));
+    let mut results = client.do_put(request).await?.into_inner();
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+/// The three numbers that each took the release binary down, and their neighbours.
+#[tokio::test]
+async fn read_sizes_past_their_meaning_are_refused_with_the_range() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut reader = server.client(READER).await;
+    for (world_size, batch_rows, shuffle) in [
+        (1, 1_000_000_000_000, false),
+        (1, 1 << 40, true),
+        (2, (1 << 63) + 1, false),
+        (u32::MAX, 1, false),
+    ] {
+        let shard = ReadShard {
+            link: "l".into(),
+            rank: 0,
+            world_size,
+            batch_rows,
+            shuffle,
+            ..Default::default()
+        };
+        let err = reader
+            .shard_info(&shard)
+            .await
+            .expect_err("refused at GetFlightInfo");
+        assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+        let err = read_refusal(&mut reader, shard).await;
+        assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
+    let shard = ReadShard {
+        link: "l".into(),
+        rank: 0,
+        world_size: 2,
+        batch_rows: 10,
+        start_batch: u64::MAX,
+        ..Default::default()
+    };
+    let err = read_refusal(&mut reader, shard).await;
+    assert!(err.to_string().contains("past the end"), "{err}");
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// Zero columns or only Null columns, declaring 2^40 rows in a few bytes: the first shuffled
+/// read of such a link once killed the server.
+#[tokio::test]
+async fn rows_that_no_buffer_holds_are_refused_at_the_write() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let options = RecordBatchOptions::new().with_row_count(Some(1 << 40));
+    let empty = RecordBatch::try_new_with_options(Arc::new(Schema::empty()), vec![], &options)
+        .expect("batch");
+    let nulls: ArrayRef = Arc::new(NullArray::new(1 << 20));
+    let null_only = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("n", DataType::Null, true)])),
+        vec![nulls],
+    )
+    .expect("batch");
+    for (link, batch) in [("zero", empty), ("nulls", null_only)] {
+        let err = raw_put(&server, WRITER, flight_data(link, &batch))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        let mut admin = server.admin().await;
+        let rows = admin.stats(link).await.map(|s| s.rows).unwrap_or(0);
+        assert_eq!(rows, 0, "nothing of {link} was kept");
+    }
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// A frame of a metadata version we do not read is refused, not stored to fail later reads.
+#[tokio::test]
+async fn future_ipc_metadata_is_refused() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("x", DataType::Int32, false)])),
+        vec![Arc::new(Int32Array::from(vec![1, 2, 3]))],
+    )
+    .expect("batch");
+    let mut messages = flight_data("future", &batch);
+    let header = messages[1].data_header.to_vec();
+    let message = arrow_ipc::root_as_message(&header).expect("message");
+    let at =
+        message._tab.loc() + message._tab.vtable().get(arrow_ipc::Message::VT_VERSION) as usize;
+    let mut patched = header.clone();
+    patched[at..at + 2].copy_from_slice(&99i16.to_le_bytes());
+    messages[1].data_header = patched.into();
+    let err = raw_put(&server, WRITER, messages)
+        .await
+        .expect_err("refused");
+    assert!(
+        err.message().contains("newer than this server reads"),
+        "{err}"
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+fn or_chain(terms: usize) -> String {
+    (0..terms)
+        .map(|i| format!("id = {i}"))
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// About 1,000 ORs (10 KB) overflowed the stack, as a shard filter and as SQL, and aborted the
+/// process. Now the text is measured before it is parsed into a tree.
+#[tokio::test]
+async fn deep_filters_and_sql_are_refused_and_the_allowed_depth_runs() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut reader = server.client(READER).await;
+    let shard = |filter: String| ReadShard {
+        link: "l".into(),
+        rank: 0,
+        world_size: 1,
+        batch_rows: 10,
+        filter,
+        ..Default::default()
+    };
+    let err = read_refusal(&mut reader, shard(or_chain(1000))).await;
+    assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("the limit is 256"), "{err}");
+    // 100 terms: 199 operators, inside the limit, planned and evaluated here on a test thread.
+    let mut rows = 0;
+    let mut stream = reader.read_shard(shard(or_chain(100))).await.expect("read");
+    while let Some(batch) = stream.next().await {
+        rows += batch.expect("batch").num_rows();
+    }
+    assert_eq!(rows, 100);
+
+    let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel(&server).await);
+    sql.set_header("authorization", format!("Bearer {READER}"));
+    let err = sql
+        .execute(
+            format!("SELECT count(*) FROM l WHERE {}", or_chain(1000)),
+            None,
+        )
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("the limit is 256"), "{err}");
+    let info = sql
+        .execute(
+            format!("SELECT count(*) FROM l WHERE {}", or_chain(50)),
+            None,
+        )
+        .await
+        .expect("planned");
+    assert_eq!(info.endpoint.len(), 1);
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ttls_past_their_range_are_refused_not_expired_at_once() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut admin = server.admin().await;
+    for (seal, read) in [(u64::MAX, 0), (0, 1 << 62), (10 * 365 * 24 * 3600 + 1, 0)] {
+        let err = admin
+            .create(CreateLink {
+                link: "forever".into(),
+                ttl_seconds_after_seal: seal,
+                ttl_seconds_after_read: read,
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains("ten years"), "{err}");
+    }
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// `create(exist_ok)` on a name someone else holds answered OK and dropped the caller's tokens.
+#[tokio::test]
+async fn exist_ok_does_not_hide_a_link_set_up_otherwise() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut admin = server.admin().await;
+    let create = |writer: &str, memory_limit: u64| CreateLink {
+        link: "owned".into(),
+        writer_token: writer.into(),
+        memory_limit,
+        exist_ok: true,
+        ..Default::default()
+    };
+    admin
+        .create(create("first-writer", 1 << 20))
+        .await
+        .expect("create");
+    admin
+        .create(create("first-writer", 1 << 20))
+        .await
+        .expect("the same again is fine");
+    admin
+        .create(create("", 0))
+        .await
+        .expect("asking for nothing in particular is fine");
+    let err = admin
+        .create(create("second-writer", 1 << 20))
+        .await
+        .expect_err("other tokens");
+    assert_eq!(code(&err), Some(Code::AlreadyExists), "{err}");
+    assert!(err.to_string().contains("another writer token"), "{err}");
+    assert!(
+        !err.to_string().contains("first-writer"),
+        "tokens are never echoed: {err}"
+    );
+    let err = admin
+        .create(create("first-writer", 2 << 20))
+        .await
+        .expect_err("another quota");
+    assert!(
+        err.to_string().contains("memory limit of 1048576 bytes"),
+        "{err}"
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// Delete, snapshot and import are an admin's: a Spark job's writer token must not delete the
+/// link it feeds.
+#[tokio::test]
+async fn delete_snapshot_and_import_need_an_admin_token() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut writer = server.client(WRITER).await;
+    let errors = [
+        writer.delete("l").await.expect_err("delete"),
+        writer.snapshot("l").await.expect_err("snapshot"),
+        writer
+            .import("l2", "file:///etc/passwd", true)
+            .await
+            .expect_err("import"),
+    ];
+    for err in errors {
+        assert_eq!(code(&err), Some(Code::PermissionDenied), "{err}");
+        assert!(err.to_string().contains("admin token"), "{err}");
+    }
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// Every call but health needs a valid token, and DoPut checks it before reading anything: a
+/// stream that never sends its first message is refused at once instead of being waited on.
+#[tokio::test]
+async fn calls_without_a_valid_token_are_refused_before_any_payload() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut client = FlightServiceClient::new(channel(&server).await);
+    let never = futures::stream::pending::<FlightData>();
+    let refused = handoff_testkit::within(
+        "DoPut to refuse a bad token without waiting for a message",
+        client.do_put(with_token(never, Some("not-a-token"))),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+
+    let err = client
+        .list_actions(with_token(Empty {}, None))
+        .await
+        .expect_err("ListActions");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let err = client
+        .list_flights(with_token(Criteria::default(), None))
+        .await
+        .expect_err("ListFlights");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let close = ActionClosePreparedStatementRequest {
+        prepared_statement_handle: "SELECT 1".into(),
+    };
+    let action = Action::new("ClosePreparedStatement", close.as_any().encode_to_vec());
+    let err = client
+        .do_action(with_token(action.clone(), None))
+        .await
+        .expect_err("ClosePreparedStatement");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    let mut results = client
+        .do_action(with_token(action, Some(READER)))
+        .await
+        .expect("with a token it answers")
+        .into_inner();
+    while let Some(result) = results.next().await {
+        result.expect("result");
+    }
+    assert!(
+        client
+            .list_actions(with_token(Empty {}, Some(READER)))
+            .await
+            .is_ok()
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// A 100 KB link name came back whole in the error, which then overflowed gRPC's metadata limit.
+#[tokio::test]
+async fn errors_quote_long_input_briefly() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut admin = server.admin().await;
+    let name = "n".repeat(100_000);
+    let err = admin.stats(&name).await.expect_err("no such link");
+    assert_eq!(code(&err), Some(Code::NotFound), "{err}");
+    assert!(
+        err.to_string().len() < 1000,
+        "{} bytes",
+        err.to_string().len()
+    );
+    assert!(err.to_string().contains("100000 bytes in all"), "{err}");
+    let err = admin
+        .put(&name, stream_of(vec![batch(0, 1)]))
+        .await
+        .expect_err("bad name");
+    assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+    assert!(
+        err.to_string().len() < 1000,
+        "{} bytes",
+        err.to_string().len()
+    );
+    let filter = format!("name = '{}'", "x".repeat(200_000));
+    let mut reader = server.client(READER).await;
+    let err = read_refusal(
+        &mut reader,
+        ReadShard {
+            link: "l".into(),
+            world_size: 1,
+            filter,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+    assert!(
+        err.to_string().len() < 1000,
+        "{} bytes",
+        err.to_string().len()
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// After a replacing commit, a partition ticket issued before it read the new data silently.
+#[tokio::test]
+async fn a_ticket_from_before_a_replace_is_aborted() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut w = server.client(WRITER).await;
+    w.put_partition("ow", 0, 0, stream_of(vec![batch(0, 10)]))
+        .await
+        .expect("stage");
+    w.commit("ow", &[(0, 0)]).await.expect("commit");
+    let old = w.flight_info("ow").await.expect("info");
+    let ticket = old.endpoint[0].ticket.clone().expect("ticket");
+    w.put_partition("ow", 1, 0, stream_of(vec![batch(100, 5)]))
+        .await
+        .expect("stage");
+    w.commit_with("ow", &[(1, 0)], true).await.expect("replace");
+    let mut reader = server.client(READER).await;
+    let err = match reader.do_get(ticket).await {
+        Err(e) => e,
+        Ok(mut stream) => match stream.next().await {
+            Some(Ok(_)) => panic!("the stale ticket read data"),
+            Some(Err(e)) => ClientError::from(e),
+            None => panic!("the stale ticket read nothing and no error"),
+        },
+    };
+    assert_eq!(code(&err), Some(Code::Aborted), "{err}");
+    let fresh = w.flight_info("ow").await.expect("info");
+    assert_eq!(fresh.total_records, 5);
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// Appends number their partitions above every id a writer may stage, so a task that stages
+/// after an append never finds its id taken; ids at or above 2^63 cannot be staged.
+#[tokio::test]
+async fn appends_and_staged_partitions_never_share_an_id() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut w = server.client(WRITER).await;
+    let appended = w
+        .put("mix", stream_of(vec![batch(0, 10)]))
+        .await
+        .expect("append");
+    assert_eq!(appended.partition, handoff_store::APPEND_IDS_FROM);
+    let staged = w
+        .put_partition("mix", 0, 0, stream_of(vec![batch(10, 10)]))
+        .await
+        .expect("a task stages id 0 after the append");
+    assert!(!staged.committed);
+    w.commit("mix", &[(0, 0)]).await.expect("and commits it");
+    let err = w
+        .put_partition("mix", u64::MAX, 0, stream_of(vec![batch(20, 1)]))
+        .await
+        .expect_err("reserved id");
+    assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
+    assert_eq!(w.stats("mix").await.expect("stats").rows, 20);
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// Idle connections cannot use up the file descriptors: past `max_connections` new ones are
+/// closed at once, and the server takes them again when old ones go.
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_until_others_close() {
+    let config = handoff_server::ServerConfig {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let server = Fixture::start_with(config, handoff_store::StoreConfig::default()).await;
+    let addr = server.endpoint.trim_start_matches("grpc://").to_string();
+    let idle = [
+        tokio::net::TcpStream::connect(&addr).await.expect("idle 1"),
+        tokio::net::TcpStream::connect(&addr).await.expect("idle 2"),
+    ];
+    let endpoint = server.endpoint.clone();
+    let answers = || async {
+        let mut client = HandoffClient::connect(&endpoint, Some(WRITER.into()))
+            .await
+            .ok()?;
+        client.list().await.ok()
+    };
+    handoff_testkit::eventually("a third connection to be refused", || async {
+        answers().await.is_none().then_some(())
+    })
+    .await;
+    drop(idle);
+    handoff_testkit::eventually("the server to take connections again", || async {
+        answers().await.map(|_| ())
+    })
+    .await;
+    server.stop().await;
+}
+
+/// Import reads with the server's reach, so it is off until the operator names prefixes, and
+/// then reads only under them: a link token (or an admin's typo) cannot read the server's files.
+#[tokio::test]
+async fn import_reads_only_under_the_allowed_prefixes() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut admin = server.admin().await;
+    let err = admin
+        .import("stolen", "file:///etc/passwd", true)
+        .await
+        .expect_err("off");
+    assert_eq!(code(&err), Some(Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("--import-allow"), "{err}");
+    server.stop().await;
+
+    let allowed = tempfile::tempdir().expect("tempdir");
+    let config = handoff_server::ServerConfig {
+        import_allow: vec![format!("file://{}/", allowed.path().display())],
+        ..Default::default()
+    };
+    let server = Fixture::start_with(config, handoff_store::StoreConfig::default()).await;
+    served(&server).await;
+    let mut admin = server.admin().await;
+    for url in [
+        "file:///etc/passwd".to_string(),
+        format!("file://{}/../../etc/passwd", allowed.path().display()),
+        "s3://bucket/x.parquet".to_string(),
+    ] {
+        let err = admin.import("stolen", &url, true).await.expect_err(&url);
+        assert_eq!(code(&err), Some(Code::PermissionDenied), "{url}: {err}");
+    }
+    assert_eq!(
+        admin.stats("stolen").await.map(|s| s.rows).unwrap_or(0),
+        0,
+        "nothing was read"
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
