@@ -86,7 +86,8 @@ def test_snapshot_to_s3_survives_sigkill(s3):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     objects = sorted(p.relative_to(s3["root"]).as_posix() for p in s3["root"].rglob("*") if p.is_file())
-    assert "bucket/handoff/links/team/feats/manifest.json" in objects, objects
+    # One path segment per link, so no link's files can land in another's directory.
+    assert "bucket/handoff/links/team%2Ffeats/manifest.json" in objects, objects
 
     proc, client = start(env_for(s3), "--restore-from", url)
     try:

@@ -19,7 +19,14 @@ pub fn status_of(err: StoreError) -> Status {
         | StoreError::MemoryWaitTimeout { .. }
         | StoreError::NothingToSpill { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,
-        StoreError::Storage(_) => Code::Unavailable,
+        StoreError::Storage(detail) => {
+            // The detail names the server's files, bucket layout or credentials' errors: for the
+            // operator's log, not for a tenant.
+            tracing::warn!(error = %detail, "object storage failed");
+            return Status::unavailable(
+                "the server's object storage failed (spill or snapshot); its log has the details, and the call can be retried",
+            );
+        }
     };
     Status::new(code, err.to_string())
 }

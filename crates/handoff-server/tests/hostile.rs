@@ -595,3 +595,77 @@ async fn import_reads_only_under_the_allowed_prefixes() {
     still_serving(&server).await;
     server.stop().await;
 }
+
+/// Link `X/manifest.json` once wrote its snapshot directory where link `X` keeps its manifest.
+/// Each link is one path segment now; both snapshots restore whole, and storage errors do not
+/// show the server's paths.
+#[tokio::test]
+async fn snapshot_names_cannot_collide() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            storage: storage(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut admin = server.admin().await;
+    for (link, rows) in [
+        ("X", 10),
+        ("X/manifest.json", 20),
+        ("X/part-00000.arrows", 30),
+    ] {
+        admin
+            .put(link, stream_of(vec![batch(0, rows)]))
+            .await
+            .expect("put");
+        admin.seal(link).await.expect("seal");
+        admin.snapshot(link).await.expect("snapshot");
+    }
+    server.stop().await;
+
+    let restored = handoff_store::Store::new(handoff_store::StoreConfig {
+        storage: storage(),
+        ..Default::default()
+    });
+    let mut links = storage()
+        .expect("storage")
+        .restore_all(&restored)
+        .await
+        .expect("restore");
+    links.sort();
+    assert_eq!(links, ["X", "X/manifest.json", "X/part-00000.arrows"]);
+    for (link, rows) in [
+        ("X", 10),
+        ("X/manifest.json", 20),
+        ("X/part-00000.arrows", 30),
+    ] {
+        assert_eq!(restored.stats(link).expect("stats").rows, rows, "{link}");
+    }
+
+    // Storage that fails: the client hears that it failed, not where the server keeps files.
+    std::fs::remove_dir_all(dir.path()).expect("remove");
+    std::fs::write(dir.path(), b"not a directory").expect("a file where the directory was");
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            storage: storage(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut admin = server.admin().await;
+    admin
+        .put("y", stream_of(vec![batch(0, 5)]))
+        .await
+        .expect("put");
+    admin.seal("y").await.expect("seal");
+    let err = admin.snapshot("y").await.expect_err("storage fails");
+    assert_eq!(code(&err), Some(Code::Unavailable), "{err}");
+    let shown = dir.path().display().to_string();
+    assert!(!err.to_string().contains(&shown), "{err}");
+    server.stop().await;
+}

@@ -34,6 +34,10 @@ pub struct SnapshotManifest {
     pub rows: u64,
     pub bytes: u64,
     pub partitions: Vec<SnapshotPartition>,
+    /// Where the manifest was found: its partitions are beside it. Snapshots written before
+    /// link directories were one segment (`links/team/snap/`) restore from where they are.
+    #[serde(skip)]
+    pub(crate) found_in: Option<Path>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -79,12 +83,10 @@ impl ObjectStorage {
         &self.store
     }
 
+    /// One path segment per link: `team/snap` is `links/team%2Fsnap/`. With a segment per
+    /// name part, link `X/manifest.json` wrote its directory where link `X` keeps its manifest.
     fn link_dir(&self, link: &str) -> Path {
-        let mut path = self.prefix.clone().join("links");
-        for part in link.split('/') {
-            path = path.join(part);
-        }
-        path
+        self.prefix.clone().join("links").join(link)
     }
 
     /// Persist a sealed link. Returns its manifest.
@@ -131,6 +133,7 @@ impl ObjectStorage {
             rows: snapshot.rows,
             bytes: snapshot.bytes,
             partitions,
+            found_in: None,
         };
         let body =
             serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Storage(e.to_string()))?;
@@ -156,9 +159,12 @@ impl ObjectStorage {
             .filter(|m| m.location.filename() == Some("manifest.json"))
         {
             let body = self.get(&meta.location).await?;
-            let manifest: SnapshotManifest = serde_json::from_slice(&body).map_err(|e| {
+            let mut manifest: SnapshotManifest = serde_json::from_slice(&body).map_err(|e| {
                 StoreError::Storage(format!("{}: bad manifest {}: {e}", self.url, meta.location))
             })?;
+            let mut dir = meta.location.parts().collect::<Vec<_>>();
+            dir.pop();
+            manifest.found_in = Some(Path::from_iter(dir));
             manifests.push(manifest);
         }
         Ok(manifests)
@@ -233,7 +239,10 @@ impl ObjectStorage {
 
     /// Load one snapshot into the store as a sealed link.
     pub async fn restore(&self, store: &Store, manifest: &SnapshotManifest) -> Result<()> {
-        let dir = self.link_dir(&manifest.link);
+        let dir = manifest
+            .found_in
+            .clone()
+            .unwrap_or_else(|| self.link_dir(&manifest.link));
         store.create_link(&manifest.link, None, LinkOptions::default(), false)?;
         for partition in &manifest.partitions {
             let data = self
