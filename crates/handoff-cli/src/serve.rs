@@ -201,7 +201,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             .restore_all(&store)
             .await
             .map_err(|e| format!("restoring from {url} failed: {e}"))?;
-        tracing::info!(url = %url, links = restored.len(), "restored snapshots");
+        tracing::info!(url = %url, links = restored.links.len(), skipped = restored.skipped.len(), "restored snapshots");
+        for what in &restored.skipped {
+            // Said once more on stderr, plainly: this is data that did not come back.
+            eprintln!("handoff: not restored: {what}");
+        }
     }
     tracing::info!(grpc = %grpc_addr, http = %http_addr, auth = !config.server.auth.disabled, memory_limit = ?args.memory_limit, "serving");
     // Scripts and tests wait for this line, so it goes to stdout, once, after binding.

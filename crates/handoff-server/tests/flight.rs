@@ -847,7 +847,8 @@ async fn snapshot_on_seal_then_restore_in_a_new_store() {
         .expect("storage")
         .restore_all(&restored)
         .await
-        .expect("restore");
+        .expect("restore")
+        .links;
     assert_eq!(links, vec!["team/snap".to_string()]);
     let stats = restored.stats("team/snap").expect("stats");
     assert_eq!(

@@ -635,7 +635,8 @@ async fn snapshot_names_cannot_collide() {
         .expect("storage")
         .restore_all(&restored)
         .await
-        .expect("restore");
+        .expect("restore")
+        .links;
     links.sort();
     assert_eq!(links, ["X", "X/manifest.json", "X/part-00000.arrows"]);
     for (link, rows) in [
@@ -668,4 +669,66 @@ async fn snapshot_names_cannot_collide() {
     let shown = dir.path().display().to_string();
     assert!(!err.to_string().contains(&shown), "{err}");
     server.stop().await;
+}
+
+/// A broken or incomplete snapshot is logged, named and skipped whole; the good ones still
+/// load. One bad manifest once failed the whole restore, so a server restart lost every link.
+#[tokio::test]
+async fn a_bad_snapshot_is_skipped_and_named_and_the_good_ones_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            storage: storage(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut admin = server.admin().await;
+    for link in ["good", "garbled", "short"] {
+        for part in 0..2 {
+            admin
+                .put(link, stream_of(vec![batch(part * 10, 10)]))
+                .await
+                .expect("put");
+        }
+        admin.seal(link).await.expect("seal");
+        admin.snapshot(link).await.expect("snapshot");
+    }
+    server.stop().await;
+    let links = dir.path().join("links");
+    std::fs::write(links.join("garbled/manifest.json"), b"{ not json").expect("garble");
+    std::fs::remove_file(links.join("short/part-00001.arrows")).expect("lose a part");
+
+    let restored = handoff_store::Store::new(handoff_store::StoreConfig {
+        storage: storage(),
+        ..Default::default()
+    });
+    let report = storage()
+        .expect("storage")
+        .restore_all(&restored)
+        .await
+        .expect("the restore goes on");
+    assert_eq!(report.links, ["good"]);
+    assert_eq!(restored.stats("good").expect("good").rows, 20);
+    assert_eq!(report.skipped.len(), 2, "{:?}", report.skipped);
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.contains("garbled") && s.contains("not valid JSON")),
+        "{:?}",
+        report.skipped
+    );
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.contains("link 'short' (20 rows)")),
+        "{:?}",
+        report.skipped
+    );
+    assert!(restored.stats("short").is_err(), "never half a link");
 }

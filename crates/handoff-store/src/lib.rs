@@ -24,7 +24,7 @@ pub use link::{
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use read::{Chunk, QueryPlanner, ReadMode, ReadQuery, RowFilter, read_partition, read_shard};
 pub use shard::ShardSpec;
-pub use snapshot::{ObjectStorage, SnapshotManifest};
+pub use snapshot::{ObjectStorage, Restored, SnapshotManifest};
 
 #[derive(Debug, Clone, Default)]
 pub struct StoreConfig {

@@ -40,6 +40,13 @@ pub struct SnapshotManifest {
     pub(crate) found_in: Option<Path>,
 }
 
+/// What a restore brought back, and what it could not, each in a sentence.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    pub links: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotPartition {
     pub id: u64,
@@ -142,11 +149,30 @@ impl ObjectStorage {
             .await
             .map_err(|e| storage_error(&self.url, e))?;
         tracing::info!(link = link.name(), url = %self.url, rows = manifest.rows, "snapshot written");
+        // A snapshot of the same link in the older layout would restore as a second copy.
+        if let Some(old) = self.old_link_dir(link.name()) {
+            let _ = self.remove_prefix(&old).await;
+        }
         Ok(manifest)
     }
 
-    /// Every complete snapshot under this storage.
+    /// Where the older layout, one segment per name part, kept a namespaced link.
+    fn old_link_dir(&self, link: &str) -> Option<Path> {
+        link.contains('/').then(|| {
+            link.split('/')
+                .fold(self.prefix.clone().join("links"), |path, part| {
+                    path.join(part)
+                })
+        })
+    }
+
+    /// Every snapshot under this storage that has a readable manifest; a manifest that cannot
+    /// be read or parsed is logged and listed in `skipped`, and the others still count.
     pub async fn manifests(&self) -> Result<Vec<SnapshotManifest>> {
+        Ok(self.manifests_and_skipped().await?.0)
+    }
+
+    async fn manifests_and_skipped(&self) -> Result<(Vec<SnapshotManifest>, Vec<String>)> {
         let objects: Vec<_> = self
             .store
             .list(Some(&self.prefix.clone().join("links")))
@@ -154,20 +180,34 @@ impl ObjectStorage {
             .await
             .map_err(|e| storage_error(&self.url, e))?;
         let mut manifests = Vec::new();
+        let mut skipped = Vec::new();
         for meta in objects
             .iter()
             .filter(|m| m.location.filename() == Some("manifest.json"))
         {
-            let body = self.get(&meta.location).await?;
-            let mut manifest: SnapshotManifest = serde_json::from_slice(&body).map_err(|e| {
-                StoreError::Storage(format!("{}: bad manifest {}: {e}", self.url, meta.location))
-            })?;
-            let mut dir = meta.location.parts().collect::<Vec<_>>();
-            dir.pop();
-            manifest.found_in = Some(Path::from_iter(dir));
-            manifests.push(manifest);
+            let parsed = match self.get(&meta.location).await {
+                Ok(body) => serde_json::from_slice::<SnapshotManifest>(&body)
+                    .map_err(|e| format!("its manifest is not valid JSON of a snapshot ({e})")),
+                Err(e) => Err(format!("its manifest cannot be read ({e})")),
+            };
+            match parsed {
+                Ok(mut manifest) => {
+                    let mut dir = meta.location.parts().collect::<Vec<_>>();
+                    dir.pop();
+                    manifest.found_in = Some(Path::from_iter(dir));
+                    manifests.push(manifest);
+                }
+                Err(why) => {
+                    let what = format!(
+                        "the snapshot at {} under {}: {why}",
+                        meta.location, self.url
+                    );
+                    tracing::error!("skipped {what}");
+                    skipped.push(what);
+                }
+            }
         }
-        Ok(manifests)
+        Ok((manifests, skipped))
     }
 
     /// A path under this storage's prefix.
@@ -264,20 +304,43 @@ impl ObjectStorage {
         Ok(())
     }
 
-    /// Restore every snapshot; returns the restored link names.
-    pub async fn restore_all(&self, store: &Store) -> Result<Vec<String>> {
-        let mut restored = Vec::new();
-        for manifest in self.manifests().await? {
-            self.restore(store, &manifest).await?;
-            tracing::info!(link = %manifest.link, rows = manifest.rows, url = %self.url, "restored");
-            restored.push(manifest.link);
+    /// Restore every snapshot that is whole. One that is broken or incomplete (a manifest that
+    /// does not parse, a part missing or short) is logged, left out whole (never half a link),
+    /// and named in the report; the others still load. Fails only when the storage cannot be
+    /// listed at all.
+    pub async fn restore_all(&self, store: &Store) -> Result<Restored> {
+        let (manifests, mut skipped) = self.manifests_and_skipped().await?;
+        let mut links = Vec::new();
+        for manifest in manifests {
+            match self.restore(store, &manifest).await {
+                Ok(()) => {
+                    tracing::info!(link = %manifest.link, rows = manifest.rows, url = %self.url, "restored");
+                    links.push(manifest.link);
+                }
+                Err(e) => {
+                    // A link this restore created is dropped again; one that existed is not ours.
+                    if !matches!(e, StoreError::LinkExists(_)) {
+                        let _ = store.delete(&manifest.link);
+                    }
+                    let what = format!(
+                        "link '{}' ({} rows) from {}: {e}",
+                        manifest.link, manifest.rows, self.url
+                    );
+                    tracing::error!("skipped {what}");
+                    skipped.push(what);
+                }
+            }
         }
-        Ok(restored)
+        Ok(Restored { links, skipped })
     }
 
-    /// Remove a link's snapshot objects.
+    /// Remove a link's snapshot objects (in either layout).
     pub async fn remove(&self, link: &str) -> Result<usize> {
-        self.remove_prefix(&self.link_dir(link)).await
+        let mut removed = self.remove_prefix(&self.link_dir(link)).await?;
+        if let Some(old) = self.old_link_dir(link) {
+            removed += self.remove_prefix(&old).await?;
+        }
+        Ok(removed)
     }
 }
 
