@@ -140,12 +140,14 @@ impl AuthConfig {
         if self.reader_tokens.iter().any(|t| same(t, &token)) {
             return Ok(Principal::Reader);
         }
+        // Link tokens are kept hashed: hash the presented one once and compare digests.
+        let hash = Some(handoff_store::TokenHash::of(&token));
         for link in store.list() {
             let tokens = link.tokens();
-            if tokens.writer.as_deref().is_some_and(|t| same(t, &token)) {
+            if tokens.writer.is_some() && tokens.writer == hash {
                 return Ok(Principal::LinkWriter(link.name().to_string()));
             }
-            if tokens.reader.as_deref().is_some_and(|t| same(t, &token)) {
+            if tokens.reader.is_some() && tokens.reader == hash {
                 return Ok(Principal::LinkReader(link.name().to_string()));
             }
         }

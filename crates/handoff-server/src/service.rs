@@ -409,10 +409,7 @@ impl HandoffService {
         } else {
             Some(SchemaFrame::parse(strip_encapsulation(req.schema.clone())).map_err(status_of)?)
         };
-        let tokens = LinkTokens {
-            writer: (!req.writer_token.is_empty()).then(|| req.writer_token.clone()),
-            reader: (!req.reader_token.is_empty()).then(|| req.reader_token.clone()),
-        };
+        let tokens = LinkTokens::from_clear(&req.writer_token, &req.reader_token);
         let policy = match req.memory_policy() {
             proto::MemoryPolicy::Unspecified => None,
             proto::MemoryPolicy::Reject => Some(MemoryPolicy::Reject),

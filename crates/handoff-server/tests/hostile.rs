@@ -732,3 +732,66 @@ async fn a_bad_snapshot_is_skipped_and_named_and_the_good_ones_load() {
     );
     assert!(restored.stats("short").is_err(), "never half a link");
 }
+
+/// A restored link is the link that was snapshotted: its own tokens (kept only as hashes, in
+/// memory and in the manifest), quota, policy and TTLs.
+#[tokio::test]
+async fn restore_brings_back_what_a_link_was_created_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
+    let config = || handoff_store::StoreConfig {
+        storage: storage(),
+        ..Default::default()
+    };
+    let server = Fixture::start_with(handoff_server::ServerConfig::default(), config()).await;
+    let mut admin = server.admin().await;
+    admin
+        .create(CreateLink {
+            link: "team/owned".into(),
+            writer_token: "link-writer-secret".into(),
+            reader_token: "link-reader-secret".into(),
+            memory_limit: 64 << 20,
+            memory_policy: handoff_client::MemoryPolicy::Wait as i32,
+            wait_timeout_ms: 5_000,
+            ttl_seconds_after_read: 3_600,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let mut writer = server.client("link-writer-secret").await;
+    writer
+        .put("team/owned", stream_of(vec![batch(0, 50)]))
+        .await
+        .expect("the link's own writer writes");
+    writer.seal("team/owned").await.expect("seal");
+    admin.snapshot("team/owned").await.expect("snapshot");
+    let before = server.store.link("team/owned").expect("link").options();
+    server.stop().await;
+
+    let manifest = std::fs::read_to_string(dir.path().join("links/team%2Fowned/manifest.json"))
+        .expect("manifest");
+    assert!(!manifest.contains("link-writer-secret") && !manifest.contains("link-reader-secret"));
+    assert!(
+        manifest.contains(&String::from(handoff_store::TokenHash::of(
+            "link-reader-secret"
+        )))
+    );
+
+    // A new server restores it; the link's reader token still reads, and nothing else changed.
+    let server = Fixture::start_with(handoff_server::ServerConfig::default(), config()).await;
+    let report = storage()
+        .expect("storage")
+        .restore_all(&server.store)
+        .await
+        .expect("restore");
+    assert_eq!(report.links, ["team/owned"]);
+    let after = server.store.link("team/owned").expect("link").options();
+    assert_eq!(after.tokens, before.tokens);
+    assert_eq!(after.memory_limit, Some(64 << 20));
+    assert_eq!(after.policy, before.policy);
+    assert_eq!(after.ttl_after_read, before.ttl_after_read);
+    let mut reader = server.client("link-reader-secret").await;
+    assert_eq!(link_ids(&mut reader, "team/owned").await.len(), 50);
+    server.stop().await;
+}

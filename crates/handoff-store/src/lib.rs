@@ -19,12 +19,12 @@ pub use error::{Result, StoreError, echo};
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
     APPEND_IDS_FROM, Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens,
-    Partition, PartitionWriter, PutOutcome, PutTarget,
+    Partition, PartitionWriter, PutOutcome, PutTarget, TokenHash,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use read::{Chunk, QueryPlanner, ReadMode, ReadQuery, RowFilter, read_partition, read_shard};
 pub use shard::ShardSpec;
-pub use snapshot::{ObjectStorage, Restored, SnapshotManifest};
+pub use snapshot::{ObjectStorage, Restored, SnapshotManifest, SnapshotOptions};
 
 #[derive(Debug, Clone, Default)]
 pub struct StoreConfig {

@@ -34,11 +34,70 @@ impl std::fmt::Display for LinkState {
     }
 }
 
-/// Tokens that grant access to this link only, on top of the server-wide ones.
-#[derive(Debug, Clone, Default)]
+/// A token as the server keeps it: its SHA-256, never the token. Snapshots carry it to a
+/// restored server, and a snapshot's reader learns nothing it could present.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenHash(..)")
+    }
+}
+
+impl From<TokenHash> for String {
+    fn from(hash: TokenHash) -> String {
+        hash.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl TryFrom<String> for TokenHash {
+    type Error = String;
+
+    fn try_from(hex: String) -> std::result::Result<Self, String> {
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return Err(format!(
+                "a token hash is 64 hex digits, not {}",
+                bytes.len()
+            ));
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => out[i] = (hi << 4) | lo,
+                _ => return Err("a token hash is hex digits".into()),
+            }
+        }
+        Ok(Self(out))
+    }
+}
+
+/// Tokens that grant access to this link only, on top of the server-wide ones; kept hashed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct LinkTokens {
-    pub writer: Option<String>,
-    pub reader: Option<String>,
+    pub writer: Option<TokenHash>,
+    pub reader: Option<TokenHash>,
+}
+
+impl LinkTokens {
+    /// From tokens in clear, as a create request carries them; empty means none.
+    pub fn from_clear(writer: &str, reader: &str) -> Self {
+        let hash = |t: &str| (!t.is_empty()).then(|| TokenHash::of(t));
+        Self {
+            writer: hash(writer),
+            reader: hash(reader),
+        }
+    }
 }
 
 /// How a link is set up at creation.
@@ -376,7 +435,7 @@ impl Link {
     pub fn differs_from(&self, options: &LinkOptions) -> Option<String> {
         let mut differences = Vec::new();
         let token_differs =
-            |asked: &Option<String>, have: &Option<String>| asked.is_some() && asked != have;
+            |asked: &Option<TokenHash>, have: &Option<TokenHash>| asked.is_some() && asked != have;
         if token_differs(&options.tokens.writer, &self.tokens.writer) {
             differences.push("another writer token".to_string());
         }
@@ -412,6 +471,17 @@ impl Link {
 
     pub fn policy(&self) -> MemoryPolicy {
         self.policy
+    }
+
+    /// What this link was created with, to recreate it as it was (a snapshot's restore).
+    pub fn options(&self) -> LinkOptions {
+        LinkOptions {
+            tokens: self.tokens.clone(),
+            memory_limit: self.quota.as_ref().and_then(|q| q.limit()),
+            policy: Some(self.policy),
+            ttl_after_seal: self.ttl_after_seal,
+            ttl_after_read: self.ttl_after_read,
+        }
     }
 
     pub(crate) fn quota(&self) -> Option<Arc<MemoryPool>> {

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
 use crate::ipc::Frame;
-use crate::link::{LinkOptions, LinkState, PutTarget, Stored};
+use crate::link::{LinkOptions, LinkState, LinkTokens, PutTarget, Stored};
+use crate::memory::MemoryPolicy;
 use crate::{Link, Store};
 
 const CONTINUATION: [u8; 4] = [0xFF; 4];
@@ -34,10 +35,72 @@ pub struct SnapshotManifest {
     pub rows: u64,
     pub bytes: u64,
     pub partitions: Vec<SnapshotPartition>,
+    /// What the link was created with; `None` in snapshots written before this was recorded,
+    /// which restore with the server's defaults.
+    #[serde(default)]
+    pub options: Option<SnapshotOptions>,
     /// Where the manifest was found: its partitions are beside it. Snapshots written before
     /// link directories were one segment (`links/team/snap/`) restore from where they are.
     #[serde(skip)]
     pub(crate) found_in: Option<Path>,
+}
+
+/// A link's creation options as a snapshot keeps them: tokens only as hashes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct SnapshotOptions {
+    pub tokens: LinkTokens,
+    pub memory_limit: Option<u64>,
+    /// `reject`, `wait` or `spill`.
+    pub memory_policy: Option<String>,
+    pub wait_timeout_ms: Option<u64>,
+    pub ttl_seconds_after_seal: Option<u64>,
+    pub ttl_seconds_after_read: Option<u64>,
+}
+
+impl SnapshotOptions {
+    fn of(options: LinkOptions) -> Self {
+        Self {
+            tokens: options.tokens,
+            memory_limit: options.memory_limit,
+            memory_policy: options.policy.map(|p| p.label().to_string()),
+            wait_timeout_ms: match options.policy {
+                Some(MemoryPolicy::Wait { timeout }) => {
+                    Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+                }
+                _ => None,
+            },
+            ttl_seconds_after_seal: options.ttl_after_seal.map(|d| d.as_secs()),
+            ttl_seconds_after_read: options.ttl_after_read.map(|d| d.as_secs()),
+        }
+    }
+
+    fn to_options(&self) -> Result<LinkOptions> {
+        let policy = match self.memory_policy.as_deref() {
+            None => None,
+            Some("reject") => Some(MemoryPolicy::Reject),
+            Some("spill") => Some(MemoryPolicy::Spill),
+            Some("wait") => Some(MemoryPolicy::Wait {
+                timeout: std::time::Duration::from_millis(self.wait_timeout_ms.unwrap_or(60_000)),
+            }),
+            Some(other) => {
+                return Err(StoreError::Storage(format!(
+                    "the manifest names memory policy '{}', which this server does not know",
+                    crate::echo(other)
+                )));
+            }
+        };
+        Ok(LinkOptions {
+            tokens: self.tokens.clone(),
+            memory_limit: self.memory_limit,
+            policy,
+            ttl_after_seal: self
+                .ttl_seconds_after_seal
+                .map(std::time::Duration::from_secs),
+            ttl_after_read: self
+                .ttl_seconds_after_read
+                .map(std::time::Duration::from_secs),
+        })
+    }
 }
 
 /// What a restore brought back, and what it could not, each in a sentence.
@@ -140,6 +203,7 @@ impl ObjectStorage {
             rows: snapshot.rows,
             bytes: snapshot.bytes,
             partitions,
+            options: Some(SnapshotOptions::of(link.options())),
             found_in: None,
         };
         let body =
@@ -283,7 +347,11 @@ impl ObjectStorage {
             .found_in
             .clone()
             .unwrap_or_else(|| self.link_dir(&manifest.link));
-        store.create_link(&manifest.link, None, LinkOptions::default(), false)?;
+        let options = match &manifest.options {
+            Some(options) => options.to_options()?,
+            None => LinkOptions::default(),
+        };
+        store.create_link(&manifest.link, None, options, false)?;
         for partition in &manifest.partitions {
             let data = self
                 .get(&dir.clone().join(partition.object.as_str()))
