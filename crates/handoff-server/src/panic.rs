@@ -70,25 +70,26 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let path = request.uri().path().to_string();
+        // A Uri clone shares its bytes: no allocation per call for the rare panic message.
+        let uri = request.uri().clone();
         let metrics = Arc::clone(&self.metrics);
         // A panic in `call` itself (before any future exists) is caught as well.
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request)));
         Box::pin(async move {
             let future = match future {
                 Ok(future) => future,
-                Err(payload) => return Ok(bug(&metrics, &path, payload.as_ref()).into_http()),
+                Err(payload) => return Ok(bug(&metrics, uri.path(), payload.as_ref()).into_http()),
             };
             match AssertUnwindSafe(future).catch_unwind().await {
                 Ok(Ok(response)) => Ok(response.map(|body| {
                     Body::new(CatchBody {
                         inner: Some(body),
-                        path,
+                        uri,
                         metrics,
                     })
                 })),
                 Ok(Err(e)) => Err(e),
-                Err(payload) => Ok(bug(&metrics, &path, payload.as_ref()).into_http()),
+                Err(payload) => Ok(bug(&metrics, uri.path(), payload.as_ref()).into_http()),
             }
         })
     }
@@ -97,7 +98,7 @@ where
 /// A response body that ends with INTERNAL trailers if producing it panics.
 struct CatchBody {
     inner: Option<Body>,
-    path: String,
+    uri: http::Uri,
     metrics: Arc<Metrics>,
 }
 
@@ -117,7 +118,7 @@ impl http_body::Body for CatchBody {
             Err(payload) => {
                 // The inner body is in an unknown state: never poll it again.
                 self.inner = None;
-                let status = bug(&self.metrics, &self.path, payload.as_ref());
+                let status = bug(&self.metrics, self.uri.path(), payload.as_ref());
                 Poll::Ready(Some(Ok(Frame::trailers(crate::raw::trailers(&status)))))
             }
         }

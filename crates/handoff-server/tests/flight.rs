@@ -512,12 +512,7 @@ async fn bad_input_gets_the_right_status_and_loses_nothing() {
     );
 
     // Garbage frames, by a raw Flight client.
-    let channel =
-        tonic::transport::Endpoint::from_shared(server.endpoint.replace("grpc://", "http://"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
+    let channel = server.channel().await;
     let mut raw = arrow_flight::flight_service_client::FlightServiceClient::new(channel);
     let garbage = vec![FlightData {
         flight_descriptor: Some(FlightDescriptor::new_path(vec!["e".into()])),
@@ -612,12 +607,7 @@ async fn oversized_messages_are_refused_and_large_ones_work() {
     assert_eq!(rows, 1_200_000);
 
     // A single message over the limit, from a client that does not split.
-    let channel =
-        tonic::transport::Endpoint::from_shared(server.endpoint.replace("grpc://", "http://"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
+    let channel = server.channel().await;
     let mut raw = FlightServiceClient::new(channel).max_encoding_message_size(usize::MAX);
     let huge = FlightData {
         flight_descriptor: Some(FlightDescriptor::new_path(vec!["huge".into()])),

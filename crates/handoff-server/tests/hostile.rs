@@ -17,7 +17,6 @@ use futures::StreamExt;
 use handoff_client::{ClientError, CreateLink, HandoffClient, ReadShard};
 use prost::Message;
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// A link of 100 rows, sealed, that every test reads back at the end.
 async fn served(server: &Fixture) {
@@ -52,14 +51,6 @@ async fn read_refusal(client: &mut HandoffClient, shard: ReadShard) -> ClientErr
             }
         },
     }
-}
-
-async fn channel(server: &Fixture) -> Channel {
-    Channel::from_shared(server.endpoint.replace("grpc://", "http://"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
@@ -107,7 +98,7 @@ async fn raw_put(
     token: &str,
     messages: Vec<FlightData>,
 ) -> Result<(), tonic::Status> {
-    let mut client = FlightServiceClient::new(channel(server).await);
+    let mut client = FlightServiceClient::new(server.channel().await);
     let request = with_token(futures::stream::iter(messages), Some(token));
     let mut results = client.do_put(request).await?.into_inner();
     while let Some(result) = results.next().await {
@@ -249,7 +240,7 @@ async fn deep_filters_and_sql_are_refused_and_the_allowed_depth_runs() {
     }
     assert_eq!(rows, 100);
 
-    let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel(&server).await);
+    let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(server.channel().await);
     sql.set_header("authorization", format!("Bearer {READER}"));
     let err = sql
         .execute(
@@ -369,7 +360,7 @@ async fn delete_snapshot_and_import_need_an_admin_token() {
 async fn calls_without_a_valid_token_are_refused_before_any_payload() {
     let server = Fixture::start().await;
     served(&server).await;
-    let mut client = FlightServiceClient::new(channel(&server).await);
+    let mut client = FlightServiceClient::new(server.channel().await);
     let never = futures::stream::pending::<FlightData>();
     let refused = handoff_testkit::within(
         "DoPut to refuse a bad token without waiting for a message",
@@ -596,22 +587,42 @@ async fn import_reads_only_under_the_allowed_prefixes() {
     server.stop().await;
 }
 
+/// Object storage in a temporary directory, and store configs over it.
+struct Storage {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Storage {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        Self { dir, url }
+    }
+
+    fn storage(&self) -> handoff_store::ObjectStorage {
+        handoff_store::ObjectStorage::from_url(&self.url).expect("storage")
+    }
+
+    fn config(&self) -> handoff_store::StoreConfig {
+        handoff_store::StoreConfig {
+            storage: Some(self.storage()),
+            ..Default::default()
+        }
+    }
+
+    async fn server(&self) -> Fixture {
+        Fixture::start_with(handoff_server::ServerConfig::default(), self.config()).await
+    }
+}
+
 /// Link `X/manifest.json` once wrote its snapshot directory where link `X` keeps its manifest.
 /// Each link is one path segment now; both snapshots restore whole, and storage errors do not
 /// show the server's paths.
 #[tokio::test]
 async fn snapshot_names_cannot_collide() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file://{}", dir.path().display());
-    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
-    let server = Fixture::start_with(
-        handoff_server::ServerConfig::default(),
-        handoff_store::StoreConfig {
-            storage: storage(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let at = Storage::new();
+    let server = at.server().await;
     let mut admin = server.admin().await;
     for (link, rows) in [
         ("X", 10),
@@ -627,12 +638,9 @@ async fn snapshot_names_cannot_collide() {
     }
     server.stop().await;
 
-    let restored = handoff_store::Store::new(handoff_store::StoreConfig {
-        storage: storage(),
-        ..Default::default()
-    });
-    let mut links = storage()
-        .expect("storage")
+    let restored = handoff_store::Store::new(at.config());
+    let mut links = at
+        .storage()
         .restore_all(&restored)
         .await
         .expect("restore")
@@ -648,16 +656,9 @@ async fn snapshot_names_cannot_collide() {
     }
 
     // Storage that fails: the client hears that it failed, not where the server keeps files.
-    std::fs::remove_dir_all(dir.path()).expect("remove");
-    std::fs::write(dir.path(), b"not a directory").expect("a file where the directory was");
-    let server = Fixture::start_with(
-        handoff_server::ServerConfig::default(),
-        handoff_store::StoreConfig {
-            storage: storage(),
-            ..Default::default()
-        },
-    )
-    .await;
+    std::fs::remove_dir_all(at.dir.path()).expect("remove");
+    std::fs::write(at.dir.path(), b"not a directory").expect("a file where the directory was");
+    let server = at.server().await;
     let mut admin = server.admin().await;
     admin
         .put("y", stream_of(vec![batch(0, 5)]))
@@ -666,7 +667,7 @@ async fn snapshot_names_cannot_collide() {
     admin.seal("y").await.expect("seal");
     let err = admin.snapshot("y").await.expect_err("storage fails");
     assert_eq!(code(&err), Some(Code::Unavailable), "{err}");
-    let shown = dir.path().display().to_string();
+    let shown = at.dir.path().display().to_string();
     assert!(!err.to_string().contains(&shown), "{err}");
     server.stop().await;
 }
@@ -675,17 +676,8 @@ async fn snapshot_names_cannot_collide() {
 /// load. One bad manifest once failed the whole restore, so a server restart lost every link.
 #[tokio::test]
 async fn a_bad_snapshot_is_skipped_and_named_and_the_good_ones_load() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file://{}", dir.path().display());
-    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
-    let server = Fixture::start_with(
-        handoff_server::ServerConfig::default(),
-        handoff_store::StoreConfig {
-            storage: storage(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let at = Storage::new();
+    let server = at.server().await;
     let mut admin = server.admin().await;
     for link in ["good", "garbled", "short"] {
         for part in 0..2 {
@@ -698,16 +690,13 @@ async fn a_bad_snapshot_is_skipped_and_named_and_the_good_ones_load() {
         admin.snapshot(link).await.expect("snapshot");
     }
     server.stop().await;
-    let links = dir.path().join("links");
+    let links = at.dir.path().join("links");
     std::fs::write(links.join("garbled/manifest.json"), b"{ not json").expect("garble");
     std::fs::remove_file(links.join("short/part-00001.arrows")).expect("lose a part");
 
-    let restored = handoff_store::Store::new(handoff_store::StoreConfig {
-        storage: storage(),
-        ..Default::default()
-    });
-    let report = storage()
-        .expect("storage")
+    let restored = handoff_store::Store::new(at.config());
+    let report = at
+        .storage()
         .restore_all(&restored)
         .await
         .expect("the restore goes on");
@@ -737,14 +726,8 @@ async fn a_bad_snapshot_is_skipped_and_named_and_the_good_ones_load() {
 /// memory and in the manifest), quota, policy and TTLs.
 #[tokio::test]
 async fn restore_brings_back_what_a_link_was_created_with() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file://{}", dir.path().display());
-    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
-    let config = || handoff_store::StoreConfig {
-        storage: storage(),
-        ..Default::default()
-    };
-    let server = Fixture::start_with(handoff_server::ServerConfig::default(), config()).await;
+    let at = Storage::new();
+    let server = at.server().await;
     let mut admin = server.admin().await;
     admin
         .create(CreateLink {
@@ -769,7 +752,7 @@ async fn restore_brings_back_what_a_link_was_created_with() {
     let before = server.store.link("team/owned").expect("link").options();
     server.stop().await;
 
-    let manifest = std::fs::read_to_string(dir.path().join("links/team%2Fowned/manifest.json"))
+    let manifest = std::fs::read_to_string(at.dir.path().join("links/team%2Fowned/manifest.json"))
         .expect("manifest");
     assert!(!manifest.contains("link-writer-secret") && !manifest.contains("link-reader-secret"));
     assert!(
@@ -779,9 +762,9 @@ async fn restore_brings_back_what_a_link_was_created_with() {
     );
 
     // A new server restores it; the link's reader token still reads, and nothing else changed.
-    let server = Fixture::start_with(handoff_server::ServerConfig::default(), config()).await;
-    let report = storage()
-        .expect("storage")
+    let server = at.server().await;
+    let report = at
+        .storage()
         .restore_all(&server.store)
         .await
         .expect("restore");

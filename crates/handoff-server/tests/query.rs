@@ -225,13 +225,7 @@ async fn sql_that_outgrows_the_budget_is_resource_exhausted() {
         },
     )
     .await;
-    let channel =
-        tonic::transport::Channel::from_shared(server.endpoint.replace("grpc://", "http://"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-    let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(server.channel().await);
     sql.set_header("authorization", format!("Bearer {READER}"));
     let run = |query: &'static str| {
         let mut sql = sql.clone();

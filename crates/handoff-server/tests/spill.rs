@@ -290,12 +290,7 @@ async fn a_spilling_link_quota_spills_only_its_own_partitions() {
 async fn sql_count_and_sum(server: &Fixture, query: &str) -> (i64, i64) {
     use arrow_flight::sql::client::FlightSqlServiceClient;
     use futures::TryStreamExt;
-    let channel =
-        tonic::transport::Endpoint::from_shared(server.endpoint.replace("grpc://", "http://"))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
+    let channel = server.channel().await;
     let mut sql = FlightSqlServiceClient::new(channel);
     sql.set_token(READER.into());
     let info = sql.execute(query.into(), None).await.expect("execute");

@@ -66,6 +66,15 @@ impl Fixture {
             .expect("connect")
     }
 
+    /// A plain gRPC channel to the server, for raw Flight and Flight SQL clients.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint.replace("grpc://", "http://"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     pub async fn admin(&self) -> HandoffClient {
         self.client(ADMIN).await
     }
