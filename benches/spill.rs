@@ -31,7 +31,7 @@ async fn filled_store(url: &str, frames: &[FlightData]) -> Arc<Store> {
                 .await
                 .expect("push");
         }
-        writer.finish().expect("finish");
+        writer.finish().await.expect("finish");
     }
     store
 }

@@ -216,3 +216,58 @@ def test_reject_refuses_with_numbers_and_keeps_earlier_data(tmp_path):
         report("reject", proc.pid, row * 1024)
     finally:
         stop(proc)
+
+
+def test_shuffled_ranks_share_one_copy_of_the_link(tmp_path):
+    """Four ranks reading one shuffled epoch decode the link in place and once between them.
+
+    Before, each rank decoded (and copied) the whole link for itself: four ranks cost four
+    more copies of the link. Now the growth over the written link is the ranks' batches in
+    flight and one shuffle order, whatever the number of ranks.
+    """
+    proc, location = serve(tmp_path)
+    client = flight.connect(location)
+    world = 4
+    try:
+        row = 0
+        for _ in range(4):  # 4 partitions of 32 MiB
+            row = put_partition(client, "s", row)
+        action(client, "seal", b"s")
+        link_bytes = stats(client, "s")["bytes"]
+        after_write = vm_kib(proc.pid, "VmRSS") * 1024
+        got: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+
+        def read_rank(rank: int) -> None:
+            from handoff.client import HandoffClient, ShardRequest
+            try:
+                reader = HandoffClient(location)
+                request = ShardRequest("s", rank=rank, world_size=world, batch_rows=1024,
+                                       shuffle=True, drop_last=True, seed=1)
+                ids = []
+                for b in reader.read_shard(request):
+                    rank_ids = b.column(0).to_numpy()
+                    emb = b.column(1).values.to_numpy().reshape(-1, WIDTH)
+                    assert np.array_equal(emb[:, 0], rank_ids.astype(np.float32))
+                    ids.append(rank_ids)
+                got[rank] = np.concatenate(ids)
+            except BaseException as e:  # surfaced in the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=read_rank, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=patience(300))
+        assert not errors, errors
+        every = np.sort(np.concatenate([got[r] for r in range(world)]))
+        assert np.array_equal(every, np.arange(row)), "every row exactly once over the ranks"
+        assert not np.array_equal(got[0][:1024], np.arange(1024)), "shuffled"
+        grown = peak_rss(proc.pid) - after_write
+        print(f"\nshared shuffle: {world} ranks over a {link_bytes / MiB:.0f} MiB link; peak RSS "
+              f"grew {grown / MiB:.0f} MiB over the written link ({grown / link_bytes:.2f} x the link)")
+        # One more copy of the link (let alone one per rank) would be 1.0 x.
+        assert grown <= 0.5 * link_bytes, f"reads grew RSS by {grown / MiB:.0f} MiB"
+        report("shared shuffle", proc.pid, link_bytes)
+    finally:
+        stop(proc)

@@ -72,6 +72,16 @@ pub struct ServeArgs {
     /// Open connections each port accepts; further ones are closed at once, with a warning.
     #[arg(long, default_value_t = handoff_server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// The most one shuffled epoch holds decoded at once, e.g. 1GiB. Links that weigh less (their
+    /// bytes plus 4 bytes a row) get a full shuffle; larger ones are shuffled in windows of this
+    /// size: rows mix fully inside a window, and frames in random order across windows.
+    /// Default: a quarter of --memory-limit, or no windows without a limit.
+    #[arg(long, value_parser = parse_size)]
+    pub shuffle_window: Option<u64>,
+    /// Seconds a read waits for memory (for a shuffle window, a fetched spilled frame or a
+    /// batch it builds) before it fails with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 30)]
+    pub read_memory_wait: u64,
     /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
     #[arg(long, hide = true)]
     pub copying_get: bool,
@@ -128,9 +138,8 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                 format!("file://{}", dir.display())
             }
         };
-        if let Some(path) = spill_url.strip_prefix("file://") {
-            std::fs::create_dir_all(path)
-                .map_err(|e| format!("cannot create --spill-url directory {path}: {e}"))?;
+        if args.shuffle_window == Some(0) {
+            return Err("--shuffle-window 0 would hold no rows; give a size such as 1GiB".into());
         }
         Ok(Self {
             server: ServerConfig {
@@ -157,6 +166,8 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                     },
                     PolicyArg::Spill => MemoryPolicy::Spill,
                 },
+                shuffle_window: args.shuffle_window,
+                read_memory_wait: Some(Duration::from_secs(args.read_memory_wait)),
             },
         })
     }
@@ -186,6 +197,9 @@ pub(crate) async fn shutdown_signal() {
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let config = ServeConfig::try_from(&args)?;
+    if let Some(storage) = &config.store.storage {
+        storage.prepare().map_err(|e| e.to_string())?;
+    }
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot bind --listen {}: {e}", args.listen))?;

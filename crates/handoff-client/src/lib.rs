@@ -209,15 +209,49 @@ impl HandoffClient {
             // Announce the schema even when there are no batches, so an empty partition commits.
             builder = builder.with_schema(schema);
         }
-        let data = builder.build(batches.map_err(FlightError::from));
-        let mut results = self.flight.do_put(data).await?;
+        // arrow-flight ends the request cleanly when the input fails, and a clean end commits
+        // the partition: a broken input would publish part of it. Send the abort marker
+        // instead, so the server keeps nothing, and report the input's error.
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None::<FlightError>));
+        let seen = std::sync::Arc::clone(&failed);
+        let data =
+            builder
+                .build(batches.map_err(FlightError::from))
+                .scan(false, move |aborted, item| {
+                    let next = match item {
+                        _ if *aborted => None,
+                        Ok(data) => Some(Ok(data)),
+                        Err(e) => {
+                            *aborted = true;
+                            if let Ok(mut slot) = seen.lock() {
+                                *slot = Some(e);
+                            }
+                            Some(Ok(arrow_flight::FlightData {
+                                app_metadata: Bytes::from_static(proto::ABORT_PUT),
+                                ..Default::default()
+                            }))
+                        }
+                    };
+                    futures::future::ready(next)
+                });
+        let input_error = || failed.lock().ok().and_then(|mut slot| slot.take());
+        let mut results = match self.flight.do_put(data).await {
+            Ok(results) => results,
+            Err(e) => return Err(input_error().unwrap_or(e).into()),
+        };
         let mut outcome = None;
         while let Some(result) = results.next().await {
-            let result = result?;
+            let result = match result {
+                Ok(result) => result,
+                Err(e) => return Err(input_error().unwrap_or(e).into()),
+            };
             outcome = Some(
                 serde_json::from_slice(&result.app_metadata)
                     .map_err(|e| ClientError::Protocol(format!("bad PutResult metadata: {e}")))?,
             );
+        }
+        if let Some(e) = input_error() {
+            return Err(e.into());
         }
         outcome.ok_or_else(|| ClientError::Protocol("DoPut returned no PutResult".into()))
     }

@@ -184,7 +184,7 @@ impl StreamWrite {
                     )));
                 }
                 let done = std::mem::replace(&mut writer, begin(id + 1)?);
-                self.staged.record(id, done.finish()?.rows);
+                self.staged.record(id, done.finish().await?.rows);
                 id += 1;
                 writer
                     .push(schema.data_header.clone(), schema.data_body.clone())
@@ -192,7 +192,7 @@ impl StreamWrite {
             }
             writer.push(message.data_header, message.data_body).await?;
         }
-        self.staged.record(id, writer.finish()?.rows);
+        self.staged.record(id, writer.finish().await?.rows);
         Ok(())
     }
 }

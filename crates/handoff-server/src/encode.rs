@@ -4,7 +4,7 @@ use arrow_array::RecordBatch;
 use arrow_flight::FlightData;
 use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
 use bytes::{BufMut, Bytes, BytesMut};
-use handoff_store::Chunk;
+use handoff_store::{Chunk, Held};
 use tonic::Status;
 
 /// Encodes chunks of one read stream. Stored frames pass through untouched; cut or gathered
@@ -28,7 +28,10 @@ impl ChunkEncoder {
         }
     }
 
-    pub fn encode(&mut self, chunk: Chunk, out: &mut Vec<FlightData>) -> Result<(), Status> {
+    /// Encode `chunk` into `out`; returns the memory the chunk held, for the caller to keep
+    /// until `out` is sent.
+    pub fn encode(&mut self, chunk: Chunk, out: &mut Vec<FlightData>) -> Result<Held, Status> {
+        let mut kept = Held::default();
         match chunk {
             Chunk::Schema(schema) => out.push(FlightData {
                 data_header: schema.header,
@@ -39,7 +42,8 @@ impl ChunkEncoder {
                 data_body: frame.body,
                 ..Default::default()
             }),
-            Chunk::Batch(batch) => {
+            Chunk::Batch(batch, held) => {
+                kept = held;
                 for piece in split(&batch, self.max_flight_data_size) {
                     let (_dictionaries, encoded) = self
                         .generator
@@ -53,7 +57,7 @@ impl ChunkEncoder {
                 }
             }
         }
-        Ok(())
+        Ok(kept)
     }
 }
 

@@ -17,7 +17,9 @@ pub fn status_of(err: StoreError) -> Status {
         StoreError::Unsupported(_) => Code::Unimplemented,
         StoreError::MemoryExhausted { .. }
         | StoreError::MemoryWaitTimeout { .. }
-        | StoreError::NothingToSpill { .. } => Code::ResourceExhausted,
+        | StoreError::NothingToSpill { .. }
+        | StoreError::ReadMemory { .. }
+        | StoreError::MessageTooLarge { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,
         StoreError::Storage(detail) => {
             // The detail names the server's files, bucket layout or credentials' errors: for the

@@ -5,6 +5,7 @@ mod conn;
 pub mod encode;
 pub mod error;
 mod imports;
+mod inflight;
 pub mod metrics;
 mod panic;
 pub mod raw;
@@ -151,8 +152,12 @@ pub async fn serve(
     let grpc_service = FlightServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let incoming = store.memory().limit().map(|_| store.incoming_memory());
     let router = panic::CatchPanic::new(
-        FlightRouter::new(grpc_service, service, config.zero_copy_get),
+        inflight::ReserveIncoming::new(
+            FlightRouter::new(grpc_service, service, config.zero_copy_get),
+            incoming,
+        ),
         Arc::clone(&metrics),
     );
 

@@ -42,6 +42,7 @@ pub struct Metrics {
     staged: Gauge<u64, AtomicU64>,
     spilled: Gauge<u64, AtomicU64>,
     spilled_total: Counter<u64, AtomicU64>,
+    shuffle_windows: Counter<u64, AtomicU64>,
     links: Family<StateLabels, Gauge>,
 }
 
@@ -63,6 +64,7 @@ impl Default for Metrics {
             staged: Gauge::default(),
             spilled: Gauge::default(),
             spilled_total: Counter::default(),
+            shuffle_windows: Counter::default(),
             links: Family::default(),
             registry: Registry::default(),
         };
@@ -128,6 +130,11 @@ impl Default for Metrics {
             m.spilled_total.clone(),
         );
         registry.register(
+            "shuffle_windows_built",
+            "Shuffle windows decoded; ranks of one epoch share them, so about one per window per epoch",
+            m.shuffle_windows.clone(),
+        );
+        registry.register(
             "expired_links",
             "Links deleted by their TTL after seal or by the idle timeout",
             m.expired_links.clone(),
@@ -168,6 +175,9 @@ impl Metrics {
         let total = store.spilled_bytes_total();
         self.spilled_total
             .inc_by(total.saturating_sub(self.spilled_total.get()));
+        let built = store.read_memory().shuffle_windows_built();
+        self.shuffle_windows
+            .inc_by(built.saturating_sub(self.shuffle_windows.get()));
         self.links
             .get_or_create(&StateLabels { state: "open" })
             .set(open);

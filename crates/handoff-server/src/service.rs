@@ -344,7 +344,13 @@ impl HandoffService {
                 let (spec, mode) = shard_spec(&shard);
                 spec.validate().map_err(status_of)?;
                 let (planner, _) = shard_query(&shard, &link)?;
-                let rx = handoff_store::read_shard(link, spec, mode, planner);
+                let rx = handoff_store::read_shard(
+                    link,
+                    spec,
+                    mode,
+                    planner,
+                    self.store.read_memory().clone(),
+                );
                 stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|item| (item, rx))
                 })
@@ -361,7 +367,7 @@ impl HandoffService {
                     Ok(chunk) => {
                         let rows = match &chunk {
                             Chunk::Frame(frame) => frame.rows,
-                            Chunk::Batch(batch) => batch.num_rows() as u64,
+                            Chunk::Batch(batch, _) => batch.num_rows() as u64,
                             Chunk::Schema(_) => 0,
                         };
                         metrics.served_rows.inc_by(rows);
@@ -374,11 +380,14 @@ impl HandoffService {
                     .map(|d| d.data_header.len() + d.data_body.len())
                     .sum();
                 metrics.served_bytes.inc_by(bytes as u64);
-                let items: Vec<Result<FlightData, Status>> = match result {
-                    Ok(()) => out.into_iter().map(Ok).collect(),
-                    Err(status) => vec![Err(status)],
+                let (items, held): (Vec<Result<FlightData, Status>>, _) = match result {
+                    Ok(held) => (out.into_iter().map(Ok).collect(), held),
+                    Err(status) => (vec![Err(status)], Default::default()),
                 };
-                stream::iter(items)
+                // The chunk's memory stays reserved until tonic has taken its last message.
+                let release = stream::once(async move { drop::<handoff_store::Held>(held) })
+                    .filter_map(|()| async { None });
+                stream::iter(items).chain(release)
             })
             .boxed())
     }
@@ -609,6 +618,10 @@ impl HandoffService {
         // The token is checked before any payload is read: the link it may write is named only
         // in the first message, but a caller without a valid token gets nothing read at all.
         self.auth.identify(&md, &self.store)?;
+        let credit = request
+            .extensions()
+            .get::<crate::inflight::IncomingCredit>()
+            .cloned();
         let mut input = request.into_inner();
         let first = input.message().await?.ok_or_else(|| {
             invalid("empty DoPut stream: send a schema message with a FlightDescriptor first")
@@ -646,6 +659,11 @@ impl HandoffService {
             .map_err(status_of)?;
         let mut next = Some(first);
         while let Some(data) = next {
+            // The message's bytes were reserved on arrival; hand them over to the store's own
+            // reservation of the frame instead of counting them twice.
+            if let Some(credit) = &credit {
+                credit.release_next();
+            }
             if data.data_header.is_empty() && data.app_metadata.as_ref() == proto::ABORT_PUT {
                 // Some clients (pyarrow) cannot cancel a DoPut: ending it would publish a
                 // partial partition, so they send this marker instead.
@@ -669,7 +687,7 @@ impl HandoffService {
                 }
             };
         }
-        let outcome = writer.finish().map_err(status_of)?;
+        let outcome = writer.finish().await.map_err(status_of)?;
         self.metrics.ingested_bytes.inc_by(outcome.bytes);
         self.metrics.ingested_rows.inc_by(outcome.rows);
         let metadata = serde_json::json!({

@@ -778,3 +778,63 @@ async fn restore_brings_back_what_a_link_was_created_with() {
     assert_eq!(link_ids(&mut reader, "team/owned").await.len(), 50);
     server.stop().await;
 }
+
+/// A message is reserved from its declared length before the server buffers it: one larger than
+/// the whole budget is refused with the numbers, one larger than what is free is refused under
+/// `reject`, and nothing of either stays counted.
+#[tokio::test]
+async fn messages_are_reserved_before_they_are_buffered() {
+    let limit = 4 << 20;
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            memory_limit: Some(limit),
+            ..Default::default()
+        },
+    )
+    .await;
+    served(&server).await;
+    let base = server.store.memory().used();
+    // About 6 MB in one message.
+    let big = common::batch(0, 150_000);
+    let err = raw_put(&server, common::ADMIN, flight_data("mem", &big))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains("larger than the server's whole memory limit of 4194304 bytes"),
+        "{err}"
+    );
+    handoff_testkit::eventually("the refused message is released", || {
+        let used = server.store.memory().used();
+        async move { (used == base).then_some(()) }
+    })
+    .await;
+
+    // 3 MB fits the budget, but not beside the 2 MB already held.
+    raw_put(
+        &server,
+        common::ADMIN,
+        flight_data("mem", &common::batch(0, 50_000)),
+    )
+    .await
+    .expect("2 MB fit");
+    let err = raw_put(
+        &server,
+        common::ADMIN,
+        flight_data("mem", &common::batch(0, 75_000)),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("memory limit reached"), "{err}");
+    let stored = base + server.store.stats("mem").expect("stats").bytes;
+    handoff_testkit::eventually("only the stored link stays counted", || {
+        let used = server.store.memory().used();
+        async move { (used == stored).then_some(()) }
+    })
+    .await;
+    still_serving(&server).await;
+    server.stop().await;
+}

@@ -53,6 +53,21 @@ fn files_under(dir: &Path, sub: &str) -> usize {
     walk(&dir.join(sub))
 }
 
+/// Everything under `path` is for the server alone: files 0600, directories 0700.
+fn assert_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(path).expect("read dir").flatten() {
+        let p = entry.path();
+        let mode = entry.metadata().expect("metadata").permissions().mode() & 0o777;
+        if p.is_dir() {
+            assert_eq!(mode, 0o700, "{}", p.display());
+            assert_private(&p);
+        } else {
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+    }
+}
+
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     handoff_testkit::eventually(what, || {
         let done = done();
@@ -102,6 +117,7 @@ async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row()
     assert!(server.store.memory().peak() <= limit);
     assert_eq!(admin.stats("keep").await.expect("stats").spilled_bytes, 0);
     assert!(files_under(dir.path(), "spill") >= 20);
+    assert_private(&dir.path().join("spill"));
     let metrics = handoff_server::Metrics::default().render(&server.store);
     let gauge = format!("handoff_spilled_bytes {}", stats.spilled_bytes);
     assert!(metrics.contains(&gauge), "{gauge} in\n{metrics}");
@@ -154,6 +170,7 @@ async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row()
 
     // A snapshot copies spilled objects; a new store restores every row from it.
     admin.snapshot("big").await.expect("snapshot");
+    assert_private(&dir.path().join("links"));
     let restored = handoff_store::Store::new(StoreConfig {
         storage: Some(storage(dir.path())),
         ..Default::default()
@@ -216,7 +233,7 @@ async fn staged_attempts_spill_too_and_commit_exactly_once() {
 }
 
 #[tokio::test]
-async fn spill_fails_clearly_when_nothing_finished_is_left_to_move() {
+async fn a_message_larger_than_the_whole_budget_is_refused_and_earlier_data_stays() {
     let limit = 1 << 20;
     let (_dir, server) = spilling_server(limit).await;
     let mut admin = server.admin().await;
@@ -224,16 +241,17 @@ async fn spill_fails_clearly_when_nothing_finished_is_left_to_move() {
         .put("s", stream_of(vec![batch(0, 1000)]))
         .await
         .expect("fits");
-    // One partition larger than the whole budget cannot be made to fit by spilling.
+    // A partition may outgrow memory (it streams out), but one message must fit in it.
     let err = admin
-        .put(
-            "s",
-            stream_of(vec![batch(1000, 20_000), batch(21_000, 20_000)]),
-        )
+        .put("s", stream_of(vec![batch(1000, 30_000)]))
         .await
-        .expect_err("partition larger than the budget");
+        .expect_err("a message larger than the budget");
     assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
-    assert!(err.to_string().contains("nothing left to spill"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("larger than the server's whole memory limit of 1048576 bytes"),
+        "{err}"
+    );
     let stats = admin.stats("s").await.expect("stats");
     assert_eq!((stats.rows, stats.staged_partitions), (1000, 0));
     admin.seal("s").await.expect("seal");
@@ -396,5 +414,82 @@ async fn a_spilled_link_answers_sql_and_filtered_column_reads() {
     seen.dedup();
     assert_eq!(seen, passing, "every passing row, spilled or not");
     assert!(server.store.memory().peak() <= limit);
+    server.stop().await;
+}
+
+/// One partition four times the budget (a skewed Spark partition) lands under `spill`: once
+/// nothing finished is left to move out, the partition goes to object storage as it arrives,
+/// and reads back whole. A write that breaks while streaming leaves nothing behind.
+#[tokio::test]
+async fn a_partition_larger_than_memory_lands_and_reads_back() {
+    let limit = 1 << 20;
+    let (dir, server) = spilling_server(limit).await;
+    let mut admin = server.admin().await;
+    // Twelve frames of about 410 KB in one DoPut: over 4x the limit.
+    let batches: Vec<_> = (0..12).map(|i| batch(i * ROWS, ROWS as usize)).collect();
+    let outcome = admin
+        .put("skewed", stream_of(batches))
+        .await
+        .expect("lands");
+    assert_eq!(outcome.rows, 12 * ROWS as u64);
+    let stats = admin.stats("skewed").await.expect("stats");
+    assert!(stats.bytes > 4 * limit, "{stats:?}");
+    assert_eq!(stats.spilled_bytes, stats.bytes, "{stats:?}");
+    assert!(server.store.memory().peak() <= limit);
+    assert_private(&dir.path().join("spill"));
+    admin.seal("skewed").await.expect("seal");
+    assert_eq!(
+        link_ids(&mut admin, "skewed").await,
+        (0..12 * ROWS).collect::<Vec<_>>()
+    );
+    // Shuffled over two ranks, in windows of a quarter of the limit.
+    let mut all = Vec::new();
+    for rank in 0..2 {
+        all.extend(
+            shard_ids(
+                &mut admin,
+                ReadShard {
+                    link: "skewed".into(),
+                    rank,
+                    world_size: 2,
+                    batch_rows: 1000,
+                    shuffle: true,
+                    drop_last: true,
+                    ..Default::default()
+                },
+            )
+            .await,
+        );
+    }
+    assert_ne!(all, (0..12 * ROWS).collect::<Vec<_>>(), "shuffled");
+    all.sort_unstable();
+    assert_eq!(all, (0..12 * ROWS).collect::<Vec<_>>());
+    admin.delete("skewed").await.expect("delete");
+    eventually("the streamed object goes with its link", || {
+        files_under(dir.path(), "spill") == 0
+    })
+    .await;
+
+    // A write that streams and then breaks: nothing of it stays, in memory or in storage.
+    let broken = futures::stream::iter((0..6).map(|i| Ok(batch(i * ROWS, ROWS as usize))).chain(
+        std::iter::once(Err(handoff_client::ClientError::Status(
+            tonic::Status::cancelled("the writer broke"),
+        ))),
+    ));
+    let err = admin.put("broken", broken).await.expect_err("broken");
+    assert!(err.to_string().contains("the writer broke"), "{err}");
+    let stats = admin.stats("broken").await.expect("stats");
+    assert_eq!(
+        stats.rows, 0,
+        "nothing of a broken write is kept: {stats:?}"
+    );
+    eventually("the broken stream's object is removed", || {
+        files_under(dir.path(), "spill") == 0
+    })
+    .await;
+    eventually("and its memory released", || {
+        server.store.memory().used() == 0
+    })
+    .await;
     server.stop().await;
 }

@@ -62,13 +62,32 @@ pub enum StoreError {
     #[error("waited {}s for memory and none was freed: {cause}", waited.as_secs_f64())]
     MemoryWaitTimeout {
         waited: std::time::Duration,
+        #[source]
+        cause: Box<StoreError>,
+    },
+    #[error(
+        "this read needs {needed} bytes of server memory for {what}, and {cause}; retry later, \
+         read with a smaller batch_rows, or start the server with a larger --memory-limit"
+    )]
+    ReadMemory {
+        what: &'static str,
+        needed: u64,
+        #[source]
         cause: Box<StoreError>,
     },
     #[error(
         "nothing left to spill: every byte in memory belongs to partitions still being written ({cause}); \
          write smaller partitions (more Spark partitions), or raise the limit"
     )]
-    NothingToSpill { cause: Box<StoreError> },
+    NothingToSpill {
+        #[source]
+        cause: Box<StoreError>,
+    },
+    #[error(
+        "a {bytes}-byte message is larger than the server's whole memory limit of {limit} bytes; \
+         send smaller record batches (Spark: spark.sql.execution.arrow.maxRecordsPerBatch), or raise --memory-limit"
+    )]
+    MessageTooLarge { bytes: u64, limit: u64 },
     #[error("object storage failed: {0}")]
     Storage(String),
     #[error("stored data of link '{link}' could not be decoded: {detail}")]

@@ -17,6 +17,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use bytes::Bytes;
 
 use crate::error::{Result, StoreError};
+use crate::memory::Reservation;
 
 /// The most rows one record batch message may declare (2^26, 67,108,864): far above what
 /// writers send (Spark's Arrow batches are 10,000 rows), and it keeps row counts, offsets and
@@ -34,6 +35,28 @@ pub struct Frame {
 impl Frame {
     pub fn bytes(&self) -> u64 {
         (self.header.len() + self.body.len()) as u64
+    }
+
+    /// The same frame in memory of its own, with the body aligned so that decoding it is
+    /// zero-copy, and `memory` (the frame's reserved bytes) released only when the last user of
+    /// the body lets go: the partition, a reader's decoded rows, or a reply still being sent. So
+    /// the accounting follows the allocation, not the partition (a spill that drops the partition
+    /// while a reader still holds the frame frees nothing yet, and says so).
+    ///
+    /// Bytes received from gRPC are slices of the whole receive buffer: kept as they are, they
+    /// would pin that buffer (more than the frame's reserved size), and arrow would copy every
+    /// unaligned column on each decode, which for a shuffled read is a second copy of the link.
+    pub fn owned(self, memory: Reservation) -> Frame {
+        Frame {
+            header: Bytes::copy_from_slice(&self.header),
+            body: copy_aligned(&self.body, Some(memory)),
+            rows: self.rows,
+        }
+    }
+
+    /// Whether decoding this frame shares its memory instead of copying it.
+    pub fn is_aligned(&self) -> bool {
+        self.body.is_empty() || (self.body.as_ptr() as usize).is_multiple_of(BODY_ALIGNMENT)
     }
 
     /// Decode into a `RecordBatch`, zero-copy where the body is aligned, with full validation.
@@ -72,6 +95,37 @@ impl Frame {
     }
 }
 
+/// Arrow's own allocation alignment: every buffer of an IPC body sits at a multiple of 8 from
+/// its start, so a body that starts here decodes without copies.
+const BODY_ALIGNMENT: usize = 64;
+
+/// `body` itself if it starts at [`BODY_ALIGNMENT`], else an aligned copy.
+pub(crate) fn aligned(body: Bytes) -> Bytes {
+    if (body.as_ptr() as usize).is_multiple_of(BODY_ALIGNMENT) {
+        body
+    } else {
+        copy_aligned(&body, None)
+    }
+}
+
+/// `body` in a fresh allocation that starts at [`BODY_ALIGNMENT`], holding `memory` until it is
+/// freed.
+fn copy_aligned(body: &[u8], memory: Option<Reservation>) -> Bytes {
+    /// `Bytes::from_owner` wants `AsRef<[u8]>`, which arrow's `Buffer` does not implement.
+    struct Owner(Buffer, #[allow(dead_code)] Option<Reservation>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    if body.is_empty() {
+        return Bytes::new();
+    }
+    let mut buffer = arrow_buffer::MutableBuffer::new(body.len());
+    buffer.extend_from_slice(body);
+    Bytes::from_owner(Owner(buffer.into(), memory))
+}
+
 /// A link schema together with the IPC schema message that announces it on the wire.
 #[derive(Debug, Clone)]
 pub struct SchemaFrame {
@@ -103,7 +157,8 @@ impl SchemaFrame {
         check_supported(&parsed)?;
         Ok(Self {
             schema: Arc::new(parsed),
-            header,
+            // Its own copy: a slice would pin the whole receive buffer it came in.
+            header: Bytes::copy_from_slice(&header),
         })
     }
 
@@ -545,7 +600,7 @@ fn describe(schema: &Schema) -> String {
 
 #[cfg(test)]
 mod tests {
-    use arrow_array::{ArrayRef, Int32Array, NullArray, RecordBatchOptions};
+    use arrow_array::{ArrayRef, Int32Array, Int64Array, NullArray, RecordBatchOptions};
     use arrow_ipc::writer::{
         DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions,
     };
@@ -602,6 +657,42 @@ mod tests {
             Incoming::Batch(frame) => assert_eq!(frame.rows, 3),
             Incoming::Schema(_) => panic!("a batch"),
         }
+    }
+
+    /// A kept frame decodes without copying, whatever the alignment it arrived with, and its
+    /// memory stays reserved until the last decoded column lets go.
+    #[test]
+    fn kept_frames_decode_in_place_and_hold_their_memory() {
+        let batch = batch_of(
+            vec![("x", Arc::new(Int64Array::from_iter_values(0..1000)))],
+            1000,
+        );
+        let (header, body) = encode(&batch);
+        // One byte off any alignment, as a slice of a receive buffer may be.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&body);
+        let unaligned = Bytes::from(shifted).slice(1..);
+        let Incoming::Batch(frame) =
+            validate_message(Some(&batch.schema()), header, unaligned).expect("valid")
+        else {
+            panic!("a batch")
+        };
+        let pool = crate::memory::MemoryPool::new(Some(1 << 20));
+        let mut reservation = pool.reservation(None);
+        reservation.try_grow(frame.bytes()).expect("fits");
+        let kept = frame.owned(reservation);
+        assert!(kept.is_aligned());
+        let decoded = kept.decode(&batch.schema()).expect("decode");
+        let column = decoded.column(0).to_data().buffers()[0].as_ptr() as usize;
+        let body = kept.body.as_ptr() as usize;
+        assert!(
+            (body..body + kept.body.len()).contains(&column),
+            "decoded in place"
+        );
+        drop(kept);
+        assert!(pool.used() > 0, "the decoded column still holds the frame");
+        drop(decoded);
+        assert_eq!(pool.used(), 0);
     }
 
     /// Rows nobody sent: zero columns, or only Null columns, declaring 2^40 rows in a few bytes.

@@ -2,6 +2,7 @@
 //! accounting. It knows Arrow IPC but nothing of gRPC; the server translates.
 
 pub mod error;
+mod incoming;
 pub mod ipc;
 pub mod link;
 pub mod memory;
@@ -16,13 +17,17 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 pub use error::{Result, StoreError, echo};
+pub use incoming::IncomingMemory;
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
     APPEND_IDS_FROM, Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens,
     Partition, PartitionWriter, PutOutcome, PutTarget, TokenHash,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
-pub use read::{Chunk, QueryPlanner, ReadMode, ReadQuery, RowFilter, read_partition, read_shard};
+pub use read::{
+    Chunk, Held, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter, read_partition,
+    read_shard,
+};
 pub use shard::ShardSpec;
 pub use snapshot::{ObjectStorage, Restored, SnapshotManifest, SnapshotOptions};
 
@@ -36,6 +41,12 @@ pub struct StoreConfig {
     pub storage: Option<ObjectStorage>,
     /// Snapshot every link when it is sealed.
     pub snapshot_on_seal: bool,
+    /// The most a shuffled epoch holds decoded at once (see [`shard::ShuffleLayout`]); links
+    /// that weigh less get a full shuffle. `None`: a quarter of `memory_limit`, or no windows
+    /// without a limit.
+    pub shuffle_window: Option<u64>,
+    /// How long a read waits for memory before it fails with RESOURCE_EXHAUSTED. `None`: 30 s.
+    pub read_memory_wait: Option<std::time::Duration>,
 }
 
 /// All links of one server.
@@ -47,6 +58,7 @@ pub struct Store {
     default_policy: MemoryPolicy,
     storage: Option<ObjectStorage>,
     snapshot_on_seal: bool,
+    read_memory: ReadMemory,
 }
 
 /// Link names look like `features` or `team/features`.
@@ -66,13 +78,27 @@ pub fn validate_link_name(name: &str) -> Result<()> {
 impl Store {
     pub fn new(config: StoreConfig) -> Arc<Self> {
         let links = Arc::new(RwLock::new(BTreeMap::new()));
+        let spiller = config
+            .storage
+            .clone()
+            .map(|storage| Arc::new(spill::Spiller::new(storage, Arc::clone(&links))));
+        let memory = MemoryPool::new(config.memory_limit);
+        let read_memory = ReadMemory {
+            pool: Arc::clone(&memory),
+            spiller: spiller.clone(),
+            shuffle_window: config
+                .shuffle_window
+                .or(config.memory_limit.map(|limit| limit / 4)),
+            wait: config
+                .read_memory_wait
+                .unwrap_or(std::time::Duration::from_secs(30)),
+            windows_built: Default::default(),
+        };
         Arc::new(Self {
-            spiller: config
-                .storage
-                .clone()
-                .map(|storage| Arc::new(spill::Spiller::new(storage, Arc::clone(&links)))),
+            spiller,
             links,
-            memory: MemoryPool::new(config.memory_limit),
+            memory,
+            read_memory,
             default_policy: config.default_policy,
             storage: config.storage,
             snapshot_on_seal: config.snapshot_on_seal,
@@ -85,6 +111,20 @@ impl Store {
 
     pub fn memory(&self) -> &Arc<MemoryPool> {
         &self.memory
+    }
+
+    /// Memory for messages still arriving, under the server's default policy.
+    pub fn incoming_memory(&self) -> IncomingMemory {
+        IncomingMemory {
+            pool: Arc::clone(&self.memory),
+            spiller: self.spiller.clone(),
+            policy: self.default_policy,
+        }
+    }
+
+    /// What reads may take of the server's memory, and how they wait for it.
+    pub fn read_memory(&self) -> &ReadMemory {
+        &self.read_memory
     }
 
     /// Declare a link, optionally with its schema and its own tokens.

@@ -1,8 +1,9 @@
 //! A link: one schema, staged and committed partitions, and its open/sealed/deleted state.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow_array::BooleanArray;
@@ -14,7 +15,7 @@ use tokio::sync::{OnceCell, watch};
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, Incoming, SchemaFrame, check_compatible, validate_message};
 use crate::memory::{MemoryPolicy, MemoryPool, Reservation};
-use crate::spill::{SpilledPartition, Spiller};
+use crate::spill::{SpillStream, SpilledPartition, Spiller};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,6 +127,8 @@ pub struct Partition {
     link: Arc<str>,
     /// Rows of each frame, known without fetching a spilled one.
     frame_rows: Vec<u64>,
+    /// Bytes of each frame, header and body.
+    frame_bytes: Vec<u64>,
     data: RwLock<Data>,
     last_used_ms: AtomicU64,
     /// Which rows pass recent filters, shared by every reader that uses the same one.
@@ -148,9 +151,9 @@ const CACHED_FILTERS: usize = 4;
 
 #[derive(Debug)]
 enum Data {
+    /// Each frame's body holds its own reservation (see [`Frame::owned`]).
     Resident {
         frames: Arc<[Frame]>,
-        _reservation: Reservation,
     },
     Spilled(Arc<SpilledPartition>),
 }
@@ -162,23 +165,18 @@ pub(crate) enum Stored {
 }
 
 impl Partition {
-    fn new(
-        link: Arc<str>,
-        schema: SchemaFrame,
-        frames: Vec<Frame>,
-        reservation: Reservation,
-    ) -> Self {
+    fn new(link: Arc<str>, schema: SchemaFrame, frames: Vec<Frame>) -> Self {
         Self {
             id: 0,
             attempt: 0,
             rows: frames.iter().map(|f| f.rows).sum(),
-            bytes: reservation.bytes(),
+            bytes: frames.iter().map(Frame::bytes).sum(),
             frame_rows: frames.iter().map(|f| f.rows).collect(),
+            frame_bytes: frames.iter().map(Frame::bytes).collect(),
             schema,
             link,
             data: RwLock::new(Data::Resident {
                 frames: frames.into(),
-                _reservation: reservation,
             }),
             last_used_ms: AtomicU64::new(now_ms()),
             selections: parking_lot::Mutex::new(VecDeque::new()),
@@ -209,6 +207,10 @@ impl Partition {
         &self.frame_rows
     }
 
+    pub fn frame_bytes(&self) -> &[u64] {
+        &self.frame_bytes
+    }
+
     pub fn is_spilled(&self) -> bool {
         matches!(*self.data.read(), Data::Spilled(_))
     }
@@ -219,15 +221,38 @@ impl Partition {
 
     pub(crate) fn stored(&self) -> Stored {
         match &*self.data.read() {
-            Data::Resident { frames, .. } => Stored::Resident(Arc::clone(frames)),
+            Data::Resident { frames } => Stored::Resident(Arc::clone(frames)),
             Data::Spilled(spilled) => Stored::Spilled(Arc::clone(spilled)),
         }
     }
 
     pub(crate) fn resident_frames(&self) -> Option<Arc<[Frame]>> {
         match &*self.data.read() {
-            Data::Resident { frames, .. } => Some(Arc::clone(frames)),
+            Data::Resident { frames } => Some(Arc::clone(frames)),
             Data::Spilled(_) => None,
+        }
+    }
+
+    /// A partition whose frames went to object storage as they arrived.
+    fn streamed(
+        link: Arc<str>,
+        schema: SchemaFrame,
+        spilled: SpilledPartition,
+        frame_rows: Vec<u64>,
+        frame_bytes: Vec<u64>,
+    ) -> Self {
+        Self {
+            id: 0,
+            attempt: 0,
+            rows: frame_rows.iter().sum(),
+            bytes: frame_bytes.iter().sum(),
+            frame_rows,
+            frame_bytes,
+            schema,
+            link,
+            data: RwLock::new(Data::Spilled(Arc::new(spilled))),
+            last_used_ms: AtomicU64::new(now_ms()),
+            selections: parking_lot::Mutex::new(VecDeque::new()),
         }
     }
 
@@ -377,7 +402,12 @@ pub struct Link {
     inner: RwLock<LinkInner>,
     /// Bumped on every commit, seal and delete, so readers can wait for news.
     version: watch::Sender<u64>,
+    /// State that concurrent readers share (a shuffled epoch), by key. Held weakly: it lives
+    /// while some reader uses it. Typed by the reader, so the link need not know read's types.
+    shared_reads: SharedReads,
 }
+
+type SharedReads = parking_lot::Mutex<Vec<(String, Weak<dyn Any + Send + Sync>)>>;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -419,7 +449,30 @@ impl Link {
                 read_done_at_ms: None,
             }),
             version: watch::channel(0).0,
+            shared_reads: Default::default(),
         }
+    }
+
+    /// The state readers under `key` share: the live one, or a new one from `make`.
+    pub(crate) fn shared_read<T: Any + Send + Sync>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        let mut shared = self.shared_reads.lock();
+        shared.retain(|(_, state)| state.strong_count() > 0);
+        if let Some(state) = shared
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, state)| state.upgrade())
+            .and_then(|state| state.downcast::<T>().ok())
+        {
+            return state;
+        }
+        let state = Arc::new(make());
+        let erased: Arc<dyn Any + Send + Sync> = Arc::clone(&state) as _;
+        shared.push((key.to_string(), Arc::downgrade(&erased)));
+        state
     }
 
     pub fn name(&self) -> &str {
@@ -865,8 +918,15 @@ pub struct PartitionWriter {
     schema: Option<SchemaFrame>,
     frames: Vec<Frame>,
     rows: u64,
+    bytes: u64,
+    frame_rows: Vec<u64>,
+    frame_bytes: Vec<u64>,
+    /// Grows as frames arrive; each frame then takes its share along with its body.
     reservation: Reservation,
     spiller: Option<Arc<Spiller>>,
+    /// Under `spill`, once nothing finished was left to move out: where this partition's frames
+    /// go as they arrive, so that a partition larger than memory lands.
+    stream: Option<SpillStream>,
 }
 
 impl PartitionWriter {
@@ -883,8 +943,12 @@ impl PartitionWriter {
             schema: None,
             frames: Vec::new(),
             rows: 0,
+            bytes: 0,
+            frame_rows: Vec::new(),
+            frame_bytes: Vec::new(),
             reservation,
             spiller,
+            stream: None,
         }
     }
 
@@ -897,7 +961,7 @@ impl PartitionWriter {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.reservation.bytes()
+        self.bytes
     }
 
     /// Validate and keep one IPC message of the stream. Under the `wait` policy this waits for
@@ -920,18 +984,33 @@ impl PartitionWriter {
             }
             Incoming::Batch(frame) => {
                 self.link.check_writable()?;
-                self.reserve(frame.bytes()).await?;
-                self.rows += frame.rows;
-                self.frames.push(frame);
+                let bytes = frame.bytes();
+                if self.stream.is_none() && !self.reserve(bytes).await? {
+                    self.start_stream().await?;
+                }
+                let rows = frame.rows;
+                match self.stream.as_mut() {
+                    Some(stream) => stream.push(&frame).await?,
+                    None => {
+                        let held = self.reservation.split(bytes);
+                        self.frames.push(frame.owned(held));
+                    }
+                }
+                self.rows += rows;
+                self.bytes += bytes;
+                self.frame_rows.push(rows);
+                self.frame_bytes.push(bytes);
             }
         }
         Ok(())
     }
 
-    async fn reserve(&mut self, bytes: u64) -> Result<()> {
+    /// Reserve a frame's bytes. `Ok(false)`: under `spill` nothing finished is left to move
+    /// out, and this partition must go out as it is written.
+    async fn reserve(&mut self, bytes: u64) -> Result<bool> {
         let policy = self.link.policy;
         if policy != MemoryPolicy::Spill {
-            return self.reservation.grow(bytes, policy).await;
+            return self.reservation.grow(bytes, policy).await.map(|()| true);
         }
         let spiller = self.spiller.clone().ok_or_else(|| {
             StoreError::InvalidArgument(
@@ -940,30 +1019,57 @@ impl PartitionWriter {
         })?;
         loop {
             if self.reservation.try_grow(bytes).is_ok() {
-                return Ok(());
+                return Ok(true);
             }
             let only = self
                 .reservation
                 .link_quota_is_short(bytes)
                 .then_some(&self.link);
             if spiller.make_room(only, bytes).await? == 0 {
-                // Another writer may have spilled and freed memory meanwhile; if not, give up.
-                return self
-                    .reservation
-                    .try_grow(bytes)
-                    .map_err(|e| StoreError::NothingToSpill { cause: Box::new(e) });
+                // Another writer may have spilled and freed memory meanwhile.
+                return Ok(self.reservation.try_grow(bytes).is_ok());
             }
         }
     }
 
+    /// Send this partition's frames so far, and every later one, to object storage.
+    async fn start_stream(&mut self) -> Result<()> {
+        let (Some(spiller), Some(schema)) = (self.spiller.clone(), self.schema.as_ref()) else {
+            return Err(StoreError::InvalidArgument(
+                "link uses the spill policy but this server has no object storage; start it with --spill-url".into(),
+            ));
+        };
+        let mut stream = spiller.stream(&self.link_name, &schema.header).await?;
+        for frame in std::mem::take(&mut self.frames) {
+            stream.push(&frame).await?;
+        }
+        self.stream = Some(stream);
+        Ok(())
+    }
+
     /// The stream ended cleanly: stage or commit what it carried.
-    pub fn finish(self) -> Result<PutOutcome> {
+    pub async fn finish(self) -> Result<PutOutcome> {
         let schema = self.schema.ok_or_else(|| {
             StoreError::InvalidIpc(
                 "the DoPut stream carried no schema message; nothing was written".into(),
             )
         })?;
-        let partition = Partition::new(self.link_name, schema, self.frames, self.reservation);
+        let partition = match self.stream {
+            Some(stream) => {
+                let spilled = stream.finish().await?;
+                if let Some(spiller) = &self.spiller {
+                    spiller.streamed(self.bytes);
+                }
+                Partition::streamed(
+                    self.link_name,
+                    schema,
+                    spilled,
+                    self.frame_rows,
+                    self.frame_bytes,
+                )
+            }
+            None => Partition::new(self.link_name, schema, self.frames),
+        };
         self.link.finish_put(self.target, partition)
     }
 }

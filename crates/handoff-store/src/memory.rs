@@ -207,6 +207,18 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Move `bytes` (at most what this holds) into a reservation of their own, against the same
+    /// pools, so that they are released with whatever holds the new one.
+    pub fn split(&mut self, bytes: u64) -> Reservation {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Reservation {
+            server: Arc::clone(&self.server),
+            link: self.link.clone(),
+            bytes,
+        }
+    }
 }
 
 impl Drop for Reservation {

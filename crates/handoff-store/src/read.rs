@@ -1,15 +1,20 @@
 //! Producing what a reader asked for: whole partitions, or one rank's shard.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use arrow_array::{Array, BooleanArray, RecordBatch};
 use arrow_schema::{Schema, SchemaRef};
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc};
 
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, SchemaFrame, guard_panic};
-use crate::link::{FrameSelection, Link, LinkSnapshot, LinkState, Partition};
-use crate::shard::{ShardSpec, permutation};
+use crate::link::{FrameSelection, Link, LinkSnapshot, LinkState, Partition, Stored};
+use crate::memory::{MemoryPolicy, MemoryPool, Reservation};
+use crate::shard::{ShardSpec, ShuffleLayout, WindowOrder};
+use crate::spill::Spiller;
 
 /// One item of a read stream. The first item is always the schema.
 #[derive(Debug, Clone)]
@@ -17,8 +22,90 @@ pub enum Chunk {
     Schema(SchemaFrame),
     /// A stored frame, replayed byte for byte.
     Frame(Frame),
-    /// Rows that had to be cut or mixed, to be encoded on the way out.
-    Batch(RecordBatch),
+    /// Rows that had to be cut or mixed, to be encoded on the way out, with the memory they
+    /// hold reserved until the chunk is dropped.
+    Batch(RecordBatch, Held),
+}
+
+/// Memory reserved for a chunk; released when the chunk (and every clone of it) is dropped.
+#[derive(Debug, Clone, Default)]
+pub struct Held(Option<Arc<Reservation>>);
+
+impl Held {
+    fn of(reservation: Reservation) -> Self {
+        Self((reservation.bytes() > 0).then(|| Arc::new(reservation)))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.0.as_ref().map_or(0, |r| r.bytes())
+    }
+}
+
+/// What reads may take of the server's memory: every buffer a read builds beyond the stored
+/// frames (fetched spilled frames, filtered copies, shuffle orders, the batches it sends) is
+/// reserved here first. A read that cannot get its memory waits, within a bound; under the
+/// spill policy it first moves finished partitions out; then it fails with the numbers.
+#[derive(Debug, Clone)]
+pub struct ReadMemory {
+    pub(crate) pool: Arc<MemoryPool>,
+    pub(crate) spiller: Option<Arc<Spiller>>,
+    /// See [`crate::StoreConfig::shuffle_window`].
+    pub(crate) shuffle_window: Option<u64>,
+    pub(crate) wait: Duration,
+    /// Shuffle windows decoded since the server started (a metric of what shuffles cost).
+    pub(crate) windows_built: Arc<AtomicU64>,
+}
+
+impl ReadMemory {
+    /// Reads of links outside a store's accounting (tests, tools): nothing is limited.
+    pub fn unlimited() -> Self {
+        Self {
+            pool: MemoryPool::new(None),
+            spiller: None,
+            shuffle_window: None,
+            wait: Duration::ZERO,
+            windows_built: Default::default(),
+        }
+    }
+
+    pub fn shuffle_window(&self) -> Option<u64> {
+        self.shuffle_window
+    }
+
+    /// Shuffle windows decoded so far: with ranks sharing epochs, one per window per epoch.
+    pub fn shuffle_windows_built(&self) -> u64 {
+        self.windows_built.load(Ordering::Relaxed)
+    }
+
+    async fn reserve(&self, link: &Link, bytes: u64, what: &'static str) -> Result<Reservation> {
+        let mut reservation = self.pool.reservation(None);
+        if bytes == 0 {
+            return Ok(reservation);
+        }
+        let failed = |cause| StoreError::ReadMemory {
+            what,
+            needed: bytes,
+            cause: Box::new(cause),
+        };
+        let first = match reservation.try_grow(bytes) {
+            Ok(()) => return Ok(reservation),
+            Err(e) => e,
+        };
+        // More than the whole limit never fits: say so now rather than after the wait.
+        if self.pool.limit().is_some_and(|limit| bytes > limit) {
+            return Err(failed(first));
+        }
+        if link.policy() == MemoryPolicy::Spill
+            && let Some(spiller) = &self.spiller
+        {
+            spiller.make_room(None, bytes).await?;
+        }
+        reservation
+            .grow(bytes, MemoryPolicy::Wait { timeout: self.wait })
+            .await
+            .map_err(failed)?;
+        Ok(reservation)
+    }
 }
 
 /// How a shard read treats a link that is not sealed yet.
@@ -96,6 +183,7 @@ pub fn read_shard(
     spec: ShardSpec,
     mode: ReadMode,
     planner: Option<QueryPlanner>,
+    memory: ReadMemory,
 ) -> mpsc::Receiver<Result<Chunk>> {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::spawn(async move {
@@ -105,7 +193,9 @@ pub fn read_shard(
             gone: false,
         };
         // A panic must reach the reader as an error, not as a stream that just ends short.
-        let task = std::panic::AssertUnwindSafe(shard_task(&link, &spec, mode, planner, &mut out));
+        let task = std::panic::AssertUnwindSafe(shard_task(
+            &link, &spec, mode, planner, &memory, &mut out,
+        ));
         let outcome = match futures::FutureExt::catch_unwind(task).await {
             Ok(outcome) => outcome,
             Err(panic) => {
@@ -172,6 +262,7 @@ async fn shard_task(
     spec: &ShardSpec,
     mode: ReadMode,
     planner: Option<QueryPlanner>,
+    memory: &ReadMemory,
     out: &mut Out,
 ) -> Result<()> {
     spec.validate()?;
@@ -221,12 +312,16 @@ async fn shard_task(
                     continue;
                 };
                 index.extend(&snapshot, &schema, query, link.name()).await?;
-                let mut rows = RowSource::new(link.name(), schema, query.clone())?;
+                let mut rows = RowSource::new(link, schema, query.clone(), memory)?;
+                if spec.shuffle {
+                    let mut shuffler = Shuffler::new(link, spec, &index, query, memory);
+                    if spec.batch_rows == 0 {
+                        return contiguous_shuffled(spec, &index, &rows, &mut shuffler, out).await;
+                    }
+                    return shuffled(spec, &index, &rows, &mut shuffler, out).await;
+                }
                 if spec.batch_rows == 0 {
                     return contiguous(spec, &index, &mut rows, out).await;
-                }
-                if spec.shuffle {
-                    return shuffled(spec, &index, &mut rows, out).await;
                 }
                 // Unshuffled batches: hand out every batch whose rows are all committed.
                 let b = spec.batch_rows;
@@ -278,16 +373,6 @@ async fn contiguous(
     out: &mut Out,
 ) -> Result<()> {
     let (start, end) = spec.contiguous_range(index.total);
-    if spec.shuffle {
-        let order = permutation(index.total, spec.seed, spec.epoch);
-        for chunk in order[start as usize..end as usize].chunks(GATHER_ROWS as usize) {
-            let batch = rows.gather(index, chunk).await?;
-            if !out.send(Chunk::Batch(batch)).await {
-                return Ok(());
-            }
-        }
-        return Ok(());
-    }
     let mut pos = start;
     while pos < end {
         let f = index.locate(pos);
@@ -296,10 +381,12 @@ async fn contiguous(
         let chunk = if pos == fs && take_end == fe && rows.query.is_everything() {
             Chunk::Frame(index.fetch(f).await?)
         } else {
+            // A slice shares the decoded frame, which holds its own reservation; the slice
+            // holds a share of it until sent.
+            let (batch, held) = rows.decoded(index, f).await?;
             Chunk::Batch(
-                rows.decoded(index, f)
-                    .await?
-                    .slice((pos - fs) as usize, (take_end - pos) as usize),
+                batch.slice((pos - fs) as usize, (take_end - pos) as usize),
+                held,
             )
         };
         if !out.send(chunk).await {
@@ -310,26 +397,256 @@ async fn contiguous(
     Ok(())
 }
 
+/// `batch_rows == 0` with shuffle: this rank's contiguous range of the epoch's order.
+async fn contiguous_shuffled(
+    spec: &ShardSpec,
+    index: &FrameIndex,
+    rows: &RowSource,
+    shuffler: &mut Shuffler,
+    out: &mut Out,
+) -> Result<()> {
+    let (start, end) = spec.contiguous_range(index.total);
+    let mut pos = start;
+    while pos < end {
+        let next = end.min(pos + GATHER_ROWS);
+        let (batch, held) = shuffler.gather(index, rows, pos..next).await?;
+        if !out.send(Chunk::Batch(batch, held)).await {
+            return Ok(());
+        }
+        pos = next;
+    }
+    Ok(())
+}
+
 async fn shuffled(
     spec: &ShardSpec,
     index: &FrameIndex,
-    rows: &mut RowSource,
+    rows: &RowSource,
+    shuffler: &mut Shuffler,
     out: &mut Out,
 ) -> Result<()> {
     let n = index.total;
-    let order = permutation(n, spec.seed, spec.epoch);
     let b = spec.batch_rows;
-    let mut picked = Vec::with_capacity(b as usize);
     for k in spec.start_batch..spec.batches_per_rank(n) {
         let start = spec.batch_start(k).ok_or_else(|| past_the_end(spec))?;
-        picked.clear();
-        picked.extend((start..start + b).map(|p| order[(p % n) as usize]));
-        let batch = rows.gather(index, &picked).await?;
-        if !out.send(Chunk::Batch(batch)).await {
+        let (batch, held) = shuffler
+            .gather(index, rows, (start..start + b).map(|p| p % n))
+            .await?;
+        if !out.send(Chunk::Batch(batch, held)).await {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// One shuffled epoch of a link, shared by every rank that reads it (same link contents,
+/// query, seed and epoch): the layout, and the windows some rank is reading, each decoded once
+/// and dropped when the last rank holding it moves on. So W ranks cost one decode of each
+/// frame and one order, not W.
+struct SharedEpoch {
+    layout: ShuffleLayout,
+    windows: parking_lot::Mutex<HashMap<usize, Weak<WindowCell>>>,
+}
+
+type WindowCell = OnceCell<Window>;
+
+/// One window of an epoch, decoded: its frames' rows (only the read's columns and the rows that
+/// pass its filter) and their order.
+struct Window {
+    batches: Vec<RecordBatch>,
+    /// Row of the window where each batch starts.
+    starts: Vec<u64>,
+    /// Bytes per row of each batch, for reserving what a gather copies out of it.
+    row_bytes: Vec<u64>,
+    order: WindowOrder,
+    _memory: Reservation,
+}
+
+/// One rank's view of a shared epoch: the windows its current batch uses.
+struct Shuffler {
+    link: Arc<Link>,
+    shared: Arc<SharedEpoch>,
+    seed: u64,
+    epoch: u64,
+    held: Vec<(usize, Arc<WindowCell>)>,
+    memory: ReadMemory,
+}
+
+impl Shuffler {
+    fn new(
+        link: &Arc<Link>,
+        spec: &ShardSpec,
+        index: &FrameIndex,
+        query: &ReadQuery,
+        memory: &ReadMemory,
+    ) -> Self {
+        let key = format!(
+            "shuffle/{}/{}/{}/{:?}/{}",
+            index.generation.unwrap_or(0),
+            spec.seed,
+            spec.epoch,
+            query.projection,
+            query.filter.as_ref().map_or("", |f| f.key()),
+        );
+        let shared = link.shared_read(&key, || {
+            let rows: Vec<u64> = index.frames.iter().map(|f| f.rows).collect();
+            let weight: Vec<u64> = index.frames.iter().map(FrameRef::weight).collect();
+            SharedEpoch {
+                layout: ShuffleLayout::new(
+                    &rows,
+                    &weight,
+                    memory.shuffle_window,
+                    spec.seed,
+                    spec.epoch,
+                ),
+                windows: Default::default(),
+            }
+        });
+        Self {
+            link: Arc::clone(link),
+            shared,
+            seed: spec.seed,
+            epoch: spec.epoch,
+            held: Vec::new(),
+            memory: memory.clone(),
+        }
+    }
+
+    /// Window `w`, from this rank's holdings, another rank's, or decoded now.
+    async fn window(
+        &mut self,
+        w: usize,
+        index: &FrameIndex,
+        rows: &RowSource,
+    ) -> Result<Arc<WindowCell>> {
+        if let Some((_, cell)) = self.held.iter().find(|(held, _)| *held == w) {
+            return Ok(Arc::clone(cell));
+        }
+        let cell = {
+            let mut windows = self.shared.windows.lock();
+            windows.retain(|_, cell| cell.strong_count() > 0);
+            match windows.get(&w).and_then(Weak::upgrade) {
+                Some(cell) => cell,
+                None => {
+                    let cell = Arc::new(WindowCell::new());
+                    windows.insert(w, Arc::downgrade(&cell));
+                    cell
+                }
+            }
+        };
+        cell.get_or_try_init(|| self.load(w, index, rows)).await?;
+        self.held.push((w, Arc::clone(&cell)));
+        Ok(cell)
+    }
+
+    async fn load(&self, w: usize, index: &FrameIndex, rows: &RowSource) -> Result<Window> {
+        let layout = &self.shared.layout;
+        let frames = layout.frames(w);
+        // Reserved before anything is fetched or decoded: the order, and every frame whose
+        // decoded rows are not the stored bytes themselves.
+        let needed = frames
+            .iter()
+            .fold(WindowOrder::bytes_for(layout.rows(w)), |sum, f| {
+                sum.saturating_add(rows.decode_cost(index, *f).0)
+            });
+        let memory = self
+            .memory
+            .reserve(&self.link, needed, "a window of a shuffled epoch")
+            .await?;
+        let mut batches = Vec::with_capacity(frames.len());
+        let mut starts = Vec::with_capacity(frames.len());
+        let mut row_bytes = Vec::with_capacity(frames.len());
+        let mut at = 0u64;
+        for &f in frames {
+            starts.push(at);
+            at += index.frames[f].rows;
+            row_bytes.push(index.frames[f].row_bytes());
+            batches.push(rows.decode_reserved(index, f).await?);
+        }
+        let order = WindowOrder::new(layout.rows(w), self.seed, self.epoch, w);
+        self.memory.windows_built.fetch_add(1, Ordering::Relaxed);
+        Ok(Window {
+            batches,
+            starts,
+            row_bytes,
+            order,
+            _memory: memory,
+        })
+    }
+
+    /// The rows at these positions of the epoch's order, as one batch with its reservation.
+    /// Positions run through windows in order (a batch wraps to the start only at the end of
+    /// an epoch), so each window is cut in one piece and let go before the next is taken: a
+    /// rank holds one window at a time, whatever the batch size.
+    async fn gather(
+        &mut self,
+        index: &FrameIndex,
+        rows: &RowSource,
+        positions: impl Iterator<Item = u64>,
+    ) -> Result<(RecordBatch, Held)> {
+        let layout = Arc::clone(&self.shared);
+        let layout = &layout.layout;
+        let mut runs: Vec<(usize, Vec<u64>)> = Vec::new();
+        for p in positions {
+            let w = layout.window_of(p);
+            let at = p - layout.start(w);
+            match runs.last_mut() {
+                Some((last, run)) if *last == w => run.push(at),
+                _ => runs.push((w, vec![at])),
+            }
+        }
+        let mut pieces: Vec<(RecordBatch, Reservation)> = Vec::with_capacity(runs.len());
+        for (w, run) in &runs {
+            self.held.retain(|(held, _)| held == w);
+            let cell = self.window(*w, index, rows).await?;
+            let window = cell
+                .get()
+                .ok_or_else(|| corrupt(self.link.name(), "a shuffle window was not built"))?;
+            pieces.push(self.cut(window, run).await?);
+        }
+        if pieces.len() == 1 {
+            let (batch, memory) = pieces.remove(0);
+            return Ok((batch, Held::of(memory)));
+        }
+        let bytes = pieces.iter().map(|(_, r)| r.bytes()).sum();
+        let memory = self
+            .memory
+            .reserve(&self.link, bytes, "a shuffled batch")
+            .await?;
+        let batches: Vec<RecordBatch> = pieces.into_iter().map(|(batch, _)| batch).collect();
+        let batch = arrow_select::concat::concat_batches(&rows.schema, &batches)
+            .map_err(|e| corrupt(self.link.name(), e))?;
+        Ok((batch, Held::of(memory)))
+    }
+
+    /// The rows at positions `run` of one window, in that order.
+    async fn cut(&self, window: &Window, run: &[u64]) -> Result<(RecordBatch, Reservation)> {
+        let mut slots: Vec<usize> = Vec::new();
+        let mut slot_of: HashMap<usize, usize> = HashMap::new();
+        let mut picks = Vec::with_capacity(run.len());
+        let mut bytes = 0u64;
+        for &i in run {
+            let r = window.order.get(i);
+            let b = window.starts.partition_point(|s| *s <= r) - 1;
+            let slot = *slot_of.entry(b).or_insert_with(|| {
+                slots.push(b);
+                slots.len() - 1
+            });
+            bytes = bytes.saturating_add(window.row_bytes[b]);
+            picks.push((slot, (r - window.starts[b]) as usize));
+        }
+        let memory = self
+            .memory
+            .reserve(&self.link, bytes, "a shuffled batch")
+            .await?;
+        let batches: Vec<&RecordBatch> = slots.iter().map(|b| &window.batches[*b]).collect();
+        let link = self.link.name().to_string();
+        let batch = guard_panic(|| {
+            arrow_select::interleave::interleave_record_batch(&batches, &picks)
+                .map_err(|e| corrupt(&link, e))
+        })?;
+        Ok((batch, memory))
+    }
 }
 
 /// Where one frame is: its partition (in memory or spilled) and its position there.
@@ -340,6 +657,32 @@ struct FrameRef {
     rows: u64,
     /// Which of the frame's rows pass, when there is a filter.
     selection: Option<BooleanArray>,
+}
+
+impl FrameRef {
+    /// The frame's stored bytes, header and body.
+    fn stored_bytes(&self) -> u64 {
+        self.partition.frame_bytes()[self.index]
+    }
+
+    /// Stored bytes per row, rounded up: what a row costs when copied out.
+    fn row_bytes(&self) -> u64 {
+        let rows = self.partition.frame_rows()[self.index].max(1);
+        self.stored_bytes().div_ceil(rows)
+    }
+
+    /// The stored bytes of the rows that pass.
+    fn passing_bytes(&self) -> u64 {
+        self.row_bytes().saturating_mul(self.rows)
+    }
+
+    /// What holding this frame in a shuffle window may cost: its passing rows (fetched or
+    /// copied) and their share of the window's order. A function of the link alone, so every
+    /// rank lays out the same windows.
+    fn weight(&self) -> u64 {
+        self.passing_bytes()
+            .saturating_add(WindowOrder::bytes_for(self.rows))
+    }
 }
 
 /// Which rows of each frame of `partition` pass `filter`. Only the filter's columns are decoded.
@@ -455,48 +798,99 @@ fn corrupt(link: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Decodes frames on demand (only the asked-for columns, only the passing rows) and keeps them
-/// for the rest of the read.
+/// Decodes frames on demand (only the asked-for columns, only the passing rows); sequential
+/// reads keep the frames they are cutting, with their memory reserved.
 struct RowSource {
-    link: String,
+    link: Arc<Link>,
     /// The link's schema, which frames are encoded with.
     stored: SchemaRef,
     /// What the reader gets.
     schema: SchemaRef,
     query: ReadQuery,
-    decoded: std::collections::HashMap<usize, RecordBatch>,
+    memory: ReadMemory,
+    decoded: HashMap<usize, (RecordBatch, Held)>,
 }
 
 impl RowSource {
-    fn new(link: &str, stored: SchemaRef, query: ReadQuery) -> Result<Self> {
+    fn new(
+        link: &Arc<Link>,
+        stored: SchemaRef,
+        query: ReadQuery,
+        memory: &ReadMemory,
+    ) -> Result<Self> {
         Ok(Self {
-            link: link.to_string(),
+            link: Arc::clone(link),
             schema: query.output_schema(&stored)?,
             stored,
             query,
+            memory: memory.clone(),
             decoded: Default::default(),
         })
     }
 
-    async fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<&RecordBatch> {
-        if !self.decoded.contains_key(&f) {
-            let frame = index.fetch(f).await?;
-            let mut batch = frame
-                .decode_columns(&self.stored, self.query.projection.as_deref())
-                .map_err(|e| corrupt(&self.link, e))?;
-            if let Some(selection) = &index.frames[f].selection {
-                batch = arrow_select::filter::filter_record_batch(&batch, selection)
-                    .map_err(|e| corrupt(&self.link, e))?;
-            }
-            self.decoded.insert(f, batch);
+    /// Bytes that frame `f`, decoded, holds beyond the stored frame, and bytes that decoding it
+    /// needs for a moment. A spilled frame is fetched, an unaligned one copied, and a filter
+    /// copies the rows that pass (and then lets the fetched frame go). Projection and decoding
+    /// of a resident aligned frame share its memory, which its body keeps reserved.
+    fn decode_cost(&self, index: &FrameIndex, f: usize) -> (u64, u64) {
+        let at = &index.frames[f];
+        let shared = match at.partition.stored() {
+            Stored::Resident(frames) => frames.get(at.index).is_some_and(Frame::is_aligned),
+            Stored::Spilled(_) => false,
+        };
+        let fetched = if shared { 0 } else { at.stored_bytes() };
+        if at.selection.is_some() {
+            (at.passing_bytes(), fetched)
+        } else {
+            (fetched, 0)
         }
-        Ok(&self.decoded[&f])
+    }
+
+    /// Frame `f`, decoded, with its passing moment's memory reserved here; what the result
+    /// holds must already be reserved by the caller.
+    async fn decode_reserved(&self, index: &FrameIndex, f: usize) -> Result<RecordBatch> {
+        let (_, transient) = self.decode_cost(index, f);
+        let _moment = self
+            .memory
+            .reserve(&self.link, transient, "a fetched frame")
+            .await?;
+        self.decode(index, f).await
+    }
+
+    /// Frame `f`, decoded: its memory must already be reserved by the caller.
+    async fn decode(&self, index: &FrameIndex, f: usize) -> Result<RecordBatch> {
+        let frame = index.fetch(f).await?;
+        let link = self.link.name();
+        let mut batch = frame
+            .decode_columns(&self.stored, self.query.projection.as_deref())
+            .map_err(|e| corrupt(link, e))?;
+        if let Some(selection) = &index.frames[f].selection {
+            batch = arrow_select::filter::filter_record_batch(&batch, selection)
+                .map_err(|e| corrupt(link, e))?;
+        }
+        Ok(batch)
+    }
+
+    /// Frame `f` decoded and kept, with what it holds.
+    async fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<(RecordBatch, Held)> {
+        if let Some((batch, held)) = self.decoded.get(&f) {
+            return Ok((batch.clone(), held.clone()));
+        }
+        let memory = self
+            .memory
+            .reserve(&self.link, self.decode_cost(index, f).0, "a decoded frame")
+            .await?;
+        let batch = self.decode_reserved(index, f).await?;
+        let held = Held::of(memory);
+        self.decoded.insert(f, (batch.clone(), held.clone()));
+        Ok((batch, held))
     }
 
     /// `len` rows from position `start`, wrapping past the end to the beginning.
     async fn range_wrapping(&mut self, index: &FrameIndex, start: u64, len: u64) -> Result<Chunk> {
         let n = index.total;
         let mut pieces = Vec::new();
+        let mut copied = 0u64;
         let (mut pos, mut left) = (start % n, len);
         while left > 0 {
             let f = index.locate(pos);
@@ -513,52 +907,24 @@ impl RowSource {
             }
             // Sequential reads never return to earlier frames, except after wrapping.
             self.decoded.retain(|k, _| *k + 1 >= f);
-            pieces.push(
-                self.decoded(index, f)
-                    .await?
-                    .slice((pos - fs) as usize, take as usize),
-            );
+            let (batch, held) = self.decoded(index, f).await?;
+            pieces.push((batch.slice((pos - fs) as usize, take as usize), held));
+            copied = copied.saturating_add(index.frames[f].row_bytes().saturating_mul(take));
             left -= take;
             pos = (pos + take) % n;
         }
         if pieces.len() == 1 {
-            return Ok(Chunk::Batch(pieces.remove(0)));
+            let (batch, held) = pieces.remove(0);
+            return Ok(Chunk::Batch(batch, held));
         }
-        let batch = arrow_select::concat::concat_batches(&self.schema, &pieces).map_err(|e| {
-            StoreError::Corrupt {
-                link: self.link.clone(),
-                detail: e.to_string(),
-            }
-        })?;
-        Ok(Chunk::Batch(batch))
-    }
-
-    /// The given rows, in the given order.
-    async fn gather(&mut self, index: &FrameIndex, rows: &[u64]) -> Result<RecordBatch> {
-        let mut slots: Vec<usize> = Vec::new();
-        let mut slot_of = std::collections::HashMap::new();
-        let mut picks = Vec::with_capacity(rows.len());
-        for &row in rows {
-            let f = index.locate(row);
-            let slot = *slot_of.entry(f).or_insert_with(|| {
-                slots.push(f);
-                slots.len() - 1
-            });
-            picks.push((slot, (row - index.starts[f]) as usize));
-        }
-        for &f in &slots {
-            self.decoded(index, f).await?;
-        }
-        let batches: Vec<&RecordBatch> = slots.iter().map(|f| &self.decoded[f]).collect();
-        let link = self.link.clone();
-        guard_panic(|| {
-            arrow_select::interleave::interleave_record_batch(&batches, &picks).map_err(|e| {
-                StoreError::Corrupt {
-                    link,
-                    detail: e.to_string(),
-                }
-            })
-        })
+        let memory = self
+            .memory
+            .reserve(&self.link, copied, "a re-batched batch")
+            .await?;
+        let batches: Vec<RecordBatch> = pieces.into_iter().map(|(batch, _)| batch).collect();
+        let batch = arrow_select::concat::concat_batches(&self.schema, &batches)
+            .map_err(|e| corrupt(self.link.name(), e))?;
+        Ok(Chunk::Batch(batch, Held::of(memory)))
     }
 }
 
@@ -670,7 +1036,7 @@ mod tests {
                     .await
                     .expect("frame");
             }
-            writer.finish().expect("finish");
+            writer.finish().await.expect("finish");
         }
         store.seal("l").expect("seal");
         store.link("l").expect("link")
@@ -679,12 +1045,153 @@ mod tests {
     async fn read_ids(mut chunks: mpsc::Receiver<Result<Chunk>>) -> Vec<i64> {
         let mut ids = Vec::new();
         while let Some(chunk) = chunks.recv().await {
-            if let Chunk::Batch(batch) = chunk.expect("chunk") {
+            if let Chunk::Batch(batch, _) = chunk.expect("chunk") {
                 let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
                 ids.extend(column.expect("ids").values().iter().copied());
             }
         }
         ids
+    }
+
+    fn shuffled(rank: u32, world_size: u32, epoch: u64, batch_rows: u64) -> ShardSpec {
+        ShardSpec {
+            rank,
+            world_size,
+            epoch,
+            seed: 5,
+            batch_rows,
+            shuffle: true,
+            drop_last: true,
+            start_batch: 0,
+        }
+    }
+
+    /// The ids of the first batch of a stream.
+    async fn first_batch(chunks: &mut mpsc::Receiver<Result<Chunk>>) -> Vec<i64> {
+        while let Some(chunk) = chunks.recv().await {
+            if let Chunk::Batch(batch, _) = chunk.expect("chunk") {
+                let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+                return column.expect("ids").values().to_vec();
+            }
+        }
+        panic!("the stream ended before its first batch");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ranks_of_an_epoch_share_one_decoded_shuffle() {
+        let store = Store::new(StoreConfig::default());
+        let link = sealed_link(&store, 3, 4).await;
+        let memory = store.read_memory().clone();
+        let world = 4;
+        for epoch in 0..2 {
+            let mut streams: Vec<_> = (0..world)
+                .map(|rank| {
+                    read_shard(
+                        Arc::clone(&link),
+                        shuffled(rank, world, epoch, 25),
+                        ReadMode::WaitForSeal,
+                        None,
+                        memory.clone(),
+                    )
+                })
+                .collect();
+            // Every rank is now inside the epoch's one window, and it was built once.
+            let mut ids = Vec::new();
+            for stream in &mut streams {
+                ids.extend(first_batch(stream).await);
+            }
+            assert_eq!(memory.shuffle_windows_built(), epoch + 1);
+            for stream in streams {
+                ids.extend(read_ids(stream).await);
+            }
+            assert_eq!(
+                memory.shuffle_windows_built(),
+                epoch + 1,
+                "one build per epoch"
+            );
+            ids.sort_unstable();
+            assert_eq!(ids, (0..1200).collect::<Vec<_>>());
+        }
+        // Every window and batch let its memory go.
+        assert_eq!(
+            store.memory().used(),
+            12 * link.snapshot().partitions[0].frame_bytes()[0]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_larger_than_the_window_shuffles_in_windows() {
+        let store = Store::new(StoreConfig {
+            // About three frames of 100 rows a window.
+            shuffle_window: Some(4500),
+            ..Default::default()
+        });
+        let link = sealed_link(&store, 3, 4).await;
+        let memory = store.read_memory().clone();
+        let world = 2;
+        let read_epoch = |epoch| {
+            let reads = (0..world).map(|rank| {
+                read_ids(read_shard(
+                    Arc::clone(&link),
+                    shuffled(rank, world, epoch, 50),
+                    ReadMode::WaitForSeal,
+                    None,
+                    memory.clone(),
+                ))
+            });
+            futures::future::join_all(reads)
+        };
+        let first = read_epoch(0).await;
+        assert!(
+            memory.shuffle_windows_built() >= 4,
+            "12 frames in windows of 3"
+        );
+        let mut all: Vec<i64> = first.iter().flatten().copied().collect();
+        assert_ne!(all, (0..1200).collect::<Vec<_>>(), "shuffled");
+        all.sort_unstable();
+        assert_eq!(all, (0..1200).collect::<Vec<_>>(), "every row once");
+        // Deterministic in (seed, epoch), and another epoch is another order.
+        assert_eq!(read_epoch(0).await, first);
+        let second = read_epoch(1).await;
+        assert_ne!(second, first);
+        let mut all: Vec<i64> = second.into_iter().flatten().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..1200).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_read_that_cannot_get_memory_fails_with_the_numbers() {
+        let store = Store::new(StoreConfig::default());
+        let link = sealed_link(&store, 1, 2).await;
+        // A pool already full: the order of a shuffled epoch (4 bytes a row) does not fit.
+        let pool = MemoryPool::new(Some(100));
+        let memory = ReadMemory {
+            pool: Arc::clone(&pool),
+            spiller: None,
+            shuffle_window: None,
+            wait: Duration::from_millis(50),
+            windows_built: Default::default(),
+        };
+        let mut chunks = read_shard(
+            link,
+            shuffled(0, 1, 0, 10),
+            ReadMode::WaitForSeal,
+            None,
+            memory,
+        );
+        let mut error = None;
+        while let Some(chunk) = chunks.recv().await {
+            if let Err(e) = chunk {
+                error = Some(e);
+            }
+        }
+        let error = error.expect("refused");
+        assert!(
+            matches!(error, StoreError::ReadMemory { needed: 800, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("--memory-limit"), "{error}");
+        assert_eq!(pool.used(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -720,6 +1227,7 @@ mod tests {
                     spec,
                     ReadMode::WaitForSeal,
                     Some(Arc::clone(&planner)),
+                    store.read_memory().clone(),
                 ))
             });
             let mut ids: Vec<i64> = futures::future::join_all(reads)

@@ -15,8 +15,9 @@
 //! most one row) in the stored batching: every row exactly once, but no equal-batch promise.
 //!
 //! Shuffle is a full permutation of all rows (Fisher-Yates driven by splitmix64 seeded from
-//! `(seed, epoch)`), so it mixes rows across partitions. It costs 8 bytes per row and one pass per
-//! read to build, plus a gather of the selected rows.
+//! `(seed, epoch)`), so it mixes rows across partitions, for links that fit the shuffle window.
+//! Larger links are shuffled in windows: see [`ShuffleLayout`]. Either way the order costs 4
+//! bytes per row of a window and one pass to build, and the ranks of an epoch share it.
 
 use crate::error::{Result, StoreError};
 
@@ -171,12 +172,158 @@ impl SplitMix64 {
 /// The row order of one epoch: a permutation of `0..n`, the same for every rank.
 pub fn permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
     let mut order: Vec<u64> = (0..n).collect();
-    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x5EED);
+    fisher_yates(&mut order, window_rng(seed, epoch, 0));
+    order
+}
+
+/// The generator of window `w`'s row order; window 0 of a one-window epoch is the whole-link
+/// order that [`permutation`] gives.
+fn window_rng(seed: u64, epoch: u64, window: u64) -> SplitMix64 {
+    SplitMix64(
+        seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+            ^ 0x5EED
+            ^ window.wrapping_mul(0xA076_1D64_78BD_642F),
+    )
+}
+
+fn fisher_yates<T>(order: &mut [T], mut rng: SplitMix64) {
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
         order.swap(i, j);
     }
-    order
+}
+
+/// One window's row order. Windows under 2^32 rows (all of them, in practice) take 4 bytes a row.
+#[derive(Debug)]
+pub enum WindowOrder {
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl WindowOrder {
+    /// The order of window `window` of `rows` rows in epoch (`seed`, `epoch`).
+    pub fn new(rows: u64, seed: u64, epoch: u64, window: usize) -> Self {
+        let rng = window_rng(seed, epoch, window as u64);
+        match u32::try_from(rows) {
+            Ok(rows) => {
+                let mut order: Vec<u32> = (0..rows).collect();
+                fisher_yates(&mut order, rng);
+                WindowOrder::Narrow(order)
+            }
+            Err(_) => {
+                let mut order: Vec<u64> = (0..rows).collect();
+                fisher_yates(&mut order, rng);
+                WindowOrder::Wide(order)
+            }
+        }
+    }
+
+    /// Bytes the order of a window of `rows` rows takes.
+    pub fn bytes_for(rows: u64) -> u64 {
+        if rows <= u64::from(u32::MAX) {
+            rows.saturating_mul(4)
+        } else {
+            rows.saturating_mul(8)
+        }
+    }
+
+    /// The window row at position `i` of the window.
+    pub fn get(&self, i: u64) -> u64 {
+        match self {
+            WindowOrder::Narrow(order) => u64::from(order[i as usize]),
+            WindowOrder::Wide(order) => order[i as usize],
+        }
+    }
+}
+
+/// How one shuffled epoch orders a link's rows with bounded memory.
+///
+/// A link whose frames weigh at most the window size (or any link, without one) is one window:
+/// a full permutation of every row, in commit order, as [`permutation`] gives. A larger link is
+/// read in windows: the frames are put in a seeded random order, cut into consecutive windows
+/// of at most the window size, and each window's rows are fully permuted. Mixing is then
+/// complete inside a window and at frame granularity across windows, and a reader needs only the
+/// windows its batches touch. Everything is a function of the frames, the window size, the seed
+/// and the epoch, so every rank (and a resumed read) computes the same layout.
+#[derive(Debug)]
+pub struct ShuffleLayout {
+    /// Each window's frames, by their position in commit order, in the order they are read.
+    windows: Vec<Vec<usize>>,
+    /// Row position where each window starts, then the total.
+    starts: Vec<u64>,
+}
+
+impl ShuffleLayout {
+    /// `frame_rows` (each above 0) and `frame_weight` are per frame, in commit order; a frame's weight is what
+    /// holding it decoded costs (its bytes plus its share of the order).
+    pub fn new(
+        frame_rows: &[u64],
+        frame_weight: &[u64],
+        window: Option<u64>,
+        seed: u64,
+        epoch: u64,
+    ) -> Self {
+        let total_weight = frame_weight
+            .iter()
+            .fold(0u64, |sum, w| sum.saturating_add(*w));
+        let windows = match window {
+            Some(limit) if total_weight > limit && frame_rows.len() > 1 => {
+                let mut frames: Vec<usize> = (0..frame_rows.len()).collect();
+                // A stream of its own, so the frame order is unrelated to any window's row order.
+                fisher_yates(
+                    &mut frames,
+                    SplitMix64(window_rng(seed, epoch, 0).0 ^ 0xF4A3_E5C1_0B7D_2A69),
+                );
+                let mut windows: Vec<Vec<usize>> = Vec::new();
+                let mut weight = 0u64;
+                for f in frames {
+                    match windows.last_mut() {
+                        Some(last) if weight.saturating_add(frame_weight[f]) <= limit => {
+                            weight += frame_weight[f];
+                            last.push(f);
+                        }
+                        _ => {
+                            weight = frame_weight[f];
+                            windows.push(vec![f]);
+                        }
+                    }
+                }
+                windows
+            }
+            _ => vec![(0..frame_rows.len()).collect()],
+        };
+        let mut starts = Vec::with_capacity(windows.len() + 1);
+        let mut at = 0u64;
+        for w in &windows {
+            starts.push(at);
+            at += w.iter().map(|f| frame_rows[*f]).sum::<u64>();
+        }
+        starts.push(at);
+        Self { windows, starts }
+    }
+
+    pub fn windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// The frames of window `w`, in the order its rows are numbered.
+    pub fn frames(&self, w: usize) -> &[usize] {
+        &self.windows[w]
+    }
+
+    /// The first row position of window `w`.
+    pub fn start(&self, w: usize) -> u64 {
+        self.starts[w]
+    }
+
+    pub fn rows(&self, w: usize) -> u64 {
+        self.starts[w + 1] - self.starts[w]
+    }
+
+    /// The window that holds row position `position` (below the total).
+    pub fn window_of(&self, position: u64) -> usize {
+        self.starts[..self.windows.len()].partition_point(|s| *s <= position) - 1
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +459,25 @@ mod tests {
 
         use super::super::*;
 
+        /// The row (in commit order) at each position of a windowed epoch, as a reader maps it.
+        fn windowed_order(layout: &ShuffleLayout, rows: &[u64], seed: u64, epoch: u64) -> Vec<u64> {
+            let mut first = vec![0u64; rows.len()];
+            for f in 1..rows.len() {
+                first[f] = first[f - 1] + rows[f - 1];
+            }
+            let mut order = Vec::new();
+            for w in 0..layout.windows() {
+                let window_rows: Vec<u64> = layout
+                    .frames(w)
+                    .iter()
+                    .flat_map(|f| first[*f]..first[*f] + rows[*f])
+                    .collect();
+                let within = WindowOrder::new(layout.rows(w), seed, epoch, w);
+                order.extend((0..layout.rows(w)).map(|i| window_rows[within.get(i) as usize]));
+            }
+            order
+        }
+
         /// Every position each rank reads, batch by batch, as the plan gives them.
         fn positions(spec: &ShardSpec, n: u64) -> Vec<Vec<u64>> {
             let order = spec.shuffle.then(|| permutation(n, spec.seed, spec.epoch));
@@ -375,6 +541,37 @@ mod tests {
                 } else if start == 0 {
                     prop_assert!(seen.iter().all(|s| *s >= 1), "a row never read");
                     prop_assert!(read - n < round, "more repeats than one round's wrap");
+                }
+            }
+
+            /// A windowed epoch orders every row exactly once, its windows keep to the window
+            /// size (a frame heavier than the window is a window alone), the layout is the same
+            /// on every call, and a link that fits is one window in the whole-link order.
+            #[test]
+            fn windowed_orders_are_permutations_within_the_window(
+                rows in proptest::collection::vec(1u64..50, 1..40),
+                row_bytes in 1u64..20, window in proptest::option::of(1u64..4000),
+                seed: u64, epoch in 0u64..4,
+            ) {
+                let weight: Vec<u64> = rows.iter().map(|r| r * row_bytes + 64).collect();
+                let layout = ShuffleLayout::new(&rows, &weight, window, seed, epoch);
+                let order = windowed_order(&layout, &rows, seed, epoch);
+                let n: u64 = rows.iter().sum();
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                prop_assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+                prop_assert_eq!(&order, &windowed_order(&ShuffleLayout::new(&rows, &weight, window, seed, epoch), &rows, seed, epoch));
+                let total: u64 = weight.iter().sum();
+                if window.is_none_or(|w| total <= w) {
+                    prop_assert_eq!(layout.windows(), 1);
+                    prop_assert_eq!(order, permutation(n, seed, epoch));
+                } else if let Some(limit) = window {
+                    for w in 0..layout.windows() {
+                        let frames = layout.frames(w);
+                        let used: u64 = frames.iter().map(|f| weight[*f]).sum();
+                        prop_assert!(frames.len() == 1 || used <= limit, "window {} weighs {}", w, used);
+                        prop_assert_eq!(layout.window_of(layout.start(w)), w);
+                    }
                 }
             }
 

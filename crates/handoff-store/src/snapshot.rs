@@ -27,6 +27,9 @@ pub struct ObjectStorage {
     url: String,
     store: Arc<dyn ObjectStore>,
     prefix: Path,
+    /// For `file://`: the directory named by the URL. What we write below it is kept private
+    /// (files 0600, directories 0700): spilled partitions and snapshots are tenants' data.
+    local_root: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,7 +145,50 @@ impl ObjectStorage {
             url: url.to_string(),
             store: Arc::from(store),
             prefix,
+            local_root: (parsed.scheme() == "file")
+                .then(|| parsed.to_file_path().ok())
+                .flatten(),
         })
+    }
+
+    /// Create a `file://` storage's directory, private (0700), if it does not exist yet. An
+    /// existing directory keeps its mode: it may be shared, like `/tmp`.
+    pub fn prepare(&self) -> Result<()> {
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(root).map_err(|e| {
+            StoreError::InvalidArgument(format!(
+                "cannot create the storage directory {}: {e}",
+                root.display()
+            ))
+        })
+    }
+
+    /// Make what we just wrote at `path` private: the file 0600, and every directory between
+    /// it and the storage's own directory 0700.
+    fn restrict(&self, path: &Path) -> Result<()> {
+        #[cfg(unix)]
+        if let Some(root) = &self.local_root {
+            use std::os::unix::fs::PermissionsExt;
+            let file = std::path::Path::new("/").join(path.as_ref());
+            let set = |at: &std::path::Path, mode: u32| {
+                std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| storage_error(&self.url, format!("{}: {e}", at.display())))
+            };
+            set(&file, 0o600)?;
+            for dir in file.ancestors().skip(1) {
+                if dir == root.as_path() || !dir.starts_with(root) {
+                    break;
+                }
+                set(dir, 0o700)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn url(&self) -> &str {
@@ -208,10 +254,12 @@ impl ObjectStorage {
         };
         let body =
             serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let manifest_path = dir.clone().join("manifest.json");
         self.store
-            .put(&dir.clone().join("manifest.json"), PutPayload::from(body))
+            .put(&manifest_path, PutPayload::from(body))
             .await
             .map_err(|e| storage_error(&self.url, e))?;
+        self.restrict(&manifest_path)?;
         tracing::info!(link = link.name(), url = %self.url, rows = manifest.rows, "snapshot written");
         // A snapshot of the same link in the older layout would restore as a second copy.
         if let Some(old) = self.old_link_dir(link.name()) {
@@ -286,8 +334,8 @@ impl ObjectStorage {
         self.store
             .put(path, payload)
             .await
-            .map(|_| ())
-            .map_err(|e| storage_error(&self.url, e))
+            .map_err(|e| storage_error(&self.url, e))?;
+        self.restrict(path)
     }
 
     pub(crate) async fn get_range(
@@ -306,6 +354,32 @@ impl ObjectStorage {
             .copy(from, to)
             .await
             .map_err(|e| storage_error(&self.url, e))
+    }
+
+    /// Start writing one object in parts, for data larger than memory.
+    pub(crate) async fn upload(&self, path: &Path) -> Result<object_store::WriteMultipart> {
+        let upload = self
+            .store
+            .put_multipart(path)
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        Ok(object_store::WriteMultipart::new_with_chunk_size(
+            upload,
+            UPLOAD_PART_BYTES,
+        ))
+    }
+
+    /// Complete an object written with [`Self::upload`].
+    pub(crate) async fn finish_upload(
+        &self,
+        path: &Path,
+        upload: object_store::WriteMultipart,
+    ) -> Result<()> {
+        upload
+            .finish()
+            .await
+            .map_err(|e| storage_error(&self.url, e))?;
+        self.restrict(path)
     }
 
     pub(crate) async fn delete(&self, path: &Path) -> Result<()> {
@@ -360,7 +434,7 @@ impl ObjectStorage {
             for (header, body) in messages(&data)? {
                 writer.push(header, body).await?;
             }
-            let outcome = writer.finish()?;
+            let outcome = writer.finish().await?;
             if outcome.rows != partition.rows {
                 return Err(StoreError::Storage(format!(
                     "{}: {} holds {} rows, its manifest says {}",
@@ -420,6 +494,9 @@ pub(crate) struct EncodedStream {
 }
 
 /// Schema, the frames byte for byte, end-of-stream.
+/// Part size of uploads in parts: S3's smallest.
+pub(crate) const UPLOAD_PART_BYTES: usize = 5 << 20;
+
 pub(crate) fn encode_stream(schema_header: &Bytes, frames: &[Frame]) -> EncodedStream {
     let mut parts = Vec::with_capacity(2 * frames.len() + 2);
     let mut bodies = Vec::with_capacity(frames.len());
@@ -447,7 +524,7 @@ pub(crate) fn encode_stream(schema_header: &Bytes, frames: &[Frame]) -> EncodedS
 }
 
 /// The IPC stream prefix of one message: continuation, padded metadata length, metadata.
-fn encapsulate(header: &Bytes) -> Bytes {
+pub(crate) fn encapsulate(header: &Bytes) -> Bytes {
     let padded = header.len().div_ceil(8) * 8;
     let mut out = BytesMut::with_capacity(8 + padded);
     out.extend_from_slice(&CONTINUATION);

@@ -20,7 +20,10 @@ use crate::error::{Result, StoreError};
 use crate::ipc::Frame;
 use crate::link::{Link, Partition};
 use crate::memory::MemoryPolicy;
-use crate::snapshot::{ObjectStorage, encode_stream};
+use crate::snapshot::{ObjectStorage, encapsulate, encode_stream};
+
+/// The IPC end-of-stream marker.
+const END_OF_STREAM: &[u8] = &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0];
 
 /// Where one spilled frame's body sits inside its object.
 #[derive(Debug)]
@@ -50,9 +53,12 @@ impl SpilledPartition {
         let body = if spilled.body.is_empty() {
             Bytes::new()
         } else {
-            self.storage
-                .get_range(&self.path, spilled.body.clone())
-                .await?
+            // Aligned, so that decoding it does not copy it again.
+            crate::ipc::aligned(
+                self.storage
+                    .get_range(&self.path, spilled.body.clone())
+                    .await?,
+            )
         };
         Ok(Frame {
             header: spilled.header.clone(),
@@ -183,8 +189,112 @@ impl Spiller {
         Ok(freed)
     }
 
+    /// Start streaming a partition that is still being written to object storage: under
+    /// `spill`, when nothing finished is left to move out, a partition larger than memory goes
+    /// out as it arrives instead of failing.
+    pub(crate) async fn stream(&self, link: &str, schema_header: &Bytes) -> Result<SpillStream> {
+        let mut path = self.instance_dir();
+        for part in link.split('/') {
+            path = path.join(part);
+        }
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let path = path.join(format!("w{sequence}.arrows"));
+        let mut upload = self.storage.upload(&path).await?;
+        let head = encapsulate(schema_header);
+        let offset = head.len() as u64;
+        upload.put(head);
+        tracing::debug!(link, %path, "a partition being written spills as it arrives");
+        Ok(SpillStream {
+            storage: self.storage.clone(),
+            path,
+            upload: Some(upload),
+            offset,
+            frames: Vec::new(),
+        })
+    }
+
+    /// Count a finished stream's bytes as spilled.
+    pub(crate) fn streamed(&self, bytes: u64) {
+        self.spilled_bytes_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Remove everything this server instance spilled; for shutdown.
     pub(crate) async fn remove_all(&self) -> Result<usize> {
         self.storage.remove_prefix(&self.instance_dir()).await
+    }
+}
+
+/// A partition still being written, going to one object as its frames arrive, in the format of a
+/// spilled partition. A frame stays in memory only until the part holding it is uploaded: at
+/// most about two parts ([`crate::snapshot::UPLOAD_PART_BYTES`] each) per stream.
+pub(crate) struct SpillStream {
+    storage: ObjectStorage,
+    path: Path,
+    /// `None` once finished or aborted.
+    upload: Option<object_store::WriteMultipart>,
+    offset: u64,
+    frames: Vec<SpilledFrame>,
+}
+
+impl SpillStream {
+    pub(crate) async fn push(&mut self, frame: &Frame) -> Result<()> {
+        let Some(upload) = self.upload.as_mut() else {
+            return Err(StoreError::Storage(format!(
+                "{} was already finished",
+                self.path
+            )));
+        };
+        let head = encapsulate(&frame.header);
+        self.offset += head.len() as u64;
+        upload.put(head);
+        let start = self.offset;
+        if !frame.body.is_empty() {
+            self.offset += frame.body.len() as u64;
+            upload.put(frame.body.clone());
+        }
+        self.frames.push(SpilledFrame {
+            header: Bytes::copy_from_slice(&frame.header),
+            body: start..self.offset,
+            rows: frame.rows,
+        });
+        // One part uploading while the next fills: memory stays bounded whatever the size.
+        upload
+            .wait_for_capacity(1)
+            .await
+            .map_err(|e| StoreError::Storage(format!("uploading {}: {e}", self.path)))
+    }
+
+    /// Complete the object; the partition is then spilled like any other.
+    pub(crate) async fn finish(mut self) -> Result<SpilledPartition> {
+        let Some(mut upload) = self.upload.take() else {
+            return Err(StoreError::Storage(format!(
+                "{} was already finished",
+                self.path
+            )));
+        };
+        upload.put(Bytes::from_static(END_OF_STREAM));
+        self.storage.finish_upload(&self.path, upload).await?;
+        Ok(SpilledPartition {
+            storage: self.storage.clone(),
+            path: self.path.clone(),
+            frames: std::mem::take(&mut self.frames),
+        })
+    }
+}
+
+impl Drop for SpillStream {
+    fn drop(&mut self) {
+        // A write that broke or was refused: nothing of it may stay in object storage.
+        let Some(upload) = self.upload.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (storage, path) = (self.storage.clone(), self.path.clone());
+        runtime.spawn(async move {
+            let _ = upload.abort().await;
+            let _ = storage.delete(&path).await;
+        });
     }
 }
