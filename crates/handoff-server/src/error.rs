@@ -17,7 +17,6 @@ pub fn status_of(err: StoreError) -> Status {
         StoreError::Unsupported(_) => Code::Unimplemented,
         StoreError::MemoryExhausted { .. }
         | StoreError::MemoryWaitTimeout { .. }
-        | StoreError::NothingToSpill { .. }
         | StoreError::ReadMemory { .. }
         | StoreError::MessageTooLarge { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,

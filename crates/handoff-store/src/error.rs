@@ -76,14 +76,6 @@ pub enum StoreError {
         cause: Box<StoreError>,
     },
     #[error(
-        "nothing left to spill: every byte in memory belongs to partitions still being written ({cause}); \
-         write smaller partitions (more Spark partitions), or raise the limit"
-    )]
-    NothingToSpill {
-        #[source]
-        cause: Box<StoreError>,
-    },
-    #[error(
         "a {bytes}-byte message is larger than the server's whole memory limit of {limit} bytes; \
          send smaller record batches (Spark: spark.sql.execution.arrow.maxRecordsPerBatch), or raise --memory-limit"
     )]

@@ -233,6 +233,42 @@ impl Partition {
         }
     }
 
+    /// Bytes of this partition's resident frames that decoding would copy (bodies received at
+    /// an offset arrow cannot use in place).
+    pub(crate) fn misaligned_bytes(&self) -> u64 {
+        match &*self.data.read() {
+            Data::Resident { frames } => frames
+                .iter()
+                .filter(|f| !f.is_aligned())
+                .map(Frame::bytes)
+                .sum(),
+            Data::Spilled(_) => 0,
+        }
+    }
+
+    /// Copy the misaligned frames into aligned memory paid for by `memory`, and keep the copies
+    /// in place of the received bodies (freed once no reader holds them). Done once, by the
+    /// first read that decodes the partition whole (a shuffle), so that later decodes share the
+    /// stored memory; ingest stays copy-free.
+    pub(crate) fn realign(&self, mut memory: Reservation) {
+        let mut data = self.data.write();
+        if let Data::Resident { frames } = &*data {
+            let realigned: Vec<Frame> = frames
+                .iter()
+                .map(|f| {
+                    if f.is_aligned() {
+                        f.clone()
+                    } else {
+                        f.realigned(memory.split(f.bytes()))
+                    }
+                })
+                .collect();
+            *data = Data::Resident {
+                frames: realigned.into(),
+            };
+        }
+    }
+
     /// A partition whose frames went to object storage as they arrived.
     fn streamed(
         link: Arc<str>,

@@ -542,6 +542,25 @@ impl Shuffler {
     async fn load(&self, w: usize, index: &FrameIndex, rows: &RowSource) -> Result<Window> {
         let layout = &self.shared.layout;
         let frames = layout.frames(w);
+        // Frames received at offsets arrow cannot use in place are copied once into aligned
+        // memory and kept so: otherwise each window would hold a copy of them.
+        let mut partitions: Vec<&Arc<Partition>> = Vec::new();
+        for &f in frames {
+            let partition = &index.frames[f].partition;
+            if !partitions.iter().any(|p| Arc::ptr_eq(p, partition)) {
+                partitions.push(partition);
+            }
+        }
+        for partition in partitions {
+            let misaligned = partition.misaligned_bytes();
+            if misaligned > 0 {
+                let memory = self
+                    .memory
+                    .reserve(&self.link, misaligned, "aligning stored frames")
+                    .await?;
+                partition.realign(memory);
+            }
+        }
         // Reserved before anything is fetched or decoded: the order, and every frame whose
         // decoded rows are not the stored bytes themselves.
         let needed = frames
