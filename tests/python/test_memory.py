@@ -271,3 +271,27 @@ def test_shuffled_ranks_share_one_copy_of_the_link(tmp_path):
         report("shared shuffle", proc.pid, link_bytes)
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("policy", ["reject", "wait", "spill"])
+def test_mixed_load_short(policy):
+    """A short run of benches/mixed_load.py: writers, readers (half shuffled), Flight SQL and
+    imports at once. Every read returns exactly its rank plan's rows, and the only errors are the
+    policy's own. The peak-memory bound (1.1 x budget + 150 MiB) is asserted under `reject`;
+    under `wait` and `spill` it does not hold yet (HTTP/2 buffers of stalled writers and upload
+    parts of partitions streaming out sit outside the budget: see docs/benchmarks.md), so there
+    the peak is reported, not asserted."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[2] / "benches" / "mixed_load.py"
+    spec = importlib.util.spec_from_file_location("mixed_load", path)
+    mixed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mixed)
+    r = mixed.run(str(handoff_bin()), policy, seconds=patience(8), writers=4, readers=8,
+                  limit_mib=256)
+    print(f"\nmixed load ({policy}): peak RSS {r['peak'] / MiB:.0f} MiB, bound "
+          f"{r['bound'] / MiB:.0f} MiB, pool peak {r['pool_peak'] / MiB:.0f} MiB, {r['counts']}")
+    assert not r["unexpected"], r["unexpected"][:5]
+    assert r["counts"].get("read", 0) + r["counts"].get("shuffled read", 0) > 0, r["counts"]
+    assert r["pool_peak"] <= 256 * MiB
+    if policy == "reject":
+        assert r["peak"] <= r["bound"], f"peak RSS {r['peak'] / MiB:.0f} MiB over the bound"

@@ -153,6 +153,7 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                     .then(|| Duration::from_secs(args.idle_timeout)),
                 max_connections: args.max_connections.max(1),
                 import_allow: args.import_allow.clone(),
+                h2_window: handoff_server::h2_window_for(args.memory_limit),
                 ..ServerConfig::default()
             },
             store: StoreConfig {

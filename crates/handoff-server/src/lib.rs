@@ -34,7 +34,15 @@ pub use service::HandoffService;
 
 /// HTTP/2 tuning that halved DoPut CPU in our measurements: large frames, large windows.
 const H2_MAX_FRAME: u32 = 1 << 20;
-const H2_WINDOW: u32 = 16 << 20;
+pub const H2_WINDOW: u32 = 16 << 20;
+
+/// The HTTP/2 window for a server with `memory_limit`: the default, or less, so that 128
+/// connections' windows together stay within the budget (4 MiB at 512 MiB; at least 1 MiB).
+pub fn h2_window_for(memory_limit: Option<u64>) -> u32 {
+    memory_limit.map_or(H2_WINDOW, |limit| {
+        u32::try_from((limit / 128).clamp(1 << 20, u64::from(H2_WINDOW))).unwrap_or(H2_WINDOW)
+    })
+}
 
 /// Far more than one link's writers and readers need (an executor or a rank holds one or two),
 /// and far below the open-files limit of a container (usually 1M; 20k on small machines).
@@ -66,6 +74,10 @@ pub struct ServerConfig {
     /// URL prefixes `import` may read under, with the server's own credentials. Empty: import
     /// is off. `file://` is allowed only under a `file://` prefix named here.
     pub import_allow: Vec<String>,
+    /// HTTP/2 receive window of each stream and connection. Data a client sends within it is
+    /// buffered by the HTTP/2 layer whether or not a handler reads it, so a stalled writer (the
+    /// `wait` policy) holds up to this much outside the memory budget.
+    pub h2_window: u32,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +91,7 @@ impl Default for ServerConfig {
             idle_timeout: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            h2_window: H2_WINDOW,
             import_allow: Vec::new(),
         }
     }
@@ -221,8 +234,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(H2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(H2_KEEPALIVE_TIMEOUT))
         .max_frame_size(H2_MAX_FRAME)
-        .initial_stream_window_size(H2_WINDOW)
-        .initial_connection_window_size(H2_WINDOW)
+        .initial_stream_window_size(config.h2_window)
+        .initial_connection_window_size(config.h2_window)
         .add_service(health_service)
         .add_service(router)
         // Builder socket options do not reach a listener we bound ourselves; without nodelay,
