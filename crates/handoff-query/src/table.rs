@@ -20,7 +20,7 @@ use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use futures::StreamExt;
 use handoff_store::link::Partition;
-use handoff_store::{Link, StoreError};
+use handoff_store::{Link, MemoryPool, StoreError};
 
 /// One link's committed data at the moment the table was made.
 #[derive(Debug)]
@@ -28,9 +28,18 @@ pub struct LinkTable {
     name: String,
     schema: SchemaRef,
     partitions: Vec<Arc<Partition>>,
+    /// The server's budget, for aligning stored frames in place before scanning them.
+    memory: Option<Arc<MemoryPool>>,
 }
 
 impl LinkTable {
+    /// Scans align the stored frames they read once, in place, with memory from `pool` when it
+    /// is free (else each decode copies a misaligned frame for a moment).
+    pub fn with_memory(mut self, pool: Arc<MemoryPool>) -> Self {
+        self.memory = Some(pool);
+        self
+    }
+
     /// The link as it is now; `None` while nothing was written (no schema yet).
     pub fn new(link: &Link) -> Option<Self> {
         let snapshot = link.snapshot();
@@ -39,6 +48,7 @@ impl LinkTable {
             name: link.name().to_string(),
             schema,
             partitions: snapshot.partitions.clone(),
+            memory: None,
         })
     }
 
@@ -126,6 +136,7 @@ impl TableProvider for LinkTable {
                     projection: projection.cloned(),
                     filter: filter.clone(),
                     frames: chunk.to_vec(),
+                    memory: self.memory.clone(),
                 }) as Arc<dyn PartitionStream>
             })
             .collect();
@@ -137,6 +148,7 @@ impl TableProvider for LinkTable {
                 projection: projection.cloned(),
                 filter,
                 frames: Vec::new(),
+                memory: None,
             }) as Arc<dyn PartitionStream>]
         } else {
             streams
@@ -160,6 +172,7 @@ struct FrameScan {
     projection: Option<Vec<usize>>,
     filter: Option<Arc<dyn PhysicalExpr>>,
     frames: Vec<(Arc<Partition>, usize)>,
+    memory: Option<Arc<MemoryPool>>,
 }
 
 impl fmt::Debug for FrameScan {
@@ -198,10 +211,16 @@ impl PartitionStream for FrameScan {
         let projection = self.projection.clone();
         let filter = self.filter.clone();
         let frames = self.frames.clone();
+        let memory = self.memory.clone();
         let batches = futures::stream::iter(frames)
             .then(move |(partition, index)| {
                 let (stored, projection, filter) =
                     (Arc::clone(&stored), projection.clone(), filter.clone());
+                if let Some(pool) = &memory
+                    && index == 0
+                {
+                    partition.realign_within(pool);
+                }
                 async move {
                     // A spilled frame comes back by a ranged GET; one frame is held at a time.
                     let frame = partition.frame(index).await.map_err(external)?;

@@ -127,7 +127,10 @@ impl SqlService {
             .into_iter()
             .filter(|link| link.state() == LinkState::Sealed)
             .filter(|link| principal.may(Access::Read, Some(link.name())))
-            .filter_map(|link| handoff_query::LinkTable::new(&link))
+            .filter_map(|link| {
+                handoff_query::LinkTable::new(&link)
+                    .map(|table| table.with_memory(Arc::clone(self.store.memory())))
+            })
             .collect())
     }
 

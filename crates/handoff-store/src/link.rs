@@ -269,6 +269,19 @@ impl Partition {
         }
     }
 
+    /// [`Self::realign`] with memory from `pool`, if it is free now; otherwise nothing (decoding
+    /// then copies each misaligned frame for a moment). For scans that read the whole partition.
+    pub fn realign_within(&self, pool: &Arc<MemoryPool>) {
+        let bytes = self.misaligned_bytes();
+        if bytes == 0 {
+            return;
+        }
+        let mut memory = pool.reservation(None);
+        if memory.try_grow(bytes).is_ok() {
+            self.realign(memory);
+        }
+    }
+
     /// A partition whose frames went to object storage as they arrived.
     fn streamed(
         link: Arc<str>,
@@ -1079,6 +1092,7 @@ impl PartitionWriter {
         for frame in std::mem::take(&mut self.frames) {
             stream.push(&frame).await?;
         }
+        stream.count_buffers(self.reservation.split(0));
         self.stream = Some(stream);
         Ok(())
     }

@@ -210,6 +210,7 @@ impl Spiller {
             upload: Some(upload),
             offset,
             frames: Vec::new(),
+            buffers: None,
         })
     }
 
@@ -234,9 +235,23 @@ pub(crate) struct SpillStream {
     upload: Option<object_store::WriteMultipart>,
     offset: u64,
     frames: Vec<SpilledFrame>,
+    /// The upload's part buffers, counted once the partition's earlier frames are out.
+    buffers: Option<crate::memory::Reservation>,
 }
 
 impl SpillStream {
+    /// Count the upload's buffers (two parts) against the budget, if they fit now. Best effort:
+    /// the stream exists because memory ran out, and its earlier frames free theirs only as
+    /// their parts upload.
+    pub(crate) fn count_buffers(&mut self, mut memory: crate::memory::Reservation) {
+        if memory
+            .try_grow(2 * crate::snapshot::UPLOAD_PART_BYTES as u64)
+            .is_ok()
+        {
+            self.buffers = Some(memory);
+        }
+    }
+
     pub(crate) async fn push(&mut self, frame: &Frame) -> Result<()> {
         let Some(upload) = self.upload.as_mut() else {
             return Err(StoreError::Storage(format!(
