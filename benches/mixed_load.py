@@ -238,6 +238,17 @@ def run(binary: str, policy: str, seconds: float, writers: int, readers: int,
         if imports:
             threads.append(threading.Thread(target=state.importer, args=(parquet,)))
         idle = status_kib(proc.pid, "VmRSS") * 1024
+        # The highest anonymous (heap) and file-backed (code, mapped files) resident memory seen,
+        # sampled: VmHWM counts both, and a debug binary's code pages are not data.
+        highs = {"RssAnon": 0, "RssFile": 0}
+
+        def sample() -> None:
+            while not state.stop.is_set():
+                for key in highs:
+                    highs[key] = max(highs[key], status_kib(proc.pid, key) * 1024)
+                time.sleep(0.1)
+
+        threads.append(threading.Thread(target=sample))
         try:
             for t in threads:
                 t.start()
@@ -253,6 +264,7 @@ def run(binary: str, policy: str, seconds: float, writers: int, readers: int,
             proc.wait(timeout=60)
         bound = 1.1 * limit_mib * MiB + 150 * MiB
         return {"policy": policy, "peak": peak, "bound": bound, "pool_peak": pool_peak, "idle": idle,
+                "anon": highs["RssAnon"], "file": highs["RssFile"],
                 "counts": dict(state.counts),
                 "unexpected": state.unexpected}
 
@@ -270,14 +282,15 @@ def main() -> int:
     args = parser.parse_args()
     policies = ["reject", "wait", "spill"] if args.policy == "all" else [args.policy]
     failed = False
-    print("| policy | idle RSS MiB | peak RSS MiB | bound MiB | budget pool peak MiB | operations | unexpected errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| policy | idle RSS MiB | peak RSS MiB | bound MiB | budget pool peak MiB | "
+          "sampled peak anon / file MiB | operations | unexpected errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for policy in policies:
         r = run(args.bin, policy, args.seconds, args.writers, args.readers, args.limit_mib,
                 sql=not args.no_sql, imports=not args.no_import)
         ops = ", ".join(f"{k} {v}" for k, v in sorted(r["counts"].items()))
         print(f"| {policy} | {r['idle'] / MiB:.0f} | {r['peak'] / MiB:.0f} | {r['bound'] / MiB:.0f} | "
-              f"{r['pool_peak'] / MiB:.0f} | {ops} | "
+              f"{r['pool_peak'] / MiB:.0f} | {r['anon'] / MiB:.0f} / {r['file'] / MiB:.0f} | {ops} | "
               f"{len(r['unexpected'])} |")
         for line in r["unexpected"][:10]:
             print(f"    {line[:300]}")
