@@ -70,6 +70,14 @@ def allowed(policy: str, error: Exception) -> bool:
     return "this read needs" in text
 
 
+def discard(client: HandoffClient, link: str) -> None:
+    """Delete what a refused write left, if anything."""
+    try:
+        client.delete(link)
+    except HandoffError:
+        pass
+
+
 class Run:
     def __init__(self, location: str, policy: str, seed: int):
         self.location = location
@@ -120,10 +128,7 @@ class Run:
                 self.note("write")
             except HandoffError as e:
                 self.note("write refused", e)
-                try:
-                    client.delete(link)
-                except HandoffError:
-                    pass
+                discard(client, link)
             self.retire()
 
     def retire(self) -> None:
@@ -207,10 +212,7 @@ class Run:
                 self.note("import")
             except HandoffError as e:
                 self.note("import refused", e)
-                try:
-                    client.delete(link)
-                except HandoffError:
-                    pass
+                discard(client, link)
             time.sleep(0.5)
 
 

@@ -17,15 +17,6 @@ pub struct IncomingMemory {
 }
 
 impl IncomingMemory {
-    /// Nothing limited: for servers built without a store's accounting.
-    pub fn unlimited() -> Self {
-        Self {
-            pool: MemoryPool::new(None),
-            spiller: None,
-            policy: MemoryPolicy::Reject,
-        }
-    }
-
     /// `bytes` for one message about to arrive; fails at once if the message could never fit.
     pub async fn reserve(&self, bytes: u64) -> Result<Reservation> {
         let mut reservation = self.pool.reservation(None);

@@ -29,15 +29,15 @@ pub enum Chunk {
 
 /// Memory reserved for a chunk; released when the chunk (and every clone of it) is dropped.
 #[derive(Debug, Clone, Default)]
-pub struct Held(Option<Arc<Reservation>>);
+pub struct Held(
+    /// Never read: held so that dropping the last chunk releases it.
+    #[allow(dead_code)]
+    Option<Arc<Reservation>>,
+);
 
 impl Held {
     fn of(reservation: Reservation) -> Self {
         Self((reservation.bytes() > 0).then(|| Arc::new(reservation)))
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.0.as_ref().map_or(0, |r| r.bytes())
     }
 }
 
@@ -57,17 +57,6 @@ pub struct ReadMemory {
 }
 
 impl ReadMemory {
-    /// Reads of links outside a store's accounting (tests, tools): nothing is limited.
-    pub fn unlimited() -> Self {
-        Self {
-            pool: MemoryPool::new(None),
-            spiller: None,
-            shuffle_window: None,
-            wait: Duration::ZERO,
-            windows_built: Default::default(),
-        }
-    }
-
     pub fn shuffle_window(&self) -> Option<u64> {
         self.shuffle_window
     }
@@ -173,6 +162,8 @@ pub type QueryPlanner =
 
 /// Rows produced per gathered batch when the reader did not ask for a batch size.
 const GATHER_ROWS: u64 = 64 * 1024;
+/// What gathering a batch keeps per row besides the rows: its position and its pick.
+const INDEX_BYTES_PER_ROW: u64 = 8 + 16;
 /// Chunks buffered ahead of a slow reader.
 const READ_AHEAD: usize = 4;
 
@@ -383,6 +374,7 @@ async fn contiguous(
         } else {
             // A slice shares the decoded frame, which holds its own reservation; the slice
             // holds a share of it until sent.
+            rows.keep_from(f);
             let (batch, held) = rows.decoded(index, f).await?;
             Chunk::Batch(
                 batch.slice((pos - fs) as usize, (take_end - pos) as usize),
@@ -605,6 +597,23 @@ impl Shuffler {
     ) -> Result<(RecordBatch, Held)> {
         let layout = Arc::clone(&self.shared);
         let layout = &layout.layout;
+        // The window the batch starts in comes first: it is what the batch cannot do without.
+        let mut positions = positions.peekable();
+        if let Some(&first) = positions.peek() {
+            let w = layout.window_of(first);
+            self.held.retain(|(held, _)| *held == w);
+            self.window(w, index, rows).await?;
+        }
+        // The batch's row positions and picks: up to 2^24 rows of them, so they are reserved too.
+        let rows_wanted = positions.size_hint().1.unwrap_or(usize::MAX) as u64;
+        let _index = self
+            .memory
+            .reserve(
+                &self.link,
+                rows_wanted.saturating_mul(INDEX_BYTES_PER_ROW),
+                "a shuffled batch's row index",
+            )
+            .await?;
         let mut runs: Vec<(usize, Vec<u64>)> = Vec::new();
         for p in positions {
             let w = layout.window_of(p);
@@ -890,6 +899,12 @@ impl RowSource {
         Ok(batch)
     }
 
+    /// Let go of decoded frames before `f`: sequential reads never return to them (a wrapping
+    /// read only at its very end), so the cache holds a frame or two, not the whole shard.
+    fn keep_from(&mut self, f: usize) {
+        self.decoded.retain(|k, _| *k >= f);
+    }
+
     /// Frame `f` decoded and kept, with what it holds.
     async fn decoded(&mut self, index: &FrameIndex, f: usize) -> Result<(RecordBatch, Held)> {
         if let Some((batch, held)) = self.decoded.get(&f) {
@@ -924,8 +939,7 @@ impl RowSource {
                 // The stored batch is exactly this batch: replay it without decoding.
                 return Ok(Chunk::Frame(index.fetch(f).await?));
             }
-            // Sequential reads never return to earlier frames, except after wrapping.
-            self.decoded.retain(|k, _| *k + 1 >= f);
+            self.keep_from(f.saturating_sub(1));
             let (batch, held) = self.decoded(index, f).await?;
             pieces.push((batch.slice((pos - fs) as usize, take as usize), held));
             copied = copied.saturating_add(index.frames[f].row_bytes().saturating_mul(take));
