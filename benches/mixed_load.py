@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from handoff import HandoffClient
 from handoff.client import HandoffError, ShardRequest
+from procstat import status_kib
 
 MiB = 1 << 20
 WIDTH = 126  # float32 values per row besides the int64 id: 512-byte rows
@@ -50,13 +51,6 @@ def table(first: int, rows: int) -> pa.Table:
         "id": pa.array(ids),
         "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), WIDTH),
     })
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/{pid}/status")
 
 
 def allowed(policy: str, error: Exception) -> bool:

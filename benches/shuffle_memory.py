@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,26 +28,11 @@ import pyarrow.flight as flight
 
 from handoff import HandoffClient
 from handoff.client import ShardRequest
+from procstat import cpu_seconds, reset_peak, status_kib
 
 MiB = 1 << 20
 WIDTH = 254  # float32 values per row besides the int64 id: 1 KiB rows
 ROWS_PER_BATCH = 4096
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/{pid}/status")
-
-
-def cpu_seconds(pid: int) -> float:
-    # Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
 def batch(start: int) -> pa.RecordBatch:
     ids = np.arange(start, start + ROWS_PER_BATCH, dtype=np.int64)
     emb = (ids[:, None] + np.arange(WIDTH)[None, :]).astype(np.float32)
@@ -118,7 +102,7 @@ def measure(binary: str, link_mib: int, limit_mib: int, ranks: list[int]) -> lis
             written_rss = status_kib(proc.pid, "VmRSS") * 1024
             out = []
             for i, world in enumerate(ranks):
-                Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset VmHWM
+                reset_peak(proc.pid)
                 time.sleep(0.2)
                 cpu = cpu_seconds(proc.pid)
                 start = time.perf_counter()

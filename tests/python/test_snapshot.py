@@ -7,7 +7,7 @@ import signal
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from conftest import STOP_TIMEOUT_S, handoff_bin, start_plain
+from conftest import STOP_TIMEOUT_S, start_plain
 
 
 def start(*args):

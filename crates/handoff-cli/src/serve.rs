@@ -212,8 +212,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let store = Store::new(config.store);
     if let Some(url) = &args.restore_from {
         let storage = ObjectStorage::from_url(url).map_err(|e| e.to_string())?;
-        let restored = storage
-            .restore_all(&store)
+        let restored = store
+            .restore_all(&storage)
             .await
             .map_err(|e| format!("restoring from {url} failed: {e}"))?;
         tracing::info!(url = %url, links = restored.links.len(), skipped = restored.skipped.len(), "restored snapshots");

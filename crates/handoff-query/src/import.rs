@@ -15,7 +15,7 @@ use datafusion::datasource::listing::{
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::{StreamExt, TryStreamExt};
-use handoff_store::link::PutTarget;
+use handoff_store::PutTarget;
 use handoff_store::{ObjectStorage, Store, StoreError};
 use parking_lot::Mutex;
 use serde::Serialize;

@@ -19,7 +19,7 @@ use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use futures::StreamExt;
-use handoff_store::link::Partition;
+use handoff_store::Partition;
 use handoff_store::{Link, MemoryPool, StoreError};
 
 /// One link's committed data at the moment the table was made.

@@ -833,9 +833,8 @@ async fn snapshot_on_seal_then_restore_in_a_new_store() {
         storage: storage(),
         ..Default::default()
     });
-    let links = storage()
-        .expect("storage")
-        .restore_all(&restored)
+    let links = restored
+        .restore_all(&storage().expect("storage"))
         .await
         .expect("restore")
         .links;

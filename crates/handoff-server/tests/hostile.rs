@@ -639,9 +639,8 @@ async fn snapshot_names_cannot_collide() {
     server.stop().await;
 
     let restored = handoff_store::Store::new(at.config());
-    let mut links = at
-        .storage()
-        .restore_all(&restored)
+    let mut links = restored
+        .restore_all(&at.storage())
         .await
         .expect("restore")
         .links;
@@ -695,9 +694,8 @@ async fn a_bad_snapshot_is_skipped_and_named_and_the_good_ones_load() {
     std::fs::remove_file(links.join("short/part-00001.arrows")).expect("lose a part");
 
     let restored = handoff_store::Store::new(at.config());
-    let report = at
-        .storage()
-        .restore_all(&restored)
+    let report = restored
+        .restore_all(&at.storage())
         .await
         .expect("the restore goes on");
     assert_eq!(report.links, ["good"]);
@@ -763,9 +761,9 @@ async fn restore_brings_back_what_a_link_was_created_with() {
 
     // A new server restores it; the link's reader token still reads, and nothing else changed.
     let server = at.server().await;
-    let report = at
-        .storage()
-        .restore_all(&server.store)
+    let report = server
+        .store
+        .restore_all(&at.storage())
         .await
         .expect("restore");
     assert_eq!(report.links, ["team/owned"]);

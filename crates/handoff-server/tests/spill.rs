@@ -175,8 +175,8 @@ async fn spill_keeps_memory_under_the_limit_and_every_read_path_sees_every_row()
         storage: Some(storage(dir.path())),
         ..Default::default()
     });
-    storage(dir.path())
-        .restore_all(&restored)
+    restored
+        .restore_all(&storage(dir.path()))
         .await
         .expect("restore");
     assert_eq!(restored.stats("big").expect("stats").rows, n as u64);

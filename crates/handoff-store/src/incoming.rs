@@ -5,14 +5,14 @@
 use std::sync::Arc;
 
 use crate::error::{Result, StoreError};
+use crate::link::Overflow;
 use crate::memory::{MemoryPolicy, MemoryPool, Reservation};
-use crate::spill::Spiller;
 
 /// Reserves a message's declared length before its bytes are read, under the server's policy.
 #[derive(Debug, Clone)]
 pub struct IncomingMemory {
     pub(crate) pool: Arc<MemoryPool>,
-    pub(crate) spiller: Option<Arc<Spiller>>,
+    pub(crate) spiller: Option<Arc<dyn Overflow>>,
     pub(crate) policy: MemoryPolicy,
 }
 

@@ -1,315 +1,93 @@
 //! The Handoff store: links, partitions, two-phase commit, seal, shard plans and memory
 //! accounting. It knows Arrow IPC but nothing of gRPC; the server translates.
+//!
+//! Modules layer without cycles, each using only those below it (a test holds this):
+//! - `error`; `memory` and `shard`; `ipc` (frames);
+//! - `storage`: object storage and the stream format of a stored partition;
+//! - `partition`, then `link` (commit, seal, writers);
+//! - `read` and `incoming`, which take memory for requests;
+//! - `spill` and `snapshot`, which use links and are never used by them;
+//! - `store`: every link of a server.
+//!
+//! Each public type has one path: the crate root.
 
-pub mod error;
+mod error;
 mod incoming;
-pub mod ipc;
-pub mod link;
-pub mod memory;
-pub mod read;
-pub mod shard;
-pub mod snapshot;
+mod ipc;
+mod link;
+mod memory;
+mod partition;
+mod read;
+mod shard;
+mod snapshot;
 mod spill;
-
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use parking_lot::RwLock;
+mod storage;
+mod store;
 
 pub use error::{Result, StoreError, echo};
 pub use incoming::IncomingMemory;
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
     APPEND_IDS_FROM, Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens,
-    Partition, PartitionWriter, PutOutcome, PutTarget, TokenHash,
+    PartitionWriter, PutOutcome, PutTarget, TokenHash,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
+pub use partition::Partition;
 pub use read::{
     Chunk, Held, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter, read_partition,
     read_shard,
 };
 pub use shard::ShardSpec;
-pub use snapshot::{ObjectStorage, Restored, SnapshotManifest, SnapshotOptions};
+pub use snapshot::{Restored, SnapshotManifest, SnapshotOptions};
+pub use storage::ObjectStorage;
+pub use store::{Store, StoreConfig, validate_link_name};
 
-#[derive(Debug, Clone, Default)]
-pub struct StoreConfig {
-    /// Bytes the whole store may hold, staged and committed; `None` is unlimited.
-    pub memory_limit: Option<u64>,
-    /// What writes do at a limit, for links that do not choose.
-    pub default_policy: MemoryPolicy,
-    /// Where snapshots and spilled partitions go.
-    pub storage: Option<ObjectStorage>,
-    /// Snapshot every link when it is sealed.
-    pub snapshot_on_seal: bool,
-    /// The most a shuffled epoch holds decoded at once (see [`shard::ShuffleLayout`]); links
-    /// that weigh less get a full shuffle. `None`: a quarter of `memory_limit`, or no windows
-    /// without a limit.
-    pub shuffle_window: Option<u64>,
-    /// How long a read waits for memory before it fails with RESOURCE_EXHAUSTED. `None`: 30 s.
-    pub read_memory_wait: Option<std::time::Duration>,
-}
+#[cfg(test)]
+mod layers {
+    //! The module layering above, checked: a module names only modules of lower layers
+    //! (tests inside a module may reach higher, to build a store).
 
-/// All links of one server.
-#[derive(Debug)]
-pub struct Store {
-    links: Arc<RwLock<BTreeMap<String, Arc<Link>>>>,
-    memory: Arc<MemoryPool>,
-    spiller: Option<Arc<spill::Spiller>>,
-    default_policy: MemoryPolicy,
-    storage: Option<ObjectStorage>,
-    snapshot_on_seal: bool,
-    read_memory: ReadMemory,
-}
+    const LAYERS: &[(&str, u8, &str)] = &[
+        ("error", 0, include_str!("error.rs")),
+        ("memory", 1, include_str!("memory.rs")),
+        ("shard", 1, include_str!("shard.rs")),
+        ("ipc", 2, include_str!("ipc.rs")),
+        ("storage", 3, include_str!("storage.rs")),
+        ("partition", 4, include_str!("partition.rs")),
+        ("link", 5, include_str!("link.rs")),
+        ("read", 6, include_str!("read.rs")),
+        ("incoming", 6, include_str!("incoming.rs")),
+        ("spill", 7, include_str!("spill.rs")),
+        ("snapshot", 7, include_str!("snapshot.rs")),
+        ("store", 8, include_str!("store.rs")),
+    ];
 
-/// Link names look like `features` or `team/features`.
-pub fn validate_link_name(name: &str) -> Result<()> {
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    };
-    let parts: Vec<&str> = name.split('/').collect();
-    if name.len() > 253 || parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
-        return Err(StoreError::InvalidLinkName(echo(name)));
-    }
-    Ok(())
-}
-
-impl Store {
-    pub fn new(config: StoreConfig) -> Arc<Self> {
-        let links = Arc::new(RwLock::new(BTreeMap::new()));
-        let spiller = config
-            .storage
-            .clone()
-            .map(|storage| Arc::new(spill::Spiller::new(storage, Arc::clone(&links))));
-        let memory = MemoryPool::new(config.memory_limit);
-        let read_memory = ReadMemory {
-            pool: Arc::clone(&memory),
-            spiller: spiller.clone(),
-            shuffle_window: config
-                .shuffle_window
-                .or(config.memory_limit.map(|limit| limit / 4)),
-            wait: config
-                .read_memory_wait
-                .unwrap_or(std::time::Duration::from_secs(30)),
-            windows_built: Default::default(),
-        };
-        Arc::new(Self {
-            spiller,
-            links,
-            memory,
-            read_memory,
-            default_policy: config.default_policy,
-            storage: config.storage,
-            snapshot_on_seal: config.snapshot_on_seal,
-        })
-    }
-
-    pub fn default_policy(&self) -> MemoryPolicy {
-        self.default_policy
-    }
-
-    pub fn memory(&self) -> &Arc<MemoryPool> {
-        &self.memory
-    }
-
-    /// Memory for messages still arriving, under the server's default policy.
-    pub fn incoming_memory(&self) -> IncomingMemory {
-        IncomingMemory {
-            pool: Arc::clone(&self.memory),
-            spiller: self.spiller.clone(),
-            policy: self.default_policy,
-        }
-    }
-
-    /// What reads may take of the server's memory, and how they wait for it.
-    pub fn read_memory(&self) -> &ReadMemory {
-        &self.read_memory
-    }
-
-    /// Declare a link, optionally with its schema and its own tokens.
-    pub fn create_link(
-        &self,
-        name: &str,
-        schema: Option<SchemaFrame>,
-        options: LinkOptions,
-        exist_ok: bool,
-    ) -> Result<Arc<Link>> {
-        validate_link_name(name)?;
-        let mut links = self.links.write();
-        if let Some(existing) = links.get(name) {
-            if !exist_ok {
-                return Err(StoreError::LinkExists(name.to_string()));
-            }
-            // exist_ok answers OK only if the link is what the caller asked for: otherwise
-            // anyone who knows a name could squat it, and the caller's tokens and quota would
-            // silently not apply.
-            if let Some(detail) = existing.differs_from(&options) {
-                return Err(StoreError::LinkExistsOtherwise {
-                    link: name.to_string(),
-                    detail,
-                });
-            }
-            return Ok(Arc::clone(existing));
-        }
-        let link = Arc::new(Link::new(
-            name.to_string(),
-            schema,
-            options,
-            self.default_policy,
-        ));
-        links.insert(name.to_string(), Arc::clone(&link));
-        tracing::info!(link = name, "link created");
-        Ok(link)
-    }
-
-    pub fn link(&self, name: &str) -> Result<Arc<Link>> {
-        self.links
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::UnknownLink(echo(name)))
-    }
-
-    pub fn list(&self) -> Vec<Arc<Link>> {
-        self.links.read().values().cloned().collect()
-    }
-
-    /// Begin one DoPut stream. With `create`, an unknown link is created on first write.
-    pub fn begin_put(
-        &self,
-        name: &str,
-        target: PutTarget,
-        create: bool,
-    ) -> Result<PartitionWriter> {
-        // Refused before any data is received.
-        if let PutTarget::Staged { partition, .. } = target {
-            link::check_staged_id(partition)?;
-        }
-        let link = match self.link(name) {
-            Ok(link) => link,
-            Err(StoreError::UnknownLink(_)) if create => {
-                self.create_link(name, None, LinkOptions::default(), true)?
-            }
-            Err(e) => return Err(e),
-        };
-        link.check_writable()?;
-        let reservation = self.memory.reservation(link.quota());
-        Ok(PartitionWriter::new(
-            link,
-            target,
-            reservation,
-            self.spiller.clone(),
-        ))
-    }
-
-    pub fn commit(
-        &self,
-        name: &str,
-        attempts: &[(u64, u64)],
-        replace: bool,
-    ) -> Result<Vec<PutOutcome>> {
-        self.link(name)?.commit(attempts, replace)
-    }
-
-    pub fn abort(&self, name: &str, attempts: &[(u64, u64)]) -> Result<usize> {
-        Ok(self.link(name)?.abort(attempts))
-    }
-
-    pub fn seal(&self, name: &str) -> Result<LinkStats> {
-        let stats = self.link(name)?.seal()?;
-        tracing::info!(
-            link = name,
-            rows = stats.rows,
-            partitions = stats.partitions,
-            "link sealed"
-        );
-        Ok(stats)
-    }
-
-    /// Remove the link; its memory is freed once the last in-flight reader lets go.
-    pub fn delete(&self, name: &str) -> Result<LinkStats> {
-        let link = self
-            .links
-            .write()
-            .remove(name)
-            .ok_or_else(|| StoreError::UnknownLink(echo(name)))?;
-        let stats = link.stats();
-        link.mark_deleted();
-        tracing::info!(link = name, rows = stats.rows, "link deleted");
-        Ok(stats)
-    }
-
-    pub fn storage(&self) -> Option<&ObjectStorage> {
-        self.storage.as_ref()
-    }
-
-    pub fn snapshot_on_seal(&self) -> bool {
-        self.snapshot_on_seal && self.storage.is_some()
-    }
-
-    /// Persist a sealed link to the configured object storage.
-    pub async fn snapshot(&self, name: &str) -> Result<SnapshotManifest> {
-        let storage = self.storage.as_ref().ok_or_else(|| {
-            StoreError::InvalidArgument(
-                "this server has no object storage; start it with --spill-url".into(),
-            )
-        })?;
-        let link = self.link(name)?;
-        storage.snapshot(&link).await
-    }
-
-    /// Delete every link whose TTL after seal passed, or that sat open and unwritten for
-    /// `idle_timeout`. Returns what was dropped and why.
-    pub fn expire(&self, idle_timeout: Option<std::time::Duration>) -> Vec<(String, Expiry)> {
-        let now = link::now_ms();
-        let due: Vec<(String, Expiry)> = self
-            .list()
+    fn layer(module: &str) -> Option<u8> {
+        LAYERS
             .iter()
-            .filter_map(|l| {
-                l.expiry(now, idle_timeout)
-                    .map(|why| (l.name().to_string(), why))
-            })
-            .collect();
-        for (name, why) in &due {
-            if self.delete(name).is_ok() {
-                tracing::info!(link = %name, reason = why.label(), "link expired and was deleted");
+            .find(|(m, ..)| *m == module)
+            .map(|(_, l, _)| *l)
+    }
+
+    #[test]
+    fn modules_use_only_lower_layers() {
+        let mut wrong = Vec::new();
+        for (module, level, source) in LAYERS {
+            let code = source.split("#[cfg(test)]").next().unwrap_or_default();
+            for (at, _) in code.match_indices("crate::") {
+                let rest = &code[at + "crate::".len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                match layer(&name) {
+                    Some(used) if used < *level => {}
+                    Some(_) => wrong.push(format!("{module} uses {name}")),
+                    // Root re-exports would hide which layer a name comes from.
+                    None => wrong.push(format!("{module} uses crate::{name}; name its module")),
+                }
             }
         }
-        due
-    }
-
-    /// Move every finished partition of a link to object storage now, whatever its policy.
-    /// Returns the bytes freed. For operators who know a link will not be read for a while.
-    pub async fn spill_link(&self, name: &str) -> Result<u64> {
-        let spiller = self.spiller.as_ref().ok_or_else(|| {
-            StoreError::InvalidArgument(
-                "this server has no object storage; start it with --spill-url".into(),
-            )
-        })?;
-        spiller.make_room(Some(&self.link(name)?), u64::MAX).await
-    }
-
-    /// Bytes moved to object storage by the spill policy since the server started.
-    pub fn spilled_bytes_total(&self) -> u64 {
-        self.spiller.as_ref().map_or(0, |s| s.spilled_bytes_total())
-    }
-
-    /// Drop every link and remove what this server spilled; for shutdown. Snapshots stay.
-    pub async fn close(&self) -> Result<usize> {
-        let links: Vec<Arc<Link>> = std::mem::take(&mut *self.links.write())
-            .into_values()
-            .collect();
-        for link in &links {
-            link.mark_deleted();
-        }
-        match &self.spiller {
-            Some(spiller) => spiller.remove_all().await,
-            None => Ok(0),
-        }
-    }
-
-    pub fn stats(&self, name: &str) -> Result<LinkStats> {
-        Ok(self.link(name)?.stats())
+        assert!(wrong.is_empty(), "layering broken: {wrong:?}");
     }
 }

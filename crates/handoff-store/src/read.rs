@@ -11,10 +11,10 @@ use tokio::sync::{OnceCell, mpsc};
 
 use crate::error::{Result, StoreError};
 use crate::ipc::{Frame, SchemaFrame, guard_panic};
-use crate::link::{FrameSelection, Link, LinkSnapshot, LinkState, Partition, Stored};
+use crate::link::{Link, LinkSnapshot, LinkState, Overflow};
 use crate::memory::{MemoryPolicy, MemoryPool, Reservation};
+use crate::partition::{FrameSelection, Partition, Stored};
 use crate::shard::{ShardSpec, ShuffleLayout, WindowOrder};
-use crate::spill::Spiller;
 
 /// One item of a read stream. The first item is always the schema.
 #[derive(Debug, Clone)]
@@ -48,8 +48,8 @@ impl Held {
 #[derive(Debug, Clone)]
 pub struct ReadMemory {
     pub(crate) pool: Arc<MemoryPool>,
-    pub(crate) spiller: Option<Arc<Spiller>>,
-    /// See [`crate::StoreConfig::shuffle_window`].
+    pub(crate) spiller: Option<Arc<dyn Overflow>>,
+    /// See `StoreConfig::shuffle_window`.
     pub(crate) shuffle_window: Option<u64>,
     pub(crate) wait: Duration,
     /// Shuffle windows decoded since the server started (a metric of what shuffles cost).
@@ -968,7 +968,7 @@ pub fn read_partition(
     link: &Link,
     index: u64,
     generation: u64,
-) -> Result<(SchemaFrame, Arc<crate::link::Partition>)> {
+) -> Result<(SchemaFrame, Arc<Partition>)> {
     let snapshot = link.snapshot();
     if snapshot.state == LinkState::Deleted {
         return Err(StoreError::Deleted(link.name().to_string()));

@@ -169,7 +169,9 @@ impl SplitMix64 {
     }
 }
 
-/// The row order of one epoch: a permutation of `0..n`, the same for every rank.
+/// The row order of one epoch over a link that fits a window: a permutation of `0..n`, the same
+/// for every rank. Reads build it as u32 orders (`WindowOrder`); tests hold those to this.
+#[cfg(test)]
 pub fn permutation(n: u64, seed: u64, epoch: u64) -> Vec<u64> {
     let mut order: Vec<u64> = (0..n).collect();
     fisher_yates(&mut order, window_rng(seed, epoch, 0));
@@ -302,6 +304,7 @@ impl ShuffleLayout {
         Self { windows, starts }
     }
 
+    #[cfg(test)]
     pub fn windows(&self) -> usize {
         self.windows.len()
     }
