@@ -19,9 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import tempfile
 import threading
 import time
@@ -32,7 +29,7 @@ import pyarrow.flight as flight
 
 from handoff import HandoffClient
 from handoff.client import ShardRequest
-from procstat import cpu_seconds, reset_peak, status_kib
+from benchkit import cpu_seconds, reset_peak, serve, status_kib
 
 MiB = 1 << 20
 WIDTH = 254  # float32 values per row besides the int64 id: 1 KiB rows
@@ -47,21 +44,6 @@ def frame(start: int) -> pa.RecordBatch:
         "id": pa.array(ids),
         "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), WIDTH),
     })
-
-
-def serve(binary: str, limit_mib: int, spill_dir: str):
-    proc = subprocess.Popen(
-        [binary, "serve", "--no-auth", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-         "--memory-limit", f"{limit_mib}MiB", "--memory-policy", "spill",
-         "--spill-url", f"file://{spill_dir}"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=dict(os.environ, RUST_LOG="warn"))
-    line = proc.stdout.readline()
-    m = re.match(r"handoff listening grpc=(\S+)", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"{binary} did not start: {line!r}")
-    return proc, f"grpc://{m.group(1)}"
 
 
 def write_link(location: str, total_mib: int) -> int:
@@ -126,7 +108,8 @@ def check_epoch(got: dict[int, list], rows: int, world: int, batch_rows: int) ->
 def run(binary: str, limit_mib: int = 512, times: int = 10, world: int = 2,
         batch_rows: int = 1024) -> dict:
     with tempfile.TemporaryDirectory() as spill:
-        proc, location = serve(binary, limit_mib, spill)
+        proc, location, _ = serve(binary, "--memory-limit", f"{limit_mib}MiB",
+                                  "--memory-policy", "spill", "--spill-url", f"file://{spill}")
         try:
             start = time.perf_counter()
             rows = write_link(location, limit_mib * times)

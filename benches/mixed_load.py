@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import random
 import re
-import subprocess
 import tempfile
 import threading
 import time
@@ -36,7 +34,7 @@ import pyarrow.parquet as pq
 
 from handoff import HandoffClient
 from handoff.client import HandoffError, ShardRequest
-from procstat import status_kib
+from benchkit import serve, status_kib
 
 MiB = 1 << 20
 WIDTH = 126  # float32 values per row besides the int64 id: 512-byte rows
@@ -215,18 +213,11 @@ def run(binary: str, policy: str, seconds: float, writers: int, readers: int,
     with tempfile.TemporaryDirectory() as tmp:
         parquet = Path(tmp) / "import.parquet"
         pq.write_table(table(0, 20_000), parquet)  # about 10 MiB of Arrow data
-        proc = subprocess.Popen(
-            [binary, "serve", "--no-auth", "--listen", "127.0.0.1:0", "--http-listen",
-             "127.0.0.1:0", "--memory-limit", f"{limit_mib}MiB", "--memory-policy", policy,
-             "--memory-wait-timeout", "20", "--spill-url", f"file://{tmp}/spill",
-             "--import-allow", f"file://{tmp}/"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env=dict(os.environ, RUST_LOG="warn"))
-        m = re.match(r"handoff listening grpc=(\S+) http=(\S+)", proc.stdout.readline())
-        if not m:
-            proc.kill()
-            raise RuntimeError(f"{binary} did not start")
-        state = Run(f"grpc://{m.group(1)}", policy, seed=1)
+        proc, location, http = serve(
+            binary, "--memory-limit", f"{limit_mib}MiB", "--memory-policy", policy,
+            "--memory-wait-timeout", "20", "--spill-url", f"file://{tmp}/spill",
+            "--import-allow", f"file://{tmp}/")
+        state = Run(location, policy, seed=1)
         threads = [threading.Thread(target=state.writer, args=(w,)) for w in range(writers)]
         threads += [threading.Thread(target=state.reader, args=(r,)) for r in range(readers)]
         if sql:
@@ -253,7 +244,7 @@ def run(binary: str, policy: str, seconds: float, writers: int, readers: int,
             for t in threads:
                 t.join(timeout=120)
             peak = status_kib(proc.pid, "VmHWM") * 1024
-            metrics = urllib.request.urlopen(f"http://{m.group(2)}/metrics", timeout=10).read()
+            metrics = urllib.request.urlopen(f"http://{http}/metrics", timeout=10).read()
             pool_peak = int(re.search(rb"handoff_memory_peak_bytes (\d+)", metrics).group(1))
         finally:
             proc.terminate()

@@ -15,9 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import tempfile
 import threading
 import time
@@ -28,7 +25,7 @@ import pyarrow.flight as flight
 
 from handoff import HandoffClient
 from handoff.client import ShardRequest
-from procstat import cpu_seconds, reset_peak, status_kib
+from benchkit import cpu_seconds, reset_peak, serve, status_kib
 
 MiB = 1 << 20
 WIDTH = 254  # float32 values per row besides the int64 id: 1 KiB rows
@@ -40,20 +37,6 @@ def batch(start: int) -> pa.RecordBatch:
         "id": pa.array(ids),
         "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), WIDTH),
     })
-
-
-def serve(binary: str, limit_mib: int, spill_dir: str):
-    proc = subprocess.Popen(
-        [binary, "serve", "--no-auth", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-         "--memory-limit", f"{limit_mib}MiB", "--spill-url", f"file://{spill_dir}"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=dict(os.environ, RUST_LOG="warn"))
-    line = proc.stdout.readline()
-    m = re.match(r"handoff listening grpc=(\S+)", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"{binary} did not start: {line!r}")
-    return proc, f"grpc://{m.group(1)}"
 
 
 def write_link(location: str, link_mib: int) -> int:
@@ -96,7 +79,8 @@ def read_epoch(location: str, world: int, seed: int, rows: int) -> None:
 
 def measure(binary: str, link_mib: int, limit_mib: int, ranks: list[int]) -> list[dict]:
     with tempfile.TemporaryDirectory() as spill:
-        proc, location = serve(binary, limit_mib, spill)
+        proc, location, _ = serve(binary, "--memory-limit", f"{limit_mib}MiB",
+                                  "--spill-url", f"file://{spill}")
         try:
             rows = write_link(location, link_mib)
             written_rss = status_kib(proc.pid, "VmRSS") * 1024

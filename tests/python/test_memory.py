@@ -35,15 +35,18 @@ BATCHES_PER_PARTITION = 8  # 32 MiB partitions
 WIDTH = 254  # float32 values per row, besides the int64 id
 
 
-def vm_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{key} not in /proc/{pid}/status")
+def bench_module(name: str):
+    """A script of benches/, imported, so that a short run of it is a test."""
+    import importlib
+    import sys
+    benches = str(Path(__file__).resolve().parents[2] / "benches")
+    if benches not in sys.path:
+        sys.path.insert(0, benches)
+    return importlib.import_module(name)
 
 
 def peak_rss(pid: int) -> int:
-    return vm_kib(pid, "VmHWM") * 1024
+    return bench_module("benchkit").status_kib(pid, "VmHWM") * 1024
 
 
 def batch(start: int) -> pa.RecordBatch:
@@ -111,16 +114,6 @@ def serve(tmp_path, *args):
 def stop(proc):
     proc.terminate()
     proc.wait(timeout=STOP_TIMEOUT_S)
-
-
-def bench_module(name: str):
-    """A script of benches/, imported, so that a short run of it is a test."""
-    import importlib
-    import sys
-    benches = str(Path(__file__).resolve().parents[2] / "benches")
-    if benches not in sys.path:
-        sys.path.insert(0, benches)
-    return importlib.import_module(name)
 
 
 def report(name: str, pid: int, written: int) -> int:
@@ -244,7 +237,7 @@ def test_shuffled_ranks_share_one_copy_of_the_link(tmp_path):
             row = put_partition(client, "s", row)
         action(client, "seal", b"s")
         link_bytes = stats(client, "s")["bytes"]
-        after_write = vm_kib(proc.pid, "VmRSS") * 1024
+        after_write = bench_module("benchkit").status_kib(proc.pid, "VmRSS") * 1024
         got: dict[int, np.ndarray] = {}
         errors: list[BaseException] = []
 
