@@ -3,8 +3,10 @@
 //! once with the numbers; under `wait` the sender stalls (HTTP/2 flow control holds it) until
 //! memory is freed; under `spill` finished partitions move out first.
 //!
-//! The reservation is handed over, not doubled: a handler that decodes a message releases its
-//! share from the request's [`IncomingCredit`] just before the store reserves the frame it keeps.
+//! The reservation is handed over, not doubled: a handler that decodes a message takes its share
+//! from the request's [`IncomingCredit`] and gives it to the store, whose frame keeps it. The
+//! message is counted from its prefix until the frame it became is freed, even while its writer
+//! waits for memory.
 //!
 //! Hand-written framing: tonic decodes only whole messages, and the length is all we need, so
 //! the prefix is read in place from the body's chunks, without copying them.
@@ -71,7 +73,7 @@ where
 
 /// What one request's messages hold reserved while they are on their way in, one reservation
 /// per message in arrival order. A handler takes it from the request's extensions and
-/// [releases](IncomingCredit::release_next) one as it decodes each message; what is left goes
+/// [takes](IncomingCredit::take_next) one as it decodes each message; what is left goes
 /// with the request.
 #[derive(Clone, Default)]
 pub struct IncomingCredit(Arc<parking_lot::Mutex<VecDeque<Reservation>>>);
@@ -81,9 +83,10 @@ impl IncomingCredit {
         self.0.lock().push_back(reservation);
     }
 
-    /// Give back the reservation of the oldest message not yet decoded.
-    pub fn release_next(&self) {
-        drop(self.0.lock().pop_front());
+    /// The reservation of the oldest message not yet decoded, for the handler to hand on to
+    /// what it keeps of the message (or to drop).
+    pub fn take_next(&self) -> Option<Reservation> {
+        self.0.lock().pop_front()
     }
 }
 

@@ -659,11 +659,9 @@ impl HandoffService {
             .map_err(status_of)?;
         let mut next = Some(first);
         while let Some(data) = next {
-            // The message's bytes were reserved on arrival; hand them over to the store's own
-            // reservation of the frame instead of counting them twice.
-            if let Some(credit) = &credit {
-                credit.release_next();
-            }
+            // The message's bytes were reserved on arrival; the frame the store keeps takes that
+            // reservation over, so they are neither counted twice nor uncounted while it waits.
+            let arrived = credit.as_ref().and_then(|c| c.take_next());
             if data.data_header.is_empty() && data.app_metadata.as_ref() == proto::ABORT_PUT {
                 // Some clients (pyarrow) cannot cancel a DoPut: ending it would publish a
                 // partial partition, so they send this marker instead.
@@ -674,7 +672,7 @@ impl HandoffService {
             }
             if !(data.data_header.is_empty() && data.data_body.is_empty()) {
                 writer
-                    .push(data.data_header, data.data_body)
+                    .push_arrived(data.data_header, data.data_body, arrived)
                     .await
                     .map_err(status_of)?;
             }

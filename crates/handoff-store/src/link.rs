@@ -809,6 +809,18 @@ impl PartitionWriter {
     /// memory, which stalls the sender through gRPC flow control; under `spill` it first moves
     /// finished partitions to object storage.
     pub async fn push(&mut self, header: Bytes, body: Bytes) -> Result<()> {
+        self.push_arrived(header, body, None).await
+    }
+
+    /// [`Self::push`] of a message whose bytes were reserved as it arrived (`arrived`, from the
+    /// server's pool): the frame keeps that reservation instead of taking a second one, so a
+    /// writer that waits for memory never holds a message nobody counts.
+    pub async fn push_arrived(
+        &mut self,
+        header: Bytes,
+        body: Bytes,
+        arrived: Option<Reservation>,
+    ) -> Result<()> {
         match validate_message(self.schema.as_ref().map(|s| &s.schema), header, body)? {
             Incoming::Schema(schema) => {
                 if self.schema.is_some() {
@@ -826,7 +838,7 @@ impl PartitionWriter {
             Incoming::Batch(frame) => {
                 self.link.check_writable()?;
                 let bytes = frame.bytes();
-                if self.stream.is_none() && !self.reserve(bytes).await? {
+                if self.stream.is_none() && !self.reserve(bytes, arrived).await? {
                     self.start_stream().await?;
                 }
                 let rows = frame.rows;
@@ -848,7 +860,12 @@ impl PartitionWriter {
 
     /// Reserve a frame's bytes. `Ok(false)`: under `spill` nothing finished is left to move
     /// out, and this partition must go out as it is written.
-    async fn reserve(&mut self, bytes: u64) -> Result<bool> {
+    async fn reserve(&mut self, bytes: u64, arrived: Option<Reservation>) -> Result<bool> {
+        if let Some(mut arrived) = arrived
+            && self.reservation.take_from(&mut arrived, bytes).is_ok()
+        {
+            return Ok(true);
+        }
         let policy = self.link.policy;
         if policy != MemoryPolicy::Spill {
             return self.reservation.grow(bytes, policy).await.map(|()| true);

@@ -208,6 +208,33 @@ impl Reservation {
         self.bytes
     }
 
+    /// Move `bytes` that `arrived` holds of the server's pool into this reservation, charging
+    /// only this reservation's link quota (the server already counts them). How a message
+    /// reserved on arrival becomes the frame the store keeps, without counting it twice and
+    /// without ever being uncounted in between. Fails, changing nothing, if `arrived` holds
+    /// fewer bytes, is of another pool or link, or the link quota is short.
+    pub fn take_from(&mut self, arrived: &mut Reservation, bytes: u64) -> Result<()> {
+        if !Arc::ptr_eq(&self.server, &arrived.server) || arrived.link.is_some() {
+            return Err(StoreError::InvalidArgument(
+                "a reservation moves only between reservations of one pool".into(),
+            ));
+        }
+        if arrived.bytes < bytes {
+            return Err(StoreError::MemoryExhausted {
+                scope: "the arriving message".into(),
+                requested: bytes,
+                would_use: bytes,
+                limit: arrived.bytes,
+            });
+        }
+        if let Some(link) = &self.link {
+            link.try_add(bytes)?;
+        }
+        arrived.bytes -= bytes;
+        self.bytes += bytes;
+        Ok(())
+    }
+
     /// Move `bytes` (at most what this holds) into a reservation of their own, against the same
     /// pools, so that they are released with whatever holds the new one.
     pub fn split(&mut self, bytes: u64) -> Reservation {
@@ -235,6 +262,42 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_arrived_message_moves_into_a_frame_without_being_counted_twice() {
+        let server = MemoryPool::new(Some(100));
+        let quota = MemoryPool::named("link", Some(50));
+        let mut arrived = server.reservation(None);
+        arrived.try_grow(70).expect("fits");
+        let mut frame = server.reservation(Some(Arc::clone(&quota)));
+        // More than the link may hold: nothing moves.
+        assert!(frame.take_from(&mut arrived, 60).is_err());
+        assert_eq!(
+            (arrived.bytes(), frame.bytes(), server.used(), quota.used()),
+            (70, 0, 70, 0)
+        );
+        frame.take_from(&mut arrived, 40).expect("moves");
+        assert_eq!(
+            (arrived.bytes(), frame.bytes(), server.used(), quota.used()),
+            (30, 40, 70, 40)
+        );
+        // More than arrived: nothing moves.
+        assert!(frame.take_from(&mut arrived, 31).is_err());
+        drop(arrived);
+        assert_eq!((server.used(), quota.used()), (40, 40));
+        drop(frame);
+        assert_eq!((server.used(), quota.used()), (0, 0));
+        // Another pool's reservation never moves in.
+        let other = MemoryPool::new(Some(100));
+        let mut foreign = other.reservation(None);
+        foreign.try_grow(10).expect("fits");
+        assert!(
+            server
+                .reservation(None)
+                .take_from(&mut foreign, 10)
+                .is_err()
+        );
+    }
 
     #[test]
     fn reservation_releases_on_drop_and_enforces_limit() {
