@@ -19,6 +19,25 @@ use tonic::transport::server::Connected;
 pub struct Counted<IO> {
     io: IO,
     _permit: OwnedSemaphorePermit,
+    memory: ConnectionMemory,
+}
+
+/// What one connection holds of the memory budget: once it writes, its HTTP/2 receive window,
+/// which the HTTP/2 layer fills with data before any handler reads it (see `inflight`). Its
+/// requests see it in their extensions; it is released when the connection and they are gone.
+#[derive(Clone, Default)]
+pub struct ConnectionMemory(Arc<tokio::sync::OnceCell<handoff_store::Reservation>>);
+
+impl ConnectionMemory {
+    /// The reservation, made by `reserve` on the first call; later calls share it.
+    pub async fn get_or_reserve<F>(&self, reserve: F) -> Result<(), handoff_store::StoreError>
+    where
+        F: std::future::Future<
+                Output = Result<handoff_store::Reservation, handoff_store::StoreError>,
+            >,
+    {
+        self.0.get_or_try_init(|| reserve).await.map(|_| ())
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
@@ -61,11 +80,12 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     }
 }
 
+/// tonic puts this in every request's extensions; the peer's address is not used.
 impl<IO: Connected> Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
+    type ConnectInfo = ConnectionMemory;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        self.memory.clone()
     }
 }
 
@@ -96,6 +116,7 @@ impl ConnectionCap {
             Ok(permit) => Some(Counted {
                 io,
                 _permit: permit,
+                memory: ConnectionMemory::default(),
             }),
             Err(_) => {
                 let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;

@@ -8,6 +8,11 @@
 //! message is counted from its prefix until the frame it became is freed, even while its writer
 //! waits for memory.
 //!
+//! A connection that writes also holds its HTTP/2 receive window from the budget, from its first
+//! DoPut message until it closes: HTTP/2 accepts that much data for a connection before any
+//! handler reads it, and a writer stalled under `wait` leaves it there. Readers' connections
+//! receive only small requests and hold nothing.
+//!
 //! Hand-written framing: tonic decodes only whole messages, and the length is all we need, so
 //! the prefix is read in place from the body's chunks, without copying them.
 
@@ -18,26 +23,35 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use handoff_store::{IncomingMemory, Reservation, StoreError};
+use handoff_store::{IncomingMemory, Reservation};
 use http_body::Frame;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
+use crate::conn::ConnectionMemory;
 use crate::error::status_of;
+
+const DO_PUT_PATH: &str = "/arrow.flight.protocol.FlightService/DoPut";
 
 /// Wraps a gRPC service so that its request bodies reserve their messages.
 #[derive(Clone)]
 pub struct ReserveIncoming<S> {
     inner: S,
     memory: Option<IncomingMemory>,
+    window: u64,
 }
 
 impl<S> ReserveIncoming<S> {
-    /// `memory`: `None` (no limit) passes bodies through untouched.
-    pub fn new(inner: S, memory: Option<IncomingMemory>) -> Self {
-        Self { inner, memory }
+    /// `memory`: `None` (no limit) passes bodies through untouched. `window`: the HTTP/2
+    /// connection window, held by each connection that writes.
+    pub fn new(inner: S, memory: Option<IncomingMemory>, window: u32) -> Self {
+        Self {
+            inner,
+            memory,
+            window: u64::from(window),
+        }
     }
 }
 
@@ -62,9 +76,13 @@ where
             Some(memory) => {
                 let credit = IncomingCredit::default();
                 request.extensions_mut().insert(credit.clone());
-                let memory = memory.clone();
+                let connection = (request.uri().path() == DO_PUT_PATH)
+                    .then(|| request.extensions().get::<ConnectionMemory>().cloned())
+                    .flatten()
+                    .map(|c| (c, self.window));
+                let body = ReservingBody::new(memory.clone(), credit, connection);
                 self.inner
-                    .call(request.map(|body| Body::new(ReservingBody::new(body, memory, credit))))
+                    .call(request.map(|inner| Body::new(body.wrap(inner))))
             }
             None => self.inner.call(request),
         }
@@ -141,12 +159,14 @@ impl Framing {
     }
 }
 
-type Reserving = BoxFuture<'static, Result<Reservation, StoreError>>;
+type Reserving = BoxFuture<'static, Result<Reservation, Status>>;
 
 /// A request body that holds a reservation for the messages it is carrying.
 struct ReservingBody {
     inner: Body,
     memory: IncomingMemory,
+    /// A writing request's connection, and its window: reserved before the first message.
+    connection: Option<(ConnectionMemory, u64)>,
     framing: Framing,
     /// The chunk that declared new messages, held back until their memory is reserved, with
     /// the messages' lengths.
@@ -155,15 +175,48 @@ struct ReservingBody {
 }
 
 impl ReservingBody {
-    fn new(inner: Body, memory: IncomingMemory, credit: IncomingCredit) -> Self {
+    fn new(
+        memory: IncomingMemory,
+        credit: IncomingCredit,
+        connection: Option<(ConnectionMemory, u64)>,
+    ) -> Self {
         Self {
-            inner,
+            inner: Body::empty(),
             memory,
+            connection,
             framing: Framing::default(),
             pending: None,
             credit,
         }
     }
+
+    fn wrap(mut self, inner: Body) -> Self {
+        self.inner = inner;
+        self
+    }
+}
+
+/// Reserve the connection's window (once per connection), then `declared` bytes of messages.
+async fn reserve(
+    memory: IncomingMemory,
+    connection: Option<(ConnectionMemory, u64)>,
+    declared: u64,
+) -> Result<Reservation, Status> {
+    if let Some((held, window)) = connection {
+        held.get_or_reserve(memory.reserve(window))
+            .await
+            .map_err(|e| {
+                let status = status_of(e);
+                Status::new(
+                    status.code(),
+                    format!(
+                        "a connection that writes holds its HTTP/2 window ({window} bytes) of the server's memory, and it is not free: {}",
+                        status.message()
+                    ),
+                )
+            })?;
+    }
+    memory.reserve(declared).await.map_err(status_of)
 }
 
 impl http_body::Body for ReservingBody {
@@ -188,7 +241,7 @@ impl http_body::Body for ReservingBody {
                         }
                         Ok(frame)
                     }
-                    Err(e) => Err(status_of(e)),
+                    Err(status) => Err(status),
                 }));
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
@@ -201,9 +254,12 @@ impl http_body::Body for ReservingBody {
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     let declared = lengths.iter().fold(0u64, |sum, l| sum.saturating_add(*l));
-                    let memory = this.memory.clone();
                     this.pending = Some((
-                        Box::pin(async move { memory.reserve(declared).await }),
+                        Box::pin(reserve(
+                            this.memory.clone(),
+                            this.connection.clone(),
+                            declared,
+                        )),
                         frame,
                         lengths,
                     ));

@@ -37,12 +37,16 @@ const H2_MAX_FRAME: u32 = 1 << 20;
 pub const H2_WINDOW: u32 = 16 << 20;
 
 /// The HTTP/2 window for a server with `memory_limit`: the default, or less, so that 128
-/// connections' windows together stay within the budget (4 MiB at 512 MiB; at least 1 MiB).
+/// writing connections' windows together stay within the budget (each holds its window from the
+/// budget: 4 MiB at 512 MiB; at least HTTP/2's own default of 64 KiB).
 pub fn h2_window_for(memory_limit: Option<u64>) -> u32 {
     memory_limit.map_or(H2_WINDOW, |limit| {
-        u32::try_from((limit / 128).clamp(1 << 20, u64::from(H2_WINDOW))).unwrap_or(H2_WINDOW)
+        u32::try_from((limit / 128).clamp(H2_MIN_WINDOW, u64::from(H2_WINDOW))).unwrap_or(H2_WINDOW)
     })
 }
+
+/// HTTP/2's initial window (RFC 9113, 6.9.2).
+const H2_MIN_WINDOW: u64 = 65_535;
 
 /// Far more than one link's writers and readers need (an executor or a rank holds one or two),
 /// and far below the open-files limit of a container (usually 1M; 20k on small machines).
@@ -166,10 +170,17 @@ pub async fn serve(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let incoming = store.memory().limit().map(|_| store.incoming_memory());
+    // Under a budget the window is never larger than the budget's share for it, whatever the
+    // configuration asked: each writing connection holds it (see `inflight`).
+    let h2_window = match store.memory().limit() {
+        Some(limit) => config.h2_window.min(h2_window_for(Some(limit))),
+        None => config.h2_window,
+    };
     let router = panic::CatchPanic::new(
         inflight::ReserveIncoming::new(
             FlightRouter::new(grpc_service, service, config.zero_copy_get),
             incoming,
+            h2_window,
         ),
         Arc::clone(&metrics),
     );
@@ -234,8 +245,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(H2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(H2_KEEPALIVE_TIMEOUT))
         .max_frame_size(H2_MAX_FRAME)
-        .initial_stream_window_size(config.h2_window)
-        .initial_connection_window_size(config.h2_window)
+        .initial_stream_window_size(h2_window)
+        .initial_connection_window_size(h2_window)
         .add_service(health_service)
         .add_service(router)
         // Builder socket options do not reach a listener we bound ourselves; without nodelay,

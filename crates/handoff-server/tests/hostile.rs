@@ -836,3 +836,84 @@ async fn messages_are_reserved_before_they_are_buffered() {
     still_serving(&server).await;
     server.stop().await;
 }
+
+/// HTTP/2 accepts a connection's window of data before any handler reads it, so a connection
+/// that writes holds its window from the budget while it is open: many stalled writers cannot
+/// add up to more than the budget. When the window is not free, the write is refused saying so.
+#[tokio::test]
+async fn a_writing_connection_holds_its_window_until_it_closes() {
+    let limit = 64 << 20;
+    let window = u64::from(handoff_server::h2_window_for(Some(limit)));
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            memory_limit: Some(limit),
+            ..Default::default()
+        },
+    )
+    .await;
+    served(&server).await;
+    // Once earlier connections have closed, only links hold memory.
+    let store = Arc::clone(&server.store);
+    let base = handoff_testkit::eventually("earlier connections gave their windows back", || {
+        let links: u64 = store.list().iter().map(|l| l.stats().bytes).sum();
+        let used = store.memory().used();
+        async move { (used == links).then_some(used) }
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut client = FlightServiceClient::new(channel.clone());
+    let request = with_token(
+        futures::stream::iter(flight_data("win", &common::batch(0, 1000))),
+        Some(common::ADMIN),
+    );
+    let mut results = client.do_put(request).await.expect("put").into_inner();
+    while let Some(result) = results.next().await {
+        result.expect("result");
+    }
+    drop(results);
+    let stored = server.store.stats("win").expect("stats").bytes;
+    assert_eq!(server.store.memory().used(), base + stored + window);
+    // A second write on the same connection shares the window.
+    let request = with_token(
+        futures::stream::iter(flight_data("win", &common::batch(1000, 1000))),
+        Some(common::ADMIN),
+    );
+    let mut results = client.do_put(request).await.expect("put").into_inner();
+    while let Some(result) = results.next().await {
+        result.expect("result");
+    }
+    drop(results);
+    let stored = server.store.stats("win").expect("stats").bytes;
+    assert_eq!(server.store.memory().used(), base + stored + window);
+    drop((client, channel));
+    handoff_testkit::eventually("a closed connection gives its window back", || {
+        let used = server.store.memory().used();
+        async move { (used == base + stored).then_some(()) }
+    })
+    .await;
+
+    // Fill the budget to less than a window from full: the next writing connection is refused.
+    let mut fill = server.store.memory().reservation(None);
+    fill.try_grow(limit - server.store.memory().used() - window / 2)
+        .expect("fill");
+    let err = raw_put(
+        &server,
+        common::ADMIN,
+        flight_data("win", &common::batch(0, 10)),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("HTTP/2 window"), "{err}");
+    drop(fill);
+    raw_put(
+        &server,
+        common::ADMIN,
+        flight_data("win2", &common::batch(0, 10)),
+    )
+    .await
+    .expect("fits once memory is free");
+    still_serving(&server).await;
+    server.stop().await;
+}

@@ -488,7 +488,7 @@ async fn a_partition_larger_than_memory_lands_and_reads_back() {
     })
     .await;
     eventually("and its memory released", || {
-        server.store.memory().used() == 0
+        common::memory_is_only(&server, 0)
     })
     .await;
     server.stop().await;
