@@ -39,9 +39,9 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     #[error("{}: {}", .0.code(), .0.message())]
-    Status(tonic::Status),
+    Status(#[source] tonic::Status),
     #[error("{0}")]
-    Flight(FlightError),
+    Flight(#[source] FlightError),
     #[error("unexpected reply from the server: {0}")]
     Protocol(String),
 }

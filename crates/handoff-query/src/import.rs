@@ -26,7 +26,7 @@ pub enum ImportError {
     #[error("{0}")]
     Invalid(String),
     #[error("reading the Parquet files: {0}")]
-    Read(String),
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(
         "the import did not fit in memory: {0}. An import holds every row until it commits; \
          give the link the spill policy (serve --memory-policy spill --spill-url URL) to import more than the budget"
@@ -76,8 +76,8 @@ fn listing_url(url: &str) -> Result<ListingTableUrl, ImportError> {
     ListingTableUrl::try_new(prefix, Some(pattern)).map_err(|e| invalid(e.strip_backtrace()))
 }
 
-fn read_error(e: impl std::fmt::Display) -> ImportError {
-    ImportError::Read(e.to_string())
+fn read_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ImportError {
+    ImportError::Read(e.into())
 }
 
 /// Largest partition an import writes. Smaller partitions let the spill policy move finished
@@ -273,7 +273,7 @@ pub async fn import_parquet(
         let failed = match done {
             Ok(Ok(())) => continue,
             Ok(Err(e)) => e,
-            Err(e) => ImportError::Read(format!("an import task failed: {e}")),
+            Err(e) => ImportError::Read(format!("an import task failed: {e}").into()),
         };
         // The other streams stop; their staged partitions are dropped with `staged`.
         tasks.abort_all();

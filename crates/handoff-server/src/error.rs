@@ -20,10 +20,12 @@ pub fn status_of(err: StoreError) -> Status {
         | StoreError::ReadMemory { .. }
         | StoreError::MessageTooLarge { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,
-        StoreError::Storage(detail) => {
+        StoreError::Storage(_)
+        | StoreError::ObjectStore { .. }
+        | StoreError::StorageFile { .. } => {
             // The detail names the server's files, bucket layout or credentials' errors: for the
             // operator's log, not for a tenant.
-            tracing::warn!(error = %detail, "object storage failed");
+            tracing::warn!(error = %err, "object storage failed");
             return Status::unavailable(
                 "the server's object storage failed (spill or snapshot); its log has the details, and the call can be retried",
             );
@@ -43,7 +45,7 @@ pub enum ServerError {
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
-    Http(std::io::Error),
+    Http(#[source] std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
 }

@@ -556,7 +556,9 @@ impl HandoffService {
                         Status::resource_exhausted(e.to_string())
                     }
                     handoff_query::ImportError::Invalid(m) => invalid(m),
-                    handoff_query::ImportError::Read(m) => Status::failed_precondition(m),
+                    handoff_query::ImportError::Read(m) => {
+                        Status::failed_precondition(m.to_string())
+                    }
                 })?;
                 self.metrics.ingested_bytes.inc_by(outcome.bytes);
                 self.metrics.ingested_rows.inc_by(outcome.rows);

@@ -82,6 +82,22 @@ pub enum StoreError {
     MessageTooLarge { bytes: u64, limit: u64 },
     #[error("object storage failed: {0}")]
     Storage(String),
+    /// An object store call failed; the cause is kept for the operator's log and for callers
+    /// that match on it (not found, precondition, credentials).
+    #[error("object storage failed: {url}: {source}")]
+    ObjectStore {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// A local file below a `file://` storage could not be made private.
+    #[error("object storage failed: {url}: {path}: {source}")]
+    StorageFile {
+        url: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("stored data of link '{link}' could not be decoded: {detail}")]
     Corrupt { link: String, detail: String },
 }

@@ -33,8 +33,11 @@ pub struct ObjectStorage {
     local_root: Option<std::path::PathBuf>,
 }
 
-fn storage_error(url: &str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Storage(format!("{url}: {e}"))
+fn storage_error(url: &str, source: object_store::Error) -> StoreError {
+    StoreError::ObjectStore {
+        url: url.to_string(),
+        source,
+    }
 }
 
 impl ObjectStorage {
@@ -90,8 +93,13 @@ impl ObjectStorage {
             use std::os::unix::fs::PermissionsExt;
             let file = std::path::Path::new("/").join(path.as_ref());
             let set = |at: &std::path::Path, mode: u32| {
-                std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| storage_error(&self.url, format!("{}: {e}", at.display())))
+                std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode)).map_err(
+                    |source| StoreError::StorageFile {
+                        url: self.url.clone(),
+                        path: at.to_path_buf(),
+                        source,
+                    },
+                )
             };
             set(&file, 0o600)?;
             for dir in file.ancestors().skip(1) {
@@ -366,7 +374,7 @@ impl SpillStream {
         upload
             .wait_for_capacity(1)
             .await
-            .map_err(|e| StoreError::Storage(format!("uploading {}: {e}", self.path)))
+            .map_err(|e| storage_error(self.storage.url(), e))
     }
 
     /// Complete the object; the partition is then spilled like any other.
