@@ -8,12 +8,14 @@ shuffled epochs with `--ranks` concurrent ranks. Then it checks every shard guar
 - every rank gets the same number of batches, each of exactly batch_rows;
 - the two epochs give different orders, and a rank that reads its epoch again gets the same one.
 
-It reports the server's peak resident memory during the reads (VmHWM, reset after the write)
+With `--skewed`, the whole link is one DoPut: one partition `--times` x the budget, which under
+`spill` goes to object storage as it arrives. It reports the peak while writing too, and the
+server's peak resident memory during the reads (VmHWM, reset after the write)
 against the bound 1.1 x budget + 150 MiB, and the server's CPU and wall time per epoch.
 
 Usage:
   PYTHONPATH=python python3 benches/large_shuffle.py --bin target/release/handoff \
-      [--limit-mib 512] [--times 10] [--ranks 2] [--batch-rows 1024]
+      [--limit-mib 512] [--times 10] [--ranks 2] [--batch-rows 1024] [--skewed]
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ def frame(start: int) -> pa.RecordBatch:
     })
 
 
-def write_link(location: str, total_mib: int) -> int:
+def write_link(location: str, total_mib: int, skewed: bool = False) -> int:
+    """Partitions of FRAMES_PER_PARTITION frames, or with `skewed` the whole link in one DoPut
+    (a skewed Spark partition: it streams to object storage as it arrives)."""
     client = flight.connect(location)
     rows = total_mib * MiB // 1024 // ROWS_PER_FRAME * ROWS_PER_FRAME
     schema = frame(0).schema
-    per_partition = FRAMES_PER_PARTITION * ROWS_PER_FRAME
+    per_partition = rows if skewed else FRAMES_PER_PARTITION * ROWS_PER_FRAME
     for first in range(0, rows, per_partition):
         writer, _ = client.do_put(flight.FlightDescriptor.for_path("big"), schema)
         for k in range(first, min(rows, first + per_partition), ROWS_PER_FRAME):
@@ -106,14 +110,15 @@ def check_epoch(got: dict[int, list], rows: int, world: int, batch_rows: int) ->
 
 
 def run(binary: str, limit_mib: int = 512, times: int = 10, world: int = 2,
-        batch_rows: int = 1024) -> dict:
+        batch_rows: int = 1024, skewed: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as spill:
         proc, location, _ = serve(binary, "--memory-limit", f"{limit_mib}MiB",
                                   "--memory-policy", "spill", "--spill-url", f"file://{spill}")
         try:
             start = time.perf_counter()
-            rows = write_link(location, limit_mib * times)
+            rows = write_link(location, limit_mib * times, skewed)
             write_s = time.perf_counter() - start
+            write_peak = status_kib(proc.pid, "VmHWM") * 1024
             reset_peak(proc.pid)
             time.sleep(0.2)
             epochs = []
@@ -137,6 +142,7 @@ def run(binary: str, limit_mib: int = 512, times: int = 10, world: int = 2,
                 "write_s": write_s,
                 "epochs": epochs,
                 "peak": peak,
+                "write_peak": write_peak,
                 "bound": 1.1 * limit_mib * MiB + 150 * MiB,
                 "anon": status_kib(proc.pid, "RssAnon") * 1024,
                 "file": status_kib(proc.pid, "RssFile") * 1024,
@@ -153,10 +159,14 @@ def main() -> None:
     parser.add_argument("--times", type=int, default=10, help="link size as a multiple of the budget")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, default=1024)
+    parser.add_argument("--skewed", action="store_true",
+                        help="write the whole link as one partition (one DoPut)")
     args = parser.parse_args()
-    r = run(args.bin, args.limit_mib, args.times, args.ranks, args.batch_rows)
-    print(f"link {r['link'] / MiB:.0f} MiB ({r['rows']} rows of 1 KiB) under --memory-limit "
-          f"{args.limit_mib}MiB --memory-policy spill; written in {r['write_s']:.1f} s")
+    r = run(args.bin, args.limit_mib, args.times, args.ranks, args.batch_rows, args.skewed)
+    shape = "one partition" if args.skewed else f"{FRAMES_PER_PARTITION} MiB partitions"
+    print(f"link {r['link'] / MiB:.0f} MiB ({r['rows']} rows of 1 KiB, {shape}) under "
+          f"--memory-limit {args.limit_mib}MiB --memory-policy spill; written in "
+          f"{r['write_s']:.1f} s, peak RSS while writing {r['write_peak'] / MiB:.0f} MiB")
     print("| epoch | ranks | server CPU s | wall s |")
     print("|---|---|---|---|")
     for i, e in enumerate(r["epochs"]):

@@ -303,3 +303,16 @@ def test_large_shuffle_short():
     print(f"\nlarge shuffle: {r['link'] / MiB:.0f} MiB link under a 32 MiB budget; peak RSS "
           f"{r['peak'] / MiB:.0f} MiB, bound {r['bound'] / MiB:.0f} MiB, epochs {r['epochs']}")
     assert r["peak"] <= r["bound"], f"peak RSS {r['peak'] / MiB:.0f} MiB over the bound"
+
+
+def test_skewed_partition_short():
+    """benches/large_shuffle.py --skewed, short: one DoPut four times the budget under `spill`
+    lands (it streams to object storage as it arrives) and reads back shuffled with every shard
+    guarantee; the peak, writing included, stays within the bound."""
+    large = bench_module("large_shuffle")
+    r = large.run(str(handoff_bin()), limit_mib=32, times=4, world=2, batch_rows=512, skewed=True)
+    print(f"\nskewed partition: {r['link'] / MiB:.0f} MiB in one DoPut under a 32 MiB budget; "
+          f"peak RSS writing {r['write_peak'] / MiB:.0f} MiB, reading {r['peak'] / MiB:.0f} MiB, "
+          f"bound {r['bound'] / MiB:.0f} MiB")
+    assert r["write_peak"] <= r["bound"], f"writing peaked at {r['write_peak'] / MiB:.0f} MiB"
+    assert r["peak"] <= r["bound"], f"reading peaked at {r['peak'] / MiB:.0f} MiB"
