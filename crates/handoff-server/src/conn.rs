@@ -1,6 +1,12 @@
 //! Connection hygiene: a cap on open connections per port, so that idle or slow clients cannot
 //! use up the process's file descriptors (a few hundred idle connections could). A connection
 //! past the cap is closed at once and logged; the ones already open are untouched.
+//!
+//! And timeouts: a connection that sends nothing within [`ConnTimeouts::first_byte`] of being
+//! accepted is closed, on both ports. On the HTTP port (health and metrics: short requests) a
+//! connection is also closed after [`ConnTimeouts::idle`] without a byte, or at
+//! [`ConnTimeouts::lifetime`], which bounds a client that trickles its headers. On the gRPC port
+//! HTTP/2 keepalive pings close peers that stop answering.
 
 use std::io;
 use std::pin::Pin;
@@ -20,6 +26,73 @@ pub struct Counted<IO> {
     io: IO,
     _permit: OwnedSemaphorePermit,
     memory: ConnectionMemory,
+    timeouts: ConnTimeouts,
+    /// When the connection is closed unless a byte arrives first; `None` once nothing applies.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The end of its lifetime, if it has one.
+    ends: Option<tokio::time::Instant>,
+}
+
+/// How long a connection may stay silent, and live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnTimeouts {
+    /// From accept to the first byte received.
+    pub first_byte: Duration,
+    /// Between bytes received, after the first; `None`: no limit.
+    pub idle: Option<Duration>,
+    /// From accept to close, whatever the traffic; `None`: no limit.
+    pub lifetime: Option<Duration>,
+}
+
+impl ConnTimeouts {
+    /// The gRPC port: a client must begin within 10 s; after that, keepalive pings judge it.
+    pub const GRPC: ConnTimeouts = ConnTimeouts {
+        first_byte: Duration::from_secs(10),
+        idle: None,
+        lifetime: None,
+    };
+    /// The HTTP port: probes and scrapes are a request or two; a minute without a byte, or ten
+    /// minutes in all, and the connection goes (clients reconnect).
+    pub const HTTP: ConnTimeouts = ConnTimeouts {
+        first_byte: Duration::from_secs(10),
+        idle: Some(Duration::from_secs(60)),
+        lifetime: Some(Duration::from_secs(600)),
+    };
+}
+
+impl<IO> Counted<IO> {
+    fn new(io: IO, permit: OwnedSemaphorePermit, timeouts: ConnTimeouts) -> Self {
+        let now = tokio::time::Instant::now();
+        let ends = timeouts.lifetime.map(|l| now + l);
+        let first = now + timeouts.first_byte;
+        Self {
+            io,
+            _permit: permit,
+            memory: ConnectionMemory::default(),
+            timeouts,
+            deadline: Some(Box::pin(tokio::time::sleep_until(
+                ends.map_or(first, |e| e.min(first)),
+            ))),
+            ends,
+        }
+    }
+
+    /// Bytes arrived: the next deadline is the idle limit or the lifetime, if either applies.
+    fn received(&mut self) {
+        let idle = self
+            .timeouts
+            .idle
+            .map(|idle| tokio::time::Instant::now() + idle);
+        let next = match (idle, self.ends) {
+            (Some(i), Some(e)) => Some(i.min(e)),
+            (one, other) => one.or(other),
+        };
+        match (next, self.deadline.as_mut()) {
+            (None, _) => self.deadline = None,
+            (Some(at), Some(sleep)) => sleep.as_mut().reset(at),
+            (Some(at), None) => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
 }
 
 /// What one connection holds of the memory budget: once it writes, its HTTP/2 receive window,
@@ -46,7 +119,41 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        // A lifetime ends even for a client that never stops sending.
+        if this
+            .ends
+            .is_some_and(|ends| tokio::time::Instant::now() >= ends)
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection outlived its lifetime",
+            )));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.received();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                this.deadline = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection was silent past its timeout, or outlived its lifetime",
+                )))
+            }
+            other => other,
+        }
     }
 }
 
@@ -94,16 +201,18 @@ impl<IO: Connected> Connected for Counted<IO> {
 pub struct ConnectionCap {
     port: &'static str,
     limit: usize,
+    timeouts: ConnTimeouts,
     permits: Arc<Semaphore>,
     refused: Arc<AtomicU64>,
     last_warning: Arc<Mutex<Option<Instant>>>,
 }
 
 impl ConnectionCap {
-    pub fn new(port: &'static str, limit: usize) -> Self {
+    pub fn new(port: &'static str, limit: usize, timeouts: ConnTimeouts) -> Self {
         Self {
             port,
             limit,
+            timeouts,
             permits: Arc::new(Semaphore::new(limit)),
             refused: Arc::new(AtomicU64::new(0)),
             last_warning: Arc::new(Mutex::new(None)),
@@ -113,11 +222,7 @@ impl ConnectionCap {
     /// The connection, counted, or `None` (and it is dropped, which closes it) at the cap.
     pub fn admit<IO>(&self, io: IO) -> Option<Counted<IO>> {
         match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => Some(Counted {
-                io,
-                _permit: permit,
-                memory: ConnectionMemory::default(),
-            }),
+            Ok(permit) => Some(Counted::new(io, permit, self.timeouts)),
             Err(_) => {
                 let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 let mut last = self.last_warning.lock();
@@ -203,9 +308,76 @@ impl axum::serve::Listener for CappedListener {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_cap_admits_up_to_its_limit_and_frees_on_close() {
-        let cap = ConnectionCap::new("test", 2);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SHORT: ConnTimeouts = ConnTimeouts {
+        first_byte: Duration::from_millis(100),
+        idle: Some(Duration::from_millis(300)),
+        lifetime: Some(Duration::from_millis(1000)),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_its_first_byte_timeout() {
+        let cap = ConnectionCap::new("test", 4, SHORT);
+        let (_client, server) = tokio::io::duplex(64);
+        let mut conn = cap.admit(server).expect("admitted");
+        let mut buf = [0u8; 8];
+        let err = conn.read(&mut buf).await.expect_err("timed out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_keep_a_connection_open_until_idle_or_its_lifetime() {
+        let cap = ConnectionCap::new("test", 4, SHORT);
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut conn = cap.admit(server).expect("admitted");
+        let mut buf = [0u8; 8];
+        // A byte every 200 ms: never idle for 300 ms, but the lifetime (1 s) still ends it.
+        let start = tokio::time::Instant::now();
+        let err = loop {
+            client.write_all(b"x").await.expect("write");
+            match conn.read(&mut buf).await {
+                Ok(n) => assert_eq!(n, 1),
+                Err(e) => break e,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let lived = start.elapsed();
+        assert!(
+            lived >= Duration::from_millis(1000) && lived < Duration::from_millis(1300),
+            "{lived:?}"
+        );
+
+        // Silent for longer than `idle` after a byte: closed.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut conn = cap.admit(server).expect("admitted");
+        client.write_all(b"x").await.expect("write");
+        assert_eq!(conn.read(&mut buf).await.expect("read"), 1);
+        let start = tokio::time::Instant::now();
+        let err = conn.read(&mut buf).await.expect_err("idle");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grpc_port_has_no_idle_limit_once_a_client_began() {
+        let cap = ConnectionCap::new("test", 4, ConnTimeouts::GRPC);
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut conn = cap.admit(server).expect("admitted");
+        let mut buf = [0u8; 8];
+        client.write_all(b"x").await.expect("write");
+        assert_eq!(conn.read(&mut buf).await.expect("read"), 1);
+        let read = tokio::time::timeout(Duration::from_secs(3600), conn.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "still open after an hour of silence: {read:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_cap_admits_up_to_its_limit_and_frees_on_close() {
+        let cap = ConnectionCap::new("test", 2, ConnTimeouts::GRPC);
         let a = cap.admit(()).expect("first");
         let _b = cap.admit(()).expect("second");
         assert!(cap.admit(()).is_none(), "third is past the cap");

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 use tonic::server::NamedService;
 
 pub use auth::AuthConfig;
+pub use conn::ConnTimeouts;
 pub use error::{ServerError, status_of};
 pub use metrics::Metrics;
 pub use raw::FlightRouter;
@@ -82,6 +83,8 @@ pub struct ServerConfig {
     /// buffered by the HTTP/2 layer whether or not a handler reads it, so a stalled writer (the
     /// `wait` policy) holds up to this much outside the memory budget.
     pub h2_window: u32,
+    /// How long a gRPC connection may stay silent after accept (and, if set, between bytes).
+    pub grpc_timeouts: conn::ConnTimeouts,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             h2_window: H2_WINDOW,
+            grpc_timeouts: conn::ConnTimeouts::GRPC,
             import_allow: Vec::new(),
         }
     }
@@ -222,7 +226,8 @@ pub async fn serve(
         ready: AtomicBool::new(true),
     });
     let (http_stop, http_stopped) = oneshot::channel::<()>();
-    let http_cap = conn::ConnectionCap::new("http", config.max_connections);
+    let http_cap =
+        conn::ConnectionCap::new("http", config.max_connections, conn::ConnTimeouts::HTTP);
     let http_task = http.map(|listener| {
         let app = http_router(Arc::clone(&state));
         let listener = conn::CappedListener::new(listener, http_cap);
@@ -239,7 +244,8 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(grpc)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)));
-    let incoming = conn::ConnectionCap::new("grpc", config.max_connections).limit(incoming);
+    let incoming = conn::ConnectionCap::new("grpc", config.max_connections, config.grpc_timeouts)
+        .limit(incoming);
     let grpc_future = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(H2_KEEPALIVE_INTERVAL))

@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::{ArrayRef, Int32Array, NullArray, RecordBatch, RecordBatchOptions};
 use arrow_flight::flight_service_client::FlightServiceClient;
@@ -914,6 +915,44 @@ async fn a_writing_connection_holds_its_window_until_it_closes() {
     )
     .await
     .expect("fits once memory is free");
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// A connection that never says anything gives its place back: the gRPC port closes it once its
+/// first-byte timeout passes, while a client that speaks is served as before.
+#[tokio::test]
+async fn a_silent_connection_is_closed() {
+    let config = handoff_server::ServerConfig {
+        grpc_timeouts: handoff_server::ConnTimeouts {
+            first_byte: Duration::from_millis(300),
+            idle: None,
+            lifetime: None,
+        },
+        ..Default::default()
+    };
+    let server = Fixture::start_with(config, handoff_store::StoreConfig::default()).await;
+    served(&server).await;
+    let addr = server.endpoint.trim_start_matches("grpc://").to_string();
+    let mut silent = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // The server's HTTP/2 preface may come first.
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the silent connection is still open after 10 s"
+    );
     still_serving(&server).await;
     server.stop().await;
 }
