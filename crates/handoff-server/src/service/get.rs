@@ -1,0 +1,217 @@
+//! Reads: FlightInfo for links and shards, and the tickets DoGet serves.
+
+use super::*;
+
+/// The reader's columns and filter, for the store to plan once the link's schema is known; planned
+/// here already when it is, so a bad column or filter fails at GetFlightInfo.
+pub(super) fn shard_query(
+    shard: &proto::ReadShard,
+    link: &Link,
+) -> Result<
+    (
+        Option<handoff_store::QueryPlanner>,
+        Option<arrow_schema::SchemaRef>,
+    ),
+    Status,
+> {
+    if shard.columns.is_empty() && shard.filter.trim().is_empty() {
+        return Ok((None, None));
+    }
+    let mut projected = None;
+    if let Some(schema) = link.schema() {
+        let query = handoff_query::plan_read(&schema.schema, &shard.columns, &shard.filter)
+            .map_err(|e| invalid(e.to_string()))?;
+        projected = Some(match &query.projection {
+            Some(columns) => Arc::new(
+                schema
+                    .schema
+                    .project(columns)
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            None => Arc::clone(&schema.schema),
+        });
+    }
+    let planner = handoff_query::planner(shard.columns.clone(), shard.filter.clone());
+    Ok((Some(planner), projected))
+}
+
+pub(crate) fn shard_spec(shard: &proto::ReadShard) -> (ShardSpec, ReadMode) {
+    let spec = ShardSpec {
+        rank: shard.rank,
+        world_size: shard.world_size,
+        epoch: shard.epoch,
+        seed: shard.seed,
+        batch_rows: shard.batch_rows,
+        shuffle: shard.shuffle,
+        drop_last: shard.drop_last,
+        start_batch: shard.start_batch,
+    };
+    let mode = match shard.mode() {
+        proto::ReadMode::Streaming => ReadMode::Streaming,
+        proto::ReadMode::WaitForSeal => ReadMode::WaitForSeal,
+    };
+    (spec, mode)
+}
+
+impl HandoffService {
+    pub(super) fn link_info(&self, link: &Link) -> Result<FlightInfo, Status> {
+        let snapshot = link.snapshot();
+        let schema = Self::schema_of(link)?;
+        let endpoints = (0..snapshot.partitions.len() as u64).map(|i| {
+            FlightEndpoint::new().with_ticket(Ticket::new(
+                proto::Ticket::partition(link.name(), i, snapshot.generation).encode_to_vec(),
+            ))
+        });
+        let mut info = FlightInfo::new()
+            .try_with_schema(&schema.schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_descriptor(FlightDescriptor::new_path(vec![link.name().to_string()]))
+            .with_total_records(snapshot.rows as i64)
+            .with_total_bytes(snapshot.bytes as i64)
+            .with_ordered(true);
+        for endpoint in endpoints {
+            info = info.with_endpoint(endpoint);
+        }
+        Ok(info)
+    }
+
+    pub(super) fn shard_info(
+        &self,
+        link: &Link,
+        shard: proto::ReadShard,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        let (spec, _) = shard_spec(&shard);
+        spec.validate().map_err(status_of)?;
+        let (planner, projected) = shard_query(&shard, link)?;
+        let snapshot = link.snapshot();
+        // With a filter, the count is known only by reading.
+        let filtered = !shard.filter.trim().is_empty();
+        let (records, bytes) = if snapshot.state == LinkState::Sealed && !filtered {
+            let rows = spec.rows_for_rank(snapshot.rows);
+            let bytes = if snapshot.rows == 0 {
+                0
+            } else {
+                (snapshot.bytes as u128 * rows as u128 / snapshot.rows as u128) as i64
+            };
+            (rows as i64, bytes)
+        } else {
+            (-1, -1)
+        };
+        let schema = match projected {
+            Some(schema) => schema,
+            None => Arc::clone(&Self::schema_of(link)?.schema),
+        };
+        let bytes = if planner.is_some() { -1 } else { bytes };
+        FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))
+            .map(|info| {
+                info.with_descriptor(descriptor)
+                    .with_endpoint(
+                        FlightEndpoint::new()
+                            .with_ticket(Ticket::new(proto::Ticket::shard(shard).encode_to_vec())),
+                    )
+                    .with_total_records(records)
+                    .with_total_bytes(bytes)
+                    .with_ordered(true)
+            })
+    }
+
+    /// Authorize a ticket and start producing its FlightData. Shared by tonic's DoGet and the
+    /// zero-copy DoGet path.
+    pub fn ticket_stream(
+        &self,
+        md: &MetadataMap,
+        ticket: &[u8],
+    ) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
+        if crate::sql::is_flight_sql(ticket) {
+            let sql = self.sql.clone();
+            let mut request = Request::new(Ticket::new(Bytes::copy_from_slice(ticket)));
+            *request.metadata_mut() = md.clone();
+            return Ok(stream::once(async move {
+                match <crate::sql::SqlService as FlightService>::do_get(&sql, request).await {
+                    Ok(response) => response.into_inner(),
+                    Err(status) => stream::iter([Err(status)]).boxed(),
+                }
+            })
+            .flatten()
+            .boxed());
+        }
+        let ticket = proto::Ticket::decode(ticket).map_err(|e| {
+            invalid(format!(
+                "not a ticket issued by this server ({e}); get one from GetFlightInfo"
+            ))
+        })?;
+        let chunks: BoxStream<'static, Result<Chunk, StoreError>> = match ticket.kind {
+            Some(proto::ticket::Kind::Partition(p)) => {
+                self.authorize(md, Access::Read, Some(&p.link))?;
+                let link = self.link(&p.link)?;
+                let (schema, partition) =
+                    handoff_store::read_partition(&link, p.index, p.generation)
+                        .map_err(status_of)?;
+                // Fetch one frame ahead, so a spilled partition streams at the store's pace.
+                let frames = stream::iter(0..partition.frame_rows().len())
+                    .map(move |i| {
+                        let partition = Arc::clone(&partition);
+                        async move { partition.frame(i).await.map(Chunk::Frame) }
+                    })
+                    .buffered(2);
+                stream::once(async { Ok(Chunk::Schema(schema)) })
+                    .chain(frames)
+                    .boxed()
+            }
+            Some(proto::ticket::Kind::Shard(shard)) => {
+                self.authorize(md, Access::Read, Some(&shard.link))?;
+                let link = self.link(&shard.link)?;
+                let (spec, mode) = shard_spec(&shard);
+                spec.validate().map_err(status_of)?;
+                let (planner, _) = shard_query(&shard, &link)?;
+                let rx = handoff_store::read_shard(
+                    link,
+                    spec,
+                    mode,
+                    planner,
+                    self.store.read_memory().clone(),
+                );
+                stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                })
+                .boxed()
+            }
+            None => return Err(invalid("empty ticket; get one from GetFlightInfo")),
+        };
+        let mut encoder = ChunkEncoder::new(self.max_flight_data_size);
+        let metrics = Arc::clone(&self.metrics);
+        Ok(chunks
+            .flat_map(move |item| {
+                let mut out = Vec::new();
+                let result = match item {
+                    Ok(chunk) => {
+                        let rows = match &chunk {
+                            Chunk::Frame(frame) => frame.rows,
+                            Chunk::Batch(batch, _) => batch.num_rows() as u64,
+                            Chunk::Schema(_) => 0,
+                        };
+                        metrics.served_rows.inc_by(rows);
+                        encoder.encode(chunk, &mut out)
+                    }
+                    Err(e) => Err(status_of(e)),
+                };
+                let bytes: usize = out
+                    .iter()
+                    .map(|d| d.data_header.len() + d.data_body.len())
+                    .sum();
+                metrics.served_bytes.inc_by(bytes as u64);
+                let (items, held): (Vec<Result<FlightData, Status>>, _) = match result {
+                    Ok(held) => (out.into_iter().map(Ok).collect(), held),
+                    Err(status) => (vec![Err(status)], Default::default()),
+                };
+                // The chunk's memory stays reserved until tonic has taken its last message.
+                let release = stream::once(async move { drop::<handoff_store::Held>(held) })
+                    .filter_map(|()| async { None });
+                stream::iter(items).chain(release)
+            })
+            .boxed())
+    }
+}
