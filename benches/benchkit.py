@@ -6,7 +6,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+T = TypeVar("T")
+WIDTH = 254  # float32 values per row besides the int64 id: 1 KiB rows
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -44,3 +52,36 @@ def serve(binary: str, *args: str) -> tuple[subprocess.Popen, str, str]:
         proc.kill()
         raise RuntimeError(f"{binary} did not start: {line!r}")
     return proc, f"grpc://{m.group(1)}", m.group(2)
+
+
+def wide_rows(start: int, count: int) -> pa.RecordBatch:
+    """`count` rows of 1 KiB with ids from `start`; each row's embedding is derived from its id,
+    so a reader can tell that a row travelled whole."""
+    ids = np.arange(start, start + count, dtype=np.int64)
+    emb = (ids[:, None] + np.arange(WIDTH)[None, :]).astype(np.float32)
+    return pa.record_batch({
+        "id": pa.array(ids),
+        "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), WIDTH),
+    })
+
+
+def run_ranks(world: int, read: Callable[[int], T]) -> dict[int, T]:
+    """`read(rank)` for every rank at once, on threads, as the ranks of one epoch read; the
+    first error is raised."""
+    got: dict[int, T] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            got[r] = read(r)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return got

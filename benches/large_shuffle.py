@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -31,21 +30,15 @@ import pyarrow.flight as flight
 
 from handoff import HandoffClient
 from handoff.client import ShardRequest
-from benchkit import cpu_seconds, reset_peak, serve, status_kib
+from benchkit import WIDTH, cpu_seconds, reset_peak, run_ranks, serve, status_kib, wide_rows
 
 MiB = 1 << 20
-WIDTH = 254  # float32 values per row besides the int64 id: 1 KiB rows
 ROWS_PER_FRAME = 1024  # 1 MiB frames
 FRAMES_PER_PARTITION = 16  # 16 MiB partitions: a task's output, spilled whole
 
 
 def frame(start: int) -> pa.RecordBatch:
-    ids = np.arange(start, start + ROWS_PER_FRAME, dtype=np.int64)
-    emb = (ids[:, None] + np.arange(WIDTH)[None, :]).astype(np.float32)
-    return pa.record_batch({
-        "id": pa.array(ids),
-        "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), WIDTH),
-    })
+    return wide_rows(start, ROWS_PER_FRAME)
 
 
 def write_link(location: str, total_mib: int, skewed: bool = False) -> int:
@@ -78,23 +71,7 @@ def read_rank(location: str, rank: int, world: int, epoch: int, batch_rows: int)
 
 
 def read_epoch(location: str, world: int, epoch: int, batch_rows: int) -> dict[int, list]:
-    got: dict[int, list] = {}
-    errors: list[BaseException] = []
-
-    def rank(r: int) -> None:
-        try:
-            got[r] = read_rank(location, r, world, epoch, batch_rows)
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return got
+    return run_ranks(world, lambda r: read_rank(location, r, world, epoch, batch_rows))
 
 
 def check_epoch(got: dict[int, list], rows: int, world: int, batch_rows: int) -> np.ndarray:

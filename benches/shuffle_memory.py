@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -25,18 +24,14 @@ import pyarrow.flight as flight
 
 from handoff import HandoffClient
 from handoff.client import ShardRequest
-from benchkit import cpu_seconds, reset_peak, serve, status_kib
+from benchkit import cpu_seconds, reset_peak, run_ranks, serve, status_kib, wide_rows
 
 MiB = 1 << 20
-WIDTH = 254  # float32 values per row besides the int64 id: 1 KiB rows
 ROWS_PER_BATCH = 4096
+
+
 def batch(start: int) -> pa.RecordBatch:
-    ids = np.arange(start, start + ROWS_PER_BATCH, dtype=np.int64)
-    emb = (ids[:, None] + np.arange(WIDTH)[None, :]).astype(np.float32)
-    return pa.record_batch({
-        "id": pa.array(ids),
-        "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), WIDTH),
-    })
+    return wide_rows(start, ROWS_PER_BATCH)
 
 
 def write_link(location: str, link_mib: int) -> int:
@@ -53,25 +48,13 @@ def write_link(location: str, link_mib: int) -> int:
 
 
 def read_epoch(location: str, world: int, seed: int, rows: int) -> None:
-    got: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
+    def rank(r: int) -> np.ndarray:
+        request = ShardRequest("s", rank=r, world_size=world, batch_rows=1024, shuffle=True,
+                               drop_last=True, seed=seed)
+        return np.concatenate([b.column(0).to_numpy()
+                               for b in HandoffClient(location).read_shard(request)])
 
-    def rank(r: int) -> None:
-        try:
-            request = ShardRequest("s", rank=r, world_size=world, batch_rows=1024, shuffle=True,
-                                   drop_last=True, seed=seed)
-            got[r] = np.concatenate([b.column(0).to_numpy()
-                                     for b in HandoffClient(location).read_shard(request)])
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    got = run_ranks(world, rank)
     every = np.sort(np.concatenate(list(got.values())))
     kept = rows // (world * 1024) * world * 1024
     assert len(every) == kept and len(np.unique(every)) == kept, "rows lost or repeated"
