@@ -99,7 +99,16 @@ async fn raw_put(
     token: &str,
     messages: Vec<FlightData>,
 ) -> Result<(), tonic::Status> {
-    let mut client = FlightServiceClient::new(server.channel().await);
+    put_on(server.channel().await, token, messages).await
+}
+
+/// One DoPut on `channel` (a connection the caller keeps), its results read to the end.
+async fn put_on(
+    channel: tonic::transport::Channel,
+    token: &str,
+    messages: Vec<FlightData>,
+) -> Result<(), tonic::Status> {
+    let mut client = FlightServiceClient::new(channel);
     let request = with_token(futures::stream::iter(messages), Some(token));
     let mut results = client.do_put(request).await?.into_inner();
     while let Some(result) = results.next().await {
@@ -863,31 +872,26 @@ async fn a_writing_connection_holds_its_window_until_it_closes() {
     })
     .await;
     let channel = server.channel().await;
-    let mut client = FlightServiceClient::new(channel.clone());
-    let request = with_token(
-        futures::stream::iter(flight_data("win", &common::batch(0, 1000))),
-        Some(common::ADMIN),
-    );
-    let mut results = client.do_put(request).await.expect("put").into_inner();
-    while let Some(result) = results.next().await {
-        result.expect("result");
-    }
-    drop(results);
+    put_on(
+        channel.clone(),
+        common::ADMIN,
+        flight_data("win", &common::batch(0, 1000)),
+    )
+    .await
+    .expect("put");
     let stored = server.store.stats("win").expect("stats").bytes;
     assert_eq!(server.store.memory().used(), base + stored + window);
     // A second write on the same connection shares the window.
-    let request = with_token(
-        futures::stream::iter(flight_data("win", &common::batch(1000, 1000))),
-        Some(common::ADMIN),
-    );
-    let mut results = client.do_put(request).await.expect("put").into_inner();
-    while let Some(result) = results.next().await {
-        result.expect("result");
-    }
-    drop(results);
+    put_on(
+        channel.clone(),
+        common::ADMIN,
+        flight_data("win", &common::batch(1000, 1000)),
+    )
+    .await
+    .expect("put");
     let stored = server.store.stats("win").expect("stats").bytes;
     assert_eq!(server.store.memory().used(), base + stored + window);
-    drop((client, channel));
+    drop(channel);
     handoff_testkit::eventually("a closed connection gives its window back", || {
         let used = server.store.memory().used();
         async move { (used == base + stored).then_some(()) }
