@@ -6,7 +6,7 @@ use std::time::Instant;
 use arrow_array::RecordBatch;
 use clap::Args;
 use futures::StreamExt;
-use handoff_client::{HandoffClient, ReadShard};
+use handoff_client::{ClientConfig, HandoffClient, ReadShard};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::files::{Format, Output, open_input};
@@ -24,11 +24,36 @@ pub struct Connection {
     /// Bearer token for the server (admin, writer or reader, as the command needs).
     #[arg(long, env = "HANDOFF_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// For grpc+tls:// endpoints: the PEM CA the server's certificate chains to (default: the
+    /// system's roots). Also HANDOFF_TLS_CA, or the PEM itself in HANDOFF_TLS_CA_PEM.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's PEM certificate (also HANDOFF_TLS_CLIENT_CERT).
+    #[arg(long, requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Mutual TLS: the PEM key of --tls-client-cert (also HANDOFF_TLS_CLIENT_KEY).
+    #[arg(long, requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 impl Connection {
     pub async fn connect(&self) -> Result<HandoffClient, String> {
-        HandoffClient::connect(&self.endpoint, self.token.clone())
+        let mut config = ClientConfig::new(self.endpoint.clone(), self.token.clone())
+            .with_env_tls()
+            .map_err(|e| e.to_string())?;
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+        };
+        if let Some(ca) = &self.tls_ca {
+            config.tls_ca_pem = Some(read("--tls-ca", ca)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
+            config.tls_identity = Some((
+                read("--tls-client-cert", cert)?,
+                read("--tls-client-key", key)?,
+            ));
+        }
+        HandoffClient::connect_with(config)
             .await
             .map_err(|e| e.to_string())
     }

@@ -1,6 +1,7 @@
 //! `handoff serve`: flags, their conversion into the library config, and signal handling.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +83,16 @@ pub struct ServeArgs {
     /// batch it builds) before it fails with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 30)]
     pub read_memory_wait: u64,
+    /// Serve Flight over TLS with this PEM certificate (chain); clients then connect to
+    /// grpc+tls://. Needs --tls-key.
+    #[arg(long, env = "HANDOFF_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "HANDOFF_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients whose certificate chains to this PEM CA.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
     #[arg(long, hide = true)]
     pub copying_get: bool,
@@ -97,6 +108,31 @@ pub enum PolicyArg {
 pub struct ServeConfig {
     pub server: ServerConfig,
     pub store: StoreConfig,
+    /// Files that `run` reads into `server.tls` (the conversion does no I/O).
+    pub tls_files: Option<TlsFiles>,
+}
+
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    pub fn read(&self) -> Result<handoff_server::TlsConfig, String> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+        };
+        Ok(handoff_server::TlsConfig {
+            cert_pem: read("--tls-cert", &self.cert)?,
+            key_pem: read("--tls-key", &self.key)?,
+            client_ca_pem: self
+                .client_ca
+                .as_ref()
+                .map(|ca| read("--tls-client-ca", ca))
+                .transpose()?,
+        })
+    }
 }
 
 impl TryFrom<&ServeArgs> for ServeConfig {
@@ -141,7 +177,17 @@ impl TryFrom<&ServeArgs> for ServeConfig {
         if args.shuffle_window == Some(0) {
             return Err("--shuffle-window 0 would hold no rows; give a size such as 1GiB".into());
         }
+        let tls_files = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }),
+            (None, None) => None,
+            _ => return Err("TLS needs both --tls-cert and --tls-key".into()),
+        };
         Ok(Self {
+            tls_files,
             server: ServerConfig {
                 auth,
                 max_message_bytes,
@@ -197,7 +243,10 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let config = ServeConfig::try_from(&args)?;
+    let mut config = ServeConfig::try_from(&args)?;
+    if let Some(files) = &config.tls_files {
+        config.server.tls = Some(files.read()?);
+    }
     if let Some(storage) = &config.store.storage {
         storage.prepare().map_err(|e| e.to_string())?;
     }
@@ -222,7 +271,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             eprintln!("handoff: not restored: {what}");
         }
     }
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, auth = !config.server.auth.disabled, memory_limit = ?args.memory_limit, "serving");
+    let tls = config.server.tls.is_some();
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls, auth = !config.server.auth.disabled, memory_limit = ?args.memory_limit, "serving");
     // Scripts and tests wait for this line, so it goes to stdout, once, after binding.
     println!("handoff listening grpc={grpc_addr} http={http_addr}");
     handoff_server::serve(

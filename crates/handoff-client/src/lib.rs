@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use handoff_proto as proto;
 pub use handoff_proto::{CreateLink, MemoryPolicy, ReadMode, ReadShard};
@@ -31,13 +31,18 @@ pub use handoff_proto::{CreateLink, MemoryPolicy, ReadMode, ReadShard};
 /// What went wrong, with the server's sentence where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid endpoint '{0}': use grpc://host:port")]
+    #[error("invalid endpoint '{0}': use grpc://host:port, or grpc+tls://host:port for TLS")]
     Endpoint(String),
-    #[error("cannot connect to {endpoint}: {source}; is `handoff serve` running there?")]
+    #[error("cannot connect to {endpoint}: {detail}; {hint}")]
     Connect {
         endpoint: String,
+        /// The transport error's chain of causes, which tonic's own message leaves out.
+        detail: String,
+        hint: &'static str,
         source: tonic::transport::Error,
     },
+    #[error("TLS settings: {0}")]
+    Tls(String),
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[source] tonic::Status),
     #[error("{0}")]
@@ -124,6 +129,14 @@ pub struct ClientConfig {
     pub max_message_bytes: usize,
     pub max_flight_data_size: usize,
     pub connect_timeout: Duration,
+    /// For grpc+tls:// endpoints: the PEM CA that the server's certificate must chain to. None:
+    /// the system's roots.
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// For mutual TLS: this client's PEM certificate and key.
+    pub tls_identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the server's certificate must carry, when it differs from the endpoint's host
+    /// (an address, a port-forward).
+    pub tls_domain: Option<String>,
 }
 
 impl ClientConfig {
@@ -134,8 +147,67 @@ impl ClientConfig {
             max_message_bytes: proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_flight_data_size: proto::TARGET_FLIGHT_DATA_BYTES,
             connect_timeout: Duration::from_secs(10),
+            tls_ca_pem: None,
+            tls_identity: None,
+            tls_domain: None,
         }
     }
+
+    /// TLS settings from the environment, as every Handoff client reads them:
+    /// `HANDOFF_TLS_CA` (a PEM file) or `HANDOFF_TLS_CA_PEM` (the PEM itself, as the controller
+    /// injects it from the link's Secret), and for mutual TLS `HANDOFF_TLS_CLIENT_CERT` and
+    /// `HANDOFF_TLS_CLIENT_KEY` (PEM files).
+    pub fn with_env_tls(mut self) -> Result<Self> {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let read = |name: &str, path: std::ffi::OsString| {
+            std::fs::read(&path).map_err(|e| {
+                ClientError::Tls(format!(
+                    "cannot read {name}={}: {e}",
+                    std::path::Path::new(&path).display()
+                ))
+            })
+        };
+        if let Some(path) = var("HANDOFF_TLS_CA") {
+            self.tls_ca_pem = Some(read("HANDOFF_TLS_CA", path)?);
+        } else if let Some(pem) = var("HANDOFF_TLS_CA_PEM") {
+            self.tls_ca_pem = Some(pem.into_encoded_bytes());
+        }
+        match (
+            var("HANDOFF_TLS_CLIENT_CERT"),
+            var("HANDOFF_TLS_CLIENT_KEY"),
+        ) {
+            (Some(cert), Some(key)) => {
+                self.tls_identity = Some((
+                    read("HANDOFF_TLS_CLIENT_CERT", cert)?,
+                    read("HANDOFF_TLS_CLIENT_KEY", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Tls(
+                    "set both HANDOFF_TLS_CLIENT_CERT and HANDOFF_TLS_CLIENT_KEY, or neither"
+                        .into(),
+                ));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Every cause of an error, outermost first: tonic's transport errors say only "transport
+/// error", and the cause (refused, a bad certificate, a wrong name) is what a user acts on.
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 #[derive(Debug)]
@@ -144,7 +216,18 @@ pub struct HandoffClient {
     max_flight_data_size: usize,
 }
 
-fn http_url(endpoint: &str) -> Result<String> {
+/// The URL tonic connects to, and whether it is TLS.
+fn http_url(endpoint: &str) -> Result<(String, bool)> {
+    if let Some(rest) = endpoint.strip_prefix("grpc+tls://") {
+        return Ok((format!("https://{rest}"), true));
+    }
+    if endpoint.starts_with("https://") {
+        return Ok((endpoint.to_string(), true));
+    }
+    plain_url(endpoint).map(|url| (url, false))
+}
+
+fn plain_url(endpoint: &str) -> Result<String> {
     if let Some(rest) = endpoint
         .strip_prefix("grpc://")
         .or_else(|| endpoint.strip_prefix("grpc+tcp://"))
@@ -166,9 +249,32 @@ impl HandoffClient {
     }
 
     pub async fn connect_with(config: ClientConfig) -> Result<Self> {
-        let url = http_url(&config.endpoint)?;
-        let channel: Channel = Endpoint::from_shared(url)
-            .map_err(|_| ClientError::Endpoint(config.endpoint.clone()))?
+        let (url, tls) = http_url(&config.endpoint)?;
+        let mut endpoint = Endpoint::from_shared(url)
+            .map_err(|_| ClientError::Endpoint(config.endpoint.clone()))?;
+        if tls {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &config.tls_ca_pem {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &config.tls_identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &config.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                ClientError::Tls(format!("cannot use the TLS CA or identity: {}", causes(&e)))
+            })?;
+        } else if config.tls_ca_pem.is_some() || config.tls_identity.is_some() {
+            // A CA meant for TLS with a plain endpoint: the token would cross in clear.
+            return Err(ClientError::Tls(format!(
+                "a TLS CA or client certificate is set, but the endpoint '{}' is plain text: use grpc+tls://, or unset HANDOFF_TLS_CA",
+                config.endpoint
+            )));
+        }
+        let channel: Channel = endpoint
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .initial_stream_window_size(16 << 20)
@@ -177,6 +283,12 @@ impl HandoffClient {
             .await
             .map_err(|source| ClientError::Connect {
                 endpoint: config.endpoint.clone(),
+                detail: causes(&source),
+                hint: if tls {
+                    "is `handoff serve --tls-cert` running there, and does its certificate name this host and chain to the CA given (HANDOFF_TLS_CA)?"
+                } else {
+                    "is `handoff serve` running there (without --tls-cert: a TLS server needs grpc+tls://)?"
+                },
                 source,
             })?;
         let inner = FlightServiceClient::new(channel)

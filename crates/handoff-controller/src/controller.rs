@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::crd::{ConsumerRef, DataLink, DataLinkStatus, Gate, Phase, ProducerFailure};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::pki;
 use crate::resources::{self, InvalidSpec, Tokens};
 use crate::workloads::{self, ConsumerState, ProducerState};
 
@@ -741,6 +742,13 @@ impl<'a> Run<'a> {
                 token_key,
             ),
         ];
+        if resources::tls_enabled(self.link) {
+            env.push(workloads::secret_env(
+                "HANDOFF_TLS_CA_PEM",
+                &resources::secret_name(self.link),
+                pki::CA_CERT_KEY,
+            ));
+        }
         if read_defaults {
             let read = &self.link.spec.read;
             if let Some(rows) = read.batch_rows {
@@ -778,18 +786,44 @@ impl<'a> Run<'a> {
             name: name.clone(),
             why: format!("{why}; delete it and the controller writes a new one"),
         };
+        let tls = resources::tls_enabled(self.link);
         if let Some(secret) = api.get_opt(&name).await? {
-            return Tokens::from_secret(&secret).map_err(bad);
+            let tokens = Tokens::from_secret(&secret).map_err(bad)?;
+            if !tls || tokens.ca_pem.is_some() {
+                return Ok(tokens);
+            }
+            // A Secret from before TLS (a controller upgrade, or `tls` switched on): add the
+            // certificates; the server's Deployment, changed too, picks them up.
+            let certs = self.issue_certificates()?;
+            let patch = Secret {
+                data: Some(resources::certificate_data(&certs)),
+                ..Default::default()
+            };
+            api.patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            )
+            .await?;
+            return Ok(Tokens {
+                ca_pem: Some(certs.ca_pem),
+                ..tokens
+            });
         }
-        let tokens = Tokens::generate()
+        let mut tokens = Tokens::generate()
             .map_err(|e| Error::Config(format!("no randomness for tokens: {e}")))?;
+        let certs = tls.then(|| self.issue_certificates()).transpose()?;
+        tokens.ca_pem = certs.as_ref().map(|c| c.ca_pem.clone());
         match api
             .create(
                 &PostParams {
                     field_manager: Some(MANAGER.into()),
                     ..Default::default()
                 },
-                &resources::token_secret(self.link, &tokens),
+                &resources::token_secret(self.link, &tokens, certs.as_ref()),
             )
             .await
         {
@@ -801,6 +835,12 @@ impl<'a> Run<'a> {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A fresh CA for this link and its server's certificate.
+    fn issue_certificates(&self) -> Result<pki::LinkCertificates> {
+        pki::issue(&self.name, resources::server_dns_names(self.link))
+            .map_err(|e| Error::Config(format!("cannot make the link's TLS certificates: {e}")))
     }
 
     /// Server-side apply `object` unless it is already what we last applied.
@@ -837,10 +877,15 @@ impl<'a> Run<'a> {
             .unwrap_or_else(|| resources::endpoint(self.link))
     }
 
-    async fn flight(&self, token: &str) -> Result<HandoffClient> {
+    async fn flight(&self, tokens: &Tokens) -> Result<HandoffClient> {
         let endpoint = self.server_endpoint();
-        let mut config = ClientConfig::new(endpoint.clone(), Some(token.to_string()));
+        let mut config = ClientConfig::new(endpoint.clone(), Some(tokens.admin.clone()));
         config.connect_timeout = FLIGHT_TIMEOUT;
+        if resources::tls_enabled(self.link) {
+            // The link's own CA, and the Service's name, whatever address reaches it.
+            config.tls_ca_pem = tokens.ca_pem.clone().map(String::into_bytes);
+            config.tls_domain = Some(resources::server_host(self.link));
+        }
         HandoffClient::connect_with(config)
             .await
             .map_err(|source| Error::Server { endpoint, source })
@@ -849,7 +894,7 @@ impl<'a> Run<'a> {
     /// The link's stats; `None` while the producer has not created it.
     async fn stats(&self, tokens: &Tokens) -> Result<Option<LinkStats>> {
         let endpoint = self.server_endpoint();
-        let mut client = self.flight(&tokens.admin).await?;
+        let mut client = self.flight(tokens).await?;
         match tokio::time::timeout(FLIGHT_TIMEOUT, client.stats(&self.name)).await {
             Ok(Ok(stats)) => Ok(Some(stats)),
             Ok(Err(e)) if e.code() == Some(tonic::Code::NotFound) => Ok(None),
@@ -870,7 +915,7 @@ impl<'a> Run<'a> {
             // Best effort: a server that is gone took its memory and emptyDir with it, and one
             // stopping on SIGTERM removes its spill prefix.
             let deleted = async {
-                let mut client = self.flight(&tokens.admin).await?;
+                let mut client = self.flight(&tokens).await?;
                 client
                     .delete(&self.name)
                     .await

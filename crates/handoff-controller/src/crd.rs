@@ -110,6 +110,12 @@ pub struct ServerSpec {
     /// the server's environment, for `spillUrl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spill_credentials_secret: Option<String>,
+    /// Serve Flight over TLS, with a certificate from a CA the controller makes for this link
+    /// (kept in the link's Secret as `ca.crt`); both jobs get the CA and a `grpc+tls://`
+    /// endpoint, so no token crosses the network in clear. `false` serves plain text: only for a
+    /// network you trust. Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
 }
 
 /// What a write does when the server's memory budget is full; the names of `serve --memory-policy`.
@@ -212,7 +218,7 @@ pub struct DataLinkStatus {
     /// Conditions `ServerReady`, `ProducerWired`, `ConsumerReleased`, `Sealed`, `Finished`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The server's Flight endpoint (`grpc://<service>.<namespace>.svc:8815`).
+    /// The server's Flight endpoint (`grpc+tls://<service>.<namespace>.svc:8815`; `grpc://` without TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

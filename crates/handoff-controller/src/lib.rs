@@ -5,6 +5,7 @@ pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod metrics;
+pub mod pki;
 pub mod resources;
 pub mod workloads;
 

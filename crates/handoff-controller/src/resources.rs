@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
 use crate::crd::{ConsumerRef, DataLink, MemoryPolicy};
+use crate::pki::{self, LinkCertificates};
 
 pub const GRPC_PORT: i32 = 8815;
 pub const HTTP_PORT: i32 = 8816;
@@ -83,10 +84,37 @@ pub fn secret_name(link: &DataLink) -> String {
     format!("{}-tokens", server_name(link))
 }
 
+/// Whether the link's server speaks TLS (the default).
+pub fn tls_enabled(link: &DataLink) -> bool {
+    link.spec.server.tls.unwrap_or(true)
+}
+
+/// The Service's DNS name, which the server's certificate names and clients verify.
+pub fn server_host(link: &DataLink) -> String {
+    let namespace = link.metadata.namespace.as_deref().unwrap_or("default");
+    format!("{}.{namespace}.svc", server_name(link))
+}
+
+/// Every name a client in the cluster may reach the server by.
+pub fn server_dns_names(link: &DataLink) -> Vec<String> {
+    let namespace = link.metadata.namespace.as_deref().unwrap_or("default");
+    let name = server_name(link);
+    vec![
+        server_host(link),
+        format!("{}.cluster.local", server_host(link)),
+        format!("{name}.{namespace}"),
+        name,
+    ]
+}
+
 /// The Flight endpoint producers and consumers are given.
 pub fn endpoint(link: &DataLink) -> String {
-    let namespace = link.metadata.namespace.as_deref().unwrap_or("default");
-    format!("grpc://{}.{namespace}.svc:{GRPC_PORT}", server_name(link))
+    let scheme = if tls_enabled(link) {
+        "grpc+tls"
+    } else {
+        "grpc"
+    };
+    format!("{scheme}://{}:{GRPC_PORT}", server_host(link))
 }
 
 pub fn labels(link: &DataLink) -> BTreeMap<String, String> {
@@ -111,40 +139,70 @@ fn owned_meta(link: &DataLink, name: String) -> ObjectMeta {
     }
 }
 
-/// The tokens of the link's server. Created once; later reconciles keep them.
-pub fn token_secret(link: &DataLink, tokens: &Tokens) -> k8s_openapi::api::core::v1::Secret {
+/// The certificates' keys of the link's Secret, for a Secret or a patch to one.
+pub fn certificate_data(certs: &LinkCertificates) -> BTreeMap<String, ByteString> {
+    BTreeMap::from([
+        (
+            pki::CA_CERT_KEY.to_string(),
+            ByteString(certs.ca_pem.as_bytes().to_vec()),
+        ),
+        (
+            pki::TLS_CERT_KEY.to_string(),
+            ByteString(certs.cert_pem.as_bytes().to_vec()),
+        ),
+        (
+            pki::TLS_KEY_KEY.to_string(),
+            ByteString(certs.key_pem.as_bytes().to_vec()),
+        ),
+    ])
+}
+
+/// The tokens of the link's server, and its certificates when TLS is on. Created once; later
+/// reconciles keep them.
+pub fn token_secret(
+    link: &DataLink,
+    tokens: &Tokens,
+    certs: Option<&LinkCertificates>,
+) -> k8s_openapi::api::core::v1::Secret {
     let Tokens {
         admin: admin_token,
         writer: writer_token,
         reader: reader_token,
+        ca_pem: _,
     } = tokens;
+    let mut data = BTreeMap::from([
+        (
+            ADMIN_TOKEN_KEY.to_string(),
+            ByteString(admin_token.as_bytes().to_vec()),
+        ),
+        (
+            WRITER_TOKEN_KEY.to_string(),
+            ByteString(writer_token.as_bytes().to_vec()),
+        ),
+        (
+            READER_TOKEN_KEY.to_string(),
+            ByteString(reader_token.as_bytes().to_vec()),
+        ),
+    ]);
+    if let Some(certs) = certs {
+        data.extend(certificate_data(certs));
+    }
     k8s_openapi::api::core::v1::Secret {
         metadata: owned_meta(link, secret_name(link)),
-        data: Some(BTreeMap::from([
-            (
-                ADMIN_TOKEN_KEY.to_string(),
-                ByteString(admin_token.as_bytes().to_vec()),
-            ),
-            (
-                WRITER_TOKEN_KEY.to_string(),
-                ByteString(writer_token.as_bytes().to_vec()),
-            ),
-            (
-                READER_TOKEN_KEY.to_string(),
-                ByteString(reader_token.as_bytes().to_vec()),
-            ),
-        ])),
+        data: Some(data),
         type_: Some("Opaque".into()),
         ..Default::default()
     }
 }
 
-/// A link server's three tokens: the controller's (admin), the producer's and the consumer's.
+/// A link server's three tokens: the controller's (admin), the producer's and the consumer's;
+/// and, when the server speaks TLS, the CA its certificate chains to.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Tokens {
     pub admin: String,
     pub writer: String,
     pub reader: String,
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -165,6 +223,7 @@ impl Tokens {
             admin: token()?,
             writer: token()?,
             reader: token()?,
+            ca_pem: None,
         })
     }
 
@@ -181,6 +240,7 @@ impl Tokens {
             admin: key(ADMIN_TOKEN_KEY)?,
             writer: key(WRITER_TOKEN_KEY)?,
             reader: key(READER_TOKEN_KEY)?,
+            ca_pem: key(pki::CA_CERT_KEY).ok(),
         })
     }
 }
@@ -237,7 +297,7 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
         MemoryPolicy::Spill => "spill",
     };
     let secret = secret_name(link);
-    let args = vec![
+    let mut args = vec![
         "serve".to_string(),
         "--listen".into(),
         format!("0.0.0.0:{GRPC_PORT}"),
@@ -250,6 +310,15 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
         "--spill-url".into(),
         spill_url,
     ];
+    if tls_enabled(link) {
+        // The Secret is mounted at /etc/handoff (below).
+        args.extend([
+            "--tls-cert".into(),
+            format!("/etc/handoff/{}", pki::TLS_CERT_KEY),
+            "--tls-key".into(),
+            format!("/etc/handoff/{}", pki::TLS_KEY_KEY),
+        ]);
+    }
     let resources = ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("memory".to_string(), Quantity(pod_limit.to_string())),
@@ -280,7 +349,8 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
             ..Default::default()
         }]
     });
-    // The tokens also as files, for operators who exec into the pod to inspect the link.
+    // The certificate and key as files for --tls-cert and --tls-key; the tokens too, for operators
+    // who exec into the pod to inspect the link.
     volumes.push(Volume {
         name: "tokens".into(),
         secret: Some(SecretVolumeSource {

@@ -85,7 +85,7 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         Api::namespaced(cluster.client.clone(), namespace);
     let params = PatchParams::apply("handoff-test").force();
     let tokens = resources::Tokens::generate().expect("tokens");
-    let secret = resources::token_secret(&owner, &tokens);
+    let secret = resources::token_secret(&owner, &tokens, None);
     secrets
         .patch(
             &resources::secret_name(&owner),
@@ -140,8 +140,29 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
     assert_eq!(owners[0].uid, owner.metadata.uid.clone().expect("uid"));
     assert_eq!(
         resources::endpoint(&owner),
+        "grpc+tls://features-handoff.default.svc:8815"
+    );
+    let mut plain = owner.clone();
+    plain.spec.server.tls = Some(false);
+    assert_eq!(
+        resources::endpoint(&plain),
         "grpc://features-handoff.default.svc:8815"
     );
+    let args = |link: &DataLink| {
+        resources::server_deployment(link, "x")
+            .expect("deployment")
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod")
+            .containers[0]
+            .args
+            .clone()
+            .expect("args")
+    };
+    assert!(args(&owner).contains(&"--tls-cert".to_string()));
+    assert!(!args(&plain).iter().any(|a| a.starts_with("--tls")));
     let mut bad = owner.clone();
     bad.spec.server.memory = Some("8GB".into());
     assert!(resources::server_deployment(&bad, "x").is_err());

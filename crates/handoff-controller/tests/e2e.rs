@@ -208,6 +208,8 @@ struct Scenario<'a> {
     controller: Option<RunningController>,
     /// Kept from the Secret: cleanup deletes it.
     tokens: Option<resources::Tokens>,
+    /// The link's Secret as the server found it: tokens, certificate and key, CA.
+    secret_data: Option<std::collections::BTreeMap<String, Vec<u8>>>,
 }
 
 fn spark_resource() -> ApiResource {
@@ -235,7 +237,8 @@ impl<'a> Scenario<'a> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let endpoint = format!("grpc://{}", listener.local_addr().expect("addr"));
+        // The server speaks TLS, as the controller configures it by default.
+        let endpoint = format!("grpc+tls://{}", listener.local_addr().expect("addr"));
         let scenario = Self {
             cluster,
             namespace: namespace.into(),
@@ -245,6 +248,7 @@ impl<'a> Scenario<'a> {
             server: None,
             controller: None,
             tokens: None,
+            secret_data: None,
         };
         scenario.create_jobs().await;
         let mut link: DataLink = serde_json::from_value(json!({
@@ -350,6 +354,19 @@ impl<'a> Scenario<'a> {
     async fn run_server(&mut self) {
         let tokens = self.tokens().await;
         self.tokens = Some(tokens.clone());
+        let secret: Secret = self
+            .api()
+            .get("features-handoff-tokens")
+            .await
+            .expect("secret");
+        self.secret_data = Some(
+            secret
+                .data
+                .expect("data")
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+        );
         let deployments: Api<Deployment> = self.api();
         let deployment = eventually("the server Deployment", || async {
             deployments.get_opt("features-handoff").await.ok().flatten()
@@ -369,8 +386,49 @@ impl<'a> Scenario<'a> {
                 .and_then(|v| v.secret_key_ref.as_ref());
             assert_eq!(key_ref.map(|k| k.key.as_str()), Some(key), "{var}");
         }
+        // TLS: the certificate and key from the Secret, at the paths the args name.
+        let args = pod.containers[0].args.clone().expect("args");
+        let arg = |flag: &str| {
+            let at = args.iter().position(|a| a == flag).expect(flag);
+            args[at + 1].clone()
+        };
+        assert_eq!(arg("--tls-cert"), "/etc/handoff/tls.crt");
+        assert_eq!(arg("--tls-key"), "/etc/handoff/tls.key");
+        let mounted = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == "/etc/handoff")
+            .expect("the Secret mounted at /etc/handoff");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mounted.name)
+            .expect("volume");
+        assert_eq!(
+            volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("features-handoff-tokens")
+        );
+        let secret_file = |key: &str| -> Vec<u8> {
+            self.secret_data
+                .as_ref()
+                .expect("secret read")
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} in the Secret"))
+                .clone()
+        };
+        let tls = handoff_server::TlsConfig {
+            cert_pem: secret_file("tls.crt"),
+            key_pem: secret_file("tls.key"),
+            client_ca_pem: None,
+        };
         let listener = self.listener.take().expect("listener");
         let config = handoff_server::ServerConfig {
+            tls: Some(tls),
             auth: handoff_server::AuthConfig {
                 disabled: false,
                 admin_tokens: vec![tokens.admin.clone()],
@@ -505,10 +563,13 @@ impl<'a> Scenario<'a> {
         assert_eq!(find("HANDOFF_LINK")["value"], "features");
         assert_eq!(
             find("HANDOFF_ENDPOINT")["value"],
-            format!("grpc://features-handoff.{}.svc:8815", self.namespace)
+            format!("grpc+tls://features-handoff.{}.svc:8815", self.namespace)
         );
         let key = &find("HANDOFF_TOKEN")["valueFrom"]["secretKeyRef"];
         assert_eq!(key["name"], "features-handoff-tokens");
+        let ca = &find("HANDOFF_TLS_CA_PEM")["valueFrom"]["secretKeyRef"];
+        assert_eq!(ca["name"], "features-handoff-tokens");
+        assert_eq!(ca["key"], "ca.crt");
         let secret: Secret = self
             .api()
             .get("features-handoff-tokens")
@@ -521,9 +582,8 @@ impl<'a> Scenario<'a> {
         )
         .expect("utf8");
         // The Service's address resolves only in a cluster; the test server stands in for it.
-        let mut client = HandoffClient::connect(&self.endpoint, Some(token))
-            .await
-            .expect("connect");
+        // The client trusts only the CA the job's env names, and checks the Service's name.
+        let mut client = self.connect(token).await;
         for part in 0..2 {
             let start = (part * rows / 2) as i64;
             let batches = futures::stream::iter(vec![Ok(batch(start, rows / 2))]);
@@ -539,9 +599,25 @@ impl<'a> Scenario<'a> {
 
     async fn admin(&self) -> HandoffClient {
         let token = self.tokens.as_ref().expect("server started").admin.clone();
-        HandoffClient::connect(&self.endpoint, Some(token))
+        self.connect(token).await
+    }
+
+    /// A client as a job would make it: the link's CA from the Secret (HANDOFF_TLS_CA_PEM), and
+    /// the Service's name, which the test server's certificate must carry.
+    async fn connect(&self, token: String) -> HandoffClient {
+        let ca = self
+            .secret_data
+            .as_ref()
+            .expect("server started")
+            .get("ca.crt")
+            .expect("ca.crt in the Secret")
+            .clone();
+        let mut config = handoff_client::ClientConfig::new(self.endpoint.clone(), Some(token));
+        config.tls_ca_pem = Some(ca);
+        config.tls_domain = Some(format!("features-handoff.{}.svc", self.namespace));
+        HandoffClient::connect_with(config)
             .await
-            .expect("connect")
+            .expect("connect over TLS with the link's CA")
     }
 
     async fn event_reasons(&self) -> Vec<String> {
@@ -648,7 +724,7 @@ async fn happy_path_pytorchjob(cluster: &Cluster) {
     assert!(status.bytes.unwrap_or(0) > 0);
     assert_eq!(
         status.endpoint.as_deref(),
-        Some(format!("grpc://features-handoff.{}.svc:8815", s.namespace).as_str())
+        Some(format!("grpc+tls://features-handoff.{}.svc:8815", s.namespace).as_str())
     );
 
     assert!(!s.consumer_suspended().await, "released after the seal");
@@ -668,6 +744,7 @@ async fn happy_path_pytorchjob(cluster: &Cluster) {
                 "HANDOFF_ENDPOINT",
                 "HANDOFF_LINK",
                 "HANDOFF_TOKEN",
+                "HANDOFF_TLS_CA_PEM",
                 "HANDOFF_BATCH_ROWS",
                 "HANDOFF_SHUFFLE",
                 "HANDOFF_SEED"
@@ -755,7 +832,15 @@ async fn happy_path_trainjob(cluster: &Cluster) {
         .iter()
         .filter_map(|e| e["name"].as_str())
         .collect();
-    assert_eq!(names, ["HANDOFF_ENDPOINT", "HANDOFF_LINK", "HANDOFF_TOKEN"]);
+    assert_eq!(
+        names,
+        [
+            "HANDOFF_ENDPOINT",
+            "HANDOFF_LINK",
+            "HANDOFF_TOKEN",
+            "HANDOFF_TLS_CA_PEM"
+        ]
+    );
     s.consumer_condition("Running").await;
     s.wait_phase(Phase::Consuming).await;
     s.consumer_condition("Complete").await;

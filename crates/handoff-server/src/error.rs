@@ -46,6 +46,10 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(#[source] std::io::Error),
+    #[error(
+        "invalid TLS certificate or key: {0}; give the PEM certificate chain and its private key"
+    )]
+    Tls(#[source] Box<tonic::transport::Error>),
     #[error("invalid configuration: {0}")]
     Config(String),
 }

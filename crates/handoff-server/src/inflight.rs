@@ -77,7 +77,7 @@ where
                 let credit = IncomingCredit::default();
                 request.extensions_mut().insert(credit.clone());
                 let connection = (request.uri().path() == DO_PUT_PATH)
-                    .then(|| request.extensions().get::<ConnectionMemory>().cloned())
+                    .then(|| connection_memory(request.extensions()))
                     .flatten()
                     .map(|c| (c, self.window));
                 let body = ReservingBody::new(memory.clone(), credit, connection);
@@ -87,6 +87,16 @@ where
             None => self.inner.call(request),
         }
     }
+}
+
+/// The connection's memory, from tonic's ConnectInfo: plain, or under TLS wrapped in its
+/// `TlsConnectInfo`.
+fn connection_memory(extensions: &http::Extensions) -> Option<ConnectionMemory> {
+    extensions.get::<ConnectionMemory>().cloned().or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TlsConnectInfo<ConnectionMemory>>()
+            .map(|tls| tls.get_ref().clone())
+    })
 }
 
 /// What one request's messages hold reserved while they are on their way in, one reservation

@@ -85,6 +85,51 @@ pub struct ServerConfig {
     pub h2_window: u32,
     /// How long a gRPC connection may stay silent after accept (and, if set, between bytes).
     pub grpc_timeouts: conn::ConnTimeouts,
+    /// TLS on the Flight port; `None`: plain text.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS for the Flight port, in PEM: the server's certificate chain and key, and, for mutual TLS,
+/// the CA that every client's certificate must chain to.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A TLS handshake longer than this is a stalled or hostile client; its connection is closed.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsConfig {
+    fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, ServerError> {
+        for (what, pem) in [("certificate", &self.cert_pem), ("key", &self.key_pem)] {
+            if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+                return Err(ServerError::Config(format!(
+                    "the TLS {what} is not PEM (no -----BEGIN line): give a PEM file"
+                )));
+            }
+        }
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        if let Some(ca) = &self.client_ca_pem {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        Ok(tls)
+    }
 }
 
 impl Default for ServerConfig {
@@ -101,6 +146,7 @@ impl Default for ServerConfig {
             h2_window: H2_WINDOW,
             grpc_timeouts: conn::ConnTimeouts::GRPC,
             import_allow: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -246,7 +292,13 @@ pub async fn serve(
         .with_keepalive(Some(std::time::Duration::from_secs(60)));
     let incoming = conn::ConnectionCap::new("grpc", config.max_connections, config.grpc_timeouts)
         .limit(incoming);
-    let grpc_future = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.server_config()?)
+            .map_err(|e| ServerError::Tls(Box::new(e)))?;
+    }
+    let grpc_future = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(H2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(H2_KEEPALIVE_TIMEOUT))

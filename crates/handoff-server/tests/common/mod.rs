@@ -42,6 +42,11 @@ impl Fixture {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let scheme = if config.tls.is_some() {
+            "grpc+tls"
+        } else {
+            "grpc"
+        };
         let store = Store::new(store_config);
         let (tx, rx) = oneshot::channel::<()>();
         let server_store = Arc::clone(&store);
@@ -53,7 +58,7 @@ impl Fixture {
             .expect("server ran");
         });
         Self {
-            endpoint: format!("grpc://{addr}"),
+            endpoint: format!("{scheme}://{addr}"),
             store,
             shutdown: Some(tx),
             handle: Some(handle),
