@@ -5,7 +5,8 @@
 - `handoff.torch`: `HandoffDataset`, an `IterableDataset` of one rank's shard.
 
 Endpoint, token and link fall back to `HANDOFF_ENDPOINT`, `HANDOFF_TOKEN` and `HANDOFF_LINK`,
-the variables the DataLink controller injects into Spark and training pods.
+the variables the DataLink controller injects into Spark and training pods. A `grpc+tls://`
+endpoint trusts the CA in `HANDOFF_TLS_CA` (a file) or `HANDOFF_TLS_CA_PEM` (`handoff.TlsSettings`).
 """
 
 from .client import (
@@ -14,6 +15,7 @@ from .client import (
     HandoffError,
     LinkNotFound,
     ServerUnavailable,
+    TlsSettings,
     resolve_link,
 )
 
@@ -25,6 +27,7 @@ __all__ = [
     "HandoffError",
     "LinkNotFound",
     "ServerUnavailable",
+    "TlsSettings",
     "resolve_link",
     "__version__",
 ]

@@ -1,6 +1,9 @@
 """The Flight client for a Handoff server: writes (plain and two-phase), link actions, shard reads.
 
 Endpoint and token come from the arguments, else from `HANDOFF_ENDPOINT` and `HANDOFF_TOKEN`.
+A `grpc+tls://` endpoint is verified against the CA in `tls_root_certs`, else `HANDOFF_TLS_CA` (a
+PEM file) or `HANDOFF_TLS_CA_PEM` (the PEM itself, as the DataLink controller injects it), else
+the system's roots; mutual TLS takes `HANDOFF_TLS_CLIENT_CERT` and `HANDOFF_TLS_CLIENT_KEY`.
 Every server refusal surfaces as a `HandoffError` carrying the server's sentence, which names the
 fix, without pyarrow's gRPC debug context.
 """
@@ -50,9 +53,18 @@ def _translate(error: Exception, endpoint: str) -> HandoffError:
     if isinstance(error, flight.FlightUnavailableError) or code == "unavailable":
         if "object storage" in message:
             return HandoffError(message, "unavailable")
+        if re.search(r"ssl|tls|handshake|certificate", message, re.I):
+            hint = ("check that the server's certificate names this host and chains to the CA "
+                    "given (HANDOFF_TLS_CA or tls_root_certs=)" if endpoint.startswith("grpc+tls")
+                    else "a server started with --tls-cert needs a grpc+tls:// endpoint")
+            return ServerUnavailable(
+                f"TLS with the handoff server at {endpoint} failed ({message}); {hint}",
+                "unavailable")
         return ServerUnavailable(
             f"cannot reach the handoff server at {endpoint} ({message}); check that `handoff serve` "
-            f"is running there, or set HANDOFF_ENDPOINT / pass endpoint=",
+            f"is running there, or set HANDOFF_ENDPOINT / pass endpoint="
+            + ("" if endpoint.startswith("grpc+tls") else
+               " (a server started with --tls-cert needs grpc+tls://)"),
             "unavailable",
         )
     if isinstance(error, flight.FlightUnauthenticatedError):
@@ -103,6 +115,70 @@ class ShardRequest:
         )
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """What a client needs for TLS, in PEM bytes: the CA to verify the server against (None: the
+    system's roots) and, for mutual TLS, its own certificate and key. Plain data, so that a Spark
+    driver resolves it once and ships it to executors that may not have its files."""
+
+    root_certs: Optional[bytes] = None
+    cert_chain: Optional[bytes] = None
+    private_key: Optional[bytes] = None
+
+    @classmethod
+    def from_env(cls, ca_file: Optional[str] = None) -> "TlsSettings":
+        """`ca_file`, else HANDOFF_TLS_CA (a file) or HANDOFF_TLS_CA_PEM (the PEM); and
+        HANDOFF_TLS_CLIENT_CERT / HANDOFF_TLS_CLIENT_KEY (files) for mutual TLS."""
+
+        def read(name: str, path: str) -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise ValueError(f"cannot read {name}={path!r}: {e}") from e
+
+        ca_file = ca_file or os.environ.get("HANDOFF_TLS_CA")
+        if ca_file:
+            root = read("HANDOFF_TLS_CA", ca_file)
+        else:
+            pem = os.environ.get("HANDOFF_TLS_CA_PEM")
+            root = pem.encode() if pem else None
+        cert = os.environ.get("HANDOFF_TLS_CLIENT_CERT")
+        key = os.environ.get("HANDOFF_TLS_CLIENT_KEY")
+        if bool(cert) != bool(key):
+            raise ValueError("set both HANDOFF_TLS_CLIENT_CERT and HANDOFF_TLS_CLIENT_KEY, or neither")
+        return cls(root_certs=root,
+                   cert_chain=read("HANDOFF_TLS_CLIENT_CERT", cert) if cert else None,
+                   private_key=read("HANDOFF_TLS_CLIENT_KEY", key) if key else None)
+
+    def given(self) -> bool:
+        return any(v is not None for v in (self.root_certs, self.cert_chain, self.private_key))
+
+    def flight_kwargs(self, endpoint: str) -> dict:
+        """FlightClient's keyword arguments for `endpoint`. A CA or client certificate with a
+        plain-text endpoint is refused: the token would cross the network in clear."""
+        if not endpoint.startswith("grpc+tls://"):
+            if self.given():
+                raise ValueError(
+                    f"a TLS CA or client certificate is set, but the endpoint {endpoint!r} is plain "
+                    f"text: use grpc+tls://, or unset HANDOFF_TLS_CA / HANDOFF_TLS_CA_PEM")
+            return {}
+        kwargs = {}
+        if self.root_certs is not None:
+            kwargs["tls_root_certs"] = self.root_certs
+        if self.cert_chain is not None:
+            kwargs["cert_chain"] = self.cert_chain
+            kwargs["private_key"] = self.private_key
+        return kwargs
+
+
+def normalize_endpoint(endpoint: Optional[str]) -> str:
+    """The endpoint given, else HANDOFF_ENDPOINT, else the local default; `host:port` means
+    grpc://host:port."""
+    endpoint = endpoint or os.environ.get("HANDOFF_ENDPOINT") or DEFAULT_ENDPOINT
+    return endpoint if "://" in endpoint else "grpc://" + endpoint
+
+
 class HandoffClient:
     """A connection to one Handoff server.
 
@@ -113,15 +189,14 @@ class HandoffClient:
     """
 
     def __init__(self, endpoint: Optional[str] = None, token: Optional[str] = None, *,
-                 timeout: Optional[float] = None):
-        self.endpoint = endpoint or os.environ.get("HANDOFF_ENDPOINT") or DEFAULT_ENDPOINT
-        if "://" not in self.endpoint:
-            self.endpoint = "grpc://" + self.endpoint
+                 timeout: Optional[float] = None, tls: Optional[TlsSettings] = None):
+        self.endpoint = normalize_endpoint(endpoint)
         token = token if token is not None else os.environ.get("HANDOFF_TOKEN")
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self._options = flight.FlightCallOptions(headers=headers, timeout=timeout)
+        tls_kwargs = (tls if tls is not None else TlsSettings.from_env()).flight_kwargs(self.endpoint)
         try:
-            self._flight = flight.FlightClient(self.endpoint)
+            self._flight = flight.FlightClient(self.endpoint, **tls_kwargs)
         except (pa.ArrowException, OSError) as e:
             raise ServerUnavailable(f"bad endpoint {self.endpoint!r}: {e}", "invalid_argument") from e
 

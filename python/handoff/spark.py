@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 import pyarrow as pa
 from pyspark import TaskContext
 
-from .client import DEFAULT_ENDPOINT, HandoffClient, HandoffError, LinkNotFound
+from .client import HandoffClient, HandoffError, LinkNotFound, TlsSettings, normalize_endpoint
 
 try:
     from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
@@ -47,19 +47,22 @@ class HandoffTarget:
     token: Optional[str]
     seal: bool = True
     commit: str = "job"
+    # Read on the driver (option `tls_ca`, HANDOFF_TLS_CA, HANDOFF_TLS_CA_PEM) and shipped as PEM.
+    tls: TlsSettings = TlsSettings()
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> "HandoffTarget":
-        """From data source options (`link`, `endpoint`, `token`, `seal`, `commit`), falling back
-        to HANDOFF_LINK, HANDOFF_ENDPOINT and HANDOFF_TOKEN. Raises ValueError naming the option."""
+        """From data source options (`link`, `endpoint`, `token`, `seal`, `commit`, `tls_ca`: a
+        PEM file on the driver), falling back to HANDOFF_LINK, HANDOFF_ENDPOINT, HANDOFF_TOKEN and
+        HANDOFF_TLS_CA / HANDOFF_TLS_CA_PEM. Raises ValueError naming the option."""
         link = options.get("link") or os.environ.get("HANDOFF_LINK")
         if not link:
             raise ValueError(
                 "the handoff sink needs option `link`: add .option(\"link\", \"<name>\") "
                 "or set HANDOFF_LINK in the driver's environment")
-        endpoint = options.get("endpoint") or os.environ.get("HANDOFF_ENDPOINT") or DEFAULT_ENDPOINT
-        if "://" not in endpoint:
-            endpoint = "grpc://" + endpoint
+        endpoint = normalize_endpoint(options.get("endpoint"))
+        tls = TlsSettings.from_env(ca_file=options.get("tls_ca"))
+        tls.flight_kwargs(endpoint)  # refuses a CA with a plain-text endpoint, on the driver
         token = options.get("token")
         if token is None:
             token = os.environ.get("HANDOFF_TOKEN")
@@ -72,11 +75,11 @@ class HandoffTarget:
                 f"option `commit` is `job` (publish at job end) or `task` (each task publishes its "
                 f"own partition), not {options.get('commit')!r}")
         return cls(link=link, endpoint=endpoint, token=token or None, seal=_BOOLEANS[seal_text],
-                   commit=commit)
+                   commit=commit, tls=tls)
 
     def client(self) -> HandoffClient:
         # "" rather than None: no token means none, not the executor's own HANDOFF_TOKEN.
-        return HandoffClient(self.endpoint, self.token or "")
+        return HandoffClient(self.endpoint, self.token or "", tls=self.tls)
 
     def check(self, overwrite: bool) -> None:
         """Fail on the driver, before any task runs, when the server is unreachable, the token is

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .client import HandoffClient, ShardRequest, resolve_link
+from .client import HandoffClient, ShardRequest, TlsSettings, resolve_link
 
 __all__ = ["HandoffDataset", "to_tensors", "column_to_tensor"]
 
@@ -146,6 +146,8 @@ class HandoffDataset(IterableDataset):
             dict of tensors.
         prefetch: batches read ahead of the training loop by a background thread.
         endpoint, token: default `HANDOFF_ENDPOINT` and `HANDOFF_TOKEN`.
+        tls: CA and client certificate for a grpc+tls:// endpoint; default from HANDOFF_TLS_CA,
+            HANDOFF_TLS_CA_PEM, HANDOFF_TLS_CLIENT_CERT and HANDOFF_TLS_CLIENT_KEY.
     """
 
     def __init__(self, link: Optional[str] = None, batch_size: Optional[int] = None, *,
@@ -155,7 +157,8 @@ class HandoffDataset(IterableDataset):
                  world_size: Optional[int] = None,
                  transform: Optional[Callable[[pa.RecordBatch], Any]] = None,
                  prefetch: int = 2, endpoint: Optional[str] = None, token: Optional[str] = None,
-                 columns: Optional[Sequence[str]] = None, filter: Optional[str] = None):
+                 columns: Optional[Sequence[str]] = None, filter: Optional[str] = None,
+                 tls: Optional[TlsSettings] = None):
         super().__init__()
         # Defaults a DataLink's `spec.read` hands to the job through the environment.
         if batch_size is None:
@@ -187,6 +190,7 @@ class HandoffDataset(IterableDataset):
         self.filter = filter or ""
         self.endpoint = endpoint
         self.token = token
+        self.tls = tls
         self.epoch = 0
         # Batches the training loop took from this epoch, when iterated in this process.
         self._taken = 0
@@ -272,7 +276,7 @@ class HandoffDataset(IterableDataset):
             return False
 
         try:
-            with HandoffClient(self.endpoint, self.token) as client:
+            with HandoffClient(self.endpoint, self.token, tls=self.tls) as client:
                 stream = client.read_shard(request)
                 try:
                     for batch in stream:

@@ -2,6 +2,7 @@
 //! configuration.
 
 mod bench;
+mod certs;
 mod commands;
 mod controller;
 mod files;
@@ -48,6 +49,9 @@ enum Command {
     Import(commands::ImportArgs),
     /// Measure this server against a pyarrow Flight server with the same pyarrow client.
     Bench(bench::BenchArgs),
+    /// Make a CA and a server certificate signed by it, for `serve --tls-cert` outside
+    /// Kubernetes (the controller makes its own per link): DIR/ca.crt, DIR/tls.crt, DIR/tls.key.
+    Certs(certs::CertsArgs),
     /// Print the DataLink CustomResourceDefinition as YAML (`handoff crd | kubectl apply -f -`).
     Crd,
     /// Run the DataLink controller: start a server per link, wire the SparkApplication and the
@@ -137,6 +141,7 @@ fn main() {
                 .await
                 .unwrap_or_else(|e| Err(e.to_string())),
             Command::Controller(args) => controller::run(args).await,
+            Command::Certs(args) => certs::run(&args),
             Command::Crd => handoff_controller::crd_yaml()
                 .map(|yaml| print!("{yaml}"))
                 .map_err(|e| format!("cannot render the CRD: {e}")),

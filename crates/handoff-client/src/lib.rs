@@ -43,7 +43,7 @@ pub enum ClientError {
     },
     #[error("TLS settings: {0}")]
     Tls(String),
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{}", status_text(.0))]
     Status(#[source] tonic::Status),
     #[error("{0}")]
     Flight(#[source] FlightError),
@@ -192,6 +192,20 @@ impl ClientConfig {
         }
         Ok(self)
     }
+}
+
+/// The server's code and sentence; for a call that never reached a handler (the connection
+/// failed), the transport's causes and what to check.
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        text.push_str(": ");
+        text.push_str(&causes(source));
+        text.push_str(
+            "; the connection failed: is the server there, and does the endpoint's scheme match it (grpc+tls:// for a server started with --tls-cert)?",
+        );
+    }
+    text
 }
 
 /// Every cause of an error, outermost first: tonic's transport errors say only "transport

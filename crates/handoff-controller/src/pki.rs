@@ -5,6 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
+pub use rcgen::Error;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -43,37 +44,84 @@ fn timestamp(at: SystemTime) -> Result<time::OffsetDateTime, rcgen::Error> {
     time::OffsetDateTime::from_unix_timestamp(seconds).map_err(|_| rcgen::Error::Time)
 }
 
-/// A fresh CA named after `link`, and a server certificate for `dns_names` signed by it.
+/// A fresh CA, which signs server and client certificates while it lives; its key goes with it.
+pub struct Authority {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+}
+
+impl Authority {
+    /// A CA named after `label` (the link).
+    pub fn new(label: &str) -> Result<Self, rcgen::Error> {
+        let now = SystemTime::now();
+        let not_before = timestamp(now.checked_sub(CLOCK_SKEW).unwrap_or(now))?;
+        let not_after = timestamp(now + VALIDITY)?;
+        let key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        // It signs end certificates only, never another CA.
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("handoff CA: {label}"));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.not_before = not_before;
+        ca.not_after = not_after;
+        let ca_pem = ca.self_signed(&key)?.pem();
+        Ok(Self {
+            issuer: Issuer::new(ca, key),
+            ca_pem,
+            not_before,
+            not_after,
+        })
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    fn sign(
+        &self,
+        common_name: String,
+        names: Vec<String>,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<(String, String), rcgen::Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.not_before = self.not_before;
+        params.not_after = self.not_after;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A server certificate and key (PEM) for `names`: host names or IP addresses.
+    pub fn server(&self, names: Vec<String>) -> Result<(String, String), rcgen::Error> {
+        let first = names.first().cloned().unwrap_or_default();
+        self.sign(first, names, ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate and key (PEM) for mutual TLS (`serve --tls-client-ca`).
+    pub fn client(&self, name: &str) -> Result<(String, String), rcgen::Error> {
+        self.sign(
+            name.to_string(),
+            vec![name.to_string()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+    }
+}
+
+/// A fresh CA named after `link`, and a server certificate for `dns_names` (host names or IP
+/// addresses) signed by it; the CA's key is dropped here.
 pub fn issue(link: &str, dns_names: Vec<String>) -> Result<LinkCertificates, rcgen::Error> {
-    let now = SystemTime::now();
-    let not_before = timestamp(now.checked_sub(CLOCK_SKEW).unwrap_or(now))?;
-    let not_after = timestamp(now + VALIDITY)?;
-
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name
-        .push(DnType::CommonName, format!("handoff link CA: {link}"));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.not_before = not_before;
-    ca.not_after = not_after;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-
-    let server_key = KeyPair::generate()?;
-    let mut server = CertificateParams::new(dns_names)?;
-    server
-        .distinguished_name
-        .push(DnType::CommonName, format!("handoff server: {link}"));
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    server.not_before = not_before;
-    server.not_after = not_after;
-    let server_cert = server.signed_by(&server_key, &issuer)?;
+    let authority = Authority::new(link)?;
+    let (cert_pem, key_pem) = authority.server(dns_names)?;
     Ok(LinkCertificates {
-        ca_pem: ca_cert.pem(),
-        cert_pem: server_cert.pem(),
-        key_pem: server_key.serialize_pem(),
+        ca_pem: authority.ca_pem,
+        cert_pem,
+        key_pem,
     })
 }
 
