@@ -3,12 +3,20 @@
 # `handoff serve`, then two torch ranks (torchrun, gloo) train on their shards for 2 epochs.
 # Installs what it needs: the handoff Python package with pyspark and torch (~3 GB, cached by pip),
 # and the release build of the server. Needs Java 17 and a Rust toolchain.
+#
+# HANDOFF_DEMO_TLS=1 runs it over TLS: `handoff certs` makes a CA and a server certificate, the
+# server gets --tls-cert/--tls-key, and Spark and torch connect to grpc+tls:// trusting
+# HANDOFF_TLS_CA. HANDOFF_BIN=path uses that binary instead of building the release one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 python3 -m pip install -q --disable-pip-version-check "./python[spark,torch]"
-cargo build --release -q -p handoff-cli
-handoff=$PWD/target/release/handoff
+if [ -n "${HANDOFF_BIN:-}" ]; then
+  handoff=$HANDOFF_BIN
+else
+  cargo build --release -q -p handoff-cli
+  handoff=$PWD/target/release/handoff
+fi
 
 export JAVA_HOME=${JAVA_HOME:-/usr/lib/jvm/java-17-openjdk-amd64}
 export SPARK_LOCAL_IP=127.0.0.1
@@ -19,17 +27,23 @@ server=""
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 writer_token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 reader_token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+tls_args=() scheme=grpc
+if [ "${HANDOFF_DEMO_TLS:-0}" = 1 ]; then
+  "$handoff" certs "$work/pki" --name 127.0.0.1 >/dev/null
+  tls_args=(--tls-cert "$work/pki/tls.crt" --tls-key "$work/pki/tls.key") scheme=grpc+tls
+  export HANDOFF_TLS_CA=$work/pki/ca.crt
+fi
 # Writers may not read and readers may not write: Spark gets one token, torch the other.
 HANDOFF_WRITER_TOKEN=$writer_token HANDOFF_READER_TOKEN=$reader_token \
   "$handoff" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --memory-limit 2GiB \
-  --spill-url "file://$work/spill" >"$work/serve.out" 2>"$work/serve.log" &
+  --spill-url "file://$work/spill" "${tls_args[@]}" >"$work/serve.out" 2>"$work/serve.log" &
 server=$!
 for _ in $(seq 100); do grep -q listening "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 grpc=$(sed -n 's/.*grpc=\([^ ]*\).*/\1/p' "$work/serve.out")
 [ -n "$grpc" ] || { cat "$work/serve.log"; exit 1; }
-echo "handoff serve: grpc://$grpc (memory limit 2GiB)"
+echo "handoff serve: $scheme://$grpc (memory limit 2GiB)"
 
-export HANDOFF_ENDPOINT=grpc://$grpc HANDOFF_LINK=demo/features
+export HANDOFF_ENDPOINT=$scheme://$grpc HANDOFF_LINK=demo/features
 HANDOFF_TOKEN=$writer_token python3 examples/spark_to_torch/spark_job.py
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

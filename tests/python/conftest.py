@@ -296,3 +296,38 @@ def start_plain(*args, env=None):
     """Like `start_plain_location`, with a connected client in place of the location."""
     proc, location = start_plain_location(*args, env=env)
     return proc, (flight.connect(location) if location else None)
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+def make_certs(directory: Path, *extra: str) -> Path:
+    """`handoff certs DIRECTORY`: ca.crt, tls.crt and tls.key (for localhost and 127.0.0.1)."""
+    out = subprocess.run([str(handoff_bin()), "certs", str(directory), *extra],
+                         capture_output=True, text=True, timeout=patience(30))
+    assert out.returncode == 0, out.stderr
+    assert "HANDOFF_TLS_CA" in out.stdout
+    return directory
+
+
+def serve_tls(pki: Path, *extra: str):
+    """`handoff serve` with the certificate and key in `pki` and one admin token; returns
+    (process, host:port, token)."""
+    token = secrets.token_hex(16)
+    # The log goes to a file: a pipe nobody reads would stall the server once full.
+    log = tempfile.NamedTemporaryFile(prefix="handoff-tls-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [str(handoff_bin()), "serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+         "--token", token, "--tls-cert", str(pki / "tls.crt"), "--tls-key", str(pki / "tls.key"),
+         *extra],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    log.close()
+    m = re.match(r"handoff listening grpc=(\S+)", ready_line(proc))
+    assert m, Path(log.name).read_text(errors="replace")[-4000:]
+    return proc, m.group(1), token
+
+
+def stop_process(proc):
+    """SIGTERM, and a clean exit within a minute."""
+    proc.terminate()
+    assert proc.wait(timeout=patience(60)) == 0

@@ -26,8 +26,9 @@ from pyspark import TaskContext  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
 import handoff.spark as handoff_spark  # noqa: E402
-from conftest import REPO, STOP_TIMEOUT_S, patience, start_plain_location  # noqa: E402
-from handoff import HandoffClient  # noqa: E402
+from conftest import (REPO, STOP_TIMEOUT_S, make_certs, patience, serve_tls,  # noqa: E402
+                      start_plain_location, stop_process)
+from handoff import HandoffClient, TlsSettings  # noqa: E402
 from handoff.client import ShardRequest  # noqa: E402
 from handoff.spark import HandoffTarget, HandoffWriter, register, write  # noqa: E402
 
@@ -285,6 +286,27 @@ def test_append_twice_then_overwrite(spark, hc):
 
     with pytest.raises(Exception, match="is sealed"):
         save(numbers(spark, 0, 10), link)
+
+
+def test_the_sink_writes_over_tls_with_the_ca_from_the_driver(spark, tmp_path):
+    # The CA file exists only on the driver (option `tls_ca`): the tasks get its PEM inside the
+    # pickled target, as executors on other machines would.
+    pki = make_certs(tmp_path / "pki")
+    proc, address, token = serve_tls(pki)
+    try:
+        endpoint = f"grpc+tls://{address}"
+        link = fresh_link("tls")
+        save(numbers(spark, 0, 500), link, endpoint=endpoint, token=token,
+             tls_ca=str(pki / "ca.crt"))
+        with HandoffClient(endpoint, token,
+                           tls=TlsSettings(root_certs=(pki / "ca.crt").read_bytes())) as client:
+            assert ids_in(client, link) == list(range(500))
+            assert client.stats(link)["state"] == "sealed"
+        # Without the CA the driver's check fails first, naming TLS and the CA.
+        with pytest.raises(Exception, match="HANDOFF_TLS_CA"):
+            save(numbers(spark, 0, 10), fresh_link("tls"), endpoint=endpoint, token=token)
+    finally:
+        stop_process(proc)
 
 
 def test_empty_jobs_still_create_seal_and_overwrite(spark, hc):

@@ -7,25 +7,14 @@ in crates/handoff-controller/tests/e2e.rs.)"""
 
 from __future__ import annotations
 
-import re
-import secrets
 import subprocess
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from conftest import handoff_bin, patience, ready_line
+from conftest import handoff_bin, make_certs, patience, serve_tls, stop_process
 from handoff import HandoffClient, ServerUnavailable, TlsSettings
 from handoff.client import ShardRequest
-
-
-def make_certs(directory: Path, *extra: str) -> Path:
-    out = subprocess.run([str(handoff_bin()), "certs", str(directory), *extra],
-                         capture_output=True, text=True, timeout=patience(30))
-    assert out.returncode == 0, out.stderr
-    assert "HANDOFF_TLS_CA" in out.stdout
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +22,11 @@ def pki(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("pki"), "--client", "trainer")
 
 
-def serve_tls(pki: Path, *extra: str):
-    token = secrets.token_hex(16)
-    proc = subprocess.Popen(
-        [str(handoff_bin()), "serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-         "--token", token, "--tls-cert", str(pki / "tls.crt"), "--tls-key", str(pki / "tls.key"),
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    m = re.match(r"handoff listening grpc=(\S+)", ready_line(proc))
-    assert m, proc.stderr.read() if proc.poll() is not None else "no readiness line"
-    return proc, m.group(1), token
-
-
-def stop(proc):
-    proc.terminate()
-    assert proc.wait(timeout=patience(60)) == 0
-
-
 @pytest.fixture(scope="module")
 def tls_server(pki):
     proc, address, token = serve_tls(pki)
     yield address, token
-    stop(proc)
+    stop_process(proc)
 
 
 def test_certs_refuses_to_overwrite(pki):
@@ -142,4 +114,4 @@ def test_mutual_tls_serves_only_clients_with_a_certificate(pki, monkeypatch):
         with pytest.raises(ValueError, match="HANDOFF_TLS_CLIENT_KEY"):
             HandoffClient(endpoint, token)
     finally:
-        stop(proc)
+        stop_process(proc)
