@@ -274,7 +274,7 @@ const RULES: &str = "
     handoff.kubeflow.org datalinks/finalizers: update
     apps deployments: get list watch create patch delete
     core services: get list watch create patch delete
-    core secrets: get create delete
+    core secrets: get create patch delete
     networking.k8s.io networkpolicies: get create patch delete
     events.k8s.io events: create patch
     sparkoperator.k8s.io sparkapplications: get list watch patch

@@ -1153,6 +1153,53 @@ async fn idempotent_and_restartable(cluster: &Cluster) {
     s.finish().await;
 }
 
+/// A link whose Secret an older controller made, with tokens and no certificates: the
+/// controller adds a CA and the server's certificate, keeps the tokens, and the jobs reach the
+/// server over TLS.
+async fn upgrade_from_a_secret_without_certificates(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "upgrade",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    let link = s.links().get("features").await.expect("the DataLink");
+    let old = resources::Tokens::generate().expect("tokens");
+    let secrets: Api<Secret> = s.api();
+    secrets
+        .create(
+            &PostParams::default(),
+            &resources::token_secret(&link, &old, None),
+        )
+        .await
+        .expect("the old controller's Secret");
+    s.start_controller().await;
+    eventually("the certificates added to the Secret", || async {
+        let secret = secrets.get("features-handoff-tokens").await.ok()?;
+        let data = secret.data?;
+        ["ca.crt", "tls.crt", "tls.key"]
+            .iter()
+            .all(|k| data.contains_key(*k))
+            .then_some(())
+    })
+    .await;
+    s.run_server().await;
+    let kept = s.tokens.clone().expect("tokens");
+    assert_eq!(
+        (&kept.admin, &kept.writer, &kept.reader),
+        (&old.admin, &old.writer, &old.reader),
+        "the tokens stay"
+    );
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 200, true).await;
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    assert_eq!(link.status.and_then(|s| s.rows), Some(200));
+    s.finish().await;
+}
+
 async fn prepared_cluster() -> Cluster {
     let cluster = Cluster::start().await;
     install_crd(&cluster.client).await;
@@ -1173,6 +1220,7 @@ async fn datalinks_are_reconciled_end_to_end() {
         streaming_gate(&cluster),
         deletion_midway(&cluster),
         idempotent_and_restartable(&cluster),
+        upgrade_from_a_secret_without_certificates(&cluster),
     );
 }
 
