@@ -49,6 +49,19 @@ pub enum ClientError {
     Flight(#[source] FlightError),
     #[error("unexpected reply from the server: {0}")]
     Protocol(String),
+    #[error("unexpected reply from the server ({what}): {source}")]
+    Reply {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot read {name}={}: {source}", .path.display())]
+    TlsFile {
+        name: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -159,12 +172,11 @@ impl ClientConfig {
     /// `HANDOFF_TLS_CLIENT_KEY` (PEM files).
     pub fn with_env_tls(mut self) -> Result<Self> {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-        let read = |name: &str, path: std::ffi::OsString| {
-            std::fs::read(&path).map_err(|e| {
-                ClientError::Tls(format!(
-                    "cannot read {name}={}: {e}",
-                    std::path::Path::new(&path).display()
-                ))
+        let read = |name: &'static str, path: std::ffi::OsString| {
+            std::fs::read(&path).map_err(|source| ClientError::TlsFile {
+                name,
+                path: path.into(),
+                source,
             })
         };
         if let Some(path) = var("HANDOFF_TLS_CA") {
@@ -301,7 +313,7 @@ impl HandoffClient {
                 hint: if tls {
                     "is `handoff serve --tls-cert` running there, and does its certificate name this host and chain to the CA given (HANDOFF_TLS_CA)?"
                 } else {
-                    "is `handoff serve` running there (without --tls-cert: a TLS server needs grpc+tls://)?"
+                    "is `handoff serve` running there? (A server started with --tls-cert needs grpc+tls://.)"
                 },
                 source,
             })?;
@@ -372,8 +384,12 @@ impl HandoffClient {
                 Err(e) => return Err(input_error().unwrap_or(e).into()),
             };
             outcome = Some(
-                serde_json::from_slice(&result.app_metadata)
-                    .map_err(|e| ClientError::Protocol(format!("bad PutResult metadata: {e}")))?,
+                serde_json::from_slice(&result.app_metadata).map_err(|source| {
+                    ClientError::Reply {
+                        what: "PutResult metadata".into(),
+                        source,
+                    }
+                })?,
             );
         }
         if let Some(e) = input_error() {
@@ -451,8 +467,10 @@ impl HandoffClient {
         body: impl Into<Bytes>,
     ) -> Result<T> {
         let body = self.action(kind, body).await?;
-        serde_json::from_slice(&body)
-            .map_err(|e| ClientError::Protocol(format!("bad '{kind}' reply: {e}")))
+        serde_json::from_slice(&body).map_err(|source| ClientError::Reply {
+            what: format!("'{kind}' action"),
+            source,
+        })
     }
 
     pub async fn create(&mut self, request: CreateLink) -> Result<LinkStats> {
@@ -462,7 +480,10 @@ impl HandoffClient {
         stats
             .as_object_mut()
             .map(|m| m.entry("server_memory_used").or_insert(0.into()));
-        serde_json::from_value(stats).map_err(|e| ClientError::Protocol(e.to_string()))
+        serde_json::from_value(stats).map_err(|source| ClientError::Reply {
+            what: "stats".into(),
+            source,
+        })
     }
 
     /// Publish exactly these (partition, attempt) pairs.

@@ -25,6 +25,14 @@ use tokio::task::JoinSet;
 pub enum ImportError {
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "'{url}' is not a file or object storage URL ({source}); use s3://bucket/path/*.parquet or file:///dir"
+    )]
+    InvalidUrl {
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("reading the Parquet files: {0}")]
     Read(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(
@@ -61,19 +69,18 @@ pub struct ImportOutcome {
 /// DataFusion expands globs only in local paths; object storage URLs are split here into the
 /// listing prefix and a pattern for the rest (`s3://bucket/path/` + `*.parquet`).
 fn listing_url(url: &str) -> Result<ListingTableUrl, ImportError> {
-    let invalid = |why: String| {
-        ImportError::Invalid(format!(
-            "'{url}' is not a file or object storage URL ({why}); use s3://bucket/path/*.parquet or file:///dir"
-        ))
+    let invalid = |source: Box<dyn std::error::Error + Send + Sync>| ImportError::InvalidUrl {
+        url: handoff_store::echo(url),
+        source,
     };
     let Some(star) = url.find(['*', '?', '[']) else {
-        return ListingTableUrl::parse(url).map_err(|e| invalid(e.strip_backtrace()));
+        return ListingTableUrl::parse(url).map_err(|e| invalid(e.into()));
     };
     let cut = url[..star].rfind('/').map(|i| i + 1).unwrap_or(0);
     let (prefix, pattern) = url.split_at(cut);
-    let prefix = url::Url::parse(prefix).map_err(|e| invalid(e.to_string()))?;
-    let pattern = glob::Pattern::new(pattern).map_err(|e| invalid(e.to_string()))?;
-    ListingTableUrl::try_new(prefix, Some(pattern)).map_err(|e| invalid(e.strip_backtrace()))
+    let prefix = url::Url::parse(prefix).map_err(|e| invalid(e.into()))?;
+    let pattern = glob::Pattern::new(pattern).map_err(|e| invalid(e.into()))?;
+    ListingTableUrl::try_new(prefix, Some(pattern)).map_err(|e| invalid(e.into()))
 }
 
 fn read_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ImportError {

@@ -21,6 +21,7 @@ pub fn status_of(err: StoreError) -> Status {
         | StoreError::MessageTooLarge { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,
         StoreError::Storage(_)
+        | StoreError::Manifest(_)
         | StoreError::ObjectStore { .. }
         | StoreError::StorageFile { .. } => {
             // The detail names the server's files, bucket layout or credentials' errors: for the

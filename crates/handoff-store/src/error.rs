@@ -90,7 +90,7 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
-    /// A local file below a `file://` storage could not be made private.
+    /// A local file or directory of a `file://` storage could not be created or made private.
     #[error("object storage failed: {url}: {path}: {source}")]
     StorageFile {
         url: String,
@@ -98,6 +98,8 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("a snapshot manifest could not be encoded: {0}")]
+    Manifest(#[source] serde_json::Error),
     #[error("stored data of link '{link}' could not be decoded: {detail}")]
     Corrupt { link: String, detail: String },
 }

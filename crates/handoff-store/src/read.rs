@@ -1274,4 +1274,112 @@ mod tests {
         // 12 frames, evaluated once for four ranks and two epochs.
         assert_eq!(filter.frames.load(Ordering::SeqCst), 12);
     }
+
+    /// Passes the ids whose hash, salted, falls below `percent` of 100: a random selection that
+    /// is the same on every evaluation.
+    struct Selected {
+        columns: Vec<usize>,
+        salt: u64,
+        percent: u64,
+        key: String,
+    }
+
+    impl Selected {
+        fn passes(&self, id: i64) -> bool {
+            let hash = (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.salt;
+            hash % 100 < self.percent
+        }
+    }
+
+    impl RowFilter for Selected {
+        fn columns(&self) -> &[usize] {
+            &self.columns
+        }
+
+        fn evaluate(&self, batch: &RecordBatch) -> std::result::Result<BooleanArray, String> {
+            let ids = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .ok_or("not int64")?;
+            Ok(ids.iter().map(|id| id.map(|id| self.passes(id))).collect())
+        }
+
+        fn key(&self) -> &str {
+            &self.key
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// The shard plan over a filter's selection keeps its promises: equal batch counts of
+        /// exactly `batch_rows`, only selected rows; with drop_last each at most once, and
+        /// without it every selected row at least once, repeats only from the last round's wrap.
+        #[test]
+        fn filtered_shards_are_equal_disjoint_and_complete(
+            partitions in 1i64..4, frames in 1i64..4, world in 1u32..5, batch_rows in 1u64..40,
+            drop_last: bool, shuffle: bool, start in 0u64..3, salt: u64, percent in 0u64..=100,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let (ranks, selected) = runtime.block_on(async {
+                let store = Store::new(StoreConfig::default());
+                let link = sealed_link(&store, partitions, frames).await;
+                let filter = Arc::new(Selected {
+                    columns: vec![0],
+                    salt,
+                    percent,
+                    key: format!("selected {salt} {percent}"),
+                });
+                let selected: Vec<i64> = (0..partitions * frames * 100)
+                    .filter(|id| filter.passes(*id))
+                    .collect();
+                let shared: Arc<dyn RowFilter> = filter;
+                let planner: QueryPlanner = Arc::new(move |_: &SchemaRef| {
+                    Ok(ReadQuery { projection: None, filter: Some(Arc::clone(&shared)) })
+                });
+                let mut ranks = Vec::new();
+                for rank in 0..world {
+                    let spec = ShardSpec {
+                        rank, world_size: world, epoch: 1, seed: 9, batch_rows, shuffle,
+                        drop_last, start_batch: start,
+                    };
+                    let mut chunks = read_shard(
+                        Arc::clone(&link), spec, ReadMode::WaitForSeal,
+                        Some(Arc::clone(&planner)), store.read_memory().clone(),
+                    );
+                    let mut batches = Vec::new();
+                    while let Some(chunk) = chunks.recv().await {
+                        if let Chunk::Batch(batch, _) = chunk.expect("chunk") {
+                            let ids = batch.column(0).as_any().downcast_ref::<Int64Array>();
+                            batches.push(ids.expect("ids").values().to_vec());
+                        }
+                    }
+                    ranks.push(batches);
+                }
+                (ranks, selected)
+            });
+            let counts: Vec<usize> = ranks.iter().map(Vec::len).collect();
+            proptest::prop_assert!(counts.iter().all(|c| *c == counts[0]), "counts {:?}", counts);
+            proptest::prop_assert!(ranks.iter().flatten().all(|b| b.len() as u64 == batch_rows));
+            let n = selected.len() as u64;
+            let mut seen = std::collections::HashMap::<i64, u64>::new();
+            for id in ranks.iter().flatten().flatten() {
+                *seen.entry(*id).or_default() += 1;
+            }
+            proptest::prop_assert!(seen.keys().all(|id| selected.binary_search(id).is_ok()), "an unselected row was read");
+            let read: u64 = seen.values().sum();
+            let round = batch_rows * u64::from(world);
+            if drop_last {
+                proptest::prop_assert!(seen.values().all(|c| *c == 1), "a row read twice");
+                proptest::prop_assert_eq!(read, (n / round).saturating_sub(start) * round);
+            } else if start == 0 {
+                proptest::prop_assert_eq!(seen.len() as u64, n, "a selected row never read");
+                proptest::prop_assert!(read - n < round.max(1), "more repeats than one round's wrap");
+            }
+        }
+    }
 }

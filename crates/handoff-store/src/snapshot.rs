@@ -157,8 +157,7 @@ impl ObjectStorage {
             options: Some(SnapshotOptions::of(link.options())),
             found_in: None,
         };
-        let body =
-            serde_json::to_vec_pretty(&manifest).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(&manifest).map_err(StoreError::Manifest)?;
         let manifest_path = dir.clone().join("manifest.json");
         self.put(&manifest_path, vec![Bytes::from(body)]).await?;
         tracing::info!(link = link.name(), url = %self.url(), rows = manifest.rows, "snapshot written");

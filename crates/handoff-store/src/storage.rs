@@ -77,12 +77,13 @@ impl ObjectStorage {
         builder.recursive(true);
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(root).map_err(|e| {
-            StoreError::InvalidArgument(format!(
-                "cannot create the storage directory {}: {e}",
-                root.display()
-            ))
-        })
+        builder
+            .create(root)
+            .map_err(|source| StoreError::StorageFile {
+                url: self.url.clone(),
+                path: root.clone(),
+                source,
+            })
     }
 
     /// Make what we just wrote at `path` private: the file 0600, and every directory between

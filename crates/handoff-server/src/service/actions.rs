@@ -190,6 +190,7 @@ impl HandoffService {
                         Status::resource_exhausted(e.to_string())
                     }
                     handoff_query::ImportError::Invalid(m) => invalid(m),
+                    e @ handoff_query::ImportError::InvalidUrl { .. } => invalid(e.to_string()),
                     handoff_query::ImportError::Read(m) => {
                         Status::failed_precondition(m.to_string())
                     }
