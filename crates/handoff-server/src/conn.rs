@@ -6,7 +6,9 @@
 //! accepted is closed, on both ports. On the HTTP port (health and metrics: short requests) a
 //! connection is also closed after [`ConnTimeouts::idle`] without a byte, or at
 //! [`ConnTimeouts::lifetime`], which bounds a client that trickles its headers. On the gRPC port
-//! HTTP/2 keepalive pings close peers that stop answering.
+//! HTTP/2 keepalive pings close peers that stop answering, and a connection that makes no call
+//! for [`ConnTimeouts::no_calls`] is closed even if it answers them (clients reconnect on their
+//! next call).
 
 use std::io;
 use std::pin::Pin;
@@ -31,6 +33,10 @@ pub struct Counted<IO> {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The end of its lifetime, if it has one.
     ends: Option<tokio::time::Instant>,
+    /// Calls in flight on it, counted by [`CountCalls`].
+    calls: Arc<Calls>,
+    /// When to look again whether it went `no_calls` without a call.
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How long a connection may stay silent, and live.
@@ -42,6 +48,9 @@ pub struct ConnTimeouts {
     pub idle: Option<Duration>,
     /// From accept to close, whatever the traffic; `None`: no limit.
     pub lifetime: Option<Duration>,
+    /// Without a call in flight (pings and other frames do not count), from accept or from the
+    /// end of the last call; `None`: no limit.
+    pub no_calls: Option<Duration>,
 }
 
 impl ConnTimeouts {
@@ -50,6 +59,8 @@ impl ConnTimeouts {
         first_byte: Duration::from_secs(10),
         idle: None,
         lifetime: None,
+        // Long past any pause of a Spark task or a training loop between calls.
+        no_calls: Some(Duration::from_secs(15 * 60)),
     };
     /// The HTTP port: probes and scrapes are a request or two; a minute without a byte, or ten
     /// minutes in all, and the connection goes (clients reconnect).
@@ -57,6 +68,7 @@ impl ConnTimeouts {
         first_byte: Duration::from_secs(10),
         idle: Some(Duration::from_secs(60)),
         lifetime: Some(Duration::from_secs(600)),
+        no_calls: None,
     };
 }
 
@@ -74,6 +86,35 @@ impl<IO> Counted<IO> {
                 ends.map_or(first, |e| e.min(first)),
             ))),
             ends,
+            calls: Arc::new(Calls::new(now)),
+            quiet: None,
+        }
+    }
+
+    /// Whether the connection has gone `no_calls` without a call; arms the timer that asks
+    /// again.
+    fn quiet_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(limit) = self.timeouts.no_calls else {
+            return false;
+        };
+        loop {
+            let now = tokio::time::Instant::now();
+            let due = self
+                .calls
+                .quiet_since()
+                .map_or(now + limit, |since| since + limit);
+            if due <= now {
+                return true;
+            }
+            let sleep = self
+                .quiet
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if sleep.deadline() != due {
+                sleep.as_mut().reset(due);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
         }
     }
 
@@ -128,6 +169,12 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the connection outlived its lifetime",
+            )));
+        }
+        if this.quiet_too_long(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection made no call for too long",
             )));
         }
         let before = buf.filled().len();
@@ -187,12 +234,148 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     }
 }
 
+/// What a request knows of its connection.
+#[derive(Clone)]
+pub struct ConnectionInfo {
+    pub memory: ConnectionMemory,
+    calls: Arc<Calls>,
+}
+
+/// The connection a request came on, from tonic's ConnectInfo: plain, or under TLS wrapped in
+/// its `TlsConnectInfo`.
+pub fn connection_of(extensions: &http::Extensions) -> Option<&ConnectionInfo> {
+    extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TlsConnectInfo<ConnectionInfo>>()
+            .map(|tls| tls.get_ref())
+    })
+}
+
 /// tonic puts this in every request's extensions; the peer's address is not used.
 impl<IO: Connected> Connected for Counted<IO> {
-    type ConnectInfo = ConnectionMemory;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.memory.clone()
+        ConnectionInfo {
+            memory: self.memory.clone(),
+            calls: Arc::clone(&self.calls),
+        }
+    }
+}
+
+/// Calls in flight on one connection, and since when it has had none.
+struct Calls {
+    active: AtomicU64,
+    quiet_since: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Calls {
+    fn new(now: tokio::time::Instant) -> Self {
+        Self {
+            active: AtomicU64::new(0),
+            quiet_since: Mutex::new(Some(now)),
+        }
+    }
+
+    /// `None` while a call is in flight.
+    fn quiet_since(&self) -> Option<tokio::time::Instant> {
+        *self.quiet_since.lock()
+    }
+
+    fn begin(self: &Arc<Self>) -> CallGuard {
+        let mut quiet = self.quiet_since.lock();
+        self.active.fetch_add(1, Ordering::Relaxed);
+        *quiet = None;
+        CallGuard(Arc::clone(self))
+    }
+}
+
+/// One call in flight, until its response has been sent (or dropped).
+struct CallGuard(Arc<Calls>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut quiet = self.0.quiet_since.lock();
+        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *quiet = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// Counts each call on its connection from its request until its response body ends, for
+/// [`ConnTimeouts::no_calls`].
+#[derive(Clone)]
+pub struct CountCalls<S> {
+    inner: S,
+}
+
+impl<S> CountCalls<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountCalls<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for CountCalls<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let guard = connection_of(request.extensions()).map(|c| c.calls.begin());
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            Ok(match guard {
+                Some(guard) => response.map(|body| {
+                    tonic::body::Body::new(CountedBody {
+                        inner: body,
+                        _guard: guard,
+                    })
+                }),
+                None => response,
+            })
+        })
+    }
+}
+
+/// A response body that holds its call's place until it is done.
+struct CountedBody {
+    inner: tonic::body::Body,
+    _guard: CallGuard,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -314,7 +497,55 @@ mod tests {
         first_byte: Duration::from_millis(100),
         idle: Some(Duration::from_millis(300)),
         lifetime: Some(Duration::from_millis(1000)),
+        no_calls: None,
     };
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_without_calls_do_not_keep_a_connection_open() {
+        let timeouts = ConnTimeouts {
+            no_calls: Some(Duration::from_millis(500)),
+            ..ConnTimeouts::GRPC
+        };
+        let cap = ConnectionCap::new("test", 4, timeouts);
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut conn = cap.admit(server).expect("admitted");
+        let calls = Arc::clone(&conn.calls);
+        let mut buf = [0u8; 8];
+        let start = tokio::time::Instant::now();
+        // Pings every 100 ms, no call: closed 500 ms after accept.
+        let err = loop {
+            client.write_all(b"p").await.expect("write");
+            match conn.read(&mut buf).await {
+                Ok(n) => assert_eq!(n, 1),
+                Err(e) => break e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            start.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+
+        // A call in flight keeps it open however long; its end starts the count again.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut conn = cap.admit(server).expect("admitted");
+        let call = Arc::clone(&conn.calls).begin();
+        drop(calls);
+        client.write_all(b"x").await.expect("write");
+        assert_eq!(conn.read(&mut buf).await.expect("read"), 1);
+        let open = tokio::time::timeout(Duration::from_secs(3600), conn.read(&mut buf)).await;
+        assert!(open.is_err(), "closed during a call: {open:?}");
+        drop(call);
+        let ended = tokio::time::Instant::now();
+        let err = conn
+            .read(&mut buf)
+            .await
+            .expect_err("closed after the call");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(ended.elapsed(), Duration::from_millis(500));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_connection_is_closed_after_its_first_byte_timeout() {
@@ -362,7 +593,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_grpc_port_has_no_idle_limit_once_a_client_began() {
-        let cap = ConnectionCap::new("test", 4, ConnTimeouts::GRPC);
+        // Silence alone does not close it; calls are what `no_calls` counts (below).
+        let timeouts = ConnTimeouts {
+            no_calls: None,
+            ..ConnTimeouts::GRPC
+        };
+        let cap = ConnectionCap::new("test", 4, timeouts);
         let (mut client, server) = tokio::io::duplex(64);
         let mut conn = cap.admit(server).expect("admitted");
         let mut buf = [0u8; 8];

@@ -77,7 +77,9 @@ where
                 let credit = IncomingCredit::default();
                 request.extensions_mut().insert(credit.clone());
                 let connection = (request.uri().path() == DO_PUT_PATH)
-                    .then(|| connection_memory(request.extensions()))
+                    .then(|| {
+                        crate::conn::connection_of(request.extensions()).map(|c| c.memory.clone())
+                    })
                     .flatten()
                     .map(|c| (c, self.window));
                 let body = ReservingBody::new(memory.clone(), credit, connection);
@@ -87,16 +89,6 @@ where
             None => self.inner.call(request),
         }
     }
-}
-
-/// The connection's memory, from tonic's ConnectInfo: plain, or under TLS wrapped in its
-/// `TlsConnectInfo`.
-fn connection_memory(extensions: &http::Extensions) -> Option<ConnectionMemory> {
-    extensions.get::<ConnectionMemory>().cloned().or_else(|| {
-        extensions
-            .get::<tonic::transport::server::TlsConnectInfo<ConnectionMemory>>()
-            .map(|tls| tls.get_ref().clone())
-    })
 }
 
 /// What one request's messages hold reserved while they are on their way in, one reservation

@@ -227,11 +227,11 @@ pub async fn serve(
         None => config.h2_window,
     };
     let router = panic::CatchPanic::new(
-        inflight::ReserveIncoming::new(
+        conn::CountCalls::new(inflight::ReserveIncoming::new(
             FlightRouter::new(grpc_service, service, config.zero_copy_get),
             incoming,
             h2_window,
-        ),
+        )),
         Arc::clone(&metrics),
     );
 

@@ -930,8 +930,7 @@ async fn a_silent_connection_is_closed() {
     let config = handoff_server::ServerConfig {
         grpc_timeouts: handoff_server::ConnTimeouts {
             first_byte: Duration::from_millis(300),
-            idle: None,
-            lifetime: None,
+            ..handoff_server::ConnTimeouts::GRPC
         },
         ..Default::default()
     };
@@ -957,6 +956,69 @@ async fn a_silent_connection_is_closed() {
         closed.is_ok(),
         "the silent connection is still open after 10 s"
     );
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// A client that speaks HTTP/2 and keeps its connection busy with pings, but never calls, gives
+/// its place back after `no_calls`; clients that call are served as before.
+#[tokio::test]
+async fn a_connection_that_only_pings_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let no_calls = Duration::from_millis(600);
+    let config = handoff_server::ServerConfig {
+        grpc_timeouts: handoff_server::ConnTimeouts {
+            no_calls: Some(no_calls),
+            ..handoff_server::ConnTimeouts::GRPC
+        },
+        ..Default::default()
+    };
+    let server = Fixture::start_with(config, handoff_store::StoreConfig::default()).await;
+    let addr = server.endpoint.trim_start_matches("grpc://").to_string();
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    let opened = std::time::Instant::now();
+    // The client preface and an empty SETTINGS frame, then a PING every 100 ms.
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    let pinger = tokio::spawn(async move {
+        let ping = *b"\x00\x00\x08\x06\x00\x00\x00\x00\x00handoff!";
+        while write.write_all(&ping).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut buf = [0u8; 256];
+    let mut answered = 0usize;
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answered += n,
+            }
+        }
+    })
+    .await;
+    pinger.abort();
+    assert!(
+        closed.is_ok(),
+        "a connection that only pings is open after 20 s"
+    );
+    assert!(
+        answered > 0,
+        "the server spoke HTTP/2 (settings, ping acks) before closing"
+    );
+    assert!(
+        opened.elapsed() >= no_calls,
+        "closed after {:?}, before no_calls",
+        opened.elapsed()
+    );
+    // A client that calls keeps being served, its connection reopened as needed.
+    served(&server).await;
+    tokio::time::sleep(no_calls * 2).await;
     still_serving(&server).await;
     server.stop().await;
 }
