@@ -66,3 +66,9 @@ phase "tests: rust"
 PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" HANDOFF_BIN="$PWD/target/debug/handoff" \
   python3 -m pytest -q tests/python
 phase "tests: python"
+# Every fuzz target for a bounded time (HANDOFF_FUZZ_SECONDS each; 0 skips); long runs are
+# `bash scripts/fuzz.sh --seconds N`.
+if [ "${HANDOFF_FUZZ_SECONDS:-30}" != 0 ]; then
+  bash scripts/fuzz.sh --seconds "${HANDOFF_FUZZ_SECONDS:-30}"
+fi
+phase "fuzz: every target"

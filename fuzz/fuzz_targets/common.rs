@@ -20,9 +20,12 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 
 /// Panics the code under test catches on purpose (arrow's decoders on hostile bytes, turned into
 /// INVALID_ARGUMENT by `guard_panic`) should not print; libFuzzer still sees every panic that
-/// escapes, because libfuzzer-sys aborts on those.
+/// escapes, because libfuzzer-sys aborts on those. `HANDOFF_FUZZ_PANICS=1` prints them all, to
+/// see what a crashing input hit.
 pub fn quiet_caught_panics() {
-    std::panic::set_hook(Box::new(|_| {}));
+    if std::env::var_os("HANDOFF_FUZZ_PANICS").is_none() {
+        std::panic::set_hook(Box::new(|_| {}));
+    }
 }
 
 /// Every kind of column the store validates: fixed width, nullable, variable width, nested,
@@ -65,3 +68,7 @@ pub fn messages(mut data: &[u8]) -> Vec<(Bytes, Bytes)> {
     }
     out
 }
+
+/// How long a target waits for a stream's next message before it stops reading: a streaming
+/// read, or one of an unsealed link, waits for rows that never come.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);

@@ -112,6 +112,21 @@ fn check(outcome: Result<(), Status>) {
 /// At most this many messages of a stream: a valid ticket may stream a whole link.
 const DRAIN: usize = 16;
 
+/// The first messages of a response stream; a stream that waits (for a seal, for more rows) is
+/// left after `SETTLE`.
+async fn drain<T>(
+    stream: impl futures::Stream<Item = Result<T, Status>> + Unpin,
+) -> Result<(), Status> {
+    let mut stream = stream.take(DRAIN);
+    loop {
+        match tokio::time::timeout(common::SETTLE, stream.next()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(None) | Err(_) => return Ok(()),
+        }
+    }
+}
+
 async fn decode(data: &[u8]) {
     let Some((&kind, rest)) = data.split_first() else {
         return;
@@ -134,17 +149,7 @@ async fn decode(data: &[u8]) {
                 .map(drop)
         }
         2 => match service.do_get(request(Ticket::new(body))).await {
-            Ok(response) => {
-                let mut stream = response.into_inner().take(DRAIN);
-                let mut outcome = Ok(());
-                while let Some(item) = stream.next().await {
-                    if let Err(status) = item {
-                        outcome = Err(status);
-                        break;
-                    }
-                }
-                outcome
-            }
+            Ok(response) => drain(response.into_inner()).await,
             Err(status) => Err(status),
         },
         3 => {
@@ -152,17 +157,7 @@ async fn decode(data: &[u8]) {
             let kind = String::from_utf8_lossy(&rest[..split]).into_owned();
             let body = body.slice((split + 1).min(rest.len())..);
             match service.do_action(request(Action::new(kind, body))).await {
-                Ok(response) => {
-                    let mut stream = response.into_inner().take(DRAIN);
-                    let mut outcome = Ok(());
-                    while let Some(item) = stream.next().await {
-                        if let Err(status) = item {
-                            outcome = Err(status);
-                            break;
-                        }
-                    }
-                    outcome
-                }
+                Ok(response) => drain(response.into_inner()).await,
                 Err(status) => Err(status),
             }
         }
@@ -174,17 +169,7 @@ async fn decode(data: &[u8]) {
             .list_flights(request(Criteria { expression: body }))
             .await
         {
-            Ok(response) => {
-                let mut stream = response.into_inner().take(DRAIN);
-                let mut outcome = Ok(());
-                while let Some(item) = stream.next().await {
-                    if let Err(status) = item {
-                        outcome = Err(status);
-                        break;
-                    }
-                }
-                outcome
-            }
+            Ok(response) => drain(response.into_inner()).await,
             Err(status) => Err(status),
         },
     };

@@ -88,7 +88,7 @@ async fn ingest(data: &[u8]) {
             None,
             store.read_memory().clone(),
         );
-        while let Some(chunk) = chunks.recv().await {
+        while let Ok(Some(chunk)) = tokio::time::timeout(common::SETTLE, chunks.recv()).await {
             match chunk {
                 Ok(Chunk::Frame(frame)) => {
                     frame

@@ -345,6 +345,41 @@ fn validate_batch(message: &Message<'_>, schema: &Schema, body: &[u8]) -> Result
     Ok(rows as u64)
 }
 
+/// A checked offsets buffer: `count` little-endian offsets of `width` bytes, none negative,
+/// none below the one before.
+struct Offsets<'a> {
+    raw: &'a [u8],
+    width: usize,
+    count: usize,
+}
+
+impl Offsets<'_> {
+    fn get(&self, i: usize) -> i64 {
+        let raw = &self.raw[i * self.width..(i + 1) * self.width];
+        if self.width == 8 {
+            i64::from_le_bytes(raw.try_into().unwrap_or([0; 8]))
+        } else {
+            i64::from(i32::from_le_bytes(raw.try_into().unwrap_or([0; 4])))
+        }
+    }
+
+    fn first(&self) -> usize {
+        if self.count == 0 {
+            0
+        } else {
+            self.get(0) as usize
+        }
+    }
+
+    fn last(&self) -> usize {
+        if self.count == 0 {
+            0
+        } else {
+            self.get(self.count - 1) as usize
+        }
+    }
+}
+
 struct Walker<'a> {
     nodes: VecDeque<(i64, i64)>,
     buffers: VecDeque<(i64, i64)>,
@@ -352,7 +387,7 @@ struct Walker<'a> {
     body: &'a [u8],
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
     fn node(&mut self, field: &Field) -> Result<(usize, usize)> {
         let (length, nulls) = self.nodes.pop_front().ok_or_else(|| {
             StoreError::InvalidIpc(format!(
@@ -366,10 +401,17 @@ impl Walker<'_> {
                 field.name()
             )));
         }
+        // Arrow refuses such a frame when it decodes (found by the `ingest` fuzz target).
+        if nulls > 0 && !field.is_nullable() && field.data_type() != &DataType::Null {
+            return Err(StoreError::InvalidIpc(format!(
+                "column '{}' is not nullable but the batch has {nulls} nulls in it",
+                field.name()
+            )));
+        }
         Ok((length as usize, nulls as usize))
     }
 
-    fn buffer(&mut self, field: &Field) -> Result<&[u8]> {
+    fn buffer(&mut self, field: &Field) -> Result<&'a [u8]> {
         let (offset, length) = self.buffers.pop_front().ok_or_else(|| {
             StoreError::InvalidIpc(format!(
                 "batch runs out of buffers at column '{}'",
@@ -386,7 +428,8 @@ impl Walker<'_> {
                 self.body.len()
             )));
         }
-        Ok(&self.body[offset as usize..(offset + length) as usize])
+        let body: &'a [u8] = self.body;
+        Ok(&body[offset as usize..(offset + length) as usize])
     }
 
     fn need(field: &Field, what: &str, have: usize, need: usize) -> Result<()> {
@@ -399,38 +442,89 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// A validity bitmap, when the column declares nulls, must hold exactly that many (arrow
+    /// refuses the frame at decode otherwise; found by the `ingest` fuzz target).
     fn validity(&mut self, field: &Field, length: usize, nulls: usize) -> Result<()> {
-        let have = self.buffer(field)?.len();
+        let bits = self.buffer(field)?;
         if nulls > 0 {
-            Self::need(field, "validity", have, length.div_ceil(8))?;
+            Self::need(field, "validity", bits.len(), length.div_ceil(8))?;
+            let full = length / 8;
+            let mut valid: usize = bits[..full].iter().map(|b| b.count_ones() as usize).sum();
+            if length % 8 != 0 {
+                valid += (bits[full] & ((1u8 << (length % 8)) - 1)).count_ones() as usize;
+            }
+            let counted = length - valid;
+            if counted != nulls {
+                return Err(StoreError::InvalidIpc(format!(
+                    "column '{}' declares {nulls} nulls but its validity bitmap has {counted}",
+                    field.name()
+                )));
+            }
         }
         Ok(())
     }
 
-    /// Checks the offsets buffer and returns the last offset, which bounds the values.
-    fn offsets(&mut self, field: &Field, length: usize, wide: bool) -> Result<usize> {
+    /// Checks the offsets buffer: every offset at or after the one before it, from a first that
+    /// is not negative. Readers trust offsets (pyarrow does not check them), so a frame stored
+    /// with a decreasing one would fail every decode, or read out of bounds in a client.
+    fn offsets(&mut self, field: &Field, length: usize, wide: bool) -> Result<Offsets<'a>> {
         let width = if wide { 8 } else { 4 };
-        let offsets = self.buffer(field)?;
+        let raw = self.buffer(field)?;
         if length == 0 {
-            return Ok(0);
+            return Ok(Offsets {
+                raw,
+                width,
+                count: 0,
+            });
         }
-        Self::need(field, "offsets", offsets.len(), (length + 1) * width)?;
-        let read = |i: usize| -> i64 {
-            let raw = &offsets[i * width..(i + 1) * width];
-            if wide {
-                i64::from_le_bytes(raw.try_into().unwrap_or([0; 8]))
-            } else {
-                i32::from_le_bytes(raw.try_into().unwrap_or([0; 4])) as i64
-            }
+        Self::need(field, "offsets", raw.len(), (length + 1) * width)?;
+        let offsets = Offsets {
+            raw,
+            width,
+            count: length + 1,
         };
-        let (first, last) = (read(0), read(length));
-        if first < 0 || last < first {
+        let first = offsets.get(0);
+        if first < 0 {
             return Err(StoreError::InvalidIpc(format!(
-                "offsets of column '{}' run from {first} to {last}",
+                "offsets of column '{}' start at {first}",
                 field.name()
             )));
         }
-        Ok(last as usize)
+        let mut previous = first;
+        for i in 1..=length {
+            let offset = offsets.get(i);
+            if offset < previous {
+                return Err(StoreError::InvalidIpc(format!(
+                    "offsets of column '{}' go back from {previous} to {offset} at row {i}",
+                    field.name()
+                )));
+            }
+            previous = offset;
+        }
+        Ok(offsets)
+    }
+
+    /// UTF-8 columns hold UTF-8 (arrow checks it when it decodes; pyarrow does not), and every
+    /// value starts on a character.
+    fn utf8(field: &Field, offsets: &Offsets<'_>, values: &[u8]) -> Result<()> {
+        let (first, last) = (offsets.first(), offsets.last());
+        if let Err(e) = std::str::from_utf8(&values[first..last]) {
+            return Err(StoreError::InvalidIpc(format!(
+                "column '{}' is not valid UTF-8 at byte {}",
+                field.name(),
+                first + e.valid_up_to()
+            )));
+        }
+        for i in 0..offsets.count {
+            let at = offsets.get(i) as usize;
+            if at < last && (values[at] & 0xC0) == 0x80 {
+                return Err(StoreError::InvalidIpc(format!(
+                    "row {i} of column '{}' starts inside a UTF-8 character",
+                    field.name()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Validates one column (recursively) and returns its length.
@@ -454,10 +548,13 @@ impl Walker<'_> {
             }
             Utf8 | Binary | LargeUtf8 | LargeBinary => {
                 self.validity(field, length, nulls)?;
-                let last =
+                let offsets =
                     self.offsets(field, length, matches!(data_type, LargeUtf8 | LargeBinary))?;
-                let have = self.buffer(field)?.len();
-                Self::need(field, "values", have, last)?;
+                let values = self.buffer(field)?;
+                Self::need(field, "values", values.len(), offsets.last())?;
+                if matches!(data_type, Utf8 | LargeUtf8) {
+                    Self::utf8(field, &offsets, values)?;
+                }
             }
             BinaryView | Utf8View => {
                 let extra = self.variadic.pop_front().ok_or_else(|| {
@@ -486,7 +583,9 @@ impl Walker<'_> {
             }
             List(child) | LargeList(child) | Map(child, _) => {
                 self.validity(field, length, nulls)?;
-                let last = self.offsets(field, length, matches!(data_type, LargeList(_)))?;
+                let last = self
+                    .offsets(field, length, matches!(data_type, LargeList(_)))?
+                    .last();
                 let child_len = self.field(child)?;
                 if child_len < last {
                     return Err(StoreError::InvalidIpc(format!(
@@ -744,5 +843,80 @@ mod tests {
         );
         // V4 (3) is still read.
         validate_message(Some(&batch.schema()), with_version(&header, 3), body).expect("V4");
+    }
+
+    /// Found by the `ingest` fuzz target: offsets that go back, bytes that are not UTF-8, and a
+    /// value that starts inside a character were stored, and every read of the link then failed.
+    #[test]
+    fn frames_that_would_not_decode_are_refused_at_ingest() {
+        let names: ArrayRef = Arc::new(arrow_array::StringArray::from(vec!["ab", "cé", "d"]));
+        let batch = batch_of(vec![("name", names)], 3);
+        let schema = batch.schema();
+        let (header, body) = encode(&batch);
+        validate_message(Some(&schema), header.clone(), body.clone()).expect("valid as sent");
+        // Buffers: validity, offsets, values.
+        let message = arrow_ipc::root_as_message(&header).expect("message");
+        let buffers = message
+            .header_as_record_batch()
+            .and_then(|b| b.buffers())
+            .expect("buffers");
+        let offsets = buffers.get(1).offset() as usize;
+        let values = buffers.get(2).offset() as usize;
+        let patched = |at: usize, bytes: &[u8]| {
+            let mut body = body.to_vec();
+            body[at..at + bytes.len()].copy_from_slice(bytes);
+            Bytes::from(body)
+        };
+        let refused = |body: Bytes| {
+            validate_message(Some(&schema), header.clone(), body)
+                .expect_err("refused")
+                .to_string()
+        };
+        // Offsets [0, 2, 5, 6]: make the second offset 6, above the third.
+        let err = refused(patched(offsets + 4, &6i32.to_le_bytes()));
+        assert!(err.contains("go back from 6 to 5"), "{err}");
+        // A byte that is no UTF-8 at all.
+        let err = refused(patched(values, &[0xFF]));
+        assert!(err.contains("not valid UTF-8 at byte 0"), "{err}");
+        // The third value starts on the second byte of 'é' (values "abcéd": é is bytes 3..5).
+        let err = refused(patched(offsets + 8, &4i32.to_le_bytes()));
+        assert!(err.contains("starts inside a UTF-8 character"), "{err}");
+
+        // A null count that the validity bitmap does not hold.
+        let names: ArrayRef = Arc::new(arrow_array::StringArray::from(vec![
+            Some("a"),
+            None,
+            Some("c"),
+        ]));
+        let batch = batch_of(vec![("name", names)], 3);
+        let (header, body) = encode(&batch);
+        validate_message(Some(&batch.schema()), header, body.clone()).expect("valid as sent");
+        let message_bytes = encode(&batch).0;
+        let message = arrow_ipc::root_as_message(&message_bytes).expect("message");
+        let validity = message
+            .header_as_record_batch()
+            .and_then(|b| b.buffers())
+            .expect("buffers")
+            .get(0)
+            .offset() as usize;
+        let mut bad = body.to_vec();
+        bad[validity] = 0b000; // all three null, one declared
+        let err = validate_message(Some(&batch.schema()), message_bytes, Bytes::from(bad))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("declares 1 nulls but its validity bitmap has 3"),
+            "{err}"
+        );
+
+        // Nulls in a column the schema says has none.
+        let strict = Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]));
+        let err = validate_message(Some(&strict), encode(&batch).0, body)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("is not nullable but the batch has 1 nulls"),
+            "{err}"
+        );
     }
 }
