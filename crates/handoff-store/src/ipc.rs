@@ -450,7 +450,7 @@ impl<'a> Walker<'a> {
             Self::need(field, "validity", bits.len(), length.div_ceil(8))?;
             let full = length / 8;
             let mut valid: usize = bits[..full].iter().map(|b| b.count_ones() as usize).sum();
-            if length % 8 != 0 {
+            if !length.is_multiple_of(8) {
                 valid += (bits[full] & ((1u8 << (length % 8)) - 1)).count_ones() as usize;
             }
             let counted = length - valid;
