@@ -38,9 +38,25 @@ pub const SCHEMA: &str = "public";
 const TYPE_URL_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
 
 /// Whether a descriptor command or ticket is a Flight SQL message (a protobuf `Any` of the
-/// Flight SQL package) rather than one of ours.
-pub fn is_flight_sql(bytes: &[u8]) -> bool {
-    Any::decode(bytes).is_ok_and(|any| any.type_url.starts_with(TYPE_URL_PREFIX))
+/// Flight SQL package) rather than one of ours; INVALID_ARGUMENT for a Flight SQL message that
+/// does not decode.
+pub fn is_flight_sql(bytes: &[u8]) -> Result<bool, Status> {
+    let Ok(any) = Any::decode(bytes) else {
+        return Ok(false);
+    };
+    if !any.type_url.starts_with(TYPE_URL_PREFIX) {
+        return Ok(false);
+    }
+    // arrow-flight's dispatch answers INTERNAL for a command that does not decode; it is the
+    // client's mistake (found by the `decode` fuzz target).
+    arrow_flight::sql::Command::try_from(any)
+        .map(|_| true)
+        .map_err(|e| {
+            Status::invalid_argument(format!(
+                "the Flight SQL command does not decode: {}",
+                handoff_store::echo(&e.to_string())
+            ))
+        })
 }
 
 /// Flight SQL action types, routed here from DoAction.

@@ -1022,3 +1022,60 @@ async fn a_connection_that_only_pings_is_closed() {
     still_serving(&server).await;
     server.stop().await;
 }
+
+/// Found by the `decode` fuzz target: a Flight SQL command that does not decode (its query is
+/// not UTF-8) was answered INTERNAL by arrow-flight's dispatch; it is the client's mistake.
+#[tokio::test]
+async fn a_flight_sql_command_that_does_not_decode_is_invalid_argument() {
+    let server = Fixture::start().await;
+    served(&server).await;
+    let mut client = FlightServiceClient::new(server.channel().await);
+    let any = |value: Vec<u8>| {
+        prost_types_any(
+            "type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery",
+            value,
+        )
+    };
+    // CommandStatementQuery { query: b"SELECT \xae" }: field 1, not UTF-8.
+    let bad = any(vec![
+        0x0a, 0x08, b'S', b'E', b'L', b'E', b'C', b'T', b' ', 0xae,
+    ]);
+    let status = client
+        .get_flight_info(with_token(
+            FlightDescriptor::new_cmd(bad.clone()),
+            Some(common::ADMIN),
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("does not decode"), "{status}");
+    let status = client
+        .do_get(with_token(
+            arrow_flight::Ticket::new(bad),
+            Some(common::ADMIN),
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    still_serving(&server).await;
+    server.stop().await;
+}
+
+/// A protobuf `Any`, encoded by hand: field 1 the type URL, field 2 the value.
+fn prost_types_any(type_url: &str, value: Vec<u8>) -> bytes::Bytes {
+    let mut out = Vec::new();
+    for (tag, bytes) in [(0x0a_u8, type_url.as_bytes()), (0x12, value.as_slice())] {
+        out.push(tag);
+        let mut len = bytes.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            out.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(bytes);
+    }
+    out.into()
+}

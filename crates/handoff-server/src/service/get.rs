@@ -125,7 +125,7 @@ impl HandoffService {
         md: &MetadataMap,
         ticket: &[u8],
     ) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
-        if crate::sql::is_flight_sql(ticket) {
+        if crate::sql::is_flight_sql(ticket)? {
             let sql = self.sql.clone();
             let mut request = Request::new(Ticket::new(Bytes::copy_from_slice(ticket)));
             *request.metadata_mut() = md.clone();

@@ -243,9 +243,12 @@ impl FlightService for HandoffService {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        if request.get_ref().r#type() == DescriptorType::Cmd
-            && crate::sql::is_flight_sql(&request.get_ref().cmd)
-        {
+        let sql = request.get_ref().r#type() == DescriptorType::Cmd
+            && match crate::sql::is_flight_sql(&request.get_ref().cmd) {
+                Ok(sql) => sql,
+                Err(status) => return self.record("get_flight_info", Err(status)),
+            };
+        if sql {
             let result =
                 <crate::sql::SqlService as FlightService>::get_flight_info(&self.sql, request)
                     .await;
