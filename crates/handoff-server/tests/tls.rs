@@ -207,40 +207,31 @@ async fn tls_settings_that_cannot_work_are_refused_up_front() {
     assert!(err.to_string().contains("grpc+tls://"), "{err}");
 
     // A server given something that is not PEM says so before it listens.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let config = ServerConfig {
-        auth: handoff_server::AuthConfig::disabled(),
-        tls: Some(TlsConfig {
-            cert_pem: b"not a certificate".to_vec(),
-            key_pem: pki.server.1.clone(),
-            client_ca_pem: None,
-        }),
-        ..ServerConfig::default()
-    };
-    let store = handoff_store::Store::new(StoreConfig::default());
-    let err = handoff_server::serve(store, config, listener, None, std::future::pending())
-        .await
-        .expect_err("not PEM");
-    assert!(err.to_string().contains("not PEM"), "{err}");
-
+    let err = refused_at_start(b"not a certificate".to_vec(), pki.server.1.clone()).await;
+    assert!(err.contains("not PEM"), "{err}");
     // A key that does not parse.
+    let bad_key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec();
+    let err = refused_at_start(pki.server.0.clone(), bad_key).await;
+    assert!(err.contains("TLS"), "{err}");
+}
+
+/// What `serve` says when it refuses to start with this certificate and key.
+async fn refused_at_start(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let config = ServerConfig {
         auth: handoff_server::AuthConfig::disabled(),
         tls: Some(TlsConfig {
-            cert_pem: pki.server.0.clone(),
-            key_pem: b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec(),
+            cert_pem,
+            key_pem,
             client_ca_pem: None,
         }),
         ..ServerConfig::default()
     };
     let store = handoff_store::Store::new(StoreConfig::default());
-    let err = handoff_server::serve(store, config, listener, None, std::future::pending())
+    handoff_server::serve(store, config, listener, None, std::future::pending())
         .await
-        .expect_err("bad key");
-    assert!(err.to_string().contains("TLS"), "{err}");
+        .expect_err("refused before listening")
+        .to_string()
 }
