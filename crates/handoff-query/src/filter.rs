@@ -97,7 +97,11 @@ pub fn plan_read(
 fn plan_filter(schema: &SchemaRef, sql: &str) -> Result<PlannedFilter, QueryError> {
     check_expression("filter", sql, MAX_FILTER_BYTES)?;
     let invalid = |e: datafusion::error::DataFusionError| {
-        QueryError::Invalid(format!("filter '{}': {}", echo(sql), e.strip_backtrace()))
+        QueryError::Invalid(format!(
+            "filter '{}': {}",
+            echo(sql),
+            crate::limits::brief(&e.strip_backtrace())
+        ))
     };
     let ctx = SessionContext::new();
     let whole = DFSchema::try_from(schema.as_ref().clone()).map_err(invalid)?;
