@@ -28,9 +28,9 @@ pub const MAX_NESTING: usize = 32;
 /// The parser's or planner's own sentence, which may quote the client's text: cut to
 /// [`BRIEF_CHARS`] (found by the `filter` fuzz target, which saw 2.4 KB come back).
 pub fn brief(detail: &str) -> String {
-    match detail.char_indices().nth(BRIEF_CHARS) {
+    match handoff_store::head(detail, BRIEF_CHARS) {
         None => detail.to_string(),
-        Some((cut, _)) => format!("{}…", &detail[..cut]),
+        Some(start) => format!("{start}…"),
     }
 }
 

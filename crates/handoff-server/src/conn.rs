@@ -264,28 +264,31 @@ impl<IO: Connected> Connected for Counted<IO> {
 }
 
 /// Calls in flight on one connection, and since when it has had none.
-struct Calls {
-    active: AtomicU64,
-    quiet_since: Mutex<Option<tokio::time::Instant>>,
+struct Calls(Mutex<CallState>);
+
+struct CallState {
+    active: u64,
+    /// `None` while a call is in flight.
+    quiet_since: Option<tokio::time::Instant>,
 }
 
 impl Calls {
     fn new(now: tokio::time::Instant) -> Self {
-        Self {
-            active: AtomicU64::new(0),
-            quiet_since: Mutex::new(Some(now)),
-        }
+        Self(Mutex::new(CallState {
+            active: 0,
+            quiet_since: Some(now),
+        }))
     }
 
     /// `None` while a call is in flight.
     fn quiet_since(&self) -> Option<tokio::time::Instant> {
-        *self.quiet_since.lock()
+        self.0.lock().quiet_since
     }
 
     fn begin(self: &Arc<Self>) -> CallGuard {
-        let mut quiet = self.quiet_since.lock();
-        self.active.fetch_add(1, Ordering::Relaxed);
-        *quiet = None;
+        let mut state = self.0.lock();
+        state.active += 1;
+        state.quiet_since = None;
         CallGuard(Arc::clone(self))
     }
 }
@@ -295,9 +298,10 @@ struct CallGuard(Arc<Calls>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        let mut quiet = self.0.quiet_since.lock();
-        if self.0.active.fetch_sub(1, Ordering::Relaxed) == 1 {
-            *quiet = Some(tokio::time::Instant::now());
+        let mut state = self.0.0.lock();
+        state.active -= 1;
+        if state.active == 0 {
+            state.quiet_since = Some(tokio::time::Instant::now());
         }
     }
 }

@@ -113,8 +113,13 @@ pub const ECHO_CHARS: usize = 120;
 
 /// `text` as an error may quote it: whole when short, else its start and its length.
 pub fn echo(text: &str) -> String {
-    match text.char_indices().nth(ECHO_CHARS) {
+    match head(text, ECHO_CHARS) {
         None => text.to_string(),
-        Some((cut, _)) => format!("{}… ({} bytes in all)", &text[..cut], text.len()),
+        Some(start) => format!("{start}… ({} bytes in all)", text.len()),
     }
+}
+
+/// The first `chars` characters of `text`, if it has more.
+pub fn head(text: &str, chars: usize) -> Option<&str> {
+    text.char_indices().nth(chars).map(|(cut, _)| &text[..cut])
 }

@@ -24,7 +24,7 @@ mod spill;
 mod storage;
 mod store;
 
-pub use error::{Result, StoreError, echo};
+pub use error::{Result, StoreError, echo, head};
 pub use incoming::IncomingMemory;
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
