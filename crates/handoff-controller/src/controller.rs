@@ -513,17 +513,27 @@ impl<'a> Run<'a> {
         // suspends it again afterwards means it.
         let released_before = self.has_condition("ConsumerReleased");
         let consumer_env = self.env(resources::READER_TOKEN_KEY, true);
-        let patch =
-            workloads::consumer_patch(&consumer, &job, &consumer_env, release && !released_before)
-                .map_err(|why| Error::Workload {
-                    kind: if matches!(consumer, ConsumerRef::PyTorchJob(_)) {
-                        "PyTorchJob"
-                    } else {
-                        "TrainJob"
-                    },
-                    name: consumer_name.clone(),
-                    why,
-                })?;
+        let patch = match workloads::consumer_patch(
+            &consumer,
+            &job,
+            &consumer_env,
+            release && !released_before,
+        ) {
+            Ok(patch) => patch,
+            Err(why) => {
+                // Nothing is started for a consumer that can never be given the link.
+                self.condition(
+                    "ConsumerReleased",
+                    false,
+                    "CannotWire",
+                    format!("{} {consumer_name}: {why}", consumer_resource.kind),
+                );
+                return Ok(self.poll());
+            }
+        };
+        let releasing = patch
+            .as_ref()
+            .is_some_and(|p| workloads::releases(&consumer, p));
         if let Some(patch) = patch {
             consumer_api
                 .patch(
@@ -533,12 +543,27 @@ impl<'a> Run<'a> {
                 )
                 .await?;
         }
-        if release {
+        let released = released_before
+            || releasing
+            || (release && !workloads::consumer_suspended(&consumer, &job));
+        if released {
             self.condition(
                 "ConsumerReleased",
                 true,
                 if completed { "Sealed" } else { "Streaming" },
                 format!("{} {consumer_name} unsuspended", consumer_resource.kind),
+            );
+        } else if release {
+            // A TrainJob's stale runtime patch was just removed; the next write adds the new one
+            // and releases.
+            self.condition(
+                "ConsumerReleased",
+                false,
+                "Wiring",
+                format!(
+                    "{} {consumer_name} is being given the link's current settings",
+                    consumer_resource.kind
+                ),
             );
         } else {
             self.condition(

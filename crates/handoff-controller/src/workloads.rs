@@ -127,8 +127,9 @@ pub fn consumer_suspended(consumer: &ConsumerRef<'_>, job: &Value) -> bool {
 }
 
 /// The merge patch that puts `ours` into every container of every PyTorchJob replica template, or
-/// into a TrainJob's `spec.trainer.env`, and unsuspends the job when `unsuspend`. `None` when the
-/// job already looks like that.
+/// into a TrainJob's trainer through our `spec.runtimePatches` entry, and unsuspends the job when
+/// `unsuspend`. `None` when the job already looks like that. `Err` says why the job cannot be
+/// wired, in a sentence for the DataLink's conditions.
 pub fn consumer_patch(
     consumer: &ConsumerRef<'_>,
     job: &Value,
@@ -176,16 +177,100 @@ pub fn consumer_patch(
             }
         }
         ConsumerRef::TrainJob(_) => {
-            if let Some(env) = merged_env(job["spec"]["trainer"].get("env"), ours) {
-                spec.insert("trainer".into(), json!({ "env": env }));
+            let (patches, wired) = train_job_runtime_patches(job, ours)?;
+            if let Some(patches) = patches {
+                spec.insert("runtimePatches".into(), Value::Array(patches));
             }
-            if unsuspend {
+            if unsuspend && wired {
                 spec.insert("suspend".into(), Value::Bool(false));
             }
         }
     }
     Ok((!spec.is_empty()).then(|| with_version(job, json!({ "spec": spec }))))
 }
+
+/// Whether `patch` (from [`consumer_patch`]) unsuspends the job.
+pub fn releases(consumer: &ConsumerRef<'_>, patch: &Value) -> bool {
+    let flag = match consumer {
+        ConsumerRef::PyTorchJob(_) => &patch["spec"]["runPolicy"]["suspend"],
+        ConsumerRef::TrainJob(_) => &patch["spec"]["suspend"],
+    };
+    flag == &Value::Bool(false)
+}
+
+/// Our entry's key in a TrainJob's `spec.runtimePatches`, a list keyed by manager.
+pub const RUNTIME_PATCH_MANAGER: &str = "handoff.kubeflow.org/datalink";
+/// Kubeflow Trainer's name for the trainer's replicated job and its container in the runtimes it
+/// ships (`node`, the job labelled `trainer.kubeflow.org/trainjob-ancestor-step: trainer`).
+pub const TRAINER_NODE: &str = "node";
+
+/// Our runtime patch: `ours` in the env of the trainer node's container.
+pub fn runtime_patch(ours: &[Value]) -> Value {
+    let pod = json!({"spec": {"containers": [{"name": TRAINER_NODE, "env": ours}]}});
+    json!({
+        "manager": RUNTIME_PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
+            {"name": TRAINER_NODE, "template": {"spec": {"template": pod}}}
+        ]}}}
+    })
+}
+
+/// The TrainJob's `spec.runtimePatches` with our entry in it (`None`: already there), and whether
+/// the job is wired already, so that this write may release it.
+///
+/// The upstream CRD makes `spec.trainer` immutable (`self == oldSelf`), and with it the
+/// containers of a runtime patch entry, and Kubeflow Trainer takes runtime patches only while the
+/// job is suspended. So our entry is written once, whole, while suspended, next to the entries of
+/// other managers (Kueue's), which are kept as they are. An entry that no longer matches the
+/// link (its read settings changed) is removed while the job is still suspended, and the next
+/// write adds the new one: a removal and an add are two updates, neither of which changes the
+/// containers of an entry that exists on both sides.
+type RuntimePatches = (Option<Vec<Value>>, bool);
+
+fn train_job_runtime_patches(job: &Value, ours: &[Value]) -> Result<RuntimePatches, String> {
+    let current: Vec<Value> = job["spec"]["runtimePatches"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let wanted = runtime_patch(ours);
+    let position = current
+        .iter()
+        .position(|p| p["manager"] == RUNTIME_PATCH_MANAGER);
+    let suspended = job["spec"]["suspend"].as_bool().unwrap_or(false);
+    match position {
+        Some(i) if current[i]["trainingRuntimeSpec"] == wanted["trainingRuntimeSpec"] => {
+            Ok((None, true))
+        }
+        // Released already: the running trainer keeps the env it started with.
+        Some(_) if !suspended => Ok((None, true)),
+        // Not in the same write that releases the job: remove now, add on the next reconcile,
+        // which then releases it.
+        Some(i) => {
+            let mut patches = current;
+            patches.remove(i);
+            Ok((Some(patches), false))
+        }
+        None if !suspended => Err(
+            "the TrainJob is not suspended, and Kubeflow Trainer takes runtimePatches only while a \
+             TrainJob is suspended; create it with spec.suspend: true"
+                .into(),
+        ),
+        None if current.len() >= MAX_RUNTIME_PATCHES => Err(format!(
+            "the TrainJob already has {MAX_RUNTIME_PATCHES} runtimePatches, the most its CRD allows; \
+             remove one so the controller can add its own"
+        )),
+        None => {
+            // Released by a later write: the job's runtime patches change only while the old
+            // object is suspended.
+            let mut patches = current;
+            patches.push(wanted);
+            Ok((Some(patches), false))
+        }
+    }
+}
+
+/// `maxItems` of `spec.runtimePatches` in the TrainJob CRD.
+const MAX_RUNTIME_PATCHES: usize = 16;
 
 fn with_version(object: &Value, mut patch: Value) -> Value {
     if let Some(version) = object["metadata"]["resourceVersion"].as_str() {
@@ -304,18 +389,79 @@ mod tests {
             .expect("patch");
         assert_eq!(released["spec"]["runPolicy"]["suspend"], false);
 
-        let train = json!({"metadata": {"resourceVersion": "4"}, "spec": {"suspend": true, "runtimeRef": {"name": "torch"}}});
-        let trainer = ConsumerRef::TrainJob("t");
-        let patch = consumer_patch(&trainer, &train, &ours(), true)
-            .expect("ok")
-            .expect("patch");
-        assert_eq!(
-            patch["spec"]["trainer"]["env"].as_array().map(Vec::len),
-            Some(2)
-        );
-        assert_eq!(patch["spec"]["suspend"], false);
         let empty = json!({"spec": {"pytorchReplicaSpecs": {}}});
         assert!(consumer_patch(&consumer, &empty, &ours(), false).is_err());
+    }
+
+    #[test]
+    fn a_trainjob_is_wired_through_one_runtime_patch_entry_written_while_suspended() {
+        let kueue = json!({"manager": "kueue.x-k8s.io/manager", "trainingRuntimeSpec": {}});
+        let train = json!({"metadata": {"resourceVersion": "4"}, "spec": {"suspend": true,
+            "runtimeRef": {"name": "torch"}, "trainer": {"env": [{"name": "A", "value": "1"}]},
+            "runtimePatches": [kueue]}});
+        let trainer = ConsumerRef::TrainJob("t");
+        let patch = consumer_patch(&trainer, &train, &ours(), false)
+            .expect("ok")
+            .expect("patch");
+        assert!(patch["spec"].get("trainer").is_none(), "spec.trainer is immutable");
+        assert!(patch["spec"].get("suspend").is_none());
+        let patches = patch["spec"]["runtimePatches"].as_array().expect("list");
+        assert_eq!(patches[0], kueue, "other managers' entries stay as they are");
+        assert_eq!(patches[1], runtime_patch(&ours()));
+        let job = &patches[1]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0];
+        assert_eq!(job["name"], TRAINER_NODE);
+        let container = &job["template"]["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["env"].as_array().map(Vec::len), Some(2));
+
+        // The write that adds the entry does not release; the next one does, and only that.
+        let first = consumer_patch(&trainer, &train, &ours(), true)
+            .expect("ok")
+            .expect("patch");
+        assert!(first["spec"].get("suspend").is_none());
+        // Wired: the release writes only suspend.
+        let mut wired = train.clone();
+        wired["spec"]["runtimePatches"] = patch["spec"]["runtimePatches"].clone();
+        assert_eq!(consumer_patch(&trainer, &wired, &ours(), false), Ok(None));
+        let released = consumer_patch(&trainer, &wired, &ours(), true)
+            .expect("ok")
+            .expect("patch");
+        assert_eq!(released["spec"], json!({"suspend": false}));
+
+        // The link's settings changed while suspended: the stale entry goes first, alone.
+        let changed = vec![plain_env("HANDOFF_LINK", "other")];
+        let removal = consumer_patch(&trainer, &wired, &changed, true)
+            .expect("ok")
+            .expect("patch");
+        assert_eq!(removal["spec"]["runtimePatches"], json!([kueue]));
+        assert!(removal["spec"].get("suspend").is_none(), "not released unwired");
+
+        // Released: nothing more is written, whatever changed.
+        let mut running = wired.clone();
+        running["spec"]["suspend"] = json!(false);
+        assert_eq!(consumer_patch(&trainer, &running, &changed, true), Ok(None));
+
+        // Never suspended, never wired: a sentence, no write.
+        let mut unsuspended = train.clone();
+        unsuspended["spec"]["suspend"] = json!(false);
+        let why = consumer_patch(&trainer, &unsuspended, &ours(), false).expect_err("refused");
+        assert!(why.contains("spec.suspend: true"), "{why}");
+        let mut full = train.clone();
+        full["spec"]["runtimePatches"] = Value::Array(
+            (0..MAX_RUNTIME_PATCHES)
+                .map(|i| json!({"manager": format!("m{i}")}))
+                .collect(),
+        );
+        assert!(consumer_patch(&trainer, &full, &ours(), false).is_err());
+    }
+
+    #[test]
+    fn release_is_read_from_the_patch() {
+        let pt = ConsumerRef::PyTorchJob("p");
+        assert!(releases(&pt, &json!({"spec": {"runPolicy": {"suspend": false}}})));
+        assert!(!releases(&pt, &json!({"spec": {"pytorchReplicaSpecs": {}}})));
+        let tj = ConsumerRef::TrainJob("t");
+        assert!(releases(&tj, &json!({"spec": {"suspend": false}})));
+        assert!(!releases(&tj, &json!({"spec": {"runtimePatches": []}})));
     }
 
     #[test]

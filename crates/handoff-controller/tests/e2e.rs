@@ -197,8 +197,80 @@ enum Consumer {
     TrainJob,
 }
 
+/// Every version of one object, as a watch sees them; a re-list starts a new run, since versions
+/// between the two were not seen.
+struct History {
+    runs: Arc<Mutex<Vec<Vec<Value>>>>,
+    task: tokio::task::JoinHandle<()>,
+    kind: String,
+}
+
+impl History {
+    fn watch(api: Api<DynamicObject>, name: &str, kind: &str) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::watcher::{self, Event};
+        let runs: Arc<Mutex<Vec<Vec<Value>>>> = Arc::default();
+        let sink = Arc::clone(&runs);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let task = tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher::watcher(api, config));
+            while let Some(event) = events.next().await {
+                let mut runs = sink.lock().expect("lock");
+                match event {
+                    Ok(Event::Init) => runs.push(Vec::new()),
+                    Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                        let value = serde_json::to_value(object).expect("json");
+                        if runs.is_empty() {
+                            runs.push(Vec::new());
+                        }
+                        let run = runs.last_mut().expect("a run");
+                        if run.last().map(|v| &v["metadata"]["resourceVersion"])
+                            != Some(&value["metadata"]["resourceVersion"])
+                        {
+                            run.push(value);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Self {
+            runs,
+            task,
+            kind: kind.into(),
+        }
+    }
+
+    /// Hold every update seen to the upstream CRD's CEL rules.
+    fn check(self, rules: &common::crd_rules::CrdRules) {
+        self.task.abort();
+        let runs = self.runs.lock().expect("lock").clone();
+        let versions: usize = runs.iter().map(Vec::len).sum();
+        assert!(versions >= 1, "the {} watch saw nothing", self.kind);
+        for run in &runs {
+            let violations = common::crd_rules::check_history(rules, run);
+            assert!(
+                violations.is_empty(),
+                "{} updates a current API server would refuse: {violations:#?}",
+                self.kind
+            );
+        }
+    }
+}
+
+fn upstream_rules(consumer: Option<Consumer>) -> common::crd_rules::CrdRules {
+    let (file, version) = match consumer {
+        None => ("sparkoperator.k8s.io_sparkapplications.yaml", "v1beta2"),
+        Some(Consumer::PyTorchJob) => ("kubeflow.org_pytorchjobs.yaml", "v1"),
+        Some(Consumer::TrainJob) => ("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
+    };
+    common::crd_rules::CrdRules::of(&fixture(file), version)
+}
+
 /// One namespace with a SparkApplication, a training job, a DataLink, its server and a controller.
 struct Scenario<'a> {
+    /// Every version of the two jobs, held to their CRDs' rules at the end.
+    histories: Vec<(Option<Consumer>, History)>,
     cluster: &'a Cluster,
     namespace: String,
     consumer: Consumer,
@@ -239,7 +311,8 @@ impl<'a> Scenario<'a> {
             .expect("bind");
         // The server speaks TLS, as the controller configures it by default.
         let endpoint = format!("grpc+tls://{}", listener.local_addr().expect("addr"));
-        let scenario = Self {
+        let mut scenario = Self {
+            histories: Vec::new(),
             cluster,
             namespace: namespace.into(),
             consumer,
@@ -251,6 +324,24 @@ impl<'a> Scenario<'a> {
             secret_data: None,
         };
         scenario.create_jobs().await;
+        scenario.histories = vec![
+            (
+                None,
+                History::watch(
+                    scenario.dynamic(&spark_resource()),
+                    "producer",
+                    "SparkApplication",
+                ),
+            ),
+            (
+                Some(consumer),
+                History::watch(
+                    scenario.dynamic(&scenario.consumer_resource()),
+                    "trainer",
+                    &scenario.consumer_resource().kind,
+                ),
+            ),
+        ];
         let mut link: DataLink = serde_json::from_value(json!({
             "apiVersion": "handoff.kubeflow.org/v1alpha1", "kind": "DataLink",
             "metadata": {"name": "features", "namespace": namespace},
@@ -670,6 +761,9 @@ impl<'a> Scenario<'a> {
     async fn finish(mut self) {
         self.stop_controller().await;
         self.stop_server().await;
+        for (kind, history) in std::mem::take(&mut self.histories) {
+            history.check(&upstream_rules(kind));
+        }
         if !self.cluster.is_local() {
             let namespaces: Api<Namespace> = Api::all(self.cluster.client.clone());
             let _ = namespaces
@@ -805,8 +899,9 @@ async fn happy_path_pytorchjob(cluster: &Cluster) {
     s.finish().await;
 }
 
-/// TrainJob consumer: env in spec.trainer.env, released on the seal, Finished on Complete; then
-/// deleting the DataLink removes the server but not the TrainJob.
+/// TrainJob consumer: env through our spec.runtimePatches entry (spec.trainer is immutable
+/// upstream), released on the seal, Finished on Complete; then deleting the DataLink removes the
+/// server but not the TrainJob. Every update of the TrainJob is held to its CRD's rules.
 async fn happy_path_trainjob(cluster: &Cluster) {
     let mut s = Scenario::new(
         cluster,
@@ -825,7 +920,18 @@ async fn happy_path_trainjob(cluster: &Cluster) {
     let link = s.wait_phase(Phase::Sealed).await;
     assert_eq!(link.status.and_then(|s| s.rows), Some(600));
     assert!(!s.consumer_suspended().await);
-    let env = s.job().await["spec"]["trainer"]["env"].clone();
+    let job = s.job().await;
+    assert_eq!(
+        job["spec"]["trainer"],
+        fixture("examples/trainjob-01-multi-node.yaml")["spec"]["trainer"],
+        "spec.trainer is untouched"
+    );
+    let patches = job["spec"]["runtimePatches"].as_array().expect("runtimePatches");
+    assert_eq!(patches.len(), 1);
+    assert_eq!(patches[0]["manager"], "handoff.kubeflow.org/datalink");
+    let env = patches[0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        ["template"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        .clone();
     let names: Vec<&str> = env
         .as_array()
         .expect("trainer env")
