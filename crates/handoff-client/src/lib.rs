@@ -132,6 +132,9 @@ pub struct LinkStats {
     pub memory_limit: Option<u64>,
     #[serde(default)]
     pub memory_policy: String,
+    /// Changes when the server restarts (its memory started over); empty from older servers.
+    #[serde(default)]
+    pub server_instance: String,
 }
 
 /// Client settings; the defaults match the server's.

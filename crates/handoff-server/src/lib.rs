@@ -255,7 +255,10 @@ pub async fn serve(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                for (_, why) in store.expire(idle) {
+                for (name, why) in store.expire(idle) {
+                    if let Err(e) = store.forget_snapshot(&name).await {
+                        tracing::error!(link = %name, error = %e, "expired, but its snapshot remains and comes back on restart");
+                    }
                     metrics
                         .expired_links
                         .get_or_create(&metrics::ReasonLabels {

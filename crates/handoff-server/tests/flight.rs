@@ -856,6 +856,73 @@ async fn snapshot_on_seal_then_restore_in_a_new_store() {
     assert_eq!(got, (0..n as i64).collect::<Vec<_>>());
 }
 
+/// With snapshots as the server's durability, a deleted or expired link does not come back on
+/// the next start; links sharing a name's first part keep theirs. The instance id tells the two
+/// servers apart.
+#[tokio::test]
+async fn deleted_and_expired_links_are_not_restored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let storage = || Some(handoff_store::ObjectStorage::from_url(&url).expect("storage"));
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let store = || StoreConfig {
+        storage: storage(),
+        snapshot_on_seal: true,
+        ..Default::default()
+    };
+    let server = Fixture::start_with(config.clone(), store()).await;
+    let mut admin = server.admin().await;
+    for link in ["team", "team/kept", "gone"] {
+        fill(&mut admin, link).await;
+        admin.seal(link).await.expect("seal");
+    }
+    admin
+        .create(handoff_client::CreateLink {
+            link: "expiring".into(),
+            ttl_seconds_after_seal: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    fill(&mut admin, "expiring").await;
+    admin.seal("expiring").await.expect("seal");
+    let first = admin.stats("gone").await.expect("stats").server_instance;
+    assert_eq!(first.len(), 16, "{first}");
+    admin.delete("gone").await.expect("delete");
+    admin.delete("team").await.expect("delete");
+    wait_until_gone(&mut admin, "expiring").await;
+    // The expiry loop removes the snapshot just after the link.
+    let snapshots = storage().expect("storage");
+    handoff_testkit::eventually("the expired link's snapshot to go", || async {
+        let links: Vec<String> = snapshots
+            .manifests()
+            .await
+            .ok()?
+            .into_iter()
+            .map(|m| m.link)
+            .collect();
+        (links == ["team/kept"]).then_some(())
+    })
+    .await;
+    server.stop().await;
+
+    let restarted = Fixture::start_with(config, store()).await;
+    let restored = restarted
+        .store
+        .restore_all(&storage().expect("storage"))
+        .await
+        .expect("restore");
+    assert_eq!(restored.links, ["team/kept"]);
+    assert!(restored.skipped.is_empty(), "{:?}", restored.skipped);
+    let mut admin = restarted.admin().await;
+    let stats = admin.stats("team/kept").await.expect("stats");
+    assert_ne!(stats.server_instance, first, "a new process, a new instance");
+    restarted.stop().await;
+}
+
 async fn wait_until_gone(client: &mut handoff_client::HandoffClient, link: &str) {
     let client = tokio::sync::Mutex::new(client);
     handoff_testkit::eventually(&format!("link '{link}' to be dropped"), || async {

@@ -168,6 +168,31 @@ impl ObjectStorage {
         Ok(manifest)
     }
 
+    /// Remove a link's snapshot, in either layout; returns the objects removed. The manifest
+    /// goes first, so a removal cut short leaves parts no restore reads, never a link that
+    /// restores short. Only the link's own directory is touched: in the older layout, link
+    /// `team`'s directory also held `team/snap`'s.
+    pub async fn remove_snapshot(&self, link: &str) -> Result<usize> {
+        let mut removed = 0;
+        let dirs = std::iter::once(self.link_dir(link)).chain(self.old_link_dir(link));
+        for dir in dirs {
+            let depth = dir.parts().count() + 1;
+            let mut objects: Vec<Path> = self
+                .list(&dir)
+                .await?
+                .into_iter()
+                .map(|m| m.location)
+                .filter(|p| p.parts().count() == depth)
+                .collect();
+            objects.sort_by_key(|p| p.filename() != Some("manifest.json"));
+            for object in &objects {
+                self.delete(object).await?;
+            }
+            removed += objects.len();
+        }
+        Ok(removed)
+    }
+
     /// Where the older layout, one segment per name part, kept a namespaced link.
     fn old_link_dir(&self, link: &str) -> Option<Path> {
         link.contains('/').then(|| {

@@ -48,6 +48,18 @@ pub struct Store {
     storage: Option<ObjectStorage>,
     snapshot_on_seal: bool,
     read_memory: ReadMemory,
+    /// Random, new with every store: a client that sees it change knows the server's memory
+    /// started over (a restarted pod), whatever the link names say.
+    instance: String,
+}
+
+fn new_instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No randomness: the start time still tells one process from the next.
+        bytes = (now_ms() ^ u64::from(std::process::id()) << 40).to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Link names look like `features` or `team/features`.
@@ -91,7 +103,13 @@ impl Store {
             default_policy: config.default_policy,
             storage: config.storage,
             snapshot_on_seal: config.snapshot_on_seal,
+            instance: new_instance_id(),
         })
+    }
+
+    /// This store's instance id: 16 hex digits, new in every process.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn default_policy(&self) -> MemoryPolicy {
@@ -227,6 +245,16 @@ impl Store {
         link.mark_deleted();
         tracing::info!(link = name, rows = stats.rows, "link deleted");
         Ok(stats)
+    }
+
+    /// Remove the snapshot of a link that was deleted or expired, when snapshots are this
+    /// server's own durability (`snapshot_on_seal`): otherwise the next restart would bring the
+    /// link back. Snapshots a user took on a server without it are theirs to keep.
+    pub async fn forget_snapshot(&self, name: &str) -> Result<usize> {
+        match &self.storage {
+            Some(storage) if self.snapshot_on_seal => storage.remove_snapshot(name).await,
+            _ => Ok(0),
+        }
     }
 
     pub fn storage(&self) -> Option<&ObjectStorage> {

@@ -99,6 +99,7 @@ impl HandoffService {
             let memory = self.store.memory();
             map.insert("server_memory_used".into(), memory.used().into());
             map.insert("server_memory_limit".into(), memory.limit().into());
+            map.insert("server_instance".into(), self.store.instance().into());
         }
         json_result(&value)
     }
@@ -226,7 +227,15 @@ impl HandoffService {
                 // Not a writer's: a Spark job's token must not delete the link it feeds.
                 let link = utf8_link(&body, "delete")?;
                 self.authorize(md, Access::Admin, Some(&link))?;
-                json_result(&self.store.delete(&link).map_err(status_of)?)
+                let stats = self.store.delete(&link).map_err(status_of)?;
+                if let Err(e) = self.store.forget_snapshot(&link).await {
+                    return Err(Status::unavailable(format!(
+                        "link '{link}' was deleted from memory, but its snapshot remains and \
+                         would be restored when the server restarts: {e}; fix the storage and \
+                         delete its links/ directory"
+                    )));
+                }
+                json_result(&stats)
             }
             proto::actions::STATS => {
                 let link = utf8_link(&body, "stats")?;
