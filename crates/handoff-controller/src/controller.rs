@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::crd::{ConsumerRef, DataLink, DataLinkStatus, Gate, Phase, ProducerFailure};
+use crate::crd::{ConsumerRef, DataLink, DataLinkStatus, Gate, Phase, ProducerFailure, ServerLoss};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::pki;
@@ -228,12 +228,26 @@ fn error_policy(link: Arc<DataLink>, error: &Error, ctx: Arc<Context>) -> Action
     }
 }
 
+/// The user's two jobs as read in this reconcile.
+struct Jobs {
+    producer_name: String,
+    spark: Value,
+    spark_api: Api<DynamicObject>,
+    consumer_kind: String,
+    consumer_name: String,
+    job: Value,
+    consumer_api: Api<DynamicObject>,
+}
+
 /// One reconcile of one DataLink: the status it builds and the events it will publish.
 struct Run<'a> {
     link: &'a DataLink,
     ctx: &'a Context,
     namespace: String,
     name: String,
+    /// Whether the link's server speaks TLS: the spec's wish, or what a running server was
+    /// started with.
+    tls: bool,
     before: DataLinkStatus,
     status: DataLinkStatus,
     events: Vec<(EventType, String, String)>,
@@ -263,6 +277,7 @@ impl<'a> Run<'a> {
             ctx,
             namespace,
             name: link.name_any(),
+            tls: resources::tls_enabled(link),
             status: before.clone(),
             before,
             events: Vec::new(),
@@ -393,7 +408,6 @@ impl<'a> Run<'a> {
 
     async fn step(&mut self) -> Result<Action> {
         self.status.observed_generation = self.link.metadata.generation;
-        self.status.endpoint = Some(resources::endpoint(self.link));
         let fixed_spec = self.status.phase == Phase::Failed
             && self.status.reason.as_deref() == Some("InvalidSpec")
             && self.before.observed_generation != self.link.metadata.generation;
@@ -401,6 +415,8 @@ impl<'a> Run<'a> {
             self.status.phase = Phase::Pending;
             self.status.reason = None;
         }
+        let running = self.observe_deployment().await?;
+        self.status.endpoint = Some(resources::endpoint(self.link, self.tls));
         if matches!(self.status.phase, Phase::Finished | Phase::Failed) {
             return self.after_end().await;
         }
@@ -408,18 +424,100 @@ impl<'a> Run<'a> {
             Ok(consumer) => consumer,
             Err(why) => return self.invalid(why),
         };
-        let deployment =
-            match resources::server_deployment(self.link, &self.ctx.config.server_image) {
-                Ok(deployment) => deployment,
-                Err(InvalidSpec(why)) => return self.invalid(why),
-            };
+        let Some(tokens) = self.provision(&consumer, running).await? else {
+            // The Deployment watch wakes us when it becomes available.
+            return Ok(self.poll());
+        };
+        let Some(jobs) = self.read_jobs(&consumer).await? else {
+            return Ok(self.poll());
+        };
+        let producer = workloads::producer_state(&jobs.spark);
+        if let ProducerState::Failed(why) = &producer
+            && !self.rerunning()
+        {
+            return self.producer_failed(&jobs.producer_name, why).await;
+        }
+        let stats = self.stats(&tokens).await?;
+        if let Some(action) = self.server_continuity(stats.as_ref(), &jobs).await? {
+            return Ok(action);
+        }
+        let sealed = stats.as_ref().is_some_and(|s| s.state == "sealed");
+        let completed = producer == ProducerState::Completed;
+        if !self
+            .wire_consumer(&consumer, &jobs, completed, sealed)
+            .await?
+        {
+            return Ok(self.poll());
+        }
+        self.wire_producer(&jobs).await?;
+        self.seal_conditions(&jobs, stats.as_ref(), completed, sealed);
+        self.consumer_progress(&consumer, &jobs);
+        if self.status.phase == Phase::Finished {
+            return self.after_end().await;
+        }
+        Ok(match self.status.phase {
+            Phase::Receiving => self.poll(),
+            // Stats barely move once sealed; the consumer's watch wakes us on its progress.
+            _ => Action::requeue(self.ctx.config.poll_interval * 6),
+        })
+    }
 
-        // 1. Provision.
+    /// The server Deployment as it runs now. A running server keeps the TLS setting it was
+    /// started with, whatever the controller's defaults became since.
+    async fn observe_deployment(&mut self) -> Result<Option<Deployment>> {
+        let deployment = self
+            .api::<Deployment>()
+            .get_opt(&resources::server_name(self.link))
+            .await?;
+        if let Some(deployment) = &deployment
+            && self.keeps(deployment)
+        {
+            self.tls = resources::deployment_tls(deployment);
+        }
+        Ok(deployment)
+    }
+
+    /// Whether a running server Deployment stays as it is: its spec inputs are unchanged, or an
+    /// older controller made it (no inputs recorded) and the DataLink's spec has not changed
+    /// since.
+    fn keeps(&self, deployment: &Deployment) -> bool {
+        match deployment.annotations().get(resources::SERVER_INPUTS) {
+            Some(inputs) => *inputs == resources::server_inputs(self.link),
+            None => self.before.observed_generation == self.link.metadata.generation,
+        }
+    }
+
+    /// The Secret, the server's Deployment, Service and NetworkPolicy; the link's tokens once
+    /// the server is available, `None` until then.
+    async fn provision(
+        &mut self,
+        consumer: &ConsumerRef<'_>,
+        running: Option<Deployment>,
+    ) -> Result<Option<Tokens>> {
+        let image =
+            resources::pinned_image(self.link, running.as_ref(), &self.ctx.config.server_image);
         let tokens = self.ensure_secret().await?;
-        let deployment = self.ensure_applied(deployment).await?;
+        let deployment = match running {
+            Some(running) if self.keeps(&running) => {
+                self.adopt(&running).await?;
+                self.status.server_image = resources::deployment_image(&running).or(Some(image));
+                running
+            }
+            _ => {
+                let deployment = match resources::server_deployment(self.link, &image, self.tls) {
+                    Ok(deployment) => deployment,
+                    Err(InvalidSpec(why)) => {
+                        self.invalid(why)?;
+                        return Ok(None);
+                    }
+                };
+                self.status.server_image = Some(image);
+                self.ensure_applied(deployment).await?
+            }
+        };
         self.ensure_applied(resources::server_service(self.link))
             .await?;
-        self.ensure_applied(resources::server_network_policy(self.link, &consumer))
+        self.ensure_applied(resources::server_network_policy(self.link, consumer))
             .await?;
         self.advance(
             Phase::Provisioning,
@@ -446,17 +544,41 @@ impl<'a> Run<'a> {
                     resources::server_name(self.link)
                 ),
             );
-            // The Deployment watch wakes us when it becomes available.
-            return Ok(self.poll());
+            return Ok(None);
         }
         self.condition(
             "ServerReady",
             true,
             "Available",
-            format!("serving at {}", resources::endpoint(self.link)),
+            format!("serving at {}", resources::endpoint(self.link, self.tls)),
         );
+        Ok(Some(tokens))
+    }
 
-        // The user's jobs, which must exist, suspended, before anything is wired.
+    /// A Deployment an older controller made records no inputs: record them, in metadata only,
+    /// which does not restart its pod.
+    async fn adopt(&self, running: &Deployment) -> Result<()> {
+        if running.annotations().contains_key(resources::SERVER_INPUTS) {
+            return Ok(());
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            resources::SERVER_INPUTS: resources::server_inputs(self.link)
+        }}});
+        self.api::<Deployment>()
+            .patch(
+                &resources::server_name(self.link),
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The user's jobs, which must exist, suspended, before anything is wired.
+    async fn read_jobs(&mut self, consumer: &ConsumerRef<'_>) -> Result<Option<Jobs>> {
         let producer_name = self.link.spec.producer.spark_application.clone();
         let spark_api = self.dynamic(&workloads::spark_application());
         let Some(spark) = self.read(&spark_api, &producer_name).await? else {
@@ -469,9 +591,9 @@ impl<'a> Run<'a> {
                     self.namespace
                 ),
             );
-            return Ok(self.poll());
+            return Ok(None);
         };
-        let consumer_resource = workloads::consumer_resource(&consumer);
+        let consumer_resource = workloads::consumer_resource(consumer);
         let consumer_name = match consumer {
             ConsumerRef::PyTorchJob(name) | ConsumerRef::TrainJob(name) => name.to_string(),
         };
@@ -486,36 +608,154 @@ impl<'a> Run<'a> {
                     consumer_resource.kind, self.namespace
                 ),
             );
-            return Ok(self.poll());
+            return Ok(None);
         };
+        Ok(Some(Jobs {
+            producer_name,
+            spark,
+            spark_api,
+            consumer_kind: consumer_resource.kind,
+            consumer_name,
+            job,
+            consumer_api,
+        }))
+    }
 
-        // 2-4. What the producer did and what the server holds decide the consumer's gate.
-        let producer = workloads::producer_state(&spark);
-        if let ProducerState::Failed(why) = &producer {
-            return self.producer_failed(&producer_name, why).await;
-        }
-        let stats = self.stats(&tokens).await?;
-        if let Some(stats) = &stats {
+    /// Whether the producer is being rerun after the server lost the link.
+    fn rerunning(&self) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "ProducerWired" && c.reason == "Rerun")
+    }
+
+    /// Tell a restarted server from the one the link was on. Restored from its snapshot: note it
+    /// and go on. Gone: say what was lost, and fail or rerun the producer per policy.
+    async fn server_continuity(
+        &mut self,
+        stats: Option<&LinkStats>,
+        jobs: &Jobs,
+    ) -> Result<Option<Action>> {
+        let known = self.before.server_instance.clone();
+        let current = stats
+            .map(|s| s.server_instance.clone())
+            .filter(|i| !i.is_empty());
+        let restarted = match (&known, &current, stats) {
+            (Some(known), Some(current), _) => known != current,
+            // We read the link from this server before; now it has none.
+            (Some(_), None, None) => true,
+            _ => false,
+        };
+        if let Some(stats) = stats {
             self.status.rows = Some(stats.rows as i64);
             self.status.bytes = Some(stats.bytes as i64);
             self.status.partitions = Some(stats.partitions as i64);
             self.status.memory_used = Some(stats.memory_bytes as i64);
             self.status.spilled_bytes = Some(stats.spilled_bytes as i64);
         }
-        let sealed = stats.as_ref().is_some_and(|s| s.state == "sealed");
-        let completed = producer == ProducerState::Completed;
+        if current.is_some() {
+            self.status.server_instance = current;
+        }
+        if !restarted {
+            return Ok(None);
+        }
+        self.status.server_restarts = Some(self.before.server_restarts.unwrap_or(0) + 1);
+        if let Some(stats) = stats.filter(|s| s.state == "sealed") {
+            let note = format!(
+                "the server restarted and restored link {} from its snapshot: {} rows in {} partitions",
+                self.name, stats.rows, stats.partitions
+            );
+            self.condition("ServerRestarted", true, "Restored", note.clone());
+            self.events
+                .push((EventType::Normal, "ServerRestarted".into(), note));
+            return Ok(None);
+        }
+        let was = |v: Option<i64>| v.unwrap_or(0);
+        let why = if self.link.spec.server.spill_url.is_none() {
+            "the link had no spec.server.spillUrl to snapshot to"
+        } else {
+            "the link was not sealed yet, so it had no snapshot"
+        };
+        let lost = format!(
+            "the server restarted and lost link {}: {} rows in {} partitions ({} bytes) as last read; {why}",
+            self.name,
+            was(self.before.rows),
+            was(self.before.partitions),
+            was(self.before.bytes),
+        );
+        self.status.server_instance = None;
+        self.status.rows = None;
+        self.status.bytes = None;
+        self.status.partitions = None;
+        self.status.memory_used = None;
+        self.status.spilled_bytes = None;
+        match self.link.spec.policy.on_server_loss {
+            ServerLoss::Fail => {
+                self.condition("ServerLost", true, "ServerLost", lost.clone());
+                self.status.finished_at = Some(now().0.to_string());
+                self.advance(Phase::Failed, Some("ServerLost"), lost);
+                Ok(Some(self.after_end().await?))
+            }
+            ServerLoss::RestartProducer => {
+                let note = format!(
+                    "{lost}; rerunning SparkApplication {} (onServerLoss: RestartProducer)",
+                    jobs.producer_name
+                );
+                self.condition("ServerLost", true, "RestartingProducer", note.clone());
+                self.condition(
+                    "ProducerWired",
+                    false,
+                    "Rerun",
+                    format!(
+                        "SparkApplication {} is suspended, to run again once the Spark Operator says SUSPENDED",
+                        jobs.producer_name
+                    ),
+                );
+                self.condition(
+                    "Sealed",
+                    false,
+                    "Receiving",
+                    "the producer runs again".into(),
+                );
+                // The one way a phase goes back: the link fills again.
+                self.status.phase = Phase::Receiving;
+                self.status.reason = Some("ServerLost".into());
+                self.events
+                    .push((EventType::Warning, "ServerLost".into(), note));
+                if let Some(patch) = workloads::spark_suspend_patch(&jobs.spark) {
+                    jobs.spark_api
+                        .patch(
+                            &jobs.producer_name,
+                            &PatchParams::apply(MANAGER),
+                            &Patch::Merge(&patch),
+                        )
+                        .await?;
+                }
+                Ok(Some(self.poll()))
+            }
+        }
+    }
+
+    /// The consumer: env now, unsuspended when the gate opens. Only once: a user who suspends
+    /// it again afterwards means it. `false` when it cannot be wired; nothing else starts then.
+    async fn wire_consumer(
+        &mut self,
+        consumer: &ConsumerRef<'_>,
+        jobs: &Jobs,
+        completed: bool,
+        sealed: bool,
+    ) -> Result<bool> {
         let release = match self.link.spec.policy.gate {
-            Gate::Streaming => true,
+            Gate::Streaming => !self.rerunning(),
             Gate::Sealed => completed && sealed,
         };
-
-        // 3. The consumer: env now, unsuspended when the gate opens. Only once: a user who
-        // suspends it again afterwards means it.
+        let kind = &jobs.consumer_kind;
+        let name = &jobs.consumer_name;
         let released_before = self.has_condition("ConsumerReleased");
         let consumer_env = self.env(resources::READER_TOKEN_KEY, true);
         let patch = match workloads::consumer_patch(
-            &consumer,
-            &job,
+            consumer,
+            &jobs.job,
             &consumer_env,
             release && !released_before,
         ) {
@@ -526,64 +766,63 @@ impl<'a> Run<'a> {
                     "ConsumerReleased",
                     false,
                     "CannotWire",
-                    format!("{} {consumer_name}: {why}", consumer_resource.kind),
+                    format!("{kind} {name}: {why}"),
                 );
-                return Ok(self.poll());
+                return Ok(false);
             }
         };
         let releasing = patch
             .as_ref()
-            .is_some_and(|p| workloads::releases(&consumer, p));
+            .is_some_and(|p| workloads::releases(consumer, p));
         if let Some(patch) = patch {
-            consumer_api
-                .patch(
-                    &consumer_name,
-                    &PatchParams::apply(MANAGER),
-                    &Patch::Merge(&patch),
-                )
+            jobs.consumer_api
+                .patch(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
                 .await?;
         }
         let released = released_before
             || releasing
-            || (release && !workloads::consumer_suspended(&consumer, &job));
+            || (release && !workloads::consumer_suspended(consumer, &jobs.job));
         if released {
             self.condition(
                 "ConsumerReleased",
                 true,
                 if completed { "Sealed" } else { "Streaming" },
-                format!("{} {consumer_name} unsuspended", consumer_resource.kind),
+                format!("{kind} {name} unsuspended"),
             );
         } else if release {
-            // A TrainJob's stale runtime patch was just removed; the next write adds the new one
-            // and releases.
+            // A TrainJob's runtime patch was just written; the next write releases it.
             self.condition(
                 "ConsumerReleased",
                 false,
                 "Wiring",
-                format!(
-                    "{} {consumer_name} is being given the link's current settings",
-                    consumer_resource.kind
-                ),
+                format!("{kind} {name} is being given the link's settings"),
             );
         } else {
             self.condition(
                 "ConsumerReleased",
                 false,
                 "WaitingForSeal",
-                format!(
-                    "{} {consumer_name} stays suspended until the link is sealed",
-                    consumer_resource.kind
-                ),
+                format!("{kind} {name} stays suspended until the link is sealed"),
             );
         }
+        Ok(true)
+    }
 
-        // 2. The producer: env, then unsuspended, once.
+    /// The producer: env, then unsuspended, once; after a server loss, once more when the
+    /// Spark Operator has suspended it.
+    async fn wire_producer(&mut self, jobs: &Jobs) -> Result<()> {
+        let producer_name = &jobs.producer_name;
+        let rerun = self.rerunning();
+        if rerun && !workloads::spark_stopped(&jobs.spark) {
+            // Still stopping; its watch wakes us.
+            return Ok(());
+        }
         let producer_env = self.env(resources::WRITER_TOKEN_KEY, false);
         let wired_before = self.has_condition("ProducerWired");
-        if let Some(patch) = workloads::spark_patch(&spark, &producer_env, !wired_before) {
-            spark_api
+        if let Some(patch) = workloads::spark_patch(&jobs.spark, &producer_env, !wired_before) {
+            jobs.spark_api
                 .patch(
-                    &producer_name,
+                    producer_name,
                     &PatchParams::apply(MANAGER),
                     &Patch::Merge(&patch),
                 )
@@ -592,7 +831,7 @@ impl<'a> Run<'a> {
         self.condition(
             "ProducerWired",
             true,
-            "Wired",
+            if rerun { "Rerunning" } else { "Wired" },
             format!(
                 "SparkApplication {producer_name} writes to link {}",
                 self.name
@@ -603,29 +842,33 @@ impl<'a> Run<'a> {
             None,
             format!(
                 "SparkApplication {producer_name} unsuspended; it writes to {}",
-                resources::endpoint(self.link)
+                resources::endpoint(self.link, self.tls)
             ),
         );
+        Ok(())
+    }
 
+    fn seal_conditions(
+        &mut self,
+        jobs: &Jobs,
+        stats: Option<&LinkStats>,
+        completed: bool,
+        sealed: bool,
+    ) {
+        let producer_name = &jobs.producer_name;
+        let rows = stats.map_or(0, |s| s.rows);
         if completed && sealed {
-            self.condition(
-                "Sealed",
-                true,
-                "Sealed",
-                format!("{} rows sealed", stats.as_ref().map_or(0, |s| s.rows)),
-            );
+            self.condition("Sealed", true, "Sealed", format!("{rows} rows sealed"));
             self.advance(
                 Phase::Sealed,
                 None,
                 format!(
-                    "SparkApplication {producer_name} completed and link {} is sealed with {} rows; {} {consumer_name} released",
-                    self.name,
-                    stats.as_ref().map_or(0, |s| s.rows),
-                    consumer_resource.kind
+                    "SparkApplication {producer_name} completed and link {} is sealed with {rows} rows; {} {} released",
+                    self.name, jobs.consumer_kind, jobs.consumer_name
                 ),
             );
         } else if completed {
-            let state = stats.as_ref().map_or("missing", |s| s.state.as_str());
+            let state = stats.map_or("missing", |s| s.state.as_str());
             self.condition(
                 "Sealed",
                 false,
@@ -644,32 +887,22 @@ impl<'a> Run<'a> {
                 "the producer is still writing".into(),
             );
         }
+    }
 
-        // 6. The consumer's progress.
-        match workloads::consumer_state(&consumer, &job) {
-            ConsumerState::Succeeded => self.finish(
-                "ConsumerSucceeded",
-                format!("{} {consumer_name} succeeded", consumer_resource.kind),
-            ),
-            ConsumerState::Failed(why) => self.finish(
-                "ConsumerFailed",
-                format!("{} {consumer_name} failed: {why}", consumer_resource.kind),
-            ),
-            ConsumerState::Running if self.status.phase == Phase::Sealed => self.advance(
-                Phase::Consuming,
-                None,
-                format!("{} {consumer_name} is reading", consumer_resource.kind),
-            ),
+    fn consumer_progress(&mut self, consumer: &ConsumerRef<'_>, jobs: &Jobs) {
+        let (kind, name) = (&jobs.consumer_kind, &jobs.consumer_name);
+        match workloads::consumer_state(consumer, &jobs.job) {
+            ConsumerState::Succeeded => {
+                self.finish("ConsumerSucceeded", format!("{kind} {name} succeeded"))
+            }
+            ConsumerState::Failed(why) => {
+                self.finish("ConsumerFailed", format!("{kind} {name} failed: {why}"))
+            }
+            ConsumerState::Running if self.status.phase == Phase::Sealed => {
+                self.advance(Phase::Consuming, None, format!("{kind} {name} is reading"))
+            }
             _ => {}
         }
-        if self.status.phase == Phase::Finished {
-            return self.after_end().await;
-        }
-        Ok(match self.status.phase {
-            Phase::Receiving => self.poll(),
-            // Stats barely move once sealed; the consumer's watch wakes us on its progress.
-            _ => Action::requeue(self.ctx.config.poll_interval * 6),
-        })
     }
 
     fn finish(&mut self, reason: &str, note: String) {
@@ -745,6 +978,7 @@ impl<'a> Run<'a> {
 
     /// 7. Deletion: remove what we created; the user's jobs stay.
     async fn cleanup(mut self) -> Result<Action> {
+        self.observe_deployment().await?;
         self.delete_server().await?;
         self.events.push((
             EventType::Normal,
@@ -759,7 +993,10 @@ impl<'a> Run<'a> {
     /// consumer the read defaults.
     fn env(&self, token_key: &str, read_defaults: bool) -> Vec<Value> {
         let mut env = vec![
-            workloads::plain_env("HANDOFF_ENDPOINT", &resources::endpoint(self.link)),
+            workloads::plain_env(
+                "HANDOFF_ENDPOINT",
+                &resources::endpoint(self.link, self.tls),
+            ),
             workloads::plain_env("HANDOFF_LINK", &self.name),
             workloads::secret_env(
                 "HANDOFF_TOKEN",
@@ -767,7 +1004,7 @@ impl<'a> Run<'a> {
                 token_key,
             ),
         ];
-        if resources::tls_enabled(self.link) {
+        if self.tls {
             env.push(workloads::secret_env(
                 "HANDOFF_TLS_CA_PEM",
                 &resources::secret_name(self.link),
@@ -811,7 +1048,7 @@ impl<'a> Run<'a> {
             name: name.clone(),
             why: format!("{why}; delete it and the controller writes a new one"),
         };
-        let tls = resources::tls_enabled(self.link);
+        let tls = self.tls;
         if let Some(secret) = api.get_opt(&name).await? {
             let tokens = Tokens::from_secret(&secret).map_err(bad)?;
             if !tls || tokens.ca_pem.is_some() {
@@ -899,14 +1136,14 @@ impl<'a> Run<'a> {
             .config
             .endpoint_override
             .clone()
-            .unwrap_or_else(|| resources::endpoint(self.link))
+            .unwrap_or_else(|| resources::endpoint(self.link, self.tls))
     }
 
     async fn flight(&self, tokens: &Tokens) -> Result<HandoffClient> {
         let endpoint = self.server_endpoint();
         let mut config = ClientConfig::new(endpoint.clone(), Some(tokens.admin.clone()));
         config.connect_timeout = FLIGHT_TIMEOUT;
-        if resources::tls_enabled(self.link) {
+        if self.tls {
             // The link's own CA, and the Service's name, whatever address reaches it.
             config.tls_ca_pem = tokens.ca_pem.clone().map(String::into_bytes);
             config.tls_domain = Some(resources::server_host(self.link));

@@ -99,11 +99,16 @@ pub struct ServerSpec {
     /// CPU request of the server pod, as a quantity (`2`, `500m`). Default: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
-    /// Server replicas. Default: 1.
+    /// Server replicas: 1, the only value. One in-memory server holds the link; a second
+    /// replica would be an empty server behind the same Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("minimum" = 1, "maximum" = 1))]
     pub replicas: Option<i32>,
     /// Object storage for spilled partitions and snapshots (`s3://bucket/prefix`, `gs://`,
-    /// `az://`, `file:///path`). Default: an emptyDir volume in the pod.
+    /// `az://`, `file:///path`); each DataLink uses its own prefix below it,
+    /// `<namespace>/<name>-<uid>`. With it, the server snapshots the link when it is sealed and a
+    /// restarted server pod restores it before it reports ready. Default: an emptyDir volume in
+    /// the pod, which a pod restart loses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spill_url: Option<String>,
     /// A Secret whose keys (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT`, ...) become
@@ -169,6 +174,21 @@ pub struct LinkPolicy {
     /// What happens when the producer fails. Default: KeepConsumerSuspended.
     #[serde(default)]
     pub on_producer_failure: ProducerFailure,
+    /// What happens when the server restarts and its data is gone (before the seal, or with no
+    /// `server.spillUrl` to restore from). Default: Fail.
+    #[serde(default)]
+    pub on_server_loss: ServerLoss,
+}
+
+/// What happens when the link's server lost its data.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ServerLoss {
+    /// Phase Failed, reason ServerLost; the condition says what was lost.
+    #[default]
+    Fail,
+    /// Rerun the SparkApplication (suspend it, then unsuspend it once the Spark Operator says
+    /// SUSPENDED), so the link fills again; the consumer stays suspended until it is sealed.
+    RestartProducer,
 }
 
 /// Defaults for `HandoffDataset`, passed as `HANDOFF_BATCH_ROWS`, `HANDOFF_SHUFFLE` and
@@ -239,6 +259,17 @@ pub struct DataLinkStatus {
     /// When the consumer finished; the TTL counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// The server image this link runs, fixed when the link is provisioned, so a controller
+    /// upgrade does not restart running link servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_image: Option<String>,
+    /// The server's instance id when the controller last read the link; a new one means the
+    /// server restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_instance: Option<String>,
+    /// How many times the server restarted under this link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_restarts: Option<i64>,
 }
 
 /// The CustomResourceDefinition as YAML, as `handoff crd` prints it and

@@ -15,7 +15,7 @@ pub use metrics::{Metrics, serve_http};
 
 pub use crd::{
     Consumer, ConsumerRef, DataLink, DataLinkSpec, DataLinkStatus, Gate, LinkPolicy, MemoryPolicy,
-    Phase, Producer, ProducerFailure, ReadDefaults, ServerSpec, crd_yaml,
+    Phase, Producer, ProducerFailure, ReadDefaults, ServerLoss, ServerSpec, crd_yaml,
 };
 
 #[cfg(test)]

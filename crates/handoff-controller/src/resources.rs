@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
     EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -27,6 +27,8 @@ pub const READER_TOKEN_KEY: &str = "reader-token";
 pub const ADMIN_TOKEN_KEY: &str = "admin-token";
 /// Hash of what the controller last applied to an object; equal means no write is needed.
 pub const APPLIED_HASH: &str = "handoff.kubeflow.org/applied-hash";
+/// On the server Deployment: [`server_inputs`] when it was applied.
+pub const SERVER_INPUTS: &str = "handoff.kubeflow.org/server-inputs";
 const DEFAULT_MEMORY: &str = "4Gi";
 const DEFAULT_CPU: &str = "1";
 /// The pod's memory limit over the Arrow budget: 10% plus a fixed base, the bound our /proc
@@ -84,9 +86,71 @@ pub fn secret_name(link: &DataLink) -> String {
     format!("{}-tokens", server_name(link))
 }
 
-/// Whether the link's server speaks TLS (the default).
+/// Whether the spec asks for a TLS server (the default). A running server keeps what it was
+/// started with: see [`deployment_tls`].
 pub fn tls_enabled(link: &DataLink) -> bool {
     link.spec.server.tls.unwrap_or(true)
+}
+
+/// Whether a server Deployment serves TLS, from its args.
+pub fn deployment_tls(deployment: &Deployment) -> bool {
+    server_container(deployment)
+        .and_then(|c| c.args.as_ref())
+        .is_some_and(|args| args.iter().any(|a| a == "--tls-cert"))
+}
+
+/// The image a server Deployment runs.
+pub fn deployment_image(deployment: &Deployment) -> Option<String> {
+    server_container(deployment).and_then(|c| c.image.clone())
+}
+
+fn server_container(deployment: &Deployment) -> Option<&Container> {
+    deployment
+        .spec
+        .as_ref()?
+        .template
+        .spec
+        .as_ref()?
+        .containers
+        .first()
+}
+
+/// Hash of what the DataLink says about its server: the spec's `server` and memory policy, and
+/// the link's uid. The Deployment is applied again only when this changes, never because the
+/// controller's own code (its default image, a new flag) changed: that would restart a running
+/// server, and a restarted server starts empty.
+pub fn server_inputs(link: &DataLink) -> String {
+    let inputs = serde_json::json!([
+        link.spec.server,
+        link.spec.policy.memory_policy,
+        link.metadata.uid
+    ]);
+    text_hash(&inputs.to_string())
+}
+
+/// The image a link's server runs: the spec's, else the one pinned in its status when it was
+/// provisioned, else the one an older controller gave its running Deployment, else `default`.
+pub fn pinned_image(link: &DataLink, running: Option<&Deployment>, default: &str) -> String {
+    link.spec
+        .server
+        .image
+        .clone()
+        .or_else(|| link.status.as_ref().and_then(|s| s.server_image.clone()))
+        .or_else(|| running.and_then(deployment_image))
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// The object storage the link's server spills to and snapshots to: its own prefix below
+/// `spec.server.spillUrl`, so links that share a bucket never restore each other's snapshots,
+/// and a DataLink made again under the same name starts empty.
+pub fn link_storage_url(link: &DataLink) -> Option<String> {
+    let base = link.spec.server.spill_url.as_deref()?;
+    let namespace = link.metadata.namespace.as_deref().unwrap_or("default");
+    let name = link.metadata.name.as_deref().unwrap_or("datalink");
+    Some(match link.metadata.uid.as_deref() {
+        Some(uid) => format!("{}/{namespace}/{name}-{uid}", base.trim_end_matches('/')),
+        None => format!("{}/{namespace}/{name}", base.trim_end_matches('/')),
+    })
 }
 
 /// The Service's DNS name, which the server's certificate names and clients verify.
@@ -108,12 +172,8 @@ pub fn server_dns_names(link: &DataLink) -> Vec<String> {
 }
 
 /// The Flight endpoint producers and consumers are given.
-pub fn endpoint(link: &DataLink) -> String {
-    let scheme = if tls_enabled(link) {
-        "grpc+tls"
-    } else {
-        "grpc"
-    };
+pub fn endpoint(link: &DataLink, tls: bool) -> String {
+    let scheme = if tls { "grpc+tls" } else { "grpc" };
     format!("{scheme}://{}:{GRPC_PORT}", server_host(link))
 }
 
@@ -272,23 +332,31 @@ fn http_probe(path: &str, period: i32) -> Probe {
     }
 }
 
-/// `handoff serve` for this link: memory limit derived from the budget, probes on /readyz and
-/// /healthz, non-root with a read-only root filesystem; spill goes to an emptyDir unless the spec
-/// names object storage.
-pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deployment, InvalidSpec> {
+/// `handoff serve` for this link, running `image`, with TLS when `tls`: memory limit derived from
+/// the budget, probes on /readyz and /healthz, non-root with a read-only root filesystem, one
+/// replica replaced by Recreate (two servers would split the link). Spill goes to an emptyDir
+/// unless the spec names object storage; then the server also snapshots the link when it is
+/// sealed and restores it on start, before it reports ready.
+pub fn server_deployment(
+    link: &DataLink,
+    image: &str,
+    tls: bool,
+) -> Result<Deployment, InvalidSpec> {
     let server = &link.spec.server;
     let budget = quantity_bytes(server.memory.as_deref().unwrap_or(DEFAULT_MEMORY))?;
     let pod_limit = budget + budget / 10 + BASE_OVERHEAD_BYTES;
     let cpu = server.cpu.clone().unwrap_or_else(|| DEFAULT_CPU.into());
     quantity_cpu_ok(&cpu)?;
     let replicas = server.replicas.unwrap_or(1);
-    if replicas < 1 {
-        return Err(InvalidSpec(
-            "spec.server.replicas must be at least 1".into(),
-        ));
+    if replicas != 1 {
+        // The CRD's schema says so too; this is for servers that do not enforce it.
+        return Err(InvalidSpec(format!(
+            "spec.server.replicas is {replicas}; a link is served by exactly one server, so set 1 \
+             or leave it out"
+        )));
     }
-    let spill_url = server
-        .spill_url
+    let durable = link_storage_url(link);
+    let spill_url = durable
         .clone()
         .unwrap_or_else(|| format!("file://{SPILL_DIR}"));
     let policy = match link.spec.policy.memory_policy {
@@ -310,7 +378,10 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
         "--spill-url".into(),
         spill_url,
     ];
-    if tls_enabled(link) {
+    if let Some(url) = durable {
+        args.extend(["--snapshot-on-seal".into(), "--restore-from".into(), url]);
+    }
+    if tls {
         // The Secret is mounted at /etc/handoff (below).
         args.extend([
             "--tls-cert".into(),
@@ -367,7 +438,7 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
     });
     let container = Container {
         name: "handoff".into(),
-        image: Some(server.image.clone().unwrap_or_else(|| default_image.into())),
+        image: Some(image.into()),
         args: Some(args),
         env: Some(vec![
             secret_env("HANDOFF_TOKEN", &secret, ADMIN_TOKEN_KEY),
@@ -411,10 +482,20 @@ pub fn server_deployment(link: &DataLink, default_image: &str) -> Result<Deploym
         ..Default::default()
     };
     let labels = labels(link);
+    let mut metadata = owned_meta(link, server_name(link));
+    metadata.annotations = Some(BTreeMap::from([(
+        SERVER_INPUTS.to_string(),
+        server_inputs(link),
+    )]));
     Ok(Deployment {
-        metadata: owned_meta(link, server_name(link)),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
+            // Never two servers at once: the old one is gone before the new one starts.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
             selector: LabelSelector {
                 match_labels: Some(labels.clone()),
                 ..Default::default()
@@ -545,15 +626,22 @@ pub fn server_network_policy(
 pub fn with_applied_hash<T: serde::Serialize + Resource>(
     mut object: T,
 ) -> Result<(T, String), serde_json::Error> {
-    use std::hash::{Hash, Hasher};
-    let text = serde_json::to_string(&object)?;
-    let mut hasher = std::hash::DefaultHasher::new();
-    text.hash(&mut hasher);
-    let hash = format!("{:016x}", hasher.finish());
+    let hash = text_hash(&serde_json::to_string(&object)?);
     object
         .meta_mut()
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(APPLIED_HASH.to_string(), hash.clone());
     Ok((object, hash))
+}
+
+/// The first 16 hex digits of the text's SHA-256: stable across builds and Rust versions (std's
+/// DefaultHasher is not), since a changed hash means a write, and for the server a restart.
+fn text_hash(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

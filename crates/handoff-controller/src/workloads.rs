@@ -118,6 +118,22 @@ pub fn spark_patch(spark: &Value, ours: &[Value], unsuspend: bool) -> Option<Val
     (!spec.is_empty()).then(|| with_version(spark, json!({ "spec": spec })))
 }
 
+/// The merge patch that suspends the application, for a rerun; `None` when it is suspended.
+pub fn spark_suspend_patch(spark: &Value) -> Option<Value> {
+    (!spark_suspended(spark)).then(|| with_version(spark, json!({"spec": {"suspend": true}})))
+}
+
+/// Whether the Spark Operator has stopped the application after a suspend (state SUSPENDED),
+/// or it never ran, so that unsuspending it runs it from the start.
+pub fn spark_stopped(spark: &Value) -> bool {
+    matches!(
+        spark["status"]["applicationState"]["state"]
+            .as_str()
+            .unwrap_or(""),
+        "" | "NEW" | "SUSPENDED"
+    )
+}
+
 pub fn consumer_suspended(consumer: &ConsumerRef<'_>, job: &Value) -> bool {
     let flag = match consumer {
         ConsumerRef::PyTorchJob(_) => &job["spec"]["runPolicy"]["suspend"],
@@ -403,10 +419,16 @@ mod tests {
         let patch = consumer_patch(&trainer, &train, &ours(), false)
             .expect("ok")
             .expect("patch");
-        assert!(patch["spec"].get("trainer").is_none(), "spec.trainer is immutable");
+        assert!(
+            patch["spec"].get("trainer").is_none(),
+            "spec.trainer is immutable"
+        );
         assert!(patch["spec"].get("suspend").is_none());
         let patches = patch["spec"]["runtimePatches"].as_array().expect("list");
-        assert_eq!(patches[0], kueue, "other managers' entries stay as they are");
+        assert_eq!(
+            patches[0], kueue,
+            "other managers' entries stay as they are"
+        );
         assert_eq!(patches[1], runtime_patch(&ours()));
         let job = &patches[1]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0];
         assert_eq!(job["name"], TRAINER_NODE);
@@ -433,7 +455,10 @@ mod tests {
             .expect("ok")
             .expect("patch");
         assert_eq!(removal["spec"]["runtimePatches"], json!([kueue]));
-        assert!(removal["spec"].get("suspend").is_none(), "not released unwired");
+        assert!(
+            removal["spec"].get("suspend").is_none(),
+            "not released unwired"
+        );
 
         // Released: nothing more is written, whatever changed.
         let mut running = wired.clone();
@@ -457,8 +482,14 @@ mod tests {
     #[test]
     fn release_is_read_from_the_patch() {
         let pt = ConsumerRef::PyTorchJob("p");
-        assert!(releases(&pt, &json!({"spec": {"runPolicy": {"suspend": false}}})));
-        assert!(!releases(&pt, &json!({"spec": {"pytorchReplicaSpecs": {}}})));
+        assert!(releases(
+            &pt,
+            &json!({"spec": {"runPolicy": {"suspend": false}}})
+        ));
+        assert!(!releases(
+            &pt,
+            &json!({"spec": {"pytorchReplicaSpecs": {}}})
+        ));
         let tj = ConsumerRef::TrainJob("t");
         assert!(releases(&tj, &json!({"spec": {"suspend": false}})));
         assert!(!releases(&tj, &json!({"spec": {"runtimePatches": []}})));

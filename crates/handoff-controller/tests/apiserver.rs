@@ -57,6 +57,15 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         .await
         .expect_err("an unknown gate is refused");
     assert!(refused.to_string().contains("gate"), "{refused}");
+    // One server per link: the schema refuses a second replica.
+    let mut two = minimal.clone();
+    two.metadata.name = Some("two".into());
+    two.spec.server.replicas = Some(2);
+    let refused = links
+        .create(&PostParams::default(), &two)
+        .await
+        .expect_err("replicas: 2 is refused");
+    assert!(refused.to_string().contains("replicas"), "{refused}");
 
     // Status goes through the status subresource, by server-side apply.
     let status = serde_json::json!({
@@ -94,7 +103,8 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         )
         .await
         .expect("secret applies");
-    let deployment = resources::server_deployment(&owner, "handoff:test").expect("deployment");
+    let deployment =
+        resources::server_deployment(&owner, "handoff:test", true).expect("deployment");
     let applied = deployments
         .patch(
             &resources::server_name(&owner),
@@ -103,6 +113,11 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         )
         .await
         .expect("deployment applies");
+    let strategy = applied
+        .spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.type_.clone());
     let container = &applied
         .spec
         .expect("spec")
@@ -115,10 +130,13 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         args.windows(2)
             .any(|w| w == ["--memory-limit", &(8u64 << 30).to_string()])
     );
-    assert!(
-        args.windows(2)
-            .any(|w| w == ["--spill-url", "s3://ml-scratch/handoff"])
-    );
+    // Its own prefix below the spec's bucket, snapshotted on seal and restored on start.
+    let uid = owner.metadata.uid.clone().expect("uid");
+    let storage = format!("s3://ml-scratch/handoff/default/features-{uid}");
+    assert!(args.windows(2).any(|w| w == ["--spill-url", &storage]));
+    assert!(args.windows(2).any(|w| w == ["--restore-from", &storage]));
+    assert!(args.contains(&"--snapshot-on-seal".to_string()));
+    assert_eq!(strategy.as_deref(), Some("Recreate"));
     let limit = &container
         .resources
         .as_ref()
@@ -139,17 +157,17 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
     let owners = service.metadata.owner_references.expect("owned");
     assert_eq!(owners[0].uid, owner.metadata.uid.clone().expect("uid"));
     assert_eq!(
-        resources::endpoint(&owner),
+        resources::endpoint(&owner, resources::tls_enabled(&owner)),
         "grpc+tls://features-handoff.default.svc:8815"
     );
     let mut plain = owner.clone();
     plain.spec.server.tls = Some(false);
     assert_eq!(
-        resources::endpoint(&plain),
+        resources::endpoint(&plain, resources::tls_enabled(&plain)),
         "grpc://features-handoff.default.svc:8815"
     );
     let args = |link: &DataLink| {
-        resources::server_deployment(link, "x")
+        resources::server_deployment(link, "x", resources::tls_enabled(link))
             .expect("deployment")
             .spec
             .expect("spec")
@@ -165,7 +183,7 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
     assert!(!args(&plain).iter().any(|a| a.starts_with("--tls")));
     let mut bad = owner.clone();
     bad.spec.server.memory = Some("8GB".into());
-    assert!(resources::server_deployment(&bad, "x").is_err());
+    assert!(resources::server_deployment(&bad, "x", true).is_err());
 
     for name in ["features", "minimal"] {
         links

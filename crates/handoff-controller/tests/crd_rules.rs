@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 
 fn env(link: &str) -> Vec<Value> {
     vec![
-        plain_env("HANDOFF_ENDPOINT", "grpc+tls://features-handoff.ns.svc:8815"),
+        plain_env(
+            "HANDOFF_ENDPOINT",
+            "grpc+tls://features-handoff.ns.svc:8815",
+        ),
         plain_env("HANDOFF_LINK", link),
         secret_env("HANDOFF_TOKEN", "features-handoff-tokens", "reader-token"),
         secret_env("HANDOFF_TLS_CA_PEM", "features-handoff-tokens", "ca.crt"),

@@ -33,7 +33,28 @@ fn docs(text: &str, what: &str) -> Vec<Value> {
     let parsed = serde_yaml::Deserializer::from_str(text).map(Value::deserialize);
     let all: Result<Vec<Value>, _> = parsed.collect();
     let all = all.unwrap_or_else(|e| panic!("{what}: {e}"));
-    all.into_iter().filter(|doc| !doc.is_null()).collect()
+    all.into_iter()
+        .filter(|doc| !doc.is_null())
+        .map(whole_numbers)
+        .collect()
+}
+
+/// `1.0` as `1`: the CRD's `maximum` is a float in the Kubernetes types, and kustomize prints it
+/// back as an integer.
+fn whole_numbers(value: Value) -> Value {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(whole_numbers).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (k, whole_numbers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 fn yaml(path: &str) -> Value {

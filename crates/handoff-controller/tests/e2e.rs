@@ -926,7 +926,9 @@ async fn happy_path_trainjob(cluster: &Cluster) {
         fixture("examples/trainjob-01-multi-node.yaml")["spec"]["trainer"],
         "spec.trainer is untouched"
     );
-    let patches = job["spec"]["runtimePatches"].as_array().expect("runtimePatches");
+    let patches = job["spec"]["runtimePatches"]
+        .as_array()
+        .expect("runtimePatches");
     assert_eq!(patches.len(), 1);
     assert_eq!(patches[0]["manager"], "handoff.kubeflow.org/datalink");
     let env = patches[0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]

@@ -919,7 +919,10 @@ async fn deleted_and_expired_links_are_not_restored() {
     assert!(restored.skipped.is_empty(), "{:?}", restored.skipped);
     let mut admin = restarted.admin().await;
     let stats = admin.stats("team/kept").await.expect("stats");
-    assert_ne!(stats.server_instance, first, "a new process, a new instance");
+    assert_ne!(
+        stats.server_instance, first,
+        "a new process, a new instance"
+    );
     restarted.stop().await;
 }
 

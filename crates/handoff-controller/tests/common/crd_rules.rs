@@ -61,8 +61,15 @@ impl CrdRules {
 }
 
 fn collect(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
-    for rule in schema["x-kubernetes-validations"].as_array().into_iter().flatten() {
-        out.push((path.to_string(), rule["rule"].as_str().unwrap_or("").to_string()));
+    for rule in schema["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push((
+            path.to_string(),
+            rule["rule"].as_str().unwrap_or("").to_string(),
+        ));
     }
     if let Some(properties) = schema["properties"].as_object() {
         for (key, child) in properties {
@@ -114,7 +121,11 @@ fn defaulted(schema: &Value, value: &Value) -> Value {
 }
 
 fn walk(schema: &Value, old: Option<&Value>, new: &Value, path: &str, out: &mut Vec<Violation>) {
-    for rule in schema["x-kubernetes-validations"].as_array().into_iter().flatten() {
+    for rule in schema["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let text = rule["rule"].as_str().unwrap_or("");
         let transition = text.contains("oldSelf");
         if transition && old.is_none() {
@@ -123,7 +134,11 @@ fn walk(schema: &Value, old: Option<&Value>, new: &Value, path: &str, out: &mut 
         let outcome = evaluate(text, new, old);
         if outcome != "true" {
             out.push(Violation {
-                path: if path.is_empty() { ".".into() } else { path.into() },
+                path: if path.is_empty() {
+                    ".".into()
+                } else {
+                    path.into()
+                },
                 rule: text.into(),
                 message: rule["message"].as_str().unwrap_or("").into(),
                 outcome,
@@ -138,7 +153,13 @@ fn walk(schema: &Value, old: Option<&Value>, new: &Value, path: &str, out: &mut 
                     .or_else(|| schema.get("additionalProperties").filter(|s| s.is_object()));
                 if let Some(child_schema) = child_schema {
                     let old_child = old.and_then(|o| o.get(key));
-                    walk(child_schema, old_child, child, &format!("{path}.{key}"), out);
+                    walk(
+                        child_schema,
+                        old_child,
+                        child,
+                        &format!("{path}.{key}"),
+                        out,
+                    );
                 }
             }
         }
@@ -159,7 +180,13 @@ fn walk(schema: &Value, old: Option<&Value>, new: &Value, path: &str, out: &mut 
                         olds.iter()
                             .find(|o| keys.iter().all(|k| o.get(*k) == item.get(*k)))
                     });
-                walk(&schema["items"], old_item, item, &format!("{path}[{i}]"), out);
+                walk(
+                    &schema["items"],
+                    old_item,
+                    item,
+                    &format!("{path}[{i}]"),
+                    out,
+                );
             }
         }
         _ => {}
