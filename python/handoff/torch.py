@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import pyarrow as pa
@@ -33,7 +34,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .client import HandoffClient, ShardRequest, TlsSettings, resolve_link
+from .client import HandoffClient, LinkNotFound, ShardRequest, TlsSettings, resolve_link
+
+# How long a reader waits for a link that does not exist yet: a DataLink with `gate: streaming`
+# may start training a moment before the producer's first write.
+DEFAULT_WAIT_LINK_SECONDS = 300
 
 __all__ = ["HandoffDataset", "to_tensors", "column_to_tensor"]
 
@@ -148,6 +153,8 @@ class HandoffDataset(IterableDataset):
         endpoint, token: default `HANDOFF_ENDPOINT` and `HANDOFF_TOKEN`.
         tls: CA and client certificate for a grpc+tls:// endpoint; default from HANDOFF_TLS_CA,
             HANDOFF_TLS_CA_PEM, HANDOFF_TLS_CLIENT_CERT and HANDOFF_TLS_CLIENT_KEY.
+        wait_link: seconds to wait for a link that does not exist yet before failing with
+            LinkNotFound; 0 fails at once. Default: $HANDOFF_WAIT_LINK, else 300.
     """
 
     def __init__(self, link: Optional[str] = None, batch_size: Optional[int] = None, *,
@@ -158,8 +165,13 @@ class HandoffDataset(IterableDataset):
                  transform: Optional[Callable[[pa.RecordBatch], Any]] = None,
                  prefetch: int = 2, endpoint: Optional[str] = None, token: Optional[str] = None,
                  columns: Optional[Sequence[str]] = None, filter: Optional[str] = None,
-                 tls: Optional[TlsSettings] = None):
+                 tls: Optional[TlsSettings] = None, wait_link: Optional[float] = None):
         super().__init__()
+        if wait_link is None:
+            wait_link = _env_int("HANDOFF_WAIT_LINK", DEFAULT_WAIT_LINK_SECONDS)
+        if wait_link < 0:
+            raise ValueError("wait_link is seconds to wait for the link to exist; 0 or more")
+        self.wait_link = float(wait_link)
         # Defaults a DataLink's `spec.read` hands to the job through the environment.
         if batch_size is None:
             batch_size = _env_int("HANDOFF_BATCH_ROWS", 1024)
@@ -263,6 +275,29 @@ class HandoffDataset(IterableDataset):
             stop.set()
             thread.join(timeout=10)
 
+    def _open(self, client: HandoffClient, request: ShardRequest, stop: threading.Event):
+        """The shard's stream and its first batch (None when it is empty), once the link exists:
+        until then, within `wait_link`, ask again with a growing pause. None when stopped."""
+        deadline = time.monotonic() + self.wait_link
+        pause = 0.2
+        while True:
+            stream = client.read_shard(request)
+            try:
+                return next(stream, None), stream
+            except LinkNotFound as e:
+                stream.close()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self.wait_link:
+                        raise LinkNotFound(
+                            f"{e} (waited {self.wait_link:g} s for it to be created; raise "
+                            f"HANDOFF_WAIT_LINK or wait_link= to wait longer)",
+                            code=e.code) from e
+                    raise
+                if stop.wait(min(pause, left)):
+                    return None
+                pause = min(pause * 2, 5.0)
+
     def _produce(self, request: ShardRequest, convert, items: "queue.Queue[Any]",
                  stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -277,8 +312,13 @@ class HandoffDataset(IterableDataset):
 
         try:
             with HandoffClient(self.endpoint, self.token, tls=self.tls) as client:
-                stream = client.read_shard(request)
+                opened = self._open(client, request, stop)
+                if opened is None:
+                    return
+                first, stream = opened
                 try:
+                    if first is not None and not put(convert(first)):
+                        return
                     for batch in stream:
                         if not put(convert(batch)):
                             return

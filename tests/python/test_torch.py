@@ -269,11 +269,42 @@ def test_unreachable_server_and_unknown_link_fail_clearly(endpoint, token):
         dead = f"grpc://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(ServerUnavailable, match="cannot reach the handoff server"):
         list(HandoffDataset("x", batch_size=BATCH, endpoint=dead))
-    with pytest.raises(LinkNotFound, match="does not exist"):
+    with pytest.raises(LinkNotFound, match="does not exist.*waited 1 s.*HANDOFF_WAIT_LINK"):
         list(loader(HandoffDataset("torch/nope", batch_size=BATCH, endpoint=endpoint,
-                                   token=token), 2))
+                                   token=token, wait_link=1), 2))
+    with pytest.raises(LinkNotFound, match="does not exist"):
+        list(HandoffDataset("torch/nope", batch_size=BATCH, endpoint=endpoint, token=token,
+                            wait_link=0))
     with pytest.raises(ValueError, match="HANDOFF_LINK"):
         HandoffDataset(batch_size=BATCH)
+
+
+def test_a_reader_waits_for_a_link_created_after_it_started(endpoint, token, server,
+                                                             monkeypatch):
+    """gate: streaming releases training as the producer starts: the link may not exist yet."""
+    link = "torch/late"
+    monkeypatch.setenv("HANDOFF_WAIT_LINK", "60")
+
+    def produce():
+        time.sleep(1.5)
+        with HandoffClient(server.location, server.writer_token.decode()) as w:
+            w.put(link, table(0, 1000))
+            w.seal(link)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        started = time.monotonic()
+        ds = HandoffDataset(link, batch_size=BATCH, endpoint=endpoint, token=token,
+                            rank=0, world_size=1)
+        assert ds.wait_link == 60
+        assert sorted(ids_of(ds)) == list(range(1000))
+        assert time.monotonic() - started >= 1.0
+    finally:
+        producer.join()
+    with pytest.raises(ValueError, match="HANDOFF_WAIT_LINK"):
+        monkeypatch.setenv("HANDOFF_WAIT_LINK", "soon")
+        HandoffDataset(link, batch_size=BATCH, endpoint=endpoint, token=token)
 
 
 def test_default_fork_workers_in_a_training_process_that_leaves_grpc_to_them(endpoint, token,

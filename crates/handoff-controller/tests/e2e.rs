@@ -113,6 +113,18 @@ struct RunningController {
 
 impl RunningController {
     async fn start(cluster: &Cluster, namespace: &str, endpoint: &str) -> Self {
+        // On a real cluster (kind), load an image that runs, e.g. `handoff:dev`.
+        let image =
+            std::env::var("HANDOFF_TEST_SERVER_IMAGE").unwrap_or_else(|_| "handoff:test".into());
+        Self::start_with_image(cluster, namespace, endpoint, &image).await
+    }
+
+    async fn start_with_image(
+        cluster: &Cluster,
+        namespace: &str,
+        endpoint: &str,
+        server_image: &str,
+    ) -> Self {
         let groups = vec![
             "system:serviceaccounts".to_string(),
             "system:serviceaccounts:handoff-system".to_string(),
@@ -131,9 +143,7 @@ impl RunningController {
         let metrics = Arc::new(Metrics::default());
         let config = ControllerConfig {
             namespace: Some(namespace.into()),
-            // On a real cluster (kind), load an image that runs, e.g. `handoff:dev`.
-            server_image: std::env::var("HANDOFF_TEST_SERVER_IMAGE")
-                .unwrap_or_else(|_| "handoff:test".into()),
+            server_image: server_image.into(),
             endpoint_override: Some(endpoint.into()),
             poll_interval: Duration::from_millis(500),
             instance: Some(format!("test-{namespace}")),
@@ -208,12 +218,14 @@ struct History {
 impl History {
     fn watch(api: Api<DynamicObject>, name: &str, kind: &str) -> Self {
         use futures::StreamExt;
+        use kube::runtime::WatchStreamExt;
         use kube::runtime::watcher::{self, Event};
         let runs: Arc<Mutex<Vec<Vec<Value>>>> = Arc::default();
         let sink = Arc::clone(&runs);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let task = tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher::watcher(api, config));
+            // With backoff: a watch that fails at once again and again would never yield.
+            let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
             while let Some(event) = events.next().await {
                 let mut runs = sink.lock().expect("lock");
                 match event {
@@ -275,6 +287,8 @@ struct Scenario<'a> {
     namespace: String,
     consumer: Consumer,
     endpoint: String,
+    /// Where the link's server listens, across its restarts.
+    addr: std::net::SocketAddr,
     listener: Option<tokio::net::TcpListener>,
     server: Option<LinkServer>,
     controller: Option<RunningController>,
@@ -310,13 +324,15 @@ impl<'a> Scenario<'a> {
             .await
             .expect("bind");
         // The server speaks TLS, as the controller configures it by default.
-        let endpoint = format!("grpc+tls://{}", listener.local_addr().expect("addr"));
+        let addr = listener.local_addr().expect("addr");
+        let endpoint = format!("grpc+tls://{addr}");
         let mut scenario = Self {
             histories: Vec::new(),
             cluster,
             namespace: namespace.into(),
             consumer,
             endpoint,
+            addr,
             listener: Some(listener),
             server: None,
             controller: None,
@@ -414,6 +430,18 @@ impl<'a> Scenario<'a> {
     async fn start_controller(&mut self) {
         let controller =
             RunningController::start(self.cluster, &self.namespace, &self.endpoint).await;
+        self.controller = Some(controller);
+    }
+
+    /// A controller as a newer release would run: another default server image.
+    async fn start_controller_with_image(&mut self, image: &str) {
+        let controller = RunningController::start_with_image(
+            self.cluster,
+            &self.namespace,
+            &self.endpoint,
+            image,
+        )
+        .await;
         self.controller = Some(controller);
     }
 
@@ -517,7 +545,13 @@ impl<'a> Scenario<'a> {
             key_pem: secret_file("tls.key"),
             client_ca_pem: None,
         };
-        let listener = self.listener.take().expect("listener");
+        let listener = match self.listener.take() {
+            Some(listener) => listener,
+            // A restart: the same address, as the Service keeps routing to the new pod.
+            None => tokio::net::TcpListener::bind(self.addr)
+                .await
+                .expect("bind the server's address again"),
+        };
         let config = handoff_server::ServerConfig {
             tls: Some(tls),
             auth: handoff_server::AuthConfig {
@@ -528,7 +562,32 @@ impl<'a> Scenario<'a> {
             },
             ..Default::default()
         };
-        let store = handoff_store::Store::new(handoff_store::StoreConfig::default());
+        // Object storage, snapshots and restore, as the args say.
+        let flag = |name: &str| args.iter().any(|a| a == name);
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .map(|at| args[at + 1].clone())
+        };
+        let storage = |url: &str| {
+            let storage = handoff_store::ObjectStorage::from_url(url).expect("storage url");
+            storage.prepare().expect("storage");
+            storage
+        };
+        let store = handoff_store::Store::new(handoff_store::StoreConfig {
+            storage: value("--spill-url")
+                .filter(|url| !url.starts_with("file:///var/lib/handoff"))
+                .map(|url| storage(&url)),
+            snapshot_on_seal: flag("--snapshot-on-seal"),
+            ..Default::default()
+        });
+        if let Some(url) = value("--restore-from") {
+            let restored = store
+                .restore_all(&storage(&url))
+                .await
+                .expect("restore before serving");
+            assert!(restored.skipped.is_empty(), "{:?}", restored.skipped);
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             handoff_server::serve(store, config, listener, None, async move {
@@ -552,6 +611,40 @@ impl<'a> Scenario<'a> {
                 .await
                 .expect("mark the Deployment available");
         }
+    }
+
+    /// The server pod restarts: a new process, empty unless it restores a snapshot.
+    async fn restart_server(&mut self) {
+        self.stop_server().await;
+        self.run_server().await;
+    }
+
+    /// The DataLink once `condition` holds with `reason`.
+    async fn wait_condition(&self, condition: &str, reason: &str) -> DataLink {
+        let links = self.links();
+        eventually(
+            &format!("condition {condition}={reason} in {}", self.namespace),
+            || async {
+                let link = links.get("features").await.ok()?;
+                link.status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition && c.reason == reason && c.status == "True")
+                    .then_some(link)
+            },
+        )
+        .await
+    }
+
+    /// The DataLink once the controller has read `rows` rows from the server.
+    async fn wait_rows(&self, rows: i64) -> DataLink {
+        let links = self.links();
+        eventually(&format!("{rows} rows in the status"), || async {
+            let link = links.get("features").await.ok()?;
+            (link.status.as_ref()?.rows == Some(rows)).then_some(link)
+        })
+        .await
     }
 
     async fn stop_server(&mut self) {
@@ -1308,6 +1401,197 @@ async fn upgrade_from_a_secret_without_certificates(cluster: &Cluster) {
     s.finish().await;
 }
 
+/// With spillUrl, the server snapshots on seal and restores on start: a server killed after the
+/// seal comes back with the link, the DataLink says ServerRestarted, and training goes on.
+async fn a_server_restarted_after_the_seal_restores_the_link(cluster: &Cluster) {
+    let spill = tempfile::tempdir().expect("tempdir");
+    let base = format!("file://{}", spill.path().display());
+    let mut s = Scenario::new(
+        cluster,
+        "restart-restores",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "server": {"spillUrl": base}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let deployments: Api<Deployment> = s.api();
+    let deployment = deployments
+        .get("features-handoff")
+        .await
+        .expect("deployment");
+    let spec = deployment.spec.clone().expect("spec");
+    assert_eq!(
+        spec.strategy.and_then(|s| s.type_).as_deref(),
+        Some("Recreate")
+    );
+    let args = spec.template.spec.expect("pod").containers[0]
+        .args
+        .clone()
+        .expect("args");
+    let uid = s.links().get("features").await.expect("link").metadata.uid;
+    let storage = format!("{base}/{}/features-{}", s.namespace, uid.expect("uid"));
+    assert!(
+        args.windows(2).any(|w| w == ["--restore-from", &storage]),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--snapshot-on-seal".to_string()));
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 300, true).await;
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    let status = link.status.expect("status");
+    assert_eq!(status.server_image.as_deref(), Some("handoff:test"));
+    let first = status.server_instance.expect("instance read");
+    s.restart_server().await;
+    let link = s.wait_condition("ServerRestarted", "Restored").await;
+    let status = link.status.expect("status");
+    assert_eq!(status.rows, Some(300));
+    assert_eq!(status.server_restarts, Some(1));
+    assert_ne!(status.server_instance.as_deref(), Some(first.as_str()));
+    assert!(!s.consumer_suspended().await, "training goes on");
+    let mut reader = s.connect(s.tokens().await.reader).await;
+    assert_eq!(reader.stats("features").await.expect("stats").rows, 300);
+    s.consumer_condition("Running").await;
+    s.wait_phase(Phase::Consuming).await;
+    s.finish().await;
+}
+
+/// No spillUrl, and the server restarts before the seal: the DataLink says what was lost and,
+/// with onServerLoss: RestartProducer, reruns the SparkApplication, which fills the link again.
+async fn a_lost_server_reruns_the_producer(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "restart-reruns",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "policy": {"onServerLoss": "RestartProducer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 200, false).await;
+    s.wait_rows(200).await;
+    s.restart_server().await;
+    let link = s.wait_condition("ServerLost", "RestartingProducer").await;
+    let lost = link
+        .status
+        .as_ref()
+        .and_then(|st| st.conditions.iter().find(|c| c.type_ == "ServerLost"))
+        .map(|c| c.message.clone())
+        .expect("ServerLost");
+    assert!(lost.contains("200 rows"), "{lost}");
+    assert!(lost.contains("spillUrl"), "{lost}");
+    eventually("the SparkApplication suspended for a rerun", || async {
+        (s.spark().await["spec"]["suspend"] == json!(true)).then_some(())
+    })
+    .await;
+    assert!(s.consumer_suspended().await);
+    // The Spark Operator stops it; then the controller runs it again.
+    s.spark_state("SUSPENDED").await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 150, true).await;
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    assert_eq!(link.status.and_then(|st| st.rows), Some(150));
+    assert!(!s.consumer_suspended().await);
+    s.finish().await;
+}
+
+/// The default policy: a server lost before the seal fails the link, saying what was lost.
+async fn a_lost_server_fails_the_link(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "restart-fails",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 100, false).await;
+    s.wait_rows(100).await;
+    s.restart_server().await;
+    let link = s.wait_phase(Phase::Failed).await;
+    let status = link.status.expect("status");
+    assert_eq!(status.reason.as_deref(), Some("ServerLost"));
+    let lost = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ServerLost")
+        .expect("ServerLost");
+    assert!(lost.message.contains("100 rows"), "{}", lost.message);
+    assert!(s.consumer_suspended().await);
+    s.finish().await;
+}
+
+/// A controller upgrade (a new default image) leaves a running link's server alone, and a
+/// Deployment an older controller made, without the inputs annotation, is adopted by a
+/// metadata-only write that does not restart its pod.
+async fn a_controller_upgrade_does_not_restart_link_servers(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "upgrade-keeps",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 100, false).await;
+    s.wait_rows(100).await;
+    let deployments: Api<Deployment> = s.api();
+    let before = deployments
+        .get("features-handoff")
+        .await
+        .expect("deployment");
+    s.stop_controller().await;
+    // As an older controller left it: no record of its inputs.
+    let strip = json!({"metadata": {"annotations": {resources::SERVER_INPUTS: null}}});
+    deployments
+        .patch(
+            "features-handoff",
+            &PatchParams::default(),
+            &Patch::Merge(&strip),
+        )
+        .await
+        .expect("strip the annotation");
+    s.start_controller_with_image("handoff:next").await;
+    s.write(&spark, 50, false).await;
+    s.wait_rows(150).await;
+    let after = eventually("the Deployment adopted", || async {
+        let d = deployments.get("features-handoff").await.ok()?;
+        d.annotations()
+            .contains_key(resources::SERVER_INPUTS)
+            .then_some(d)
+    })
+    .await;
+    let image = |d: &Deployment| resources::deployment_image(d);
+    assert_eq!(image(&after).as_deref(), Some("handoff:test"));
+    // (Annotation changes bump a Deployment's generation, but only a new pod template rolls
+    // its pods.)
+    assert_eq!(
+        after.spec.as_ref().map(|s| &s.template),
+        before.spec.as_ref().map(|s| &s.template),
+        "the pod template is untouched"
+    );
+    let link = s.links().get("features").await.expect("link");
+    assert_eq!(
+        link.status.and_then(|st| st.server_image).as_deref(),
+        Some("handoff:test")
+    );
+    s.finish().await;
+}
+
 async fn prepared_cluster() -> Cluster {
     let cluster = Cluster::start().await;
     install_crd(&cluster.client).await;
@@ -1329,6 +1613,10 @@ async fn datalinks_are_reconciled_end_to_end() {
         deletion_midway(&cluster),
         idempotent_and_restartable(&cluster),
         upgrade_from_a_secret_without_certificates(&cluster),
+        a_server_restarted_after_the_seal_restores_the_link(&cluster),
+        a_lost_server_reruns_the_producer(&cluster),
+        a_lost_server_fails_the_link(&cluster),
+        a_controller_upgrade_does_not_restart_link_servers(&cluster),
     );
 }
 
