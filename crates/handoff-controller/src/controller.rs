@@ -437,9 +437,14 @@ impl<'a> Run<'a> {
         {
             return self.producer_failed(&jobs.producer_name, why).await;
         }
-        let stats = self.stats(&tokens).await?;
+        let mut stats = self.stats(&tokens).await?;
         if let Some(action) = self.server_continuity(stats.as_ref(), &jobs).await? {
             return Ok(action);
+        }
+        if stats.is_none() && self.link.spec.policy.gate == Gate::Streaming && !self.rerunning() {
+            // Training is released before the producer writes: the link must be there for
+            // its readers, or they start with NOT_FOUND.
+            stats = Some(self.create_link(&tokens).await?);
         }
         let sealed = stats.as_ref().is_some_and(|s| s.state == "sealed");
         let completed = producer == ProducerState::Completed;
@@ -1166,6 +1171,38 @@ impl<'a> Run<'a> {
                 FLIGHT_TIMEOUT.as_secs()
             ))),
         }
+    }
+
+    /// Create the (empty) link on its server; the producer's first commit fixes its schema.
+    async fn create_link(&mut self, tokens: &Tokens) -> Result<LinkStats> {
+        let endpoint = self.server_endpoint();
+        let mut client = self.flight(tokens).await?;
+        let request = handoff_client::CreateLink {
+            link: self.name.clone(),
+            exist_ok: true,
+            ..Default::default()
+        };
+        match tokio::time::timeout(FLIGHT_TIMEOUT, client.create(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => return Err(Error::Server { endpoint, source }),
+            Err(_) => {
+                return Err(Error::Config(format!(
+                    "handoff server at {endpoint} did not answer create in {} s",
+                    FLIGHT_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        info!(link = %self.name, "created the link on its server for a streaming consumer");
+        let stats = self.stats(tokens).await?.ok_or_else(|| {
+            Error::Config(format!(
+                "link {} is not on the server right after it was created",
+                self.name
+            ))
+        })?;
+        if !stats.server_instance.is_empty() {
+            self.status.server_instance = Some(stats.server_instance.clone());
+        }
+        Ok(stats)
     }
 
     /// Delete the link on its server (which removes spilled objects), then the server's objects.

@@ -1194,7 +1194,8 @@ async fn invalid_spec_then_fixed(cluster: &Cluster) {
     s.finish().await;
 }
 
-/// gate: streaming: the consumer is released as soon as the producer is wired.
+/// gate: streaming: the consumer is released as soon as the producer is wired, and the link is
+/// created on the server before that, so readers never see NOT_FOUND.
 async fn streaming_gate(cluster: &Cluster) {
     let mut s = Scenario::new(
         cluster,
@@ -1225,6 +1226,10 @@ async fn streaming_gate(cluster: &Cluster) {
         (released.status.as_str(), released.reason.as_str()),
         ("True", "Streaming")
     );
+    // The link exists for the readers before the producer has written a row.
+    let mut reader = s.connect(s.tokens().await.reader).await;
+    let empty = reader.stats("features").await.expect("the link exists");
+    assert_eq!((empty.rows, empty.state.as_str()), (0, "open"));
     s.write(&spark, 200, false).await;
     let links = s.links();
     eventually("rows reported while receiving", || async {
