@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::crd::{ConsumerRef, DataLink, DataLinkStatus, Gate, Phase, ProducerFailure, ServerLoss};
 use crate::error::{Error, Result};
+use crate::kueue;
 use crate::metrics::Metrics;
 use crate::pki;
 use crate::resources::{self, InvalidSpec, Tokens};
@@ -175,6 +176,42 @@ pub async fn run(
             },
         );
     }
+    // Kueue: our AdmissionChecks are made Active, and a Workload's change (Kueue listing our
+    // check, admitting) wakes the DataLinks of the job that owns it.
+    let workloads: Api<DynamicObject> = scoped(&client, &config.namespace, &kueue::workload());
+    let checks: Api<DynamicObject> = Api::all_with(client.clone(), &kueue::admission_check());
+    let kueue_task = match (
+        workloads.list(&ListParams::default().limit(1)).await,
+        checks.list(&ListParams::default().limit(1)).await,
+    ) {
+        (Ok(_), Ok(_)) => {
+            let store = store.clone();
+            controller = controller.watches_with(
+                workloads,
+                kueue::workload(),
+                watcher::Config::default(),
+                move |workload: DynamicObject| {
+                    let Ok(value) = serde_json::to_value(&workload) else {
+                        return Vec::new();
+                    };
+                    match kueue::owner_of(&value) {
+                        Some((kind, name)) if kind == "SparkApplication" => {
+                            links_naming(&store, workload.namespace(), &name, None)
+                        }
+                        Some((kind, name)) => {
+                            links_naming(&store, workload.namespace(), &name, Some(&kind))
+                        }
+                        None => Vec::new(),
+                    }
+                },
+            );
+            Some(tokio::spawn(activate_checks(checks)))
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            info!(error = %e, "no Kueue API here (or no access to it); jobs with a queue-name label are not gated by an AdmissionCheck");
+            None
+        }
+    };
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: config.instance.clone(),
@@ -197,8 +234,51 @@ pub async fn run(
             }
         })
         .await;
+    if let Some(task) = kueue_task {
+        task.abort();
+    }
     metrics.set_ready(false);
     Ok(())
+}
+
+/// Mark every AdmissionCheck whose controllerName is ours Active, as it appears: Kueue keeps a
+/// ClusterQueue that lists a check inactive until the check's controller does.
+async fn activate_checks(api: Api<DynamicObject>) {
+    use kube::runtime::WatchStreamExt;
+    let checks = watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    let mut checks = std::pin::pin!(checks);
+    while let Some(check) = checks.next().await {
+        let check = match check {
+            Ok(check) => check,
+            Err(e) => {
+                warn!(error = %e, "watching AdmissionChecks");
+                continue;
+            }
+        };
+        let Ok(value) = serde_json::to_value(&check) else {
+            continue;
+        };
+        let Some(patch) = kueue::active_patch(&value, &now().0.to_string()) else {
+            continue;
+        };
+        let name = check.name_any();
+        match api
+            .patch_status(
+                &name,
+                &PatchParams {
+                    field_manager: Some(MANAGER.into()),
+                    ..Default::default()
+                },
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => info!(check = %name, "AdmissionCheck active"),
+            Err(e) => warn!(check = %name, error = %e, "could not mark the AdmissionCheck active"),
+        }
+    }
 }
 
 async fn reconcile(link: Arc<DataLink>, ctx: Arc<Context>) -> Result<Action> {
@@ -226,6 +306,15 @@ fn error_policy(link: Arc<DataLink>, error: &Error, ctx: Arc<Context>) -> Action
         "conflict" => Action::requeue(Duration::from_millis(500)),
         _ => Action::requeue(Duration::from_secs(5)),
     }
+}
+
+/// Where our AdmissionCheck stands on a job's Workload.
+enum KueueCheck {
+    NoWorkload,
+    /// The Workload, which lists none of our checks.
+    NotListed(String),
+    /// The Workload, whose checks of ours now say what we set.
+    Set(String),
 }
 
 /// The user's two jobs as read in this reconcile.
@@ -435,6 +524,12 @@ impl<'a> Run<'a> {
         if let ProducerState::Failed(why) = &producer
             && !self.rerunning()
         {
+            let message = format!(
+                "DataLink {}: SparkApplication {} ended in {why}",
+                self.name, jobs.producer_name
+            );
+            self.set_kueue_check(&jobs.job, kueue::CheckState::Rejected, &message)
+                .await?;
             return self.producer_failed(&jobs.producer_name, why).await;
         }
         let mut stats = self.stats(&tokens).await?;
@@ -696,6 +791,9 @@ impl<'a> Run<'a> {
         self.status.spilled_bytes = None;
         match self.link.spec.policy.on_server_loss {
             ServerLoss::Fail => {
+                let message = format!("DataLink {}: {lost}", self.name);
+                self.set_kueue_check(&jobs.job, kueue::CheckState::Rejected, &message)
+                    .await?;
                 self.condition("ServerLost", true, "ServerLost", lost.clone());
                 self.status.finished_at = Some(now().0.to_string());
                 self.advance(Phase::Failed, Some("ServerLost"), lost);
@@ -757,12 +855,14 @@ impl<'a> Run<'a> {
         let kind = &jobs.consumer_kind;
         let name = &jobs.consumer_name;
         let released_before = self.has_condition("ConsumerReleased");
+        // Kueue owns a managed job's suspend: we never write it, our AdmissionCheck gates it.
+        let by_kueue = kueue::managed(&jobs.job);
         let consumer_env = self.env(resources::READER_TOKEN_KEY, true);
         let patch = match workloads::consumer_patch(
             consumer,
             &jobs.job,
             &consumer_env,
-            release && !released_before,
+            release && !released_before && !by_kueue,
         ) {
             Ok(patch) => patch,
             Err(why) => {
@@ -776,6 +876,7 @@ impl<'a> Run<'a> {
                 return Ok(false);
             }
         };
+        let wired = patch.is_none();
         let releasing = patch
             .as_ref()
             .is_some_and(|p| workloads::releases(consumer, p));
@@ -783,6 +884,29 @@ impl<'a> Run<'a> {
             jobs.consumer_api
                 .patch(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
                 .await?;
+        }
+        if by_kueue {
+            let gate = match self.link.spec.policy.gate {
+                Gate::Sealed => "the link is sealed",
+                Gate::Streaming => "the producer writes",
+            };
+            let (state, message) = if release && wired {
+                (
+                    kueue::CheckState::Ready,
+                    format!("DataLink {}: {gate}; {kind} {name} may start", self.name),
+                )
+            } else {
+                (
+                    kueue::CheckState::Pending,
+                    format!(
+                        "DataLink {} holds {kind} {name} until {gate} (phase {:?})",
+                        self.name, self.status.phase
+                    ),
+                )
+            };
+            let check = self.set_kueue_check(&jobs.job, state, &message).await?;
+            self.kueue_released(consumer, jobs, check, state);
+            return Ok(true);
         }
         let released = released_before
             || releasing
@@ -813,6 +937,119 @@ impl<'a> Run<'a> {
         Ok(true)
     }
 
+    /// `ConsumerReleased` for a job Kueue manages: released when Kueue unsuspended it, which
+    /// should follow our check going Ready; if it came first, say so.
+    fn kueue_released(
+        &mut self,
+        consumer: &ConsumerRef<'_>,
+        jobs: &Jobs,
+        check: KueueCheck,
+        state: kueue::CheckState,
+    ) {
+        let (kind, name) = (&jobs.consumer_kind, &jobs.consumer_name);
+        if !workloads::consumer_suspended(consumer, &jobs.job) {
+            let (reason, message) = match (&check, state) {
+                (KueueCheck::Set(_), kueue::CheckState::Ready) => (
+                    "Admitted",
+                    format!("Kueue admitted {kind} {name} once our AdmissionCheck was Ready"),
+                ),
+                _ => (
+                    "AdmittedBeforeTheGate",
+                    format!(
+                        "Kueue started {kind} {name} before the link's gate opened: its \
+                         ClusterQueue must list an AdmissionCheck with controllerName {} \
+                         (docs/controller.md)",
+                        kueue::CONTROLLER_NAME
+                    ),
+                ),
+            };
+            self.condition("ConsumerReleased", true, reason, message);
+            return;
+        }
+        let (reason, message) = match check {
+            KueueCheck::NoWorkload => (
+                "WaitingForWorkload",
+                format!("Kueue has made no Workload for {kind} {name} yet"),
+            ),
+            KueueCheck::NotListed(workload) => (
+                "WaitingForKueue",
+                format!(
+                    "Workload {workload} lists no AdmissionCheck with controllerName {} yet; \
+                     Kueue lists them once quota is reserved, if the ClusterQueue names one",
+                    kueue::CONTROLLER_NAME
+                ),
+            ),
+            KueueCheck::Set(workload) if state == kueue::CheckState::Ready => (
+                "AdmissionCheckReady",
+                format!("our check on Workload {workload} is Ready; Kueue admits {kind} {name}"),
+            ),
+            KueueCheck::Set(workload) => (
+                "HeldByAdmissionCheck",
+                format!("our check on Workload {workload} holds {kind} {name}"),
+            ),
+        };
+        self.condition("ConsumerReleased", false, reason, message);
+    }
+
+    /// Set our AdmissionChecks on the Workload of a job Kueue manages; nothing for other jobs.
+    async fn set_kueue_check(
+        &self,
+        job: &Value,
+        state: kueue::CheckState,
+        message: &str,
+    ) -> Result<KueueCheck> {
+        if !kueue::managed(job) {
+            return Ok(KueueCheck::NoWorkload);
+        }
+        let uid = job["metadata"]["uid"].as_str().unwrap_or_default();
+        let workloads = self.dynamic(&kueue::workload());
+        // Kueue labels the Workload with its job's uid; the owner reference decides.
+        let listed = workloads
+            .list(&ListParams::default().labels(&format!("kueue.x-k8s.io/job-uid={uid}")))
+            .await?;
+        let listed: Vec<Value> = listed
+            .items
+            .into_iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        let Some(workload) = kueue::workload_of(&listed, job) else {
+            return Ok(KueueCheck::NoWorkload);
+        };
+        let workload_name = workload["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let checks: Api<DynamicObject> =
+            Api::all_with(self.ctx.client.clone(), &kueue::admission_check());
+        let checks: Vec<Value> = checks
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        let ours = kueue::our_checks(&checks);
+        let now = now().0.to_string();
+        match kueue::set_checks(workload, &ours, state, message, &now) {
+            kueue::Checks::NotListed => Ok(KueueCheck::NotListed(workload_name)),
+            kueue::Checks::Listed(patch) => {
+                if let Some(patch) = patch {
+                    workloads
+                        .patch_status(
+                            &workload_name,
+                            &PatchParams {
+                                field_manager: Some(MANAGER.into()),
+                                ..Default::default()
+                            },
+                            &Patch::Merge(&patch),
+                        )
+                        .await?;
+                }
+                Ok(KueueCheck::Set(workload_name))
+            }
+        }
+    }
+
     /// The producer: env, then unsuspended, once; after a server loss, once more when the
     /// Spark Operator has suspended it.
     async fn wire_producer(&mut self, jobs: &Jobs) -> Result<()> {
@@ -824,7 +1061,10 @@ impl<'a> Run<'a> {
         }
         let producer_env = self.env(resources::WRITER_TOKEN_KEY, false);
         let wired_before = self.has_condition("ProducerWired");
-        if let Some(patch) = workloads::spark_patch(&jobs.spark, &producer_env, !wired_before) {
+        let by_kueue = kueue::managed(&jobs.spark);
+        let patch = workloads::spark_patch(&jobs.spark, &producer_env, !wired_before && !by_kueue);
+        let wired = patch.is_none();
+        if let Some(patch) = patch {
             jobs.spark_api
                 .patch(
                     producer_name,
@@ -832,6 +1072,28 @@ impl<'a> Run<'a> {
                     &Patch::Merge(&patch),
                 )
                 .await?;
+        }
+        if by_kueue {
+            // The server is up (we got here) and, once the env is on the application, Kueue
+            // may start it.
+            let (state, message) = if wired {
+                (
+                    kueue::CheckState::Ready,
+                    format!(
+                        "DataLink {}: the server is ready and the env written",
+                        self.name
+                    ),
+                )
+            } else {
+                (
+                    kueue::CheckState::Pending,
+                    format!("DataLink {} is writing the link's env", self.name),
+                )
+            };
+            self.set_kueue_check(&jobs.spark, state, &message).await?;
+            if !wired {
+                return Ok(());
+            }
         }
         self.condition(
             "ProducerWired",

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod kueue;
 pub mod metrics;
 pub mod pki;
 pub mod resources;

@@ -72,6 +72,19 @@ fn the_checker_evaluates_every_rule_of_the_crds_we_patch() {
             );
         }
     }
+    for file in [
+        "kueue.x-k8s.io_workloads.yaml",
+        "kueue.x-k8s.io_admissionchecks.yaml",
+    ] {
+        let rules = CrdRules::of(&common::shared_crd(file), "v1beta2");
+        assert!(!rules.rules().is_empty(), "{file} has CEL rules");
+        for (path, rule) in rules.rules() {
+            assert!(
+                cel::Program::compile(&rule).is_ok(),
+                "{file} {path}: `{rule}` does not compile"
+            );
+        }
+    }
     let rules = trainjob_rules().rules();
     let immutable: Vec<&str> = rules
         .iter()
@@ -211,4 +224,73 @@ fn pytorchjob_and_sparkapplication_writes_keep_their_crd_rules() {
         &spark_patch(&spark, &env("features"), true).expect("patch"),
     );
     assert_clean(&spark_rules, &[spark, wired]);
+}
+
+/// A Workload as Kueue keeps it once quota is reserved and the job admitted to a flavor, with
+/// our check and another controller's listed.
+fn admitted_workload() -> Value {
+    json!({
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+        "metadata": {"name": "pytorchjob-trainer-1a2b3", "namespace": "ns", "resourceVersion": "5"},
+        "spec": {"queueName": "team-a", "podSets": [
+            {"name": "master", "count": 1, "template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}},
+            {"name": "worker", "count": 2, "template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}}]},
+        "status": {
+            "conditions": [{"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved",
+                "message": "", "lastTransitionTime": "2026-12-02T00:00:00Z"}],
+            "admission": {"clusterQueue": "cq", "podSetAssignments": [
+                {"name": "master", "count": 1}, {"name": "worker", "count": 2}]},
+            "admissionChecks": [
+                {"name": "prov", "state": "Pending", "message": "", "lastTransitionTime": "2026-12-02T00:00:00Z"},
+                {"name": "data-ready", "state": "Pending", "message": "", "lastTransitionTime": "2026-12-02T00:00:00Z"}]}
+    })
+}
+
+#[test]
+fn our_kueue_writes_keep_the_workload_and_admission_check_rules() {
+    use handoff_controller::kueue::{self, CheckState, Checks};
+    let workload_rules = CrdRules::of(
+        &common::shared_crd("kueue.x-k8s.io_workloads.yaml"),
+        "v1beta2",
+    );
+    let ours = vec!["data-ready".to_string()];
+    let mut versions = vec![admitted_workload()];
+    for (state, message) in [
+        (
+            CheckState::Pending,
+            "DataLink features holds PyTorchJob trainer until the link is sealed",
+        ),
+        (
+            CheckState::Ready,
+            "DataLink features: the link is sealed; PyTorchJob trainer may start",
+        ),
+    ] {
+        let last = versions.last().expect("v").clone();
+        let Checks::Listed(Some(patch)) =
+            kueue::set_checks(&last, &ours, state, message, "2026-12-02T00:01:00Z")
+        else {
+            panic!("a write");
+        };
+        versions.push(applied(&last, &patch));
+    }
+    assert_clean(&workload_rules, &versions);
+    assert_eq!(
+        versions.last().expect("v")["status"]["admissionChecks"][0]["name"],
+        "prov"
+    );
+    // The checker sees these rules: a Workload whose assignments do not match its pod sets fails.
+    let mut broken = admitted_workload();
+    broken["status"]["admission"]["podSetAssignments"] = json!([{"name": "master", "count": 1}]);
+    assert!(!workload_rules.check_create(&broken).is_empty());
+
+    let check_rules = CrdRules::of(
+        &common::shared_crd("kueue.x-k8s.io_admissionchecks.yaml"),
+        "v1beta2",
+    );
+    let check = json!({"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "AdmissionCheck",
+        "metadata": {"name": "data-ready", "generation": 1, "resourceVersion": "1"},
+        "spec": {"controllerName": kueue::CONTROLLER_NAME}});
+    let patch = kueue::active_patch(&check, "2026-12-02T00:00:00Z").expect("patch");
+    let active = applied(&check, &patch);
+    assert_clean(&check_rules, &[check, active]);
 }

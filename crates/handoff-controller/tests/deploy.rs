@@ -300,7 +300,11 @@ const RULES: &str = "
     events.k8s.io events: create patch
     sparkoperator.k8s.io sparkapplications: get list watch patch
     kubeflow.org pytorchjobs: get list watch patch
-    trainer.kubeflow.org trainjobs: get list watch patch";
+    trainer.kubeflow.org trainjobs: get list watch patch
+    kueue.x-k8s.io admissionchecks: get list watch
+    kueue.x-k8s.io workloads: get list watch
+    kueue.x-k8s.io admissionchecks/status: get patch
+    kueue.x-k8s.io workloads/status: get patch";
 
 #[test]
 fn the_base_grants_exactly_the_controllers_rules_and_runs_it_locked_down() {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use arrow_array::{Float32Array, Int64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
-use common::{Cluster, fixture, install_crd, install_upstream_crds, repo};
+use common::{Cluster, fixture, install_crd, install_kueue_crds, install_upstream_crds, repo};
 use handoff_client::HandoffClient;
 use handoff_controller::{ControllerConfig, DataLink, Metrics, Phase, resources};
 use handoff_testkit::eventually;
@@ -1597,10 +1597,272 @@ async fn a_controller_upgrade_does_not_restart_link_servers(cluster: &Cluster) {
     s.finish().await;
 }
 
+/// Kueue's part, played by the test (Kueue cannot run here): the AdmissionChecks an admin
+/// creates, the Workload Kueue makes for a job with a queue-name label, our check listed once
+/// quota is reserved, and the unsuspend at admission.
+impl Scenario<'_> {
+    /// An AdmissionCheck of ours and one of another controller; `(ours, theirs)`.
+    async fn admission_checks(&self) -> (String, String) {
+        let api: Api<DynamicObject> = Api::all_with(
+            self.cluster.client.clone(),
+            &handoff_controller::kueue::admission_check(),
+        );
+        let ours = format!("data-{}", self.namespace);
+        let theirs = format!("other-{}", self.namespace);
+        for (name, controller) in [
+            (&ours, handoff_controller::kueue::CONTROLLER_NAME),
+            (&theirs, "kueue.x-k8s.io/provisioning-request"),
+        ] {
+            let check: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "AdmissionCheck",
+                "metadata": {"name": name}, "spec": {"controllerName": controller}}))
+            .expect("check");
+            api.create(&PostParams::default(), &check)
+                .await
+                .expect("create the AdmissionCheck");
+        }
+        (ours, theirs)
+    }
+
+    async fn check_active(&self, name: &str) -> bool {
+        let api: Api<DynamicObject> = Api::all_with(
+            self.cluster.client.clone(),
+            &handoff_controller::kueue::admission_check(),
+        );
+        let check = serde_json::to_value(api.get(name).await.expect("check")).expect("json");
+        check["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Active" && c["status"] == "True")
+        })
+    }
+
+    /// Put a job under Kueue (its label), and make its Workload with our check and another
+    /// listed Pending, as Kueue does once quota is reserved. Returns the Workload's name.
+    async fn under_kueue(&self, resource: &ApiResource, name: &str, checks: &[&str]) -> String {
+        let api = self.dynamic(resource);
+        let label = json!({"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}});
+        let job = api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&label))
+            .await
+            .expect("label the job");
+        let uid = job.metadata.uid.clone().expect("uid");
+        let workload_name = format!("{}-{name}-1a2b3", resource.kind.to_lowercase());
+        let workload: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+            "metadata": {"name": workload_name, "namespace": self.namespace,
+                "labels": {"kueue.x-k8s.io/job-uid": uid},
+                "ownerReferences": [{"apiVersion": resource.api_version, "kind": resource.kind,
+                    "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true}]},
+            "spec": {"queueName": "team-a", "podSets": [{"name": "main", "count": 1,
+                "template": {"spec": {"containers": [{"name": "main", "image": "x"}]}}}]}}))
+        .expect("workload");
+        let workloads = self.dynamic(&handoff_controller::kueue::workload());
+        workloads
+            .create(&PostParams::default(), &workload)
+            .await
+            .expect("create the Workload");
+        let entries: Vec<Value> = checks
+            .iter()
+            // Kueue writes an empty message; the 1.20 server reads "" here as null and refuses it.
+            .map(|c| json!({"name": c, "state": "Pending", "message": "listed", "lastTransitionTime": "2026-01-01T00:00:00Z"}))
+            .collect();
+        let status = json!({"status": {"admissionChecks": entries, "conditions": [{
+            "type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "test",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+        workloads
+            .patch_status(
+                &workload_name,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+            .expect("reserve quota");
+        workload_name
+    }
+
+    /// `(state, message)` of a check on a Workload.
+    async fn check_on(&self, workload: &str, check: &str) -> (String, String) {
+        let workloads = self.dynamic(&handoff_controller::kueue::workload());
+        let w =
+            serde_json::to_value(workloads.get(workload).await.expect("workload")).expect("json");
+        let entry = w["status"]["admissionChecks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == check).cloned())
+            .expect("the check is listed");
+        (
+            entry["state"].as_str().unwrap_or_default().into(),
+            entry["message"].as_str().unwrap_or_default().into(),
+        )
+    }
+
+    async fn wait_check(&self, workload: &str, check: &str, state: &str) -> String {
+        eventually(&format!("{check} {state} on {workload}"), || async {
+            let (now, message) = self.check_on(workload, check).await;
+            (now == state).then_some(message)
+        })
+        .await
+    }
+
+    /// Kueue admits: it unsuspends the job (`spec.suspend`, or `runPolicy.suspend`).
+    async fn kueue_admits(&self, resource: &ApiResource, name: &str) {
+        let patch = if resource.kind == "PyTorchJob" {
+            json!({"spec": {"runPolicy": {"suspend": false}}})
+        } else {
+            json!({"spec": {"suspend": false}})
+        };
+        self.dynamic(resource)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("unsuspend");
+    }
+}
+
+/// A Kueue-managed SparkApplication and PyTorchJob: the controller never writes their suspend.
+/// Our AdmissionCheck is made Active; on the producer's Workload it goes Ready once the env is
+/// written; on the consumer's it stays Pending, naming the DataLink, until the seal.
+async fn kueue_holds_a_pytorchjob_until_the_seal(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "kueue-pytorch",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    let (ours, theirs) = s.admission_checks().await;
+    let spark_workload = s.under_kueue(&spark_resource(), "producer", &[&ours]).await;
+    let job_workload = s
+        .under_kueue(&s.consumer_resource(), "trainer", &[&theirs, &ours])
+        .await;
+    s.start_controller().await;
+    eventually("our AdmissionCheck Active", || async {
+        s.check_active(&ours).await.then_some(())
+    })
+    .await;
+    s.run_server().await;
+    s.wait_check(&spark_workload, &ours, "Ready").await;
+    assert_eq!(s.spark().await["spec"]["suspend"], true, "Kueue starts it");
+    let env = &s.spark().await["spec"]["executor"]["env"];
+    assert!(
+        env.as_array()
+            .is_some_and(|e| e.iter().any(|v| v["name"] == "HANDOFF_TOKEN"))
+    );
+    s.kueue_admits(&spark_resource(), "producer").await;
+    let spark = s.spark().await;
+    s.spark_state("RUNNING").await;
+    let held = s.wait_check(&job_workload, &ours, "Pending").await;
+    eventually("the hold to name the DataLink", || async {
+        let (_, message) = s.check_on(&job_workload, &ours).await;
+        message
+            .contains("DataLink features holds PyTorchJob trainer")
+            .then_some(())
+    })
+    .await;
+    let _ = held;
+    s.write(&spark, 250, true).await;
+    s.spark_state("COMPLETED").await;
+    s.wait_check(&job_workload, &ours, "Ready").await;
+    s.wait_condition("Sealed", "Sealed").await;
+    assert!(
+        s.consumer_suspended().await,
+        "the controller leaves suspend to Kueue"
+    );
+    assert_eq!(
+        s.check_on(&job_workload, &theirs).await.0,
+        "Pending",
+        "not ours"
+    );
+    assert!(!s.check_active(&theirs).await, "not ours");
+    s.kueue_admits(&s.consumer_resource(), "trainer").await;
+    s.wait_condition("ConsumerReleased", "Admitted").await;
+    s.consumer_condition("Running").await;
+    s.wait_phase(Phase::Consuming).await;
+    s.finish().await;
+}
+
+/// A Kueue-managed TrainJob: wired through our runtimePatches entry next to Kueue's, held by
+/// our check until the seal.
+async fn kueue_holds_a_trainjob_until_the_seal(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "kueue-trainjob",
+        Consumer::TrainJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"trainJob": "trainer"}}),
+    )
+    .await;
+    let (ours, _) = s.admission_checks().await;
+    // Kueue's webhook writes its own runtime patch entry.
+    let kueue_entry = json!({"spec": {"runtimePatches": [{"manager": "kueue.x-k8s.io/manager",
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{"name": "node",
+            "template": {"spec": {"template": {"spec": {"nodeSelector": {"pool": "a"}}}}}}]}}}}]}});
+    s.dynamic(&s.consumer_resource())
+        .patch(
+            "trainer",
+            &PatchParams::default(),
+            &Patch::Merge(&kueue_entry),
+        )
+        .await
+        .expect("Kueue's entry");
+    let workload = s
+        .under_kueue(&s.consumer_resource(), "trainer", &[&ours])
+        .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.wait_check(&workload, &ours, "Pending").await;
+    s.write(&spark, 120, true).await;
+    s.spark_state("COMPLETED").await;
+    s.wait_check(&workload, &ours, "Ready").await;
+    let job = s.job().await;
+    assert_eq!(job["spec"]["suspend"], true, "Kueue unsuspends it, not us");
+    let managers: Vec<&str> = job["spec"]["runtimePatches"]
+        .as_array()
+        .expect("runtimePatches")
+        .iter()
+        .filter_map(|p| p["manager"].as_str())
+        .collect();
+    assert_eq!(
+        managers,
+        ["kueue.x-k8s.io/manager", "handoff.kubeflow.org/datalink"]
+    );
+    s.kueue_admits(&s.consumer_resource(), "trainer").await;
+    s.wait_condition("ConsumerReleased", "Admitted").await;
+    s.finish().await;
+}
+
+/// The producer fails: our check on the consumer's Workload is Rejected, so Kueue deactivates it.
+async fn kueue_rejects_when_the_producer_fails(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "kueue-rejects",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
+    )
+    .await;
+    let (ours, _) = s.admission_checks().await;
+    let workload = s
+        .under_kueue(&s.consumer_resource(), "trainer", &[&ours])
+        .await;
+    s.start_controller().await;
+    s.run_server().await;
+    s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.wait_check(&workload, &ours, "Pending").await;
+    s.spark_state("FAILED").await;
+    let message = s.wait_check(&workload, &ours, "Rejected").await;
+    assert!(
+        message.contains("SparkApplication producer ended in FAILED"),
+        "{message}"
+    );
+    s.wait_phase(Phase::Failed).await;
+    s.finish().await;
+}
+
 async fn prepared_cluster() -> Cluster {
     let cluster = Cluster::start().await;
     install_crd(&cluster.client).await;
     install_upstream_crds(&cluster).await;
+    install_kueue_crds(&cluster).await;
     install_rbac(&cluster.client).await;
     cluster
 }
@@ -1622,6 +1884,9 @@ async fn datalinks_are_reconciled_end_to_end() {
         a_lost_server_reruns_the_producer(&cluster),
         a_lost_server_fails_the_link(&cluster),
         a_controller_upgrade_does_not_restart_link_servers(&cluster),
+        kueue_holds_a_pytorchjob_until_the_seal(&cluster),
+        kueue_holds_a_trainjob_until_the_seal(&cluster),
+        kueue_rejects_when_the_producer_fails(&cluster),
     );
 }
 

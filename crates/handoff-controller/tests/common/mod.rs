@@ -166,6 +166,50 @@ pub const UPSTREAM_CRDS: [&str; 3] = [
     "trainer.kubeflow.org_trainjobs.yaml",
 ];
 
+/// Kueue's CRDs that the controller uses, from `../shared/crds` (Kueue v0.19.2, verbatim; see
+/// SOURCES.md there), adjusted for 1.20 on the local server.
+pub const KUEUE_CRDS: [&str; 2] = [
+    "kueue.x-k8s.io_admissionchecks.yaml",
+    "kueue.x-k8s.io_workloads.yaml",
+];
+
+pub fn shared_crd(name: &str) -> serde_json::Value {
+    let path = repo().join("../shared/crds").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; the Kueue tests read the upstream CRDs from ../shared/crds beside the checkout",
+            path.display()
+        )
+    });
+    serde_yaml::from_str(&text).expect("yaml")
+}
+
+pub async fn install_kueue_crds(cluster: &Cluster) {
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
+    for file in KUEUE_CRDS {
+        let mut crd = shared_crd(file);
+        if cluster.is_local() {
+            for_api_server_1_20(&mut crd);
+            for version in crd["spec"]["versions"].as_array_mut().into_iter().flatten() {
+                // Field selectors for custom resources arrived in 1.30; nothing here uses them.
+                if let Some(version) = version.as_object_mut() {
+                    version.remove("selectableFields");
+                }
+            }
+        }
+        let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
+        let name = crd.metadata.name.clone().expect("name");
+        crds.patch(
+            &name,
+            &PatchParams::apply("handoff-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{file} installs: {e}"));
+        established(&crds, &name).await;
+    }
+}
+
 /// The SparkApplication, PyTorchJob and TrainJob CRDs, adjusted for 1.20 on the local server.
 pub async fn install_upstream_crds(cluster: &Cluster) {
     let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
