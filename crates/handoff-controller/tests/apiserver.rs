@@ -252,3 +252,159 @@ async fn the_upstream_producer_and_consumer_crds_install_and_their_examples_susp
         assert_eq!(field, &serde_json::Value::Bool(true), "{kind}");
     }
 }
+
+/// Kubeflow Profiles: a user bound to kubeflow-edit in their profile's namespace may create
+/// DataLinks there and nowhere else; one bound to kubeflow-view may only read them. The roles are
+/// deploy/base's; kubeflow-edit and kubeflow-view are Kubeflow's (kubeflow/manifests), whose
+/// rules the clusterrole-aggregation controller fills in. That controller runs in
+/// kube-controller-manager, which this API-server-only cluster does not run, so the test does its
+/// one step: the union of the rules of every ClusterRole the aggregation selects. The
+/// authorization itself is the real API server's RBAC.
+#[tokio::test]
+async fn kubeflow_profile_users_get_datalinks_in_their_namespace_only() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
+    let cluster = Cluster::start().await;
+    install_crd(&cluster.client).await;
+    let roles: Api<ClusterRole> = Api::all(cluster.client.clone());
+    let params = PatchParams::apply("handoff-test").force();
+    let text =
+        std::fs::read_to_string(repo().join("deploy/base/kubeflow-roles.yaml")).expect("read");
+    let ours: Vec<ClusterRole> = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("a ClusterRole"))
+        .collect();
+    assert_eq!(ours.len(), 3);
+    for role in &ours {
+        roles
+            .patch(
+                role.metadata.name.as_deref().expect("name"),
+                &params,
+                &Patch::Apply(role),
+            )
+            .await
+            .expect("apply");
+    }
+    // Kubeflow's roles, as kubeflow/manifests defines their aggregation.
+    let kubeflow = |name: &str, selects: &[&str]| -> ClusterRole {
+        let selectors: Vec<serde_json::Value> = selects
+            .iter()
+            .map(|s| serde_json::json!({"matchLabels": {format!("rbac.authorization.kubeflow.org/aggregate-to-{s}"): "true"}}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name}, "aggregationRule": {"clusterRoleSelectors": selectors},
+            "rules": []}))
+        .expect("role")
+    };
+    for role in [
+        kubeflow("kubeflow-edit", &["kubeflow-edit", "kubeflow-view"]),
+        kubeflow("kubeflow-view", &["kubeflow-view"]),
+    ] {
+        let all = roles.list(&Default::default()).await.expect("list").items;
+        let selectors = role
+            .aggregation_rule
+            .as_ref()
+            .and_then(|a| a.cluster_role_selectors.clone())
+            .unwrap_or_default();
+        // The aggregation controller's step: every rule of every role a selector matches.
+        let rules: Vec<_> =
+            all.iter()
+                .filter(|r| {
+                    selectors.iter().any(|s| {
+                        s.match_labels.iter().flatten().all(|(k, v)| {
+                            r.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
+                        })
+                    })
+                })
+                .flat_map(|r| r.rules.clone().unwrap_or_default())
+                .collect();
+        assert!(!rules.is_empty(), "our roles are aggregated");
+        let mut aggregated = role.clone();
+        aggregated.rules = Some(rules);
+        roles
+            .patch(
+                aggregated.metadata.name.as_deref().expect("name"),
+                &params,
+                &Patch::Apply(&aggregated),
+            )
+            .await
+            .expect("apply");
+    }
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    for ns in ["team-a", "team-b"] {
+        let namespace: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).expect("ns");
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("namespace");
+    }
+    // What a Profile makes for its contributors: RoleBindings in the profile's namespace.
+    let bindings: Api<RoleBinding> = Api::namespaced(cluster.client.clone(), "team-a");
+    for (user, role) in [
+        ("alice@example.com", "kubeflow-edit"),
+        ("bob@example.com", "kubeflow-view"),
+    ] {
+        let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("user-{}", user.split('@').next().unwrap_or(user)), "namespace": "team-a"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}))
+        .expect("binding");
+        bindings
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("bind");
+    }
+    let link: DataLink = serde_yaml::from_str(
+        "apiVersion: handoff.kubeflow.org/v1alpha1\nkind: DataLink\nmetadata: {name: features}\n\
+         spec: {producer: {sparkApplication: s}, consumer: {pytorchJob: t}}\n",
+    )
+    .expect("link");
+    let as_user = |user: &'static str| {
+        let kubeconfig = cluster.kubeconfig.clone();
+        async move {
+            let config = common::config_for(
+                &kubeconfig,
+                Some((user, vec!["system:authenticated".to_string()])),
+            )
+            .await;
+            kube::Client::try_from(config).expect("client")
+        }
+    };
+    let forbidden = |e: kube::Error| matches!(e, kube::Error::Api(s) if s.code == 403);
+    let alice = as_user("alice@example.com").await;
+    let mine: Api<DataLink> = Api::namespaced(alice.clone(), "team-a");
+    mine.create(&PostParams::default(), &link)
+        .await
+        .expect("an editor creates a DataLink in their namespace");
+    assert_eq!(
+        mine.list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    let theirs: Api<DataLink> = Api::namespaced(alice, "team-b");
+    let refused = theirs
+        .create(&PostParams::default(), &link)
+        .await
+        .expect_err("nowhere else");
+    assert!(forbidden(refused));
+    let bob = as_user("bob@example.com").await;
+    let viewer: Api<DataLink> = Api::namespaced(bob, "team-a");
+    assert!(viewer.get("features").await.is_ok(), "a viewer reads");
+    let mut other = link.clone();
+    other.metadata.name = Some("other".into());
+    let refused = viewer
+        .create(&PostParams::default(), &other)
+        .await
+        .expect_err("a viewer does not create");
+    assert!(forbidden(refused));
+    assert!(forbidden(
+        viewer
+            .delete("features", &Default::default())
+            .await
+            .expect_err("nor delete")
+    ));
+}

@@ -114,6 +114,21 @@ fn contains(got: &Value, want: &Value) -> bool {
     }
 }
 
+/// The ClusterRoles Kubeflow's roles aggregate (deploy/base/kubeflow-roles.yaml).
+fn kubeflow_roles() -> Vec<Value> {
+    docs(&read("deploy/base/kubeflow-roles.yaml"), "kubeflow-roles")
+}
+
+/// The one document of `kind` named `name`.
+fn named_doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected one {kind} {name}");
+    found[0]
+}
+
 fn base() -> Vec<Value> {
     let files = ["namespace", "rbac", "controller", "networkpolicy"];
     let each = files.map(|f| docs(&read(&format!("deploy/base/{f}.yaml")), f));
@@ -254,8 +269,28 @@ fn the_chart_renders_what_the_kustomize_base_holds() {
         "the chart's Deployment is not the base's:\n{chart_spec}"
     );
 
-    let role = find(&rendered, "ClusterRole");
+    let role = named_doc(&rendered, "ClusterRole", "handoff-controller");
     assert_eq!(role["rules"], find(&base, "ClusterRole")["rules"]);
+    // The Kubeflow roles: the base's, with the chart's labels; off with kubeflowRoles: false.
+    for want in kubeflow_roles() {
+        let name = s(&want["metadata"]["name"]);
+        let got = named_doc(&rendered, "ClusterRole", name);
+        assert_eq!(got["rules"], want["rules"], "{name}");
+        assert!(
+            contains(&got["metadata"]["labels"], &want["metadata"]["labels"]),
+            "{name}"
+        );
+    }
+    let mut without = values.clone();
+    without["kubeflowRoles"] = json!(false);
+    let roles = chart(&without)
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .count();
+    assert_eq!(
+        roles, 1,
+        "kubeflowRoles: false leaves only the controller's"
+    );
     for kind in ["Service", "NetworkPolicy"] {
         assert_eq!(find(&rendered, kind)["spec"], find(&base, kind)["spec"]);
     }
@@ -539,12 +574,13 @@ fn kubectl_kustomize_builds_the_base() {
     let key = |d: &Value| format!("{}/{}", d["kind"], d["metadata"]["name"]).replace('"', "");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let mut got = docs(&stdout, "kubectl kustomize");
-    let mut want = [base(), docs(&read(CRD), CRD)].concat();
+    let mut want = [base(), kubeflow_roles(), docs(&read(CRD), CRD)].concat();
     got.sort_by_key(key);
     want.sort_by_key(key);
     let names: Vec<String> = got.iter().map(key).collect();
-    let expected = "ClusterRole/handoff-controller ClusterRoleBinding/handoff-controller \
-        CustomResourceDefinition/datalinks.handoff.kubeflow.org Deployment/handoff-controller \
+    let expected = "ClusterRole/handoff-controller ClusterRole/kubeflow-datalink-admin \
+        ClusterRole/kubeflow-datalink-edit ClusterRole/kubeflow-datalink-view \
+        ClusterRoleBinding/handoff-controller CustomResourceDefinition/datalinks.handoff.kubeflow.org Deployment/handoff-controller \
         Namespace/handoff-system NetworkPolicy/handoff-controller \
         Service/handoff-controller-metrics ServiceAccount/handoff-controller";
     assert_eq!(names, expected.split(' ').collect::<Vec<_>>());
