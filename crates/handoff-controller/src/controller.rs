@@ -77,6 +77,14 @@ struct Context {
     config: ControllerConfig,
     recorder: Recorder,
     metrics: Arc<Metrics>,
+    /// Failed reconciles in a row, per DataLink: one broken link backs off alone.
+    failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<DataLink>, u32>>,
+}
+
+/// The wait after the `failures`th failed reconcile in a row: 1 s, doubling, at most 5 min.
+fn backoff(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(9);
+    Duration::from_secs(1u64 << exponent).min(Duration::from_secs(300))
 }
 
 fn scoped(
@@ -221,6 +229,7 @@ pub async fn run(
         client,
         config,
         metrics: Arc::clone(&metrics),
+        failures: Default::default(),
     });
     metrics.set_ready(true);
     info!("controller running");
@@ -283,6 +292,7 @@ async fn activate_checks(api: Api<DynamicObject>) {
 
 async fn reconcile(link: Arc<DataLink>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    let link_ref = Arc::clone(&link);
     let namespace = link.namespace().unwrap_or_else(|| "default".into());
     let api: Api<DataLink> = Api::namespaced(ctx.client.clone(), &namespace);
     let outcome = finalizer(&api, FINALIZER, link, |event| async {
@@ -294,6 +304,11 @@ async fn reconcile(link: Arc<DataLink>, ctx: Arc<Context>) -> Result<Action> {
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics.reconciled(started.elapsed());
+    if outcome.is_ok()
+        && let Ok(mut failures) = ctx.failures.lock()
+    {
+        failures.remove(&ObjectRef::from_obj(link_ref.as_ref()));
+    }
     outcome
 }
 
@@ -301,10 +316,20 @@ fn error_policy(link: Arc<DataLink>, error: &Error, ctx: Arc<Context>) -> Action
     let label = error.metric_label();
     ctx.metrics.failed(label);
     warn!(link = %link.name_any(), namespace = ?link.namespace(), error = %error, "reconcile failed");
+    let failures = match ctx.failures.lock() {
+        Ok(mut failures) => {
+            let count = failures
+                .entry(ObjectRef::from_obj(link.as_ref()))
+                .or_insert(0);
+            *count = count.saturating_add(1);
+            *count
+        }
+        Err(_) => 1,
+    };
     match label {
         // Someone changed the object between our read and our patch: read again soon.
         "conflict" => Action::requeue(Duration::from_millis(500)),
-        _ => Action::requeue(Duration::from_secs(5)),
+        _ => Action::requeue(backoff(failures)),
     }
 }
 
@@ -1512,5 +1537,20 @@ fn ignore_missing<T>(result: kube::Result<T>) -> Result<()> {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_per_failure_up_to_five_minutes() {
+        let secs: Vec<u64> = [1, 2, 3, 4, 9, 10, 50, u32::MAX]
+            .map(|n| backoff(n).as_secs())
+            .to_vec();
+        assert_eq!(secs, [1, 2, 4, 8, 256, 300, 300, 300]);
+        assert_eq!(backoff(0), Duration::from_secs(1));
     }
 }
