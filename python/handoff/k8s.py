@@ -158,6 +158,16 @@ def _default_namespace() -> str:
         return "default"
 
 
+def _api_client():
+    """In a pod, its service account; elsewhere the kubeconfig (`KUBECONFIG`, ~/.kube/config)."""
+    from kubernetes import client, config
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
 class DataLinkClient:
     """DataLinks in one namespace, through the Kubernetes API.
 
@@ -169,16 +179,11 @@ class DataLinkClient:
 
     def __init__(self, namespace: Optional[str] = None, api_client: Any = None):
         try:
-            from kubernetes import client, config
+            from kubernetes import client
         except ImportError as e:
             raise ImportError("handoff.k8s needs the kubernetes package: "
                               "pip install 'handoff[k8s]' (or kubernetes)") from e
-        if api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            api_client = client.ApiClient()
+        api_client = api_client or _api_client()
         self._api_client = api_client
         self._api = client.CustomObjectsApi(api_client)
         self._rest = client.rest.ApiException
@@ -292,15 +297,9 @@ def _parse(manifest: Any) -> Dict[str, Any]:
 def apply_object(manifest: Any, namespace: Optional[str] = None, api_client: Any = None) -> Dict:
     """Server-side apply any one namespaced object (a SparkApplication, a PyTorchJob, ...),
     as `kubectl apply --server-side` would; for pipeline steps that create the jobs."""
-    from kubernetes import client, config, dynamic
+    from kubernetes import dynamic
     obj = _parse(manifest)
-    if api_client is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api_client = client.ApiClient()
-    resource = dynamic.DynamicClient(api_client).resources.get(
+    resource = dynamic.DynamicClient(api_client or _api_client()).resources.get(
         api_version=obj["apiVersion"], kind=obj["kind"])
     namespace = (obj.get("metadata") or {}).get("namespace") or namespace or _default_namespace()
     obj.setdefault("metadata", {})["namespace"] = namespace

@@ -373,6 +373,22 @@ impl<'a> Scenario<'a> {
         scenario
     }
 
+    /// A scenario whose SparkApplication the controller has wired and the operator runs: the
+    /// start most scenarios share. Returns the application as wired.
+    async fn producing(
+        cluster: &'a Cluster,
+        name: &str,
+        consumer: Consumer,
+        link: Value,
+    ) -> (Self, Value) {
+        let mut s = Self::new(cluster, name, consumer, link).await;
+        s.start_controller().await;
+        s.run_server().await;
+        let spark = s.wait_producer_wired().await;
+        s.spark_state("RUNNING").await;
+        (s, spark)
+    }
+
     fn links(&self) -> Api<DataLink> {
         Api::namespaced(self.cluster.client.clone(), &self.namespace)
     }
@@ -996,17 +1012,13 @@ async fn happy_path_pytorchjob(cluster: &Cluster) {
 /// upstream), released on the seal, Finished on Complete; then deleting the DataLink removes the
 /// server but not the TrainJob. Every update of the TrainJob is held to its CRD's rules.
 async fn happy_path_trainjob(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (s, spark) = Scenario::producing(
         cluster,
         "happy-trainjob",
         Consumer::TrainJob,
         json!({"producer": {"sparkApplication": "producer"}, "consumer": {"trainJob": "trainer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.write(&spark, 600, true).await;
     assert!(s.consumer_suspended().await);
     s.spark_state("COMPLETED").await;
@@ -1066,17 +1078,13 @@ async fn happy_path_trainjob(cluster: &Cluster) {
 
 /// FAILED: phase Failed with the reason, the consumer stays suspended, a Warning event.
 async fn producer_failure(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (s, spark) = Scenario::producing(
         cluster,
         "producer-failure",
         Consumer::PyTorchJob,
         json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.write(&spark, 100, false).await;
     s.spark_state("FAILED").await;
     let link = s.wait_phase(Phase::Failed).await;
@@ -1197,7 +1205,7 @@ async fn invalid_spec_then_fixed(cluster: &Cluster) {
 /// gate: streaming: the consumer is released as soon as the producer is wired, and the link is
 /// created on the server before that, so readers never see NOT_FOUND.
 async fn streaming_gate(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (s, spark) = Scenario::producing(
         cluster,
         "streaming",
         Consumer::PyTorchJob,
@@ -1205,10 +1213,6 @@ async fn streaming_gate(cluster: &Cluster) {
                "policy": {"gate": "streaming"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     let scenario = &s;
     eventually("the consumer released before the seal", || async move {
         (!scenario.consumer_suspended().await).then_some(())
@@ -1245,17 +1249,13 @@ async fn streaming_gate(cluster: &Cluster) {
 /// Deleting the DataLink while data flows: the finalizer removes the server, its Secret and the
 /// link's data; the user's jobs stay.
 async fn deletion_midway(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (s, spark) = Scenario::producing(
         cluster,
         "deletion",
         Consumer::PyTorchJob,
         json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.write(&spark, 300, false).await;
     s.wait_phase(Phase::Receiving).await;
     s.links()
@@ -1292,17 +1292,13 @@ async fn deletion_midway(cluster: &Cluster) {
 /// and not from a freshly started controller. A controller restarted while the producer
 /// completed converges.
 async fn idempotent_and_restartable(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (mut s, spark) = Scenario::producing(
         cluster,
         "idempotent",
         Consumer::PyTorchJob,
         json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.wait_phase(Phase::Receiving).await;
 
     // Restart while the producer finishes.
@@ -1467,7 +1463,7 @@ async fn a_server_restarted_after_the_seal_restores_the_link(cluster: &Cluster) 
 /// No spillUrl, and the server restarts before the seal: the DataLink says what was lost and,
 /// with onServerLoss: RestartProducer, reruns the SparkApplication, which fills the link again.
 async fn a_lost_server_reruns_the_producer(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (mut s, spark) = Scenario::producing(
         cluster,
         "restart-reruns",
         Consumer::PyTorchJob,
@@ -1475,10 +1471,6 @@ async fn a_lost_server_reruns_the_producer(cluster: &Cluster) {
                "policy": {"onServerLoss": "RestartProducer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.write(&spark, 200, false).await;
     s.wait_rows(200).await;
     s.restart_server().await;
@@ -1510,17 +1502,13 @@ async fn a_lost_server_reruns_the_producer(cluster: &Cluster) {
 
 /// The default policy: a server lost before the seal fails the link, saying what was lost.
 async fn a_lost_server_fails_the_link(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (mut s, spark) = Scenario::producing(
         cluster,
         "restart-fails",
         Consumer::PyTorchJob,
         json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.write(&spark, 100, false).await;
     s.wait_rows(100).await;
     s.restart_server().await;
@@ -1541,17 +1529,13 @@ async fn a_lost_server_fails_the_link(cluster: &Cluster) {
 /// Deployment an older controller made, without the inputs annotation, is adopted by a
 /// metadata-only write that does not restart its pod.
 async fn a_controller_upgrade_does_not_restart_link_servers(cluster: &Cluster) {
-    let mut s = Scenario::new(
+    let (mut s, spark) = Scenario::producing(
         cluster,
         "upgrade-keeps",
         Consumer::PyTorchJob,
         json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"}}),
     )
     .await;
-    s.start_controller().await;
-    s.run_server().await;
-    let spark = s.wait_producer_wired().await;
-    s.spark_state("RUNNING").await;
     s.write(&spark, 100, false).await;
     s.wait_rows(100).await;
     let deployments: Api<Deployment> = s.api();

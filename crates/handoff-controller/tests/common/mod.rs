@@ -185,11 +185,9 @@ pub fn shared_crd(name: &str) -> serde_json::Value {
 }
 
 pub async fn install_kueue_crds(cluster: &Cluster) {
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
     for file in KUEUE_CRDS {
         let mut crd = shared_crd(file);
         if cluster.is_local() {
-            for_api_server_1_20(&mut crd);
             for version in crd["spec"]["versions"].as_array_mut().into_iter().flatten() {
                 // Field selectors for custom resources arrived in 1.30; nothing here uses them.
                 if let Some(version) = version.as_object_mut() {
@@ -197,36 +195,31 @@ pub async fn install_kueue_crds(cluster: &Cluster) {
                 }
             }
         }
-        let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
-        let name = crd.metadata.name.clone().expect("name");
-        crds.patch(
-            &name,
-            &PatchParams::apply("handoff-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{file} installs: {e}"));
-        established(&crds, &name).await;
+        install_upstream_crd(cluster, file, crd).await;
     }
 }
 
 /// The SparkApplication, PyTorchJob and TrainJob CRDs, adjusted for 1.20 on the local server.
 pub async fn install_upstream_crds(cluster: &Cluster) {
-    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
     for file in UPSTREAM_CRDS {
-        let mut crd = fixture(file);
-        if cluster.is_local() {
-            for_api_server_1_20(&mut crd);
-        }
-        let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
-        let name = crd.metadata.name.clone().expect("name");
-        crds.patch(
-            &name,
-            &PatchParams::apply("handoff-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{file} installs: {e}"));
-        established(&crds, &name).await;
+        install_upstream_crd(cluster, file, fixture(file)).await;
     }
+}
+
+/// Apply another project's CRD, adjusted for 1.20 on the local server, and wait until it serves.
+async fn install_upstream_crd(cluster: &Cluster, file: &str, mut crd: serde_json::Value) {
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client.clone());
+    if cluster.is_local() {
+        for_api_server_1_20(&mut crd);
+    }
+    let crd: CustomResourceDefinition = serde_json::from_value(crd).expect("a CRD");
+    let name = crd.metadata.name.clone().expect("name");
+    crds.patch(
+        &name,
+        &PatchParams::apply("handoff-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{file} installs: {e}"));
+    established(&crds, &name).await;
 }
