@@ -830,6 +830,13 @@ impl<'a> Run<'a> {
                     jobs.producer_name
                 );
                 self.condition("ServerLost", true, "RestartingProducer", note.clone());
+                // A Kueue-managed consumer is evicted and requeued (Retry) until the new seal.
+                let message = format!(
+                    "DataLink {}: {lost}; the producer runs again, training waits for it",
+                    self.name
+                );
+                self.set_kueue_check(&jobs.job, kueue::CheckState::Retry, &message)
+                    .await?;
                 self.condition(
                     "ProducerWired",
                     false,
@@ -909,6 +916,16 @@ impl<'a> Run<'a> {
             jobs.consumer_api
                 .patch(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
                 .await?;
+        }
+        if by_kueue && self.rerunning() {
+            // Our Retry stands until the producer runs again: Kueue evicts and requeues on it.
+            self.kueue_released(
+                consumer,
+                jobs,
+                KueueCheck::NoWorkload,
+                kueue::CheckState::Retry,
+            );
+            return Ok(true);
         }
         if by_kueue {
             let gate = match self.link.spec.policy.gate {

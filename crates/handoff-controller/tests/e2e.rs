@@ -1842,6 +1842,52 @@ async fn kueue_rejects_when_the_producer_fails(cluster: &Cluster) {
     s.finish().await;
 }
 
+/// A server lost before the seal with onServerLoss: RestartProducer: our check on a Kueue-managed
+/// consumer goes Retry (Kueue evicts and requeues it), then holds it again until the new seal.
+async fn kueue_retries_the_consumer_while_the_producer_reruns(cluster: &Cluster) {
+    let mut s = Scenario::new(
+        cluster,
+        "kueue-retry",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "policy": {"onServerLoss": "RestartProducer"}}),
+    )
+    .await;
+    let (ours, _) = s.admission_checks().await;
+    let workload = s
+        .under_kueue(&s.consumer_resource(), "trainer", &[&ours])
+        .await;
+    s.start_controller().await;
+    s.run_server().await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 80, false).await;
+    s.wait_rows(80).await;
+    s.restart_server().await;
+    let message = s.wait_check(&workload, &ours, "Retry").await;
+    assert!(message.contains("lost link features: 80 rows"), "{message}");
+    // Kueue evicts, requeues and, with quota again, lists our check Pending.
+    let relisted = json!({"status": {"admissionChecks": [{"name": ours, "state": "Pending",
+        "message": "requeued", "lastTransitionTime": "2026-01-01T00:00:01Z"}]}});
+    s.dynamic(&handoff_controller::kueue::workload())
+        .patch_status(&workload, &PatchParams::default(), &Patch::Merge(&relisted))
+        .await
+        .expect("requeue");
+    s.spark_state("SUSPENDED").await;
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    eventually("the check to hold the consumer again", || async {
+        let (state, message) = s.check_on(&workload, &ours).await;
+        (state == "Pending" && message.contains("holds PyTorchJob trainer")).then_some(())
+    })
+    .await;
+    s.write(&spark, 90, true).await;
+    s.spark_state("COMPLETED").await;
+    s.wait_check(&workload, &ours, "Ready").await;
+    assert!(s.consumer_suspended().await);
+    s.finish().await;
+}
+
 async fn prepared_cluster() -> Cluster {
     let cluster = Cluster::start().await;
     install_crd(&cluster.client).await;
@@ -1871,6 +1917,7 @@ async fn datalinks_are_reconciled_end_to_end() {
         kueue_holds_a_pytorchjob_until_the_seal(&cluster),
         kueue_holds_a_trainjob_until_the_seal(&cluster),
         kueue_rejects_when_the_producer_fails(&cluster),
+        kueue_retries_the_consumer_while_the_producer_reruns(&cluster),
     );
 }
 
