@@ -23,13 +23,16 @@ runs it as its own pod). Clients are fine: each worker opens its own after the f
 from __future__ import annotations
 
 import os
+import pickle
 import queue
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
@@ -56,13 +59,27 @@ def _zero_copy_ok(array: pa.Array) -> bool:
         pa.types.is_integer(array.type) or pa.types.is_floating(array.type))
 
 
+def _uniform_width(column: pa.Array) -> Optional[int]:
+    """The length every row of a list column has, or None: read off the offsets, which for equal
+    lengths step evenly (no compute kernel per batch)."""
+    offsets = column.offsets.to_numpy()  # honours the column's slice
+    rows = len(column)
+    span = int(offsets[-1]) - int(offsets[0])
+    if span % rows:
+        return None
+    width = span // rows
+    steps = np.diff(offsets)
+    return width if bool((steps == width).all()) else None
+
+
 def column_to_tensor(column: pa.Array) -> Any:
     """A column as a tensor where it is numbers, as a list where it is not.
 
     Zero-copy for integer and float columns without nulls, and for (nested) fixed-size lists of
     them, which become 2-D (N-D) tensors; so are lists whose rows all have the same length (how
     Spark sends an embedding). Booleans and columns with nulls are copied (nulls become
-    NaN, so integers with nulls become float64). Strings and other types become Python lists.
+    NaN, so integers with nulls become float64 and booleans with nulls float32, 1.0 for true).
+    Strings and other types become Python lists.
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -76,19 +93,20 @@ def column_to_tensor(column: pa.Array) -> Any:
             and column.null_count == 0 and len(column) > 0:
         # Spark has no fixed-size lists: an embedding arrives as a list whose rows all have the
         # same length, and then its values are one contiguous block.
-        lengths = pc.list_value_length(column)
-        width = pc.min(lengths).as_py()
-        if width == pc.max(lengths).as_py():
+        width = _uniform_width(column)
+        if width is not None:
             inner = column_to_tensor(column.flatten())
             if isinstance(inner, torch.Tensor):
                 return inner.reshape(len(column), width, *inner.shape[1:])
         return column.to_pylist()
     if _zero_copy_ok(column):
         return _dlpack(column)
-    if pa.types.is_boolean(column.type) and column.null_count == 0:
-        return torch.from_numpy(column.to_numpy(zero_copy_only=False))
-    if (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
-            or pa.types.is_boolean(column.type)):
+    if pa.types.is_boolean(column.type):
+        if column.null_count == 0:
+            return torch.from_numpy(column.to_numpy(zero_copy_only=False))
+        # True 1.0, False 0.0, null NaN: a bool tensor has no room for a missing value.
+        return torch.from_numpy(column.cast(pa.float32()).to_numpy(zero_copy_only=False))
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
         return torch.from_numpy(column.to_numpy(zero_copy_only=False))
     return column.to_pylist()
 
@@ -105,6 +123,45 @@ def _distributed_rank() -> tuple[int, int]:
 
 
 _END = object()
+
+# Run by `HandoffDataset.__len__` in a child process: the shard totals, summed in batches.
+_COUNT = """
+import pickle, sys
+import pyarrow.flight as flight
+from handoff.client import HandoffClient
+endpoint, token, tls, requests, batch = pickle.load(sys.stdin.buffer)
+total = 0
+with HandoffClient(endpoint, token, tls=tls) as client:
+    for raw in requests:
+        descriptor = flight.FlightDescriptor.for_command(raw)
+        info = client._call(client._flight.get_flight_info, descriptor, client._options)
+        if info.total_records < 0:
+            print("unknown")
+            sys.exit(0)
+        total += -(-info.total_records // batch)
+print(total)
+"""
+
+
+def _batches_in_child(endpoint, token, tls, requests, batch: int, link: str) -> int:
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    try:
+        child = subprocess.run([sys.executable, "-c", _COUNT], env=env, capture_output=True,
+                               input=pickle.dumps((endpoint, token, tls, requests, batch)),
+                               timeout=120)
+    except subprocess.TimeoutExpired:
+        raise TypeError(f"link {link!r} has no length: the server did not answer in 120 s") \
+            from None
+    out = child.stdout.decode().strip()
+    if child.returncode != 0:
+        why = (child.stderr.decode().strip().splitlines() or ["no output"])[-1]
+        raise TypeError(f"link {link!r} has no length: {why}")
+    if out == "unknown":
+        raise TypeError(f"link {link!r} has no length yet: it is not sealed, or a filter decides "
+                        "the rows; iterate it instead")
+    return int(out)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -155,6 +212,8 @@ class HandoffDataset(IterableDataset):
             HANDOFF_TLS_CA_PEM, HANDOFF_TLS_CLIENT_CERT and HANDOFF_TLS_CLIENT_KEY.
         wait_link: seconds to wait for a link that does not exist yet before failing with
             LinkNotFound; 0 fails at once. Default: $HANDOFF_WAIT_LINK, else 300.
+        num_workers: the DataLoader's `num_workers`, for `len()` only: workers split a rank's
+            shard among them, which can change the rank's batch count by the padding.
     """
 
     def __init__(self, link: Optional[str] = None, batch_size: Optional[int] = None, *,
@@ -165,13 +224,15 @@ class HandoffDataset(IterableDataset):
                  transform: Optional[Callable[[pa.RecordBatch], Any]] = None,
                  prefetch: int = 2, endpoint: Optional[str] = None, token: Optional[str] = None,
                  columns: Optional[Sequence[str]] = None, filter: Optional[str] = None,
-                 tls: Optional[TlsSettings] = None, wait_link: Optional[float] = None):
+                 tls: Optional[TlsSettings] = None, wait_link: Optional[float] = None,
+                 num_workers: int = 0):
         super().__init__()
         if wait_link is None:
             wait_link = _env_int("HANDOFF_WAIT_LINK", DEFAULT_WAIT_LINK_SECONDS)
         if wait_link < 0:
             raise ValueError("wait_link is seconds to wait for the link to exist; 0 or more")
         self.wait_link = float(wait_link)
+        self.num_workers = num_workers
         # Defaults a DataLink's `spec.read` hands to the job through the environment.
         if batch_size is None:
             batch_size = _env_int("HANDOFF_BATCH_ROWS", 1024)
@@ -203,56 +264,122 @@ class HandoffDataset(IterableDataset):
         self.endpoint = endpoint
         self.token = token
         self.tls = tls
-        self.epoch = 0
-        # Batches the training loop took from this epoch, when iterated in this process.
+        # Epoch and a pending resume, in shared memory: DataLoader workers get a copy of the
+        # dataset, and persistent ones keep it across epochs, so set_epoch and load_state_dict
+        # must reach them through something they share. [epoch, resume epoch (-1: none),
+        # batches to skip]
+        self._shared = torch.tensor([0, -1, 0], dtype=torch.int64).share_memory_()
+        # Batches this process yielded this epoch (in a worker: that worker's).
         self._taken = 0
-        self._resume: Optional[tuple[int, int]] = None
+        # A resume restored inside one DataLoader worker (torchdata's StatefulDataLoader):
+        # (epoch, batches that worker had yielded).
+        self._worker_resume: Optional[tuple[int, int]] = None
+        self._length: Optional[int] = None
 
     # --- epochs and resuming ----------------------------------------------------------------
 
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for this epoch; every rank must call it with the same number."""
+        """Reshuffle for this epoch; every rank must call it with the same number. It reaches
+        DataLoader workers, persistent ones included."""
         if epoch != self.epoch:
             self._taken = 0
-            self._resume = None
-        self.epoch = epoch
+            self._shared[1] = -1
+            self._worker_resume = None
+        self._shared[0] = epoch
 
-    def state_dict(self, batches: Optional[int] = None) -> Dict[str, int]:
-        """Where this epoch stands. With DataLoader workers the count of batches lives in the
-        workers, so pass `batches`: how many the training loop took this epoch."""
-        return {"epoch": self.epoch, "batches": self._taken if batches is None else batches}
+    def state_dict(self, batches: Optional[int] = None) -> Dict[str, Any]:
+        """Where this epoch stands. In the training process with DataLoader workers the count
+        lives in the workers, so pass `batches`: how many the training loop took this epoch.
+        torchdata's StatefulDataLoader calls this inside each worker, where it is that worker's
+        own count, and restores each worker with it."""
+        state: Dict[str, Any] = {"epoch": self.epoch,
+                                 "batches": self._taken if batches is None else batches}
+        info = get_worker_info()
+        if info is not None:
+            state["worker"] = [info.id, info.num_workers]
+        return state
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
-        """Resume mid-epoch: the next iteration of that epoch yields exactly the remaining batches."""
-        self.epoch = int(state["epoch"])
-        self._taken = int(state["batches"])
-        self._resume = (self.epoch, self._taken)
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume mid-epoch: the next iteration of that epoch yields exactly the remaining
+        batches; the one after it is a whole epoch again."""
+        epoch, taken = int(state["epoch"]), int(state["batches"])
+        if taken < 0:
+            raise ValueError(f"batches is {taken}; a resume skips 0 or more batches")
+        info = get_worker_info()
+        worker = state.get("worker")
+        if worker is not None:
+            if info is None or list(worker) != [info.id, info.num_workers]:
+                raise ValueError(
+                    f"this state is DataLoader worker {worker[0]} of {worker[1]}'s; restore it "
+                    "through the same StatefulDataLoader with the same num_workers")
+            self._shared[0] = epoch
+            self._worker_resume = (epoch, taken)
+            return
+        self._shared[0] = epoch
+        self._shared[1] = epoch
+        self._shared[2] = taken
+
+    def __len__(self) -> int:
+        """Batches one epoch yields on this rank, once the link is sealed (with `num_workers`,
+        the DataLoader's, summed over its workers). TypeError before the seal, with a filter
+        (the count is known only by reading), or when the server cannot say.
+
+        The server is asked from a short-lived Python process, once per dataset: gRPC used in
+        this process would hang the DataLoader workers it forks later (see docs/python.md)."""
+        if self._length is None:
+            workers = max(1, self.num_workers)
+            requests = [self._shard(w, workers, start=0).message().SerializeToString()
+                        for w in range(workers)]
+            self._length = _batches_in_child(self.endpoint, self.token, self.tls, requests,
+                                             self.batch_size, self.link)
+        return self._length
 
     # --- iteration ----------------------------------------------------------------------------
 
-    def _request(self) -> ShardRequest:
+    def _shard(self, worker: int, workers: int, start: int) -> ShardRequest:
         rank, world = _distributed_rank()
         rank = self.rank if self.rank is not None else rank
         world = self.world_size if self.world_size is not None else world
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in a world of {world}; check RANK and WORLD_SIZE")
+        return ShardRequest(
+            link=self.link, rank=rank * workers + worker, world_size=world * workers,
+            epoch=self.epoch, seed=self.seed, batch_rows=self.batch_size, shuffle=self.shuffle,
+            drop_last=self.drop_last, start_batch=start, streaming=self.streaming,
+            columns=self.columns, filter=self.filter)
+
+    def _request(self) -> ShardRequest:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        taken = self._resume[1] if self._resume and self._resume[0] == self.epoch else 0
+        epoch = self.epoch
+        if self._worker_resume is not None and self._worker_resume[0] == epoch:
+            # This worker's own count, restored by StatefulDataLoader.
+            self._taken = self._worker_resume[1]
+            return self._shard(worker, workers, start=self._taken)
+        taken = int(self._shared[2]) if int(self._shared[1]) == epoch else 0
+        self._taken = taken if info is None else 0
         # The DataLoader takes batches from its workers in turn, starting at worker 0. After
         # `taken` batches, the next one is due from slot `taken % workers`: that slot's reader
         # becomes worker 0, so a resumed epoch continues in the same order.
         slot = (worker + taken) % workers
         start = max(0, (taken - slot + workers - 1) // workers)
-        return ShardRequest(
-            link=self.link, rank=rank * workers + slot, world_size=world * workers,
-            epoch=self.epoch, seed=self.seed, batch_rows=self.batch_size, shuffle=self.shuffle,
-            drop_last=self.drop_last, start_batch=start, streaming=self.streaming,
-            columns=self.columns, filter=self.filter)
+        return self._shard(slot, workers, start=start)
+
+    def _epoch_done(self) -> None:
+        # A resume skips batches in one epoch only, in every process that shares it.
+        self._shared[1] = -1
+        self._worker_resume = None
 
     def __iter__(self) -> Iterator[Any]:
-        request = self._request()
-        in_main_process = get_worker_info() is None
+        # The request is made now, not at the first batch: every worker reads the resume as it
+        # starts, before any of them finishes and clears it.
+        return self._consume(self._request())
+
+    def _consume(self, request: ShardRequest) -> Iterator[Any]:
         items: "queue.Queue[Any]" = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         convert = self.transform or to_tensors
@@ -266,14 +393,19 @@ class HandoffDataset(IterableDataset):
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if in_main_process:
-                    self._taken += 1
+                self._taken += 1
                 yield item
-            if in_main_process:
-                self._resume = None
+            self._epoch_done()
         finally:
             stop.set()
-            thread.join(timeout=10)
+            # The reader may be blocked handing over a batch: make room until it sees `stop`.
+            while thread.is_alive():
+                try:
+                    while True:
+                        items.get_nowait()
+                except queue.Empty:
+                    pass
+                thread.join(timeout=0.05)
 
     def _open(self, client: HandoffClient, request: ShardRequest, stop: threading.Event):
         """The shard's stream and its first batch (None when it is empty), once the link exists:
@@ -301,14 +433,12 @@ class HandoffDataset(IterableDataset):
     def _produce(self, request: ShardRequest, convert, items: "queue.Queue[Any]",
                  stop: threading.Event) -> None:
         def put(item) -> bool:
-            # Bounded: at most `prefetch` batches wait for the training loop.
-            while not stop.is_set():
-                try:
-                    items.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            # Bounded: at most `prefetch` batches wait for the training loop. A blocking put, not
+            # a polling one: the consumer drains the queue when it stops, which frees it.
+            if stop.is_set():
+                return False
+            items.put(item)
+            return not stop.is_set()
 
         try:
             with HandoffClient(self.endpoint, self.token, tls=self.tls) as client:

@@ -209,6 +209,81 @@ def test_nulls_and_booleans_are_converted_by_copy():
     tensors = to_tensors(batch)
     assert tensors["x"].dtype == torch.float64 and torch.isnan(tensors["x"][1])
     assert tensors["b"].tolist() == [True, False, True]
+    with_nulls = to_tensors(pa.record_batch({"b": pa.array([True, None, False])}))["b"]
+    assert with_nulls.dtype == torch.float32
+    assert with_nulls[0].item() == 1.0 and torch.isnan(with_nulls[1]) and with_nulls[2].item() == 0.0
+    # Lists with one short row, or whose lengths only sum to a multiple, are not 2-D.
+    uneven = pa.array([[1.0, 2.0], [3.0], [4.0, 5.0, 6.0]], pa.list_(pa.float32()))
+    assert to_tensors(pa.record_batch({"u": uneven}))["u"] == uneven.to_pylist()
+
+
+def test_len_is_the_batch_count_once_sealed(endpoint, token, features, writer):
+    ds = HandoffDataset(features, batch_size=BATCH, rank=1, world_size=3, endpoint=endpoint,
+                        token=token)
+    assert len(ds) == len(list(ds)) == ROWS // (3 * BATCH)
+    odd = HandoffDataset(features, batch_size=70, rank=0, world_size=2, endpoint=endpoint,
+                         token=token, num_workers=2)
+    batches = list(loader(odd, 2))
+    assert len(loader(odd, 2)) == len(odd) == len(batches)
+    writer.put("torch/open", table(0, 100))
+    for unsized in (HandoffDataset("torch/open", batch_size=BATCH, endpoint=endpoint, token=token),
+                    HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token,
+                                   filter="label = 1")):
+        with pytest.raises(TypeError, match="no length yet"):
+            len(unsized)
+
+
+def test_set_epoch_reaches_persistent_workers(endpoint, token, features):
+    def dataset():
+        return HandoffDataset(features, batch_size=BATCH, shuffle=True, seed=9, rank=0,
+                              world_size=2, endpoint=endpoint, token=token)
+
+    ds = dataset()
+    persistent = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True,
+                            multiprocessing_context=WORKERS)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        epochs.append(ids_of(persistent))
+    fresh = dataset()
+    fresh.set_epoch(1)
+    assert epochs[0] != epochs[1], "the workers reshuffled"
+    assert epochs[1] == ids_of(loader(fresh, 2)), "as a fresh loader reads epoch 1"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_skips_batches_in_one_epoch_only(endpoint, token, features, workers):
+    ds = HandoffDataset(features, batch_size=BATCH, rank=0, world_size=2, endpoint=endpoint,
+                        token=token)
+    whole = len(ids_of(loader(ds, workers)))
+    ds.load_state_dict({"epoch": 0, "batches": 5})
+    assert len(ids_of(loader(ds, workers))) == whole - 5 * BATCH
+    # No set_epoch: the next pass over the same epoch is whole again.
+    assert len(ids_of(loader(ds, workers))) == whole
+
+
+def test_stateful_dataloader_restores_each_worker(endpoint, token, features):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make():
+        ds = HandoffDataset(features, batch_size=BATCH, shuffle=True, seed=3, rank=0,
+                            world_size=2, endpoint=endpoint, token=token)
+        ds.set_epoch(4)
+        return stateful.StatefulDataLoader(ds, batch_size=None, num_workers=2,
+                                           multiprocessing_context=WORKERS)
+
+    full = ids_of(make())
+    first = make()
+    taken = []
+    for step, batch in enumerate(first):
+        taken.append(batch)
+        if step == 8:
+            state = first.state_dict()
+            break
+    del first
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert ids_of(taken) + ids_of(resumed) == full, "the restored workers finish exactly the rest"
 
 
 def test_transform_receives_the_arrow_batch(endpoint, token, features):

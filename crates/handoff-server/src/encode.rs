@@ -44,36 +44,49 @@ impl ChunkEncoder {
             }),
             Chunk::Batch(batch, held) => {
                 kept = held;
-                for piece in split(&batch, self.max_flight_data_size) {
-                    let (_dictionaries, encoded) = self
-                        .generator
-                        .encode(&piece, &mut self.tracker, &self.options, &mut self.context)
-                        .map_err(|e| Status::internal(format!("encoding a batch failed: {e}")))?;
-                    out.push(FlightData {
-                        data_header: Bytes::from(encoded.ipc_message),
-                        data_body: Bytes::from(encoded.arrow_data),
-                        ..Default::default()
-                    });
-                }
+                self.encode_batch(&batch, out)?;
             }
         }
         Ok(kept)
     }
-}
 
-/// Slices a batch into row ranges of about `max_bytes` each.
-fn split(batch: &RecordBatch, max_bytes: usize) -> Vec<RecordBatch> {
-    let size = batch.get_array_memory_size();
-    let rows = batch.num_rows();
-    if size <= max_bytes || rows <= 1 {
-        return vec![batch.clone()];
+    /// One message for the batch, or as many as keep each near `max_flight_data_size`. The
+    /// size is what encoding writes: a batch cut from a large stored frame shares that frame's
+    /// buffers (and a list column its whole child array), so the in-memory sizes would split a
+    /// batch of `batch_rows` into several messages, which clients read as several short
+    /// batches.
+    fn encode_batch(
+        &mut self,
+        batch: &RecordBatch,
+        out: &mut Vec<FlightData>,
+    ) -> Result<(), Status> {
+        let whole = self.encode_one(batch)?;
+        let rows = batch.num_rows();
+        let size = whole.data_body.len() + whole.data_header.len();
+        if size <= self.max_flight_data_size || rows <= 1 {
+            out.push(whole);
+            return Ok(());
+        }
+        let pieces = size.div_ceil(self.max_flight_data_size).min(rows);
+        let per = rows.div_ceil(pieces);
+        for start in (0..rows).step_by(per) {
+            let piece = batch.slice(start, per.min(rows - start));
+            out.push(self.encode_one(&piece)?);
+        }
+        Ok(())
     }
-    let pieces = size.div_ceil(max_bytes).min(rows);
-    let per = rows.div_ceil(pieces);
-    (0..rows)
-        .step_by(per)
-        .map(|start| batch.slice(start, per.min(rows - start)))
-        .collect()
+
+    fn encode_one(&mut self, batch: &RecordBatch) -> Result<FlightData, Status> {
+        let (_dictionaries, encoded) = self
+            .generator
+            .encode(batch, &mut self.tracker, &self.options, &mut self.context)
+            .map_err(|e| Status::internal(format!("encoding a batch failed: {e}")))?;
+        Ok(FlightData {
+            data_header: Bytes::from(encoded.ipc_message),
+            data_body: Bytes::from(encoded.arrow_data),
+            ..Default::default()
+        })
+    }
 }
 
 /// The gRPC length-prefixed frame of one FlightData, as a small prefix plus the untouched body.
@@ -126,6 +139,47 @@ fn put_varint(buf: &mut BytesMut, mut v: u64) {
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn a_batch_cut_from_a_large_frame_is_one_message() {
+        use arrow_array::{ArrayRef, Float32Array, Int64Array};
+        use std::sync::Arc;
+        let rows = 1 << 20;
+        let ids: ArrayRef = Arc::new(Int64Array::from_iter_values(0..rows as i64));
+        let xs: ArrayRef = Arc::new(Float32Array::from_iter_values((0..rows).map(|i| i as f32)));
+        // As Spark sends an embedding: a list column, whose slices share the whole child array.
+        let values = Float32Array::from_iter_values((0..rows * 4).map(|i| i as f32));
+        let offsets = arrow_buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(4, rows));
+        let field = Arc::new(arrow_schema::Field::new(
+            "item",
+            arrow_schema::DataType::Float32,
+            false,
+        ));
+        let emb: ArrayRef = Arc::new(arrow_array::ListArray::new(
+            field,
+            offsets,
+            Arc::new(values),
+            None,
+        ));
+        let frame =
+            RecordBatch::try_from_iter([("id", ids), ("x", xs), ("emb", emb)]).expect("batch");
+        let cut = frame.slice(5000, 1024);
+        assert!(
+            cut.get_array_memory_size() > 8 << 20,
+            "the frame's buffers are large"
+        );
+        let mut encoder = ChunkEncoder::new(8 << 20);
+        let mut out = Vec::new();
+        encoder.encode_batch(&cut, &mut out).expect("encode");
+        assert_eq!(out.len(), 1, "one batch, one message");
+        // A batch that is itself large is still split, into pieces that cover it.
+        let mut encoder = ChunkEncoder::new(1 << 20);
+        let mut out = Vec::new();
+        encoder.encode_batch(&frame, &mut out).expect("encode");
+        assert!(out.len() >= 12, "{}", out.len());
+        let decoded: usize = out.iter().map(|data| data.data_body.len()).sum();
+        assert!(decoded >= rows * 32, "the pieces carry every row");
+    }
 
     #[test]
     fn grpc_frame_matches_prost() {

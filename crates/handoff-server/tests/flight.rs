@@ -222,6 +222,31 @@ async fn read_rank(client: &mut handoff_client::HandoffClient, shard: ReadShard)
         .collect()
 }
 
+/// A batch cut from a partition stored as one large frame shares the frame's buffers; it still
+/// travels as one message, so a reader gets exactly `batch_rows` rows per batch.
+#[tokio::test]
+async fn batches_cut_from_a_large_partition_arrive_whole() {
+    let server = Fixture::start().await;
+    let mut client = server.admin().await;
+    client
+        .put("big", stream_of(vec![batch(0, 400_000)]))
+        .await
+        .expect("put");
+    client.seal("big").await.expect("seal");
+    let shard = ReadShard {
+        link: "big".into(),
+        rank: 0,
+        world_size: 1,
+        batch_rows: 1000,
+        ..Default::default()
+    };
+    let batches = read_rank(&mut client, shard).await;
+    assert_eq!(batches.len(), 400);
+    assert!(batches.iter().all(|b| b.len() == 1000));
+    assert_eq!(batches.concat(), (0..400_000).collect::<Vec<i64>>());
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn shards_are_disjoint_complete_and_equal() {
     let server = Fixture::start().await;
