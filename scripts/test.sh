@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test of the project: Rust unit and integration tests, then the Python suite (pyarrow
 # interop, the handoff package with real PySpark and torch) against the real `handoff` binary.
-# Installs what it needs: protoc, Java 17 for Spark, the Python requirements (torch is ~3 GB,
+# Installs what it needs: protoc, promtool, Java 17 for Spark, the Python requirements (torch is ~3 GB,
 # cached by pip in ~/.cache/pip), s3s-fs and kube-apiserver (built once into
 # ~/.cache/handoff-tools), and etcd.
 set -euo pipefail
@@ -29,6 +29,13 @@ if ! command -v protoc >/dev/null 2>&1; then
   echo "installing protobuf-compiler" >&2
   as_root apt-get update -qq
   as_root apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+# promtool lints the server's and the controller's /metrics (crates/handoff-controller/tests/monitoring.rs).
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing prometheus (for promtool)" >&2
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 # PySpark needs a JVM.

@@ -323,6 +323,88 @@ fn the_chart_renders_what_the_kustomize_base_holds() {
     assert!(contains(container, &want), "{container:#}");
 }
 
+#[test]
+fn the_chart_monitors_the_controller_and_every_link_server_only_when_asked() {
+    let values = yaml(&format!("{CHART}/values.yaml"));
+    assert_eq!(values["metrics"]["serviceMonitor"]["enabled"], json!(false));
+    let monitors = |docs: &[Value]| -> Vec<String> {
+        let kinds = docs.iter().filter_map(|d| d["kind"].as_str());
+        kinds
+            .filter(|k| k.ends_with("Monitor"))
+            .map(String::from)
+            .collect()
+    };
+    assert!(monitors(&chart(&values)).is_empty(), "off by default");
+
+    let mut on = values.clone();
+    on["metrics"]["serviceMonitor"] = json!({"enabled": true, "interval": "15s",
+        "labels": {"release": "kube-prometheus-stack"}});
+    let rendered = chart(&on);
+    assert_eq!(monitors(&rendered), ["ServiceMonitor", "PodMonitor"]);
+    for kind in ["ServiceMonitor", "PodMonitor"] {
+        let doc = find(&rendered, kind);
+        assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(doc["metadata"]["namespace"], "handoff-system");
+        let label = &doc["metadata"]["labels"]["release"];
+        assert_eq!(label, "kube-prometheus-stack", "{kind}: the values' labels");
+    }
+
+    // The ServiceMonitor picks the controller's metrics Service, and its port, by name.
+    let monitor = &find(&rendered, "ServiceMonitor")["spec"];
+    let service = find(&rendered, "Service");
+    let selector = &monitor["selector"]["matchLabels"];
+    assert!(
+        contains(&service["metadata"]["labels"], selector),
+        "{selector} selects the metrics Service"
+    );
+    let matched = &monitor["namespaceSelector"]["matchNames"];
+    assert_eq!(matched, &json!([service["metadata"]["namespace"]]));
+    let endpoint = json!([{"port": "http", "path": "/metrics", "interval": "15s"}]);
+    assert!(contains(&monitor["endpoints"], &endpoint), "{monitor:#}");
+    let ports = service["spec"]["ports"].as_array().expect("ports");
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["name"] == "http" && p["port"] == 8080)
+    );
+
+    // The PodMonitor picks every link's server pods, in any namespace, by the labels and port
+    // name the controller gives them.
+    let monitor = &find(&rendered, "PodMonitor")["spec"];
+    assert_eq!(monitor["namespaceSelector"], json!({"any": true}));
+    let link: DataLink =
+        serde_json::from_value(docs(&read("examples/k8s/datalink.yaml"), "link")[0].clone())
+            .expect("the example DataLink");
+    let deployment = handoff_controller::resources::server_deployment(&link, "x", true)
+        .expect("the example's server");
+    let pod = serde_json::to_value(deployment.spec.expect("spec").template).expect("pod");
+    let selector = &monitor["selector"]["matchLabels"];
+    assert!(
+        contains(&pod["metadata"]["labels"], selector),
+        "{selector} selects the server pods: {:#}",
+        pod["metadata"]
+    );
+    let ports = &pod["spec"]["containers"][0]["ports"];
+    let http = json!(handoff_controller::resources::HTTP_PORT);
+    let named = ports
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "http");
+    assert_eq!(named.map(|p| &p["containerPort"]), Some(&http), "{ports}");
+    let endpoint = json!([{"port": "http", "path": "/metrics", "interval": "15s"}]);
+    assert!(
+        contains(&monitor["podMetricsEndpoints"], &endpoint),
+        "{monitor:#}"
+    );
+
+    // Without labels, only the chart's.
+    on["metrics"]["serviceMonitor"]["labels"] = json!({});
+    let rendered = chart(&on);
+    let labels = &find(&rendered, "PodMonitor")["metadata"]["labels"];
+    assert!(labels.get("release").is_none(), "{labels}");
+}
+
 /// What the controller calls, and nothing else: `group resource: verbs` (`core` is "").
 const RULES: &str = "
     handoff.kubeflow.org datalinks: get list watch patch update

@@ -172,15 +172,20 @@ fn http_router(state: Arc<HttpState>) -> axum::Router {
         )
         .route(
             "/metrics",
-            get(|State(s): State<Arc<HttpState>>| async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    s.metrics.render(&s.store),
-                )
-            }),
+            get(
+                |State(s): State<Arc<HttpState>>, headers: axum::http::HeaderMap| async move {
+                    let accept = headers.get(axum::http::header::ACCEPT);
+                    let accept = accept.and_then(|a| a.to_str().ok());
+                    let (content_type, text) = s.metrics.exposition(&s.store, accept);
+                    (
+                        [
+                            (axum::http::header::CONTENT_TYPE, content_type),
+                            (axum::http::header::VARY, "accept"),
+                        ],
+                        text,
+                    )
+                },
+            ),
         )
         .with_state(state)
 }
