@@ -7,6 +7,11 @@ Spark >= 4.0: the Python data source `handoff`
 
 Spark 3.5 (no Python data sources): `handoff.spark.write(df, link="features")`, via `mapInArrow`.
 
+Spark Connect: `register(spark)` registers the format in the Connect server's session (the class is
+pickled by reference, so the server's Python needs the package, installed or shipped with
+`spark.addArtifacts("handoff.zip", pyfile=True)`). The driver is then the Connect server: options
+travel with the plan, but the client's HANDOFF_* variables do not reach it.
+
 Every task stages its partition under (partition id, task attempt id); the driver publishes exactly
 the attempts Spark reports as winners with one atomic `commit`, then seals. Retried and
 speculative attempts therefore never show up twice. Rows travel as Arrow record batches all the
@@ -18,13 +23,14 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pyarrow as pa
 from pyspark import TaskContext
 
-from .client import HandoffClient, HandoffError, LinkNotFound, TlsSettings, normalize_endpoint
+from .client import (HandoffClient, HandoffError, LinkNotFound, ServerUnavailable, TlsSettings,
+                     normalize_endpoint)
 
 try:
     from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
@@ -35,6 +41,10 @@ __all__ = ["HandoffDataSource", "HandoffCommitMessage", "HandoffTarget", "regist
 
 COMMIT_MODES = ("job", "task")
 _BOOLEANS = {"true": True, "false": False}
+# Said wherever a setting fell back to the environment: with Spark Connect the "driver" is the
+# Connect server, whose environment a client cannot set.
+_DRIVER_ENV = ("the Spark driver's environment (with Spark Connect, the Connect server's: a "
+               "client's environment does not reach it)")
 
 
 @dataclass(frozen=True)
@@ -49,23 +59,49 @@ class HandoffTarget:
     commit: str = "job"
     # Read on the driver (option `tls_ca`, HANDOFF_TLS_CA, HANDOFF_TLS_CA_PEM) and shipped as PEM.
     tls: TlsSettings = TlsSettings()
+    # Where endpoint and token came from, for the driver's error messages; not part of the target.
+    endpoint_from: str = field(default="option `endpoint`", compare=False)
+    token_from: str = field(default="option `token`", compare=False)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, str]) -> "HandoffTarget":
+    def from_options(cls, options: Mapping[str, str],
+                     env_name: str = _DRIVER_ENV) -> "HandoffTarget":
         """From data source options (`link`, `endpoint`, `token`, `seal`, `commit`, `tls_ca`: a
-        PEM file on the driver), falling back to HANDOFF_LINK, HANDOFF_ENDPOINT, HANDOFF_TOKEN and
-        HANDOFF_TLS_CA / HANDOFF_TLS_CA_PEM. Raises ValueError naming the option."""
+        PEM file on the driver, `tls_ca_pem`: the PEM itself), falling back to HANDOFF_LINK,
+        HANDOFF_ENDPOINT, HANDOFF_TOKEN and HANDOFF_TLS_CA / HANDOFF_TLS_CA_PEM in the driver's
+        environment (`env_name` says whose, in messages): an option always wins. Raises
+        ValueError naming the option."""
         link = options.get("link") or os.environ.get("HANDOFF_LINK")
         if not link:
             raise ValueError(
-                "the handoff sink needs option `link`: add .option(\"link\", \"<name>\") "
-                "or set HANDOFF_LINK in the driver's environment")
+                "the handoff sink needs option `link`: add .option(\"link\", \"<name>\"), or "
+                f"set HANDOFF_LINK in {env_name}")
+        if options.get("endpoint"):
+            endpoint_from = "option `endpoint`"
+        elif os.environ.get("HANDOFF_ENDPOINT"):
+            endpoint_from = f"HANDOFF_ENDPOINT in {env_name}"
+        else:
+            endpoint_from = (f"the default, as neither option `endpoint` nor HANDOFF_ENDPOINT in "
+                             f"{env_name} is set")
         endpoint = normalize_endpoint(options.get("endpoint"))
+        ca_pem = options.get("tls_ca_pem")
+        if ca_pem:
+            if options.get("tls_ca"):
+                raise ValueError("give option `tls_ca` (a PEM file on the driver) or `tls_ca_pem` "
+                                 "(the PEM itself), not both")
+            if "-----BEGIN" not in ca_pem:
+                raise ValueError("option `tls_ca_pem` is the CA's PEM text itself (-----BEGIN "
+                                 "CERTIFICATE-----...); for a file on the driver use `tls_ca`")
         tls = TlsSettings.from_env(ca_file=options.get("tls_ca"))
+        if ca_pem:
+            tls = replace(tls, root_certs=ca_pem.encode())
         tls.flight_kwargs(endpoint)  # refuses a CA with a plain-text endpoint, on the driver
         token = options.get("token")
+        token_from = "option `token`"
         if token is None:
             token = os.environ.get("HANDOFF_TOKEN")
+            token_from = (f"HANDOFF_TOKEN in {env_name}" if token else
+                          f"nowhere: neither option `token` nor HANDOFF_TOKEN in {env_name} is set")
         seal_text = str(options.get("seal", "true")).strip().lower()
         if seal_text not in _BOOLEANS:
             raise ValueError(f"option `seal` is true or false, not {options.get('seal')!r}")
@@ -75,7 +111,7 @@ class HandoffTarget:
                 f"option `commit` is `job` (publish at job end) or `task` (each task publishes its "
                 f"own partition), not {options.get('commit')!r}")
         return cls(link=link, endpoint=endpoint, token=token or None, seal=_BOOLEANS[seal_text],
-                   commit=commit, tls=tls)
+                   commit=commit, tls=tls, endpoint_from=endpoint_from, token_from=token_from)
 
     def client(self) -> HandoffClient:
         # "" rather than None: no token means none, not the executor's own HANDOFF_TOKEN.
@@ -93,11 +129,23 @@ class HandoffTarget:
                 state = client.stats(self.link).get("state")
             except LinkNotFound:
                 return  # the first staged partition creates it
+            except ServerUnavailable as e:
+                if self.endpoint_from == "option `endpoint`":
+                    raise
+                raise ServerUnavailable(
+                    f"{e}. The sink's endpoint came from {self.endpoint_from}; pass "
+                    f".option(\"endpoint\", \"grpc://host:port\")", e.code) from e
             except HandoffError as e:
                 if e.code in ("unauthenticated", "permission_denied"):
+                    if self.token is None:
+                        raise HandoffError(
+                            f"the handoff server at {self.endpoint} refused a request without a "
+                            f"token ({e}); the sink's token came from {self.token_from}; pass a "
+                            f"writer token with option `token`", e.code) from e
                     raise HandoffError(
-                        f"the handoff server at {self.endpoint} refused the token ({e}); pass a "
-                        f"writer token with option `token` or HANDOFF_TOKEN", e.code) from e
+                        f"the handoff server at {self.endpoint} refused the token ({e}), which "
+                        f"came from {self.token_from}; pass a writer token with option `token` "
+                        f"or HANDOFF_TOKEN", e.code) from e
                 raise
         if state == "sealed":
             raise HandoffError(
@@ -222,8 +270,13 @@ def _staged(messages) -> List[Tuple[int, int]]:
 
 
 def register(spark) -> None:
-    """Register the `handoff` format with this session (Spark >= 4.0). Not needed when the
-    package is installed normally: Spark then finds it through `pyspark_handoff`."""
+    """Register the `handoff` format with this session (Spark >= 4.0), a classic one or a Spark
+    Connect client's. Not needed when the package is installed normally where the driver runs
+    (with Spark Connect: in the Connect server's Python): Spark then finds it through
+    `pyspark_handoff`. Over Connect the class is pickled by reference and loaded by the server when
+    a write plans, so the server's Python must import `handoff` (installed, or shipped first with
+    `spark.addArtifacts("handoff.zip", pyfile=True)`); otherwise that write fails with
+    `No module named 'handoff'`."""
     if HandoffDataSource is None:
         raise RuntimeError(
             "this PySpark has no Python data sources (Spark >= 4.0 needed); use handoff.spark.write(df, ...)")
@@ -245,7 +298,9 @@ def write(df, link: Optional[str] = None, endpoint: Optional[str] = None,
     if mode not in ("append", "overwrite"):
         raise ValueError(f"mode is `append` or `overwrite`, not {mode!r}")
     options = {"link": link, "endpoint": endpoint, "token": token, "seal": str(bool(seal)).lower()}
-    target = HandoffTarget.from_options({k: v for k, v in options.items() if v is not None})
+    # Resolved here, in the calling process (with Spark Connect: the client), not in Spark's driver.
+    target = HandoffTarget.from_options({k: v for k, v in options.items() if v is not None},
+                                        env_name="this process's environment")
     overwrite = mode == "overwrite"
     target.check(overwrite)
     base = new_partition_base()
