@@ -14,7 +14,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -344,6 +344,17 @@ class HandoffClient:
             if not finished:
                 # The caller stopped early: tell the server to stop sending.
                 reader.cancel()
+
+    def published(self, link: str) -> Dict[int, Tuple[int, int]]:
+        """The link's committed partitions: partition id -> (the attempt that wrote it, rows)."""
+        descriptor = flight.FlightDescriptor.for_path(link)
+        info = self._call(self._flight.get_flight_info, descriptor, self._options)
+        out: Dict[int, Tuple[int, int]] = {}
+        for endpoint in info.endpoints:
+            about = json.loads(endpoint.app_metadata or b"{}")
+            if "partition" in about:
+                out[int(about["partition"])] = (int(about["attempt"]), int(about["rows"]))
+        return out
 
     def read_all(self, link: str) -> pa.Table:
         """Every committed row of a link, partition by partition in commit order."""

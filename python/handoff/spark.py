@@ -172,16 +172,25 @@ def stage_task_output(target: HandoffTarget, base: int,
     first = next((b for b in batches if b.num_rows), None)
     if first is None:
         return partition, attempt, 0
+    seen = [0]
+
+    def counted(source):
+        for batch in source:
+            seen[0] += batch.num_rows
+            yield batch
+
+    source = counted(itertools.chain([first], batches))
     with target.client() as client:
         try:
-            rows = client.put_partition(target.link, partition, attempt,
-                                        itertools.chain([first], batches), schema=first.schema)
+            rows = client.put_partition(target.link, partition, attempt, source,
+                                        schema=first.schema)
         except HandoffError as e:
             if target.commit == "task" and e.code == "already_exists":
-                # An earlier attempt of this partition published it and then failed: it is done.
-                for _ in batches:
+                # An earlier attempt of this partition published it and then failed. Count what
+                # this attempt reads, so the driver can check that earlier one was whole.
+                for _ in source:
                     pass
-                return partition, attempt, 0
+                return partition, attempt, seen[0]
             raise
         if target.commit == "task":
             try:
@@ -191,8 +200,30 @@ def stage_task_output(target: HandoffTarget, base: int,
                     raise
                 # A speculative copy won the race; ours must not linger in staging.
                 client.abort(target.link, [(partition, attempt)])
-                return partition, attempt, 0
     return partition, attempt, rows
+
+
+def verify_published(target: HandoffTarget, outcomes: Sequence[Tuple[int, int, int]]) -> None:
+    """commit=task, on the driver: every successful task read `rows` rows of its partition, and
+    the link must hold that many for it, whichever attempt published them. Spark can end a task's
+    input early without an error (a failure upstream of the sink), and that attempt then published
+    part of its partition; here that is found and said, never left as silently missing rows."""
+    with target.client() as client:
+        published = client.published(target.link)
+    short = []
+    for partition, attempt, rows in sorted(outcomes):
+        held_attempt, held = published.get(partition, (None, 0))
+        if held != rows:
+            by = f"attempt {held_attempt}" if held_attempt is not None else "no attempt"
+            short.append(f"partition {partition}: Spark's successful attempt {attempt} read {rows} "
+                         f"rows, the link holds {held} (published by {by})")
+    if short:
+        raise HandoffError(
+            f"commit=task: link {target.link!r} does not hold what Spark's successful attempts "
+            f"read, so rows are missing: {'; '.join(short)}. An attempt that failed after part of "
+            "its input reached the sink published that part. The link is "
+            "left unsealed; write it again with commit=job (the default), which publishes only "
+            "the attempts Spark reports as successful", "data_loss")
 
 
 def publish(target: HandoffTarget, attempts: Sequence[Tuple[int, int]], overwrite: bool) -> None:
@@ -243,6 +274,9 @@ if DataSource is not None:
             return HandoffCommitMessage(*stage_task_output(self.target, self.base, iterator))
 
         def commit(self, messages: List[Optional["HandoffCommitMessage"]]) -> None:
+            if self.target.commit == "task":
+                verify_published(self.target, [(m.partition, m.attempt, m.rows)
+                                               for m in messages if m is not None and m.rows])
             publish(self.target, _staged(messages), self.overwrite)
 
         def abort(self, messages: List[Optional["HandoffCommitMessage"]]) -> None:

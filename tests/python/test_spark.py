@@ -28,7 +28,7 @@ from pyspark.sql import SparkSession  # noqa: E402
 import handoff.spark as handoff_spark  # noqa: E402
 from conftest import (REPO, STOP_TIMEOUT_S, make_certs, patience, serve_tls,  # noqa: E402
                       start_plain_location, stop_process)
-from handoff import HandoffClient, TlsSettings  # noqa: E402
+from handoff import HandoffClient, HandoffError, TlsSettings  # noqa: E402
 from handoff.client import ShardRequest  # noqa: E402
 from handoff.spark import HandoffTarget, HandoffWriter, register, write  # noqa: E402
 
@@ -202,11 +202,18 @@ def test_task_commit_lets_one_attempt_win_and_leaves_nothing_staged(server, hc, 
     original = run_attempt(writer, 3, 1, slow_original())
     retry_after_commit = run_attempt(writer, 3, 5, [batch])
     assert outcome["speculative"].rows == 80
-    assert original.rows == 0 and retry_after_commit.rows == 0
+    # Each reports the rows it read, so the driver can check them against what was published.
+    assert original.rows == 80 and retry_after_commit.rows == 40
     stats = hc.stats(link)
     assert (stats["rows"], stats["partitions"], stats["staged_partitions"]) == (80, 1, 0)
 
-    writer.commit([outcome["speculative"]])  # the tasks published; the driver only seals
+    assert hc.published(link) == {writer.base + 3: (2, 80)}
+    # A successful attempt that read other rows than were published: said, and not sealed.
+    with pytest.raises(HandoffError, match=r"partition \d+: Spark's successful attempt 5 read 40 rows, "
+                                           "the link holds 80 .published by attempt 2."):
+        writer.commit([retry_after_commit])
+    assert hc.stats(link)["state"] == "open"
+    writer.commit([outcome["speculative"]])  # the tasks published; the driver checks and seals
     stats = hc.stats(link)
     assert (stats["rows"], stats["state"]) == (80, "sealed")
 
@@ -214,8 +221,11 @@ def test_task_commit_lets_one_attempt_win_and_leaves_nothing_staged(server, hc, 
 # --- Spark jobs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["data_source", "write_helper"])
+@pytest.mark.parametrize("route", ["data_source", "write_helper", "commit_task"])
 def test_task_failing_mid_stream_is_retried_exactly_once(spark, tmp_path, route):
+    """With commit=task, Spark ends the failing attempt's input early without an error, and that
+    attempt publishes what it had: the driver finds the short partition and fails the job,
+    naming it, instead of sealing a link with rows missing."""
     # A server of its own, so the bytes it holds beyond the link's are exactly the in-flight ones.
     proc, location = start_plain_location(env=without_handoff_variables(os.environ))
     assert location, "handoff serve --no-auth did not start"
@@ -254,6 +264,13 @@ def test_task_failing_mid_stream_is_retried_exactly_once(spark, tmp_path, route)
 
         df = spark.range(0, rows, numPartitions=partitions).mapInArrow(
             fail_first_attempt_mid_stream, "id long, pad string")
+        if route == "commit_task":
+            with pytest.raises(Exception, match=r"commit=task: link .* does not hold what Spark"):
+                save(df, link, endpoint=location, commit="task")
+            assert client.stats(link)["state"] == "open", "not sealed with rows missing"
+            held = client.published(link)
+            assert sum(r for _, r in held.values()) < rows, "the short partition is there"
+            return
         if route == "data_source":
             save(df, link, endpoint=location)
         else:

@@ -57,11 +57,23 @@ impl HandoffService {
     pub(super) fn link_info(&self, link: &Link) -> Result<FlightInfo, Status> {
         let snapshot = link.snapshot();
         let schema = Self::schema_of(link)?;
-        let endpoints = (0..snapshot.partitions.len() as u64).map(|i| {
-            FlightEndpoint::new().with_ticket(Ticket::new(
-                proto::Ticket::partition(link.name(), i, snapshot.generation).encode_to_vec(),
-            ))
-        });
+        // Each endpoint says which partition and attempt it is and its rows, so a writer that
+        // publishes task by task can check what was published against what Spark says won.
+        let endpoints = snapshot
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, partition)| {
+                let about = serde_json::json!({
+                    "partition": partition.id, "attempt": partition.attempt, "rows": partition.rows,
+                });
+                FlightEndpoint::new()
+                    .with_ticket(Ticket::new(
+                        proto::Ticket::partition(link.name(), i as u64, snapshot.generation)
+                            .encode_to_vec(),
+                    ))
+                    .with_app_metadata(about.to_string())
+            });
         let mut info = FlightInfo::new()
             .try_with_schema(&schema.schema)
             .map_err(|e| Status::internal(e.to_string()))?
