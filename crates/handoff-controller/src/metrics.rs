@@ -99,53 +99,8 @@ impl Metrics {
     /// asks for it (Prometheus does), else the Prometheus text format (curl, `promtool check
     /// metrics`).
     pub fn exposition(&self, accept: Option<&str>) -> (&'static str, String) {
-        let text = self.render();
-        if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
-            (OPENMETRICS_CONTENT_TYPE, text)
-        } else {
-            (TEXT_CONTENT_TYPE, to_prometheus_text(&text))
-        }
+        handoff_metrics::exposition(self.render(), accept)
     }
-}
-
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// The Prometheus text format (0.0.4) of prometheus_client's OpenMetrics text. The samples are
-/// the same; a counter's `# HELP` and `# TYPE` name its `_total` series, as that format names a
-/// family by its samples (else `promtool check metrics` finds counters without help); there is
-/// no `# UNIT` or `# EOF`. It covers counters, gauges and histograms without exemplars, which is
-/// all these metrics use. The same function as `handoff_server::metrics::to_prometheus_text`
-/// (this crate does not depend on the server; `tests/monitoring.rs` holds the two equal).
-pub fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 256);
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let header = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| Some((p, line.strip_prefix(p)?)));
-        match header {
-            Some((prefix, rest)) => {
-                let name = rest.split(' ').next().unwrap_or(rest);
-                let total = if counters.contains(name) {
-                    "_total"
-                } else {
-                    ""
-                };
-                out.push_str(&format!("{prefix}{name}{total}{}", &rest[name.len()..]));
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 /// Serve `/metrics`, `/healthz` (the process is alive) and `/readyz` (the watches run) until
@@ -238,12 +193,12 @@ mod tests {
             "{text}"
         );
         // curl gets the Prometheus text format; Prometheus, which asks for it, OpenMetrics.
-        assert!(text.contains(TEXT_CONTENT_TYPE), "{text}");
+        assert!(text.contains(handoff_metrics::TEXT_CONTENT_TYPE), "{text}");
         let counter = "# TYPE handoff_controller_reconciliations_total counter\n";
         assert!(text.contains(counter), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
         let (kind, text) = metrics.exposition(Some("application/openmetrics-text;version=1.0.0"));
-        assert_eq!(kind, OPENMETRICS_CONTENT_TYPE);
+        assert_eq!(kind, handoff_metrics::OPENMETRICS_CONTENT_TYPE);
         let counter = "# TYPE handoff_controller_reconciliations counter\n";
         assert!(
             text.contains(counter) && text.ends_with("# EOF\n"),

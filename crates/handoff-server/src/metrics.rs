@@ -158,12 +158,7 @@ impl Metrics {
     /// asks for it (Prometheus does), else the Prometheus text format (curl, `promtool check
     /// metrics`).
     pub fn exposition(&self, store: &Store, accept: Option<&str>) -> (&'static str, String) {
-        let text = self.render(store);
-        if wants_openmetrics(accept) {
-            (OPENMETRICS_CONTENT_TYPE, text)
-        } else {
-            (TEXT_CONTENT_TYPE, to_prometheus_text(&text))
-        }
+        handoff_metrics::exposition(self.render(store), accept)
     }
 
     /// The OpenMetrics text, with gauges read fresh from the store.
@@ -204,50 +199,6 @@ impl Metrics {
     }
 }
 
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Whether an `Accept` header asks for OpenMetrics.
-pub fn wants_openmetrics(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
-}
-
-/// The Prometheus text format (0.0.4) of prometheus_client's OpenMetrics text. The samples are
-/// the same; a counter's `# HELP` and `# TYPE` name its `_total` series, as that format names a
-/// family by its samples (else `promtool check metrics` finds counters without help); there is
-/// no `# UNIT` or `# EOF`. It covers counters, gauges and histograms without exemplars, which is
-/// all these metrics use. `handoff_controller::metrics` holds the same function.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 256);
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let header = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| Some((p, line.strip_prefix(p)?)));
-        match header {
-            Some((prefix, rest)) => {
-                let name = rest.split(' ').next().unwrap_or(rest);
-                let total = if counters.contains(name) {
-                    "_total"
-                } else {
-                    ""
-                };
-                out.push_str(&format!("{prefix}{name}{total}{}", &rest[name.len()..]));
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
-
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
@@ -276,19 +227,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prometheus_text_names_counter_families_by_their_total() {
-        let openmetrics = "# HELP a_rpcs Calls.\n# TYPE a_rpcs counter\na_rpcs_total{m=\"x\"} 1\n\
-            # HELP a_used_bytes Bytes.\n# TYPE a_used_bytes gauge\na_used_bytes 2\n\
-            # HELP a_seconds Time.\n# TYPE a_seconds histogram\n# UNIT a_seconds seconds\n\
-            a_seconds_bucket{le=\"+Inf\"} 1\na_seconds_sum 0.5\na_seconds_count 1\n# EOF\n";
-        let want = "# HELP a_rpcs_total Calls.\n# TYPE a_rpcs_total counter\na_rpcs_total{m=\"x\"} 1\n\
-            # HELP a_used_bytes Bytes.\n# TYPE a_used_bytes gauge\na_used_bytes 2\n\
-            # HELP a_seconds Time.\n# TYPE a_seconds histogram\n\
-            a_seconds_bucket{le=\"+Inf\"} 1\na_seconds_sum 0.5\na_seconds_count 1\n";
-        assert_eq!(to_prometheus_text(openmetrics), want);
-    }
-
-    #[test]
     fn prometheus_gets_openmetrics_and_curl_the_text_format() {
         let (metrics, store) = (Metrics::default(), Store::new(Default::default()));
         metrics.rpc("do_get", tonic::Code::Ok);
@@ -296,12 +234,12 @@ mod tests {
         let accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
         let (kind, text) = metrics.exposition(&store, Some(accept));
-        assert_eq!(kind, OPENMETRICS_CONTENT_TYPE);
+        assert_eq!(kind, handoff_metrics::OPENMETRICS_CONTENT_TYPE);
         assert!(text.contains("# TYPE handoff_rpcs counter\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
         for accept in [None, Some("*/*")] {
             let (kind, text) = metrics.exposition(&store, accept);
-            assert_eq!(kind, TEXT_CONTENT_TYPE);
+            assert_eq!(kind, handoff_metrics::TEXT_CONTENT_TYPE);
             assert!(
                 text.contains("# TYPE handoff_rpcs_total counter\n"),
                 "{text}"
