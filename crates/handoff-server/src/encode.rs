@@ -1,6 +1,6 @@
 //! Turning read chunks into FlightData, and FlightData into gRPC frames without copying bodies.
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_flight::FlightData;
 use arrow_ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -51,20 +51,20 @@ impl ChunkEncoder {
     }
 
     /// One message for the batch, or as many as keep each near `max_flight_data_size`. The
-    /// size is what encoding writes: a batch cut from a large stored frame shares that frame's
-    /// buffers (and a list column its whole child array), so the in-memory sizes would split a
-    /// batch of `batch_rows` into several messages, which clients read as several short
-    /// batches.
+    /// size is the rows' own ([`rows_bytes`]), known before encoding, so each row is encoded
+    /// once.
     fn encode_batch(
         &mut self,
         batch: &RecordBatch,
         out: &mut Vec<FlightData>,
     ) -> Result<(), Status> {
-        let whole = self.encode_one(batch)?;
         let rows = batch.num_rows();
-        let size = whole.data_body.len() + whole.data_header.len();
+        let size = batch
+            .columns()
+            .iter()
+            .fold(0usize, |sum, column| sum.saturating_add(rows_bytes(column)));
         if size <= self.max_flight_data_size || rows <= 1 {
-            out.push(whole);
+            out.push(self.encode_one(batch)?);
             return Ok(());
         }
         let pieces = size.div_ceil(self.max_flight_data_size).min(rows);
@@ -86,6 +86,59 @@ impl ChunkEncoder {
             data_body: Bytes::from(encoded.arrow_data),
             ..Default::default()
         })
+    }
+}
+
+/// Bytes the rows of `array` hold, about what IPC encoding writes for them. Not the in-memory
+/// size: a batch cut from a large stored frame shares that frame's buffers, and a list column
+/// its whole child array, so those sizes would split a batch of `batch_rows` into several
+/// messages, which clients read as several short batches.
+fn rows_bytes(array: &ArrayRef) -> usize {
+    use arrow_array::cast::AsArray;
+    use arrow_schema::DataType;
+    let len = array.len();
+    let nulls = array
+        .nulls()
+        .map_or(0, |n| n.buffer().len().min(len.div_ceil(8)));
+    match array.data_type() {
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let offsets = list.value_offsets();
+            let (start, end) = (offsets[0] as usize, offsets[len] as usize);
+            let values = list.values().slice(start, end.saturating_sub(start));
+            nulls + (len + 1) * 4 + rows_bytes(&values)
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            let offsets = list.value_offsets();
+            let (start, end) = (offsets[0] as usize, offsets[len] as usize);
+            let values = list.values().slice(start, end.saturating_sub(start));
+            nulls + (len + 1) * 8 + rows_bytes(&values)
+        }
+        DataType::FixedSizeList(_, size) => {
+            let list = array.as_fixed_size_list();
+            let size = (*size).max(0) as usize;
+            let start = list.value_offset(0).max(0) as usize;
+            nulls + rows_bytes(&list.values().slice(start, len.saturating_mul(size)))
+        }
+        DataType::Map(..) => {
+            let map = array.as_map();
+            let offsets = map.value_offsets();
+            let (start, end) = (offsets[0] as usize, offsets[len] as usize);
+            let entries: ArrayRef =
+                std::sync::Arc::new(map.entries().slice(start, end.saturating_sub(start)));
+            nulls + (len + 1) * 4 + rows_bytes(&entries)
+        }
+        // A struct's children are sliced with it.
+        DataType::Struct(_) => array
+            .as_struct()
+            .columns()
+            .iter()
+            .fold(nulls, |sum, child| sum.saturating_add(rows_bytes(child))),
+        _ => array
+            .to_data()
+            .get_slice_memory_size()
+            .unwrap_or_else(|_| array.get_array_memory_size()),
     }
 }
 
