@@ -274,14 +274,7 @@ async fn activate_checks(api: Api<DynamicObject>) {
         };
         let name = check.name_any();
         match api
-            .patch_status(
-                &name,
-                &PatchParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            )
+            .patch_status(&name, &merge_params(), &Patch::Merge(&patch))
             .await
         {
             Ok(_) => info!(check = %name, "AdmissionCheck active"),
@@ -365,6 +358,8 @@ struct Run<'a> {
     before: DataLinkStatus,
     status: DataLinkStatus,
     events: Vec<(EventType, String, String)>,
+    /// The AdmissionChecks that name us, listed at most once per reconcile.
+    our_checks: tokio::sync::OnceCell<Vec<String>>,
 }
 
 fn phase_rank(phase: Phase) -> u8 {
@@ -375,6 +370,14 @@ fn phase_rank(phase: Phase) -> u8 {
         Phase::Sealed => 3,
         Phase::Consuming => 4,
         Phase::Finished | Phase::Failed => 5,
+    }
+}
+
+/// Parameters of our merge patches: the field manager, so `--show-managed-fields` names us.
+fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
     }
 }
 
@@ -395,6 +398,7 @@ impl<'a> Run<'a> {
             status: before.clone(),
             before,
             events: Vec::new(),
+            our_checks: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -692,10 +696,7 @@ impl<'a> Run<'a> {
         self.api::<Deployment>()
             .patch(
                 &resources::server_name(self.link),
-                &PatchParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..Default::default()
-                },
+                &merge_params(),
                 &Patch::Merge(&patch),
             )
             .await?;
@@ -784,7 +785,8 @@ impl<'a> Run<'a> {
         if !restarted {
             return Ok(None);
         }
-        self.status.server_restarts = Some(self.before.server_restarts.unwrap_or(0) + 1);
+        self.status.server_restarts =
+            Some(self.before.server_restarts.unwrap_or(0).saturating_add(1));
         if let Some(stats) = stats.filter(|s| s.state == "sealed") {
             let note = format!(
                 "the server restarted and restored link {} from its snapshot: {} rows in {} partitions",
@@ -1061,30 +1063,28 @@ impl<'a> Run<'a> {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let checks: Api<DynamicObject> =
-            Api::all_with(self.ctx.client.clone(), &kueue::admission_check());
-        let checks: Vec<Value> = checks
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .map(serde_json::to_value)
-            .collect::<Result<_, _>>()?;
-        let ours = kueue::our_checks(&checks);
+        let ours = self
+            .our_checks
+            .get_or_try_init(|| async {
+                let checks: Api<DynamicObject> =
+                    Api::all_with(self.ctx.client.clone(), &kueue::admission_check());
+                let checks: Vec<Value> = checks
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<_, _>>()?;
+                Ok::<_, Error>(kueue::our_checks(&checks))
+            })
+            .await?;
         let now = now().0.to_string();
-        match kueue::set_checks(workload, &ours, state, message, &now) {
+        match kueue::set_checks(workload, ours, state, message, &now) {
             kueue::Checks::NotListed => Ok(KueueCheck::NotListed(workload_name)),
             kueue::Checks::Listed(patch) => {
                 if let Some(patch) = patch {
                     workloads
-                        .patch_status(
-                            &workload_name,
-                            &PatchParams {
-                                field_manager: Some(MANAGER.into()),
-                                ..Default::default()
-                            },
-                            &Patch::Merge(&patch),
-                        )
+                        .patch_status(&workload_name, &merge_params(), &Patch::Merge(&patch))
                         .await?;
                 }
                 Ok(KueueCheck::Set(workload_name))
@@ -1370,15 +1370,8 @@ impl<'a> Run<'a> {
                 data: Some(resources::certificate_data(&certs)),
                 ..Default::default()
             };
-            api.patch(
-                &name,
-                &PatchParams {
-                    field_manager: Some(MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            )
-            .await?;
+            api.patch(&name, &merge_params(), &Patch::Merge(&patch))
+                .await?;
             return Ok(Tokens {
                 ca_pem: Some(certs.ca_pem),
                 ..tokens
