@@ -921,11 +921,14 @@ impl<'a> Run<'a> {
         }
         if by_kueue && self.rerunning() {
             // Our Retry stands until the producer runs again: Kueue evicts and requeues on it.
-            self.kueue_released(
-                consumer,
-                jobs,
-                KueueCheck::NoWorkload,
-                kueue::CheckState::Retry,
+            self.condition(
+                "ConsumerReleased",
+                false,
+                "WaitingForRerun",
+                format!(
+                    "our AdmissionCheck asks Kueue to requeue {kind} {name} until the rerun \
+                     producer seals the link"
+                ),
             );
             return Ok(true);
         }
