@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # The demo: a local Spark job writes ~1M feature rows through the handoff sink into an embedded
 # `handoff serve`, then two torch ranks (torchrun, gloo) train on their shards for 2 epochs.
-# Installs what it needs: the handoff Python package with pyspark and torch (~3 GB, cached by pip),
-# and the release build of the server. Needs Java 17 and a Rust toolchain.
+# Installs what it needs: the handoff Python package with pyspark and torch (~3 GB, cached by pip);
+# the package's wheel carries the `handoff` binary, which pip builds with cargo (the `dist`
+# profile). Needs Java 17 and a Rust toolchain.
 #
 # HANDOFF_DEMO_TLS=1 runs it over TLS: `handoff certs` makes a CA and a server certificate, the
 # server gets --tls-cert/--tls-key, and Spark and torch connect to grpc+tls:// trusting
-# HANDOFF_TLS_CA. HANDOFF_BIN=path uses that binary instead of building the release one.
+# HANDOFF_TLS_CA. HANDOFF_BIN=path uses that binary instead of the installed one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+started=$(date +%s)
+echo "installing ./python[spark,torch]: pip builds the handoff binary (minutes, the first time)"
 python3 -m pip install -q --disable-pip-version-check "./python[spark,torch]"
-if [ -n "${HANDOFF_BIN:-}" ]; then
-  handoff=$HANDOFF_BIN
-else
-  cargo build --release -q -p handoff-cli
-  handoff=$PWD/target/release/handoff
-fi
+# The binary the package installed ($HANDOFF_BIN overrides it).
+handoff=$(python3 -c 'from handoff.server import binary; print(binary())')
+echo "installed in $(( $(date +%s) - started )) s: $handoff"
 
 export JAVA_HOME=${JAVA_HOME:-/usr/lib/jvm/java-17-openjdk-amd64}
 export SPARK_LOCAL_IP=127.0.0.1

@@ -3,6 +3,8 @@
 - `handoff.HandoffClient`: the Flight client (commands, two-phase commit, shard reads).
 - `handoff.spark`: the `handoff` Spark data source (`df.write.format("handoff")`) and `write()`.
 - `handoff.torch`: `HandoffDataset`, an `IterableDataset` of one rank's shard.
+- `handoff.k8s`: `DataLinkClient`, DataLinks from Python.
+- `handoff.server`: the `handoff` binary installed with this package, and `LocalServer`.
 
 Endpoint, token and link fall back to `HANDOFF_ENDPOINT`, `HANDOFF_TOKEN` and `HANDOFF_LINK`,
 the variables the DataLink controller injects into Spark and training pods. A `grpc+tls://`

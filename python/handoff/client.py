@@ -104,6 +104,9 @@ class ShardRequest:
     # condition) holds; the shard plan runs over the rows that pass.
     columns: Sequence[str] = ()
     filter: str = ""
+    # Up to this many whole batches per message (0 or 1: one each); cut each message at
+    # `batch_rows` to get the batches. Saves per-message costs; streaming reads ignore it.
+    batches_per_message: int = 0
 
     def message(self) -> "pb.ReadShard":
         return pb.ReadShard(
@@ -112,6 +115,7 @@ class ShardRequest:
             drop_last=self.drop_last, start_batch=self.start_batch,
             mode=pb.READ_MODE_STREAMING if self.streaming else pb.READ_MODE_WAIT_FOR_SEAL,
             columns=list(self.columns), filter=self.filter or "",
+            batches_per_message=self.batches_per_message,
         )
 
 

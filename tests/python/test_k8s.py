@@ -28,8 +28,9 @@ NAMESPACE = "kfp-team"
 
 
 @pytest.fixture(scope="module")
-def api():
-    """An API server with the DataLink CRD and the controller watching NAMESPACE."""
+def cluster():
+    """An API server with the DataLink CRD and the controller watching NAMESPACE: its client
+    and its kubeconfig."""
     with tempfile.TemporaryDirectory(prefix="handoff-kube-") as tmp:
         up = subprocess.run(["bash", str(REPO / "scripts" / "kube-up.sh"), tmp],
                             capture_output=True, text=True)
@@ -56,12 +57,17 @@ def api():
                  "--http-listen", "127.0.0.1:0", "--poll-interval", "500ms"],
                 env={**os.environ, "KUBECONFIG": kubeconfig, "RUST_LOG": "info"},
                 stdout=log, stderr=subprocess.STDOUT)
-            yield api_client
+            yield api_client, kubeconfig
         finally:
             if controller is not None:
                 stop_process(controller)
             subprocess.run(["bash", str(REPO / "scripts" / "kube-up.sh"), "--down", tmp],
                            capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def api(cluster):
+    return cluster[0]
 
 
 @pytest.fixture()
@@ -117,6 +123,24 @@ def test_bad_arguments_are_refused_before_any_call(links):
         datalink_manifest("x", spark_application="s", pytorch_job="p", gate="soon")
     with pytest.raises(ValueError, match="phase is one of"):
         links.wait_for("x", "Done")
+
+
+def test_the_notebook_example_creates_follows_and_deletes_a_datalink(cluster, links):
+    _, kubeconfig = cluster
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONPATH": str(REPO / "python"),
+           "DATALINK_NAMESPACE": NAMESPACE, "DATALINK_NAME": "notebook",
+           "DATALINK_PHASE": "Provisioning", "DATALINK_TIMEOUT": str(patience(60))}
+    run = subprocess.run([sys.executable, str(REPO / "examples" / "notebook" / "datalink.py")],
+                         capture_output=True, text=True, env=env, timeout=patience(180))
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    assert "created DataLink kfp-team/notebook" in out, out
+    assert "notebook reached Provisioning; server endpoint grpc+tls://notebook-handoff." in out
+    assert "Deployment: notebook-handoff" in out and "Service: notebook-handoff" in out, out
+    assert "kfp-team/notebook: Provisioning" in run.stderr, run.stderr
+    assert "deleted notebook" in out
+    eventually("the example's DataLink to go",
+               lambda: "notebook" not in [s.name for s in links.list()], timeout=patience(60))
 
 
 def test_the_example_pipeline_compiles(tmp_path):

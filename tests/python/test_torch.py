@@ -286,6 +286,54 @@ def test_stateful_dataloader_restores_each_worker(endpoint, token, features):
     assert ids_of(taken) + ids_of(resumed) == full, "the restored workers finish exactly the rest"
 
 
+def test_joined_messages_yield_the_same_batches_as_one_by_one(endpoint, token, writer):
+    """The loader asks for several batches per message and cuts them back: the batches, their
+    dtypes and what a transform sees are the same as reading them one by one, also where
+    conversion depends on the batch (nulls in some batches, lists ragged in some)."""
+    link = "torch/joined"
+    n = 1000
+    ids = np.arange(n, dtype=np.int64)
+    widths = np.where((ids >= 300) & (ids < 310), 3, 2)  # batch 3 (rows 300..399) is ragged
+    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int32)
+    writer.put(link, pa.table({
+        "id": ids,
+        "maybe": pa.array([None if i in (150, 720) else int(i) for i in ids], pa.int64()),
+        "flag": pa.array([None if i == 505 else bool(i % 3) for i in ids], pa.bool_()),
+        "emb": pa.ListArray.from_arrays(pa.array(offsets),
+                                        pa.array(np.arange(offsets[-1], dtype=np.float32))),
+        "name": [f"row-{i}" for i in ids],
+    }))
+    writer.seal(link)
+
+    def read(per_message, **kw):
+        return list(HandoffDataset(link, batch_size=100, endpoint=endpoint, token=token,
+                                   batches_per_message=per_message, shuffle=True, seed=3, **kw))
+
+    with HandoffClient(endpoint, token) as client:
+        messages = list(client.read_shard(ShardRequest(link, batch_rows=100, shuffle=True,
+                                                       seed=3, batches_per_message=8)))
+    assert [m.num_rows for m in messages] == [800, 200], "the server joins whole batches"
+    alone, joined = read(1), read(8)
+    assert len(alone) == len(joined) == 10
+    for a, j in zip(alone, joined):
+        assert a.keys() == j.keys()
+        for name in a:
+            if isinstance(a[name], torch.Tensor):
+                assert a[name].dtype == j[name].dtype, name
+                assert torch.equal(a[name].double().nan_to_num(-1), j[name].double().nan_to_num(-1)), name
+            else:
+                assert a[name] == j[name], name
+    kinds = [type(b["maybe"]).__name__ + str(b["maybe"].dtype) for b in joined]
+    assert "Tensortorch.float64" in kinds and "Tensortorch.int64" in kinds, kinds
+    assert any(isinstance(b["emb"], list) for b in joined)
+    assert any(isinstance(b["emb"], torch.Tensor) for b in joined)
+    seen = read(8, transform=lambda b: (b.num_rows, b.column(0).to_pylist()))
+    assert [rows for rows, _ in seen] == [100] * 10
+    assert [i for _, got in seen for i in got] == [i for b in alone for i in b["id"].tolist()]
+    with pytest.raises(ValueError, match="batches_per_message"):
+        HandoffDataset(link, batches_per_message=65, endpoint=endpoint, token=token)
+
+
 def test_transform_receives_the_arrow_batch(endpoint, token, features):
     ds = HandoffDataset(features, batch_size=BATCH, endpoint=endpoint, token=token,
                         transform=lambda b: (type(b).__name__, b.num_rows))

@@ -246,6 +246,9 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
                 } as i32,
                 columns: args.columns.clone(),
                 filter: args.filter.clone().unwrap_or_default(),
+                // The output is written row by row, so batch boundaries do not matter here:
+                // fewer, larger messages cost less on both ends.
+                batches_per_message: 16,
             };
             let info = client.shard_info(&shard).await.map_err(|e| e.to_string())?;
             schema = info

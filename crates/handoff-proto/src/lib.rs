@@ -19,6 +19,11 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// batch that overshoots the target (one very wide row) still fits.
 pub const TARGET_FLIGHT_DATA_BYTES: usize = 8 * 1024 * 1024;
 
+/// The most batches a read may ask to share one message (`ReadShard.batches_per_message`): past a
+/// few dozen the per-message costs are already negligible, and the bound keeps what a server
+/// buffers per read small.
+pub const MAX_BATCHES_PER_MESSAGE: u32 = 64;
+
 /// Names of the DoAction types the server understands.
 pub mod actions {
     pub const CREATE: &str = "create";

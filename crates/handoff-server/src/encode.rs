@@ -59,10 +59,7 @@ impl ChunkEncoder {
         out: &mut Vec<FlightData>,
     ) -> Result<(), Status> {
         let rows = batch.num_rows();
-        let size = batch
-            .columns()
-            .iter()
-            .fold(0usize, |sum, column| sum.saturating_add(rows_bytes(column)));
+        let size = batch_bytes(batch);
         if size <= self.max_flight_data_size || rows <= 1 {
             out.push(self.encode_one(batch)?);
             return Ok(());
@@ -87,6 +84,14 @@ impl ChunkEncoder {
             ..Default::default()
         })
     }
+}
+
+/// Bytes the rows of `batch` hold, about what IPC encoding writes for them ([`rows_bytes`]).
+pub(crate) fn batch_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .fold(0usize, |sum, column| sum.saturating_add(rows_bytes(column)))
 }
 
 /// Bytes the rows of `array` hold, about what IPC encoding writes for them. Not the in-memory

@@ -247,6 +247,91 @@ async fn batches_cut_from_a_large_partition_arrive_whole() {
     server.stop().await;
 }
 
+/// `batches_per_message`: consecutive whole batches share a message, and cutting each message
+/// at `batch_rows` gives exactly the batches a one-by-one read gets, shuffled or not, on both
+/// DoGet paths; within the message size; never for streaming reads; bounded.
+#[tokio::test]
+async fn joined_messages_cut_back_into_the_same_batches() {
+    for (zero_copy_get, max_flight_data_size) in [(true, 8 << 20), (false, 8 << 20), (true, 2048)] {
+        let server = Fixture::start_with(
+            ServerConfig {
+                zero_copy_get,
+                max_flight_data_size,
+                ..Default::default()
+            },
+            StoreConfig::default(),
+        )
+        .await;
+        let mut client = server.admin().await;
+        fill(&mut client, "j").await;
+        client.seal("j").await.expect("seal");
+        let b = 16usize;
+        for (world, shuffle) in [(1u32, false), (3, false), (3, true)] {
+            for rank in 0..world {
+                let shard = |batches_per_message| ReadShard {
+                    link: "j".into(),
+                    rank,
+                    world_size: world,
+                    batch_rows: b as u64,
+                    shuffle,
+                    seed: 7,
+                    batches_per_message,
+                    ..Default::default()
+                };
+                let alone = read_rank(&mut client, shard(0)).await;
+                assert!(alone.iter().all(|x| x.len() == b));
+                let joined = read_rank(&mut client, shard(5)).await;
+                assert!(joined.iter().all(|m| m.len() % b == 0 && m.len() <= 5 * b));
+                let most = joined.iter().map(|m| m.len() / b).max().unwrap_or(0);
+                if max_flight_data_size > 4096 {
+                    assert_eq!(joined.len(), alone.len().div_ceil(5), "5 batches a message");
+                } else {
+                    // About 650 bytes a batch: 3 fit in 2 KiB.
+                    assert!((2..5).contains(&most), "{most} batches in a 2 KiB message");
+                }
+                let cut: Vec<Vec<i64>> = joined
+                    .iter()
+                    .flat_map(|m| m.chunks(b).map(<[i64]>::to_vec))
+                    .collect();
+                assert_eq!(cut, alone, "world {world} rank {rank} shuffle {shuffle}");
+            }
+        }
+        // A streaming read sends each batch as it comes.
+        let streaming = ReadShard {
+            link: "j".into(),
+            rank: 0,
+            world_size: 1,
+            batch_rows: b as u64,
+            mode: ReadMode::Streaming as i32,
+            batches_per_message: 5,
+            ..Default::default()
+        };
+        assert!(
+            read_rank(&mut client, streaming)
+                .await
+                .iter()
+                .all(|x| x.len() == b)
+        );
+        // Bounded: refused at GetFlightInfo and at DoGet, saying what fits.
+        let hostile = ReadShard {
+            link: "j".into(),
+            rank: 0,
+            world_size: 1,
+            batch_rows: b as u64,
+            batches_per_message: u32::MAX,
+            ..Default::default()
+        };
+        let err = client.shard_info(&hostile).await.expect_err("refused");
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+        assert!(err.to_string().contains("0 to 64"), "{err}");
+        let Err(err) = client.read_shard(hostile).await else {
+            panic!("batches_per_message past 64 was not refused at DoGet");
+        };
+        assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+        server.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn shards_are_disjoint_complete_and_equal() {
     let server = Fixture::start().await;

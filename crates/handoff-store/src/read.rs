@@ -66,6 +66,28 @@ impl ReadMemory {
         self.windows_built.load(Ordering::Relaxed)
     }
 
+    /// Consecutive batches of one read as one batch (the reader asked for several batches per
+    /// message). `bytes` is what the joined copy holds; it is reserved before the copy is made,
+    /// and the parts' own memory is released as they are dropped.
+    pub async fn join(
+        &self,
+        link: &Link,
+        parts: Vec<(RecordBatch, Held)>,
+        bytes: u64,
+    ) -> Result<(RecordBatch, Held)> {
+        let Some(schema) = parts.first().map(|(batch, _)| batch.schema()) else {
+            return Err(corrupt(link.name(), "no batches to join"));
+        };
+        let memory = self
+            .reserve(link, bytes, "a message of several batches")
+            .await?;
+        let joined =
+            arrow_select::concat::concat_batches(&schema, parts.iter().map(|(batch, _)| batch))
+                .map_err(|e| corrupt(link.name(), e))?;
+        drop(parts);
+        Ok((joined, Held::of(memory)))
+    }
+
     async fn reserve(&self, link: &Link, bytes: u64, what: &'static str) -> Result<Reservation> {
         let mut reservation = self.pool.reservation(None);
         if bytes == 0 {

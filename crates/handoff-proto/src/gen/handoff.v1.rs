@@ -105,6 +105,14 @@ pub struct ReadShard {
     /// where it is true are read, and the shard plan runs over them. Empty: every row.
     #[prost(string, tag = "12")]
     pub filter: ::prost::alloc::string::String,
+    /// Up to this many consecutive whole batches of the shard share one message (0 or 1: one
+    /// each; at most 64), within the server's message size. A reader cuts each message at
+    /// `batch_rows` and gets exactly the batches it would have got one by one; joining saves the
+    /// per-message costs on both ends (a Python reader makes one tensor per column per message).
+    /// Only wait-for-seal reads with `batch_rows` > 0 join: a streaming read sends each batch as
+    /// soon as it exists.
+    #[prost(uint32, tag = "13")]
+    pub batches_per_message: u32,
 }
 /// Body of the `import` action: fill a link from Parquet files in object storage, in parallel,
 /// within the link's memory budget. All files land, or none do.

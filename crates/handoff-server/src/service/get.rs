@@ -93,8 +93,9 @@ impl HandoffService {
         shard: proto::ReadShard,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
-        let (spec, _) = shard_spec(&shard);
+        let (spec, mode) = shard_spec(&shard);
         spec.validate().map_err(status_of)?;
+        batches_per_message(&shard, &spec, mode)?;
         let (planner, projected) = shard_query(&shard, link)?;
         let snapshot = link.snapshot();
         // With a filter, the count is known only by reading.
@@ -179,17 +180,37 @@ impl HandoffService {
                 let (spec, mode) = shard_spec(&shard);
                 spec.validate().map_err(status_of)?;
                 let (planner, _) = shard_query(&shard, &link)?;
+                let join = batches_per_message(&shard, &spec, mode)?;
+                let batch_rows = spec.batch_rows;
+                let memory = self.store.read_memory().clone();
                 let rx = handoff_store::read_shard(
-                    link,
+                    Arc::clone(&link),
                     spec,
                     mode,
                     planner,
-                    self.store.read_memory().clone(),
+                    memory.clone(),
                 );
-                stream::unfold(rx, |mut rx| async move {
+                let chunks = stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|item| (item, rx))
                 })
-                .boxed()
+                .boxed();
+                if join > 1 {
+                    Joiner {
+                        input: chunks,
+                        per_message: join,
+                        batch_rows,
+                        max_bytes: self.max_flight_data_size,
+                        link,
+                        memory,
+                        pending: Vec::new(),
+                        pending_bytes: 0,
+                        queued: None,
+                        ended: false,
+                    }
+                    .into_stream()
+                } else {
+                    chunks
+                }
             }
             None => return Err(invalid("empty ticket; get one from GetFlightInfo")),
         };
@@ -225,5 +246,110 @@ impl HandoffService {
                 stream::iter(items).chain(release)
             })
             .boxed())
+    }
+}
+
+/// How many batches the read asked to share a message, checked; 1 where joining does not apply.
+fn batches_per_message(
+    shard: &proto::ReadShard,
+    spec: &ShardSpec,
+    mode: ReadMode,
+) -> Result<usize, Status> {
+    let asked = shard.batches_per_message;
+    if asked > proto::MAX_BATCHES_PER_MESSAGE {
+        return Err(invalid(format!(
+            "batches_per_message {asked} is out of range: ask for 0 to {}",
+            proto::MAX_BATCHES_PER_MESSAGE
+        )));
+    }
+    // A streaming read sends each batch as soon as its rows are committed; holding it back for
+    // the next ones would delay training.
+    if mode == ReadMode::Streaming || spec.batch_rows == 0 {
+        return Ok(1);
+    }
+    Ok(asked.max(1) as usize)
+}
+
+/// Joins whole batches of a shard, `per_message` at a time, into one message: a gRPC frame, an
+/// IPC header, and on the reader's side a decode and a tensor per column, paid once for several
+/// batches. Only batches of exactly `batch_rows` rows are joined, and only up to the message
+/// size, so a reader that cuts each message at `batch_rows` gets exactly the batches it would
+/// have got one by one. Anything else (the schema, a stored frame, a short batch) passes alone.
+struct Joiner {
+    input: BoxStream<'static, Result<Chunk, StoreError>>,
+    per_message: usize,
+    batch_rows: u64,
+    max_bytes: usize,
+    link: Arc<Link>,
+    memory: handoff_store::ReadMemory,
+    pending: Vec<(arrow_array::RecordBatch, handoff_store::Held)>,
+    pending_bytes: usize,
+    /// What arrived after the pending batches and goes out after them.
+    queued: Option<Result<Chunk, StoreError>>,
+    /// The input has ended (it must not be polled again).
+    ended: bool,
+}
+
+impl Joiner {
+    fn into_stream(self) -> BoxStream<'static, Result<Chunk, StoreError>> {
+        stream::unfold(self, |mut joiner| async move {
+            joiner.next().await.map(|item| (item, joiner))
+        })
+        .boxed()
+    }
+
+    async fn next(&mut self) -> Option<Result<Chunk, StoreError>> {
+        if let Some(item) = self.queued.take() {
+            return Some(item);
+        }
+        loop {
+            if self.ended {
+                return self.flush().await;
+            }
+            let Some(item) = self.input.next().await else {
+                self.ended = true;
+                return self.flush().await;
+            };
+            match item {
+                Ok(Chunk::Batch(batch, held)) if batch.num_rows() as u64 == self.batch_rows => {
+                    let bytes = crate::encode::batch_bytes(&batch);
+                    let fits = self.pending_bytes.saturating_add(bytes) <= self.max_bytes;
+                    if !self.pending.is_empty() && !fits {
+                        let out = self.flush().await;
+                        self.pending_bytes = bytes;
+                        self.pending.push((batch, held));
+                        return out;
+                    }
+                    self.pending_bytes = self.pending_bytes.saturating_add(bytes);
+                    self.pending.push((batch, held));
+                    if self.pending.len() >= self.per_message {
+                        return self.flush().await;
+                    }
+                }
+                other if self.pending.is_empty() => return Some(other),
+                other => {
+                    self.queued = Some(other);
+                    return self.flush().await;
+                }
+            }
+        }
+    }
+
+    /// The pending batches as one chunk; None when there are none.
+    async fn flush(&mut self) -> Option<Result<Chunk, StoreError>> {
+        let bytes = std::mem::take(&mut self.pending_bytes) as u64;
+        let mut parts = std::mem::take(&mut self.pending);
+        match parts.len() {
+            0 => None,
+            1 => parts
+                .pop()
+                .map(|(batch, held)| Ok(Chunk::Batch(batch, held))),
+            _ => Some(
+                self.memory
+                    .join(&self.link, parts, bytes)
+                    .await
+                    .map(|(batch, held)| Chunk::Batch(batch, held)),
+            ),
+        }
     }
 }
