@@ -11,15 +11,14 @@ COPY crates crates
 COPY proto proto
 # handoff-server's bench targets live here and `handoff bench` embeds flight_bench.py.
 COPY benches benches
-# The release profile keeps line tables for local profiling; the image does without them
-# (symbols stay, so backtraces still name functions).
-ENV CARGO_PROFILE_RELEASE_DEBUG=0
+# The `dist` profile, as the Python wheel: no debuginfo (symbols stay, so backtraces still name
+# functions) and no whole-program LTO, which halves a cold build (docs/benchmarks.md).
 # target/ is a cache mount, gone after this step, so the binary is copied out in the same RUN.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p handoff-cli \
- && cp target/release/handoff /usr/local/bin/handoff
+    cargo build --profile dist --locked -p handoff-cli \
+ && cp target/dist/handoff /usr/local/bin/handoff
 
 # glibc and libgcc are all the binary links against; rustls needs no OpenSSL. The image brings CA
 # certificates (for S3/GCS/Azure spill over TLS) and no shell.

@@ -13,7 +13,26 @@ cd "$(dirname "$0")/../.."
 
 started=$(date +%s)
 echo "installing ./python[spark,torch]: pip builds the handoff binary (minutes, the first time)"
-python3 -m pip install -q --disable-pip-version-check "./python[spark,torch]"
+pip() { python3 -m pip -q --disable-pip-version-check "$@"; }
+# The dependencies (torch is most of it) download while cargo builds the wheel: one waits on the
+# network, the other on the CPU. The list is the package's own, read from its pyproject.toml
+# (tomllib: Python >= 3.11; older ones install in one go).
+if deps=$(python3 -c '
+import tomllib
+project = tomllib.load(open("python/pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + extras["spark"] + extras["torch"]))' 2>/dev/null); then
+  wheels=$(mktemp -d)
+  mapfile -t deps <<<"$deps"
+  pip install "${deps[@]}" &
+  deps_pid=$!
+  pip wheel --no-deps -w "$wheels" ./python
+  wait "$deps_pid"
+  pip install "$(ls "$wheels"/handoff-*.whl)[spark,torch]"
+  rm -rf "$wheels"
+else
+  pip install "./python[spark,torch]"
+fi
 # The binary the package installed ($HANDOFF_BIN overrides it).
 handoff=$(python3 -c 'from handoff.server import binary; print(binary())')
 echo "installed in $(( $(date +%s) - started )) s: $handoff"

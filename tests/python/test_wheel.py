@@ -18,7 +18,9 @@ import sys
 import venv
 import zipfile
 
-from conftest import REPO, patience
+import pytest
+
+from conftest import REPO, handoff_bin, patience
 
 
 def run(*args, env=None, timeout=600.0, cwd=None) -> str:
@@ -74,3 +76,19 @@ print("ok")
 """ % {"venv": str(home), "bin": str(installed)}
     # Run from an empty directory: the checkout's python/ must not be what gets imported.
     assert run(python, "-c", script, env=clean, cwd=tmp_path).strip() == "ok"
+
+
+def test_local_server_and_binary_say_what_is_wrong(monkeypatch, tmp_path):
+    from handoff.server import LocalServer, binary
+    built = str(handoff_bin())
+    monkeypatch.setenv("HANDOFF_BIN", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="is not an executable file; fix or unset it"):
+        binary()
+    monkeypatch.setenv("HANDOFF_BIN", built)
+    with pytest.raises(RuntimeError, match="exited with code 2: error: unexpected argument"):
+        LocalServer(args=["--no-such-flag"]).start()
+    monkeypatch.delenv("HANDOFF_BIN")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("sysconfig.get_path", lambda *a, **k: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pip install ./python"):
+        binary()

@@ -67,25 +67,27 @@ impl ReadMemory {
     }
 
     /// Consecutive batches of one read as one batch (the reader asked for several batches per
-    /// message). `bytes` is what the joined copy holds; it is reserved before the copy is made,
-    /// and the parts' own memory is released as they are dropped.
-    pub async fn join(
+    /// message), if the memory for the copy (`bytes`) is free now. Joining only saves per-message
+    /// costs, so it never waits or spills for memory: without it, the parts come back to be sent
+    /// one by one, as a read that did not ask would send them.
+    pub fn try_join(
         &self,
         link: &Link,
         parts: Vec<(RecordBatch, Held)>,
         bytes: u64,
-    ) -> Result<(RecordBatch, Held)> {
+    ) -> Result<std::result::Result<(RecordBatch, Held), Vec<(RecordBatch, Held)>>> {
         let Some(schema) = parts.first().map(|(batch, _)| batch.schema()) else {
-            return Err(corrupt(link.name(), "no batches to join"));
+            return Ok(Err(parts));
         };
-        let memory = self
-            .reserve(link, bytes, "a message of several batches")
-            .await?;
+        let mut memory = self.pool.reservation(None);
+        if memory.try_grow(bytes).is_err() {
+            return Ok(Err(parts));
+        }
         let joined =
             arrow_select::concat::concat_batches(&schema, parts.iter().map(|(batch, _)| batch))
                 .map_err(|e| corrupt(link.name(), e))?;
         drop(parts);
-        Ok((joined, Held::of(memory)))
+        Ok(Ok((joined, Held::of(memory))))
     }
 
     async fn reserve(&self, link: &Link, bytes: u64, what: &'static str) -> Result<Reservation> {

@@ -204,7 +204,7 @@ impl HandoffService {
                         memory,
                         pending: Vec::new(),
                         pending_bytes: 0,
-                        queued: None,
+                        queued: Default::default(),
                         ended: false,
                     }
                     .into_stream()
@@ -284,8 +284,9 @@ struct Joiner {
     memory: handoff_store::ReadMemory,
     pending: Vec<(arrow_array::RecordBatch, handoff_store::Held)>,
     pending_bytes: usize,
-    /// What arrived after the pending batches and goes out after them.
-    queued: Option<Result<Chunk, StoreError>>,
+    /// What goes out before anything more is read: what arrived after the pending batches, or
+    /// batches that could not be joined.
+    queued: std::collections::VecDeque<Result<Chunk, StoreError>>,
     /// The input has ended (it must not be polled again).
     ended: bool,
 }
@@ -299,23 +300,23 @@ impl Joiner {
     }
 
     async fn next(&mut self) -> Option<Result<Chunk, StoreError>> {
-        if let Some(item) = self.queued.take() {
-            return Some(item);
-        }
         loop {
+            if let Some(item) = self.queued.pop_front() {
+                return Some(item);
+            }
             if self.ended {
-                return self.flush().await;
+                return self.flush();
             }
             let Some(item) = self.input.next().await else {
                 self.ended = true;
-                return self.flush().await;
+                return self.flush();
             };
             match item {
                 Ok(Chunk::Batch(batch, held)) if batch.num_rows() as u64 == self.batch_rows => {
                     let bytes = crate::encode::batch_bytes(&batch);
                     let fits = self.pending_bytes.saturating_add(bytes) <= self.max_bytes;
                     if !self.pending.is_empty() && !fits {
-                        let out = self.flush().await;
+                        let out = self.flush();
                         self.pending_bytes = bytes;
                         self.pending.push((batch, held));
                         return out;
@@ -323,33 +324,41 @@ impl Joiner {
                     self.pending_bytes = self.pending_bytes.saturating_add(bytes);
                     self.pending.push((batch, held));
                     if self.pending.len() >= self.per_message {
-                        return self.flush().await;
+                        return self.flush();
                     }
                 }
                 other if self.pending.is_empty() => return Some(other),
                 other => {
-                    self.queued = Some(other);
-                    return self.flush().await;
+                    let out = self.flush();
+                    self.queued.push_back(other);
+                    return out;
                 }
             }
         }
     }
 
-    /// The pending batches as one chunk; None when there are none.
-    async fn flush(&mut self) -> Option<Result<Chunk, StoreError>> {
+    /// The pending batches as one chunk (or, without memory to join them, the first of them,
+    /// the rest queued); None when there are none.
+    fn flush(&mut self) -> Option<Result<Chunk, StoreError>> {
         let bytes = std::mem::take(&mut self.pending_bytes) as u64;
         let mut parts = std::mem::take(&mut self.pending);
-        match parts.len() {
-            0 => None,
-            1 => parts
-                .pop()
-                .map(|(batch, held)| Ok(Chunk::Batch(batch, held))),
-            _ => Some(
-                self.memory
-                    .join(&self.link, parts, bytes)
-                    .await
-                    .map(|(batch, held)| Chunk::Batch(batch, held)),
-            ),
+        if parts.len() <= 1 {
+            return parts.pop().map(|(batch, held)| Ok(Chunk::Batch(batch, held)));
+        }
+        match self.memory.try_join(&self.link, parts, bytes) {
+            Ok(Ok((batch, held))) => Some(Ok(Chunk::Batch(batch, held))),
+            Ok(Err(parts)) => {
+                let mut alone = parts
+                    .into_iter()
+                    .map(|(batch, held)| Ok(Chunk::Batch(batch, held)));
+                let first = alone.next();
+                // Before anything queued earlier: these batches came first.
+                for (i, item) in alone.enumerate() {
+                    self.queued.insert(i, item);
+                }
+                first
+            }
+            Err(e) => Some(Err(e)),
         }
     }
 }
