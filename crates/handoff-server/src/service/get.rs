@@ -343,7 +343,9 @@ impl Joiner {
         let bytes = std::mem::take(&mut self.pending_bytes) as u64;
         let mut parts = std::mem::take(&mut self.pending);
         if parts.len() <= 1 {
-            return parts.pop().map(|(batch, held)| Ok(Chunk::Batch(batch, held)));
+            return parts
+                .pop()
+                .map(|(batch, held)| Ok(Chunk::Batch(batch, held)));
         }
         match self.memory.try_join(&self.link, parts, bytes) {
             Ok(Ok((batch, held))) => Some(Ok(Chunk::Batch(batch, held))),
