@@ -28,7 +28,8 @@ print("\n".join(project["dependencies"] + extras["spark"] + extras["torch"]))' 2
   deps_pid=$!
   pip wheel --no-deps -w "$wheels" ./python
   wait "$deps_pid"
-  pip install "$(ls "$wheels"/handoff-*.whl)[spark,torch]"
+  # Forced: an older install of the same version must not stand in for this build.
+  pip install --no-deps --force-reinstall "$(ls "$wheels"/handoff-*.whl)"
   rm -rf "$wheels"
 else
   pip install "./python[spark,torch]"
