@@ -319,10 +319,19 @@ fn error_policy(link: Arc<DataLink>, error: &Error, ctx: Arc<Context>) -> Action
         }
         Err(_) => 1,
     };
+    Action::requeue(retry_after(label, failures, ctx.config.poll_interval))
+}
+
+/// When to reconcile again after a failure with this metric label.
+fn retry_after(label: &str, failures: u32, poll_interval: Duration) -> Duration {
     match label {
         // Someone changed the object between our read and our patch: read again soon.
-        "conflict" => Action::requeue(Duration::from_millis(500)),
-        _ => Action::requeue(backoff(failures)),
+        "conflict" => Duration::from_millis(500),
+        // The link's server is unreachable: its pod is starting or restarting, which the
+        // DataLink must report as soon as it is back (ServerRestarted, ServerLost), so it is
+        // looked at every poll interval however long it is down, never backed off past that.
+        "server" => backoff(failures).min(poll_interval),
+        _ => backoff(failures),
     }
 }
 
@@ -1555,8 +1564,20 @@ fn ignore_missing<T>(result: kube::Result<T>) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
+    use super::{backoff, retry_after};
     use std::time::Duration;
+
+    #[test]
+    fn an_unreachable_server_is_retried_every_poll_interval_at_most() {
+        let poll = Duration::from_secs(5);
+        assert_eq!(retry_after("server", 1, poll), Duration::from_secs(1));
+        assert_eq!(retry_after("server", 30, poll), poll);
+        assert_eq!(retry_after("kube", 30, poll), Duration::from_secs(300));
+        assert_eq!(
+            retry_after("conflict", 30, poll),
+            Duration::from_millis(500)
+        );
+    }
 
     #[test]
     fn backoff_doubles_per_failure_up_to_five_minutes() {
