@@ -1176,6 +1176,55 @@ mod tests {
         );
     }
 
+    /// Joining is an optimisation: with the memory free it copies the parts into one batch and
+    /// holds the copy's bytes; without, it gives the parts back untouched, never waiting.
+    #[tokio::test]
+    async fn try_join_joins_within_the_budget_and_otherwise_gives_the_parts_back() {
+        let store = Store::new(StoreConfig {
+            memory_limit: Some(10_000),
+            ..Default::default()
+        });
+        let link = store
+            .create_link("j", None, crate::LinkOptions::default(), false)
+            .expect("link");
+        let memory = store.read_memory().clone();
+        let part = |start: i64| {
+            let ids = Int64Array::from_iter_values(start..start + 100);
+            let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+            (
+                RecordBatch::try_new(schema, vec![Arc::new(ids)]).expect("batch"),
+                Held::default(),
+            )
+        };
+        let parts = vec![part(0), part(100), part(200)];
+        let (joined, held) = memory
+            .try_join(&link, parts, 2_400)
+            .expect("no error")
+            .expect("joined within the budget");
+        assert_eq!(joined.num_rows(), 300);
+        let ids = joined
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("ids");
+        assert!(ids.values().iter().copied().eq(0..300));
+        assert_eq!(memory.pool.used(), 2_400, "the copy's bytes are held");
+        drop(held);
+        assert_eq!(memory.pool.used(), 0);
+        let started = std::time::Instant::now();
+        let back = memory
+            .try_join(&link, vec![part(0), part(100)], 20_000)
+            .expect("no error")
+            .expect_err("past the budget: the parts come back");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].0.num_rows(), 100);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "it did not wait"
+        );
+        assert_eq!(memory.pool.used(), 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_link_larger_than_the_window_shuffles_in_windows() {
         let store = Store::new(StoreConfig {
