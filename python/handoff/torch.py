@@ -126,9 +126,8 @@ def _cut(message: pa.RecordBatch, rows: int, convert: Callable[[pa.RecordBatch],
 
     The message is converted once and its tensors split into views: one DLPack hand-off per
     column per message rather than per batch, which is most of what a loader costs per batch.
-    A column whose message-level conversion is not a plain tensor (nulls, strings, lists of
-    varying length) converts batch by batch, so each batch comes out exactly as if it had arrived
-    alone."""
+    Each batch comes out exactly as if it had arrived alone: a column whose conversion depends on
+    the batch (nulls, lists ragged somewhere in the message) converts batch by batch."""
     n = message.num_rows
     if n <= rows:
         return [convert(message)]
@@ -137,12 +136,20 @@ def _cut(message: pa.RecordBatch, rows: int, convert: Callable[[pa.RecordBatch],
         return [convert(message.slice(start, rows)) for start in starts]
     columns: Dict[str, list] = {}
     for name, column in zip(message.schema.names, message.columns):
-        whole = column_to_tensor(column) if column.null_count == 0 else None
+        whole = None if column.null_count else column_to_tensor(column)
         if isinstance(whole, torch.Tensor):
             columns[name] = list(whole.split(rows))
+        elif whole is not None and not _is_list(column.type):
+            # Python values (strings and the like) whichever batch: slice the one conversion.
+            columns[name] = [whole[start:start + rows] for start in starts]
         else:
             columns[name] = [column_to_tensor(column.slice(start, rows)) for start in starts]
     return [{name: pieces[i] for name, pieces in columns.items()} for i in range(len(starts))]
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            or pa.types.is_fixed_size_list(kind))
 
 
 def _distributed_rank() -> tuple[int, int]:

@@ -108,31 +108,24 @@ fn rows_bytes(array: &ArrayRef) -> usize {
     match array.data_type() {
         DataType::List(_) => {
             let list = array.as_list::<i32>();
-            let offsets = list.value_offsets();
-            let (start, end) = (offsets[0] as usize, offsets[len] as usize);
-            let values = list.values().slice(start, end.saturating_sub(start));
-            nulls + (len + 1) * 4 + rows_bytes(&values)
+            nulls.saturating_add(spanned_bytes(list.value_offsets(), list.values()))
         }
         DataType::LargeList(_) => {
             let list = array.as_list::<i64>();
-            let offsets = list.value_offsets();
-            let (start, end) = (offsets[0] as usize, offsets[len] as usize);
-            let values = list.values().slice(start, end.saturating_sub(start));
-            nulls + (len + 1) * 8 + rows_bytes(&values)
+            nulls.saturating_add(spanned_bytes(list.value_offsets(), list.values()))
         }
         DataType::FixedSizeList(_, size) => {
             let list = array.as_fixed_size_list();
             let size = (*size).max(0) as usize;
             let start = list.value_offset(0).max(0) as usize;
-            nulls + rows_bytes(&list.values().slice(start, len.saturating_mul(size)))
+            nulls.saturating_add(rows_bytes(
+                &list.values().slice(start, len.saturating_mul(size)),
+            ))
         }
         DataType::Map(..) => {
             let map = array.as_map();
-            let offsets = map.value_offsets();
-            let (start, end) = (offsets[0] as usize, offsets[len] as usize);
-            let entries: ArrayRef =
-                std::sync::Arc::new(map.entries().slice(start, end.saturating_sub(start)));
-            nulls + (len + 1) * 4 + rows_bytes(&entries)
+            let entries: ArrayRef = std::sync::Arc::new(map.entries().clone());
+            nulls.saturating_add(spanned_bytes(map.value_offsets(), &entries))
         }
         // A struct's children are sliced with it.
         DataType::Struct(_) => array
@@ -145,6 +138,17 @@ fn rows_bytes(array: &ArrayRef) -> usize {
             .get_slice_memory_size()
             .unwrap_or_else(|_| array.get_array_memory_size()),
     }
+}
+
+/// Bytes of a list-like array's offsets and of the child rows they span (a sliced list's child
+/// is not sliced with it).
+fn spanned_bytes<O: arrow_array::OffsetSizeTrait>(offsets: &[O], child: &ArrayRef) -> usize {
+    let (Some(first), Some(last)) = (offsets.first(), offsets.last()) else {
+        return 0;
+    };
+    let (start, end) = (first.as_usize(), last.as_usize());
+    let values = child.slice(start, end.saturating_sub(start));
+    std::mem::size_of_val(offsets).saturating_add(rows_bytes(&values))
 }
 
 /// The gRPC length-prefixed frame of one FlightData, as a small prefix plus the untouched body.

@@ -284,8 +284,8 @@ struct Joiner {
     memory: handoff_store::ReadMemory,
     pending: Vec<(arrow_array::RecordBatch, handoff_store::Held)>,
     pending_bytes: usize,
-    /// What goes out before anything more is read: what arrived after the pending batches, or
-    /// batches that could not be joined.
+    /// What goes out before anything more is read: batches that could not be joined, then
+    /// what arrived after them. Empty whenever the input is read, so `flush` appends.
     queued: std::collections::VecDeque<Result<Chunk, StoreError>>,
     /// The input has ended (it must not be polled again).
     ended: bool,
@@ -338,7 +338,7 @@ impl Joiner {
     }
 
     /// The pending batches as one chunk (or, without memory to join them, the first of them,
-    /// the rest queued); None when there are none.
+    /// the rest queued, in order); None when there are none.
     fn flush(&mut self) -> Option<Result<Chunk, StoreError>> {
         let bytes = std::mem::take(&mut self.pending_bytes) as u64;
         let mut parts = std::mem::take(&mut self.pending);
@@ -354,10 +354,7 @@ impl Joiner {
                     .into_iter()
                     .map(|(batch, held)| Ok(Chunk::Batch(batch, held)));
                 let first = alone.next();
-                // Before anything queued earlier: these batches came first.
-                for (i, item) in alone.enumerate() {
-                    self.queued.insert(i, item);
-                }
+                self.queued.extend(alone);
                 first
             }
             Err(e) => Some(Err(e)),
