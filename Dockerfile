@@ -22,6 +22,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 # glibc and libgcc are all the binary links against; rustls needs no OpenSSL. The image brings CA
 # certificates (for S3/GCS/Azure spill over TLS) and no shell.
+# The tests build the same contents another way, with no registry or Docker engine: the binary and
+# the libraries it links on a scratch image, user 65532 (scripts/images.sh, for the single-node
+# cluster of tests/python/test_cluster.py).
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/handoff /usr/local/bin/handoff
 USER 65532:65532

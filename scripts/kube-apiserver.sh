@@ -3,19 +3,36 @@
 # (everything else goes to stderr). Cached in ~/.cache/handoff-tools/kube-apiserver/bin so later
 # runs (and CI on the same machine) reuse it; also makes sure etcd is installed.
 #
+# With --node it also builds what a single-node cluster needs (scripts/kube-node.sh): kubelet,
+# kube-controller-manager, kube-scheduler and kube-proxy, from the same source in the same `make`
+# (the Go build cache in ~/.cache/go-build shares what they have in common), into
+# ~/.cache/handoff-tools/kube-node/bin; the last stdout line is then that directory.
+#
 # Source: Debian bookworm's `kubernetes` source package (1.20.2, full tree with vendor/), built
 # with Debian's Go 1.19 and no network (GOPROXY=off). Two vendored packages are replaced with
 # Debian's newer copies: the vendored reflect2 1.0.1 crashes under Go >= 1.18 at the first
 # custom-resource create (`fatal error: fault` in mapiterinit).
 #
-# Usage: scripts/kube-apiserver.sh        # -> ~/.cache/handoff-tools/kube-apiserver/bin/kube-apiserver
+# All are built with GOFLAGS=-tags=providerless,dockerless: no cloud providers, no dockershim.
+#
+# Usage: scripts/kube-apiserver.sh          # -> ~/.cache/handoff-tools/kube-apiserver/bin/kube-apiserver
+#        scripts/kube-apiserver.sh --node   # -> ~/.cache/handoff-tools/kube-node/bin
 set -euo pipefail
+
+node=0
+case "${1:-}" in
+  --node) node=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--node]" >&2; exit 2 ;;
+esac
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 log() { echo "kube-apiserver.sh: $*" >&2; }
 
 ROOT="$HOME/.cache/handoff-tools/kube-apiserver"
 BIN="$ROOT/bin/kube-apiserver"
+NODE_BIN="$HOME/.cache/handoff-tools/kube-node/bin"
+NODE_CMDS=(kubelet kube-controller-manager kube-scheduler kube-proxy)
 export DEBIAN_FRONTEND=noninteractive
 
 apt_updated=0
@@ -42,12 +59,21 @@ apt_install() {
 if ! command -v etcd >/dev/null 2>&1; then apt_install etcd-server; fi
 if ! command -v openssl >/dev/null 2>&1; then apt_install openssl; fi
 
-if [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1; then
-  echo "$BIN"
+# What is missing from the cache: the API server, and with --node the node's binaries.
+want=()
+[ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1 || want+=(kube-apiserver)
+if [ "$node" = 1 ]; then
+  for cmd in "${NODE_CMDS[@]}"; do
+    [ -x "$NODE_BIN/$cmd" ] && "$NODE_BIN/$cmd" --version >/dev/null 2>&1 || want+=("$cmd")
+  done
+fi
+result() { if [ "$node" = 1 ]; then echo "$NODE_BIN"; else echo "$BIN"; fi; }
+if [ "${#want[@]}" = 0 ]; then
+  result
   exit 0
 fi
 
-log "building kube-apiserver (once, 5-10 min) into $BIN"
+log "building ${want[*]} (once: 5-10 min for the API server, 10-15 more for the node) into ~/.cache/handoff-tools"
 start=$(date +%s)
 
 # A deb-src entry with the same Signed-By as the machine's own entry (a different Signed-By for
@@ -91,18 +117,22 @@ for pkg in github.com/modern-go/reflect2 github.com/json-iterator/go; do
   rsync -a --exclude '.git' "/usr/share/gocode/src/$pkg/" "$TREE/vendor/$pkg/"
 done
 
-log "make WHAT=cmd/kube-apiserver (Go 1.19, offline)"
+what=$(printf 'cmd/%s ' "${want[@]}")
+log "make WHAT=\"${what% }\" (Go 1.19, offline)"
 (
   cd "$TREE"
-  export PATH="/usr/lib/go-1.19/bin:$PATH" GOPROXY=off
-  make WHAT=cmd/kube-apiserver >&2
+  export PATH="/usr/lib/go-1.19/bin:$PATH" GOPROXY=off GOFLAGS=-tags=providerless,dockerless
+  make WHAT="${what% }" >&2
 )
-built=$(find "$TREE/_output" -type f -name kube-apiserver -perm -u+x | head -n1)
-[ -n "$built" ] || { log "build produced no kube-apiserver under $TREE/_output"; exit 1; }
-mkdir -p "$ROOT/bin"
-cp "$built" "$BIN.tmp"
-mv "$BIN.tmp" "$BIN"
-"$BIN" --version >&2
+for cmd in "${want[@]}"; do
+  built=$(find "$TREE/_output" -type f -name "$cmd" -perm -u+x | head -n1)
+  [ -n "$built" ] || { log "build produced no $cmd under $TREE/_output"; exit 1; }
+  if [ "$cmd" = kube-apiserver ]; then dest=$BIN; else dest=$NODE_BIN/$cmd; fi
+  mkdir -p "$(dirname "$dest")"
+  cp "$built" "$dest.tmp"
+  mv "$dest.tmp" "$dest"
+  "$dest" --version >&2
+done
 log "built in $(( $(date +%s) - start )) s; removing the source tree"
 rm -rf "$SRC"
-echo "$BIN"
+result

@@ -15,7 +15,14 @@
 # Certs and the token are kept across restarts of the same DIR. Only the apiserver runs: there is
 # no controller-manager or scheduler (no token controller, garbage collector, pods scheduling).
 # The kube-apiserver binary comes from scripts/kube-apiserver.sh (built once, cached).
+#
+# KUBE_UP_ADDRESS (default 127.0.0.1) is the address the API server binds and advertises;
+# scripts/kube-node.sh sets it to its bridge's address so that pods reach the API server through
+# the `kubernetes` Service, whose endpoint the API server then keeps (lease reconciler).
 set -euo pipefail
+
+ADDRESS=${KUBE_UP_ADDRESS:-127.0.0.1}
+if [ "$ADDRESS" = 127.0.0.1 ]; then RECONCILER=none; else RECONCILER=lease; fi
 
 log() { echo "kube-up.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -91,11 +98,11 @@ EOF
 # Starts kube-apiserver on $API_PORT against etcd on $ETCD_PORT and waits until it is ready;
 # sets apiserver_pid.
 start_apiserver() {
-log "starting kube-apiserver on https://127.0.0.1:$API_PORT, log $DIR/kube-apiserver.log"
+log "starting kube-apiserver on https://$ADDRESS:$API_PORT, log $DIR/kube-apiserver.log"
 setsid nohup "$KUBE_APISERVER" \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-  --bind-address=127.0.0.1 \
-  --advertise-address=127.0.0.1 \
+  --bind-address="$ADDRESS" \
+  --advertise-address="$ADDRESS" \
   --secure-port="$API_PORT" \
   --insecure-port=0 \
   --tls-cert-file="$DIR/server.crt" \
@@ -108,8 +115,9 @@ setsid nohup "$KUBE_APISERVER" \
   --service-account-issuer=https://kubernetes.default.svc \
   --api-audiences=https://kubernetes.default.svc \
   --service-cluster-ip-range=10.0.0.0/24 \
-  --endpoint-reconciler-type=none \
+  --endpoint-reconciler-type="$RECONCILER" \
   --allow-privileged=true \
+  --kubelet-preferred-address-types=InternalIP \
   --profiling=false \
   </dev/null >>"$DIR/kube-apiserver.log" 2>&1 &
 apiserver_pid=$!
@@ -125,7 +133,7 @@ while [ "$(now_s)" -lt "$deadline" ]; do
     exit 1
   fi
   if [ "$(curl -sS --max-time 2 --cacert "$DIR/ca.crt" -H "Authorization: Bearer $TOKEN" \
-        "https://127.0.0.1:$API_PORT/readyz" 2>/dev/null)" = ok ]; then
+        "https://$ADDRESS:$API_PORT/readyz" 2>/dev/null)" = ok ]; then
     ready=1
     break
   fi
@@ -147,6 +155,10 @@ restart_apiserver() {
   . "$DIR/env"
   API_PORT=$KUBE_API_PORT
   ETCD_PORT=${ETCD_ENDPOINT##*:}
+  # The same address as at the start.
+  ADDRESS=${KUBE_SERVER#https://}
+  ADDRESS=${ADDRESS%:*}
+  if [ "$ADDRESS" = 127.0.0.1 ]; then RECONCILER=none; else RECONCILER=lease; fi
   TOKEN=$(cat "$DIR/token")
   KUBE_APISERVER="$HOME/.cache/handoff-tools/kube-apiserver/bin/kube-apiserver"
   local old_pid="" etcd_pid="" key val
@@ -199,11 +211,11 @@ if ! [ -s "$DIR/ca.crt" ] || ! [ -s "$DIR/server.crt" ] || ! [ -s "$DIR/sa.key" 
     -keyout "$DIR/ca.key" -out "$DIR/ca.crt" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
     -keyout "$DIR/server.key" -out "$DIR/server.csr" 2>/dev/null
-  cat >"$DIR/server.ext" <<'EOF'
+  cat >"$DIR/server.ext" <<EOF
 basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+subjectAltName=IP:127.0.0.1,IP:$ADDRESS,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
 EOF
   openssl x509 -req -in "$DIR/server.csr" -CA "$DIR/ca.crt" -CAkey "$DIR/ca.key" \
     -CAcreateserial -days 3650 -extfile "$DIR/server.ext" -out "$DIR/server.crt" 2>/dev/null
@@ -275,7 +287,7 @@ kind: Config
 clusters:
 - name: kube-up
   cluster:
-    server: https://127.0.0.1:$API_PORT
+    server: https://$ADDRESS:$API_PORT
     certificate-authority-data: $CA_DATA
 users:
 - name: admin
@@ -292,7 +304,7 @@ EOF
 chmod 600 "$DIR/kubeconfig.tmp"
 mv "$DIR/kubeconfig.tmp" "$DIR/kubeconfig"
 cat >"$DIR/env" <<EOF
-KUBE_SERVER=https://127.0.0.1:$API_PORT
+KUBE_SERVER=https://$ADDRESS:$API_PORT
 KUBE_API_PORT=$API_PORT
 ETCD_ENDPOINT=http://127.0.0.1:$ETCD_PORT
 ETCD_PEER_PORT=$ETCD_PEER_PORT
