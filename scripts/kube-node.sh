@@ -90,7 +90,7 @@ down() {
   rm -f "$DIR/node-pids"
 
   # Mounts under DIR (pod volumes, container root filesystems, shm), deepest first.
-  awk -v d="$DIR/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r |
+  { awk -v d="$DIR/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts || true; } | sort -r |
     while read -r m; do as_root umount -l "$m" 2>/dev/null || true; done
   # The pods' network namespaces (containerd names them cni-<uuid>; only this node makes them).
   for ns in $(ip netns list 2>/dev/null | awk '/^cni-/ { print $1 }'); do
@@ -105,7 +105,7 @@ down() {
     fi
   done
   # The kubelet's pod cgroups (empty once their processes are gone), deepest first.
-  find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/kubepods.slice -depth -type d 2>/dev/null |
+  { find /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/*/kubepods.slice -depth -type d 2>/dev/null || true; } |
     while read -r cg; do as_root rmdir "$cg" 2>/dev/null || true; done
   as_root ip route del "$SERVICE_CIDR" dev "$BRIDGE" 2>/dev/null || true
   as_root ip link del "$BRIDGE" 2>/dev/null || true

@@ -2,8 +2,8 @@
 # Every test of the project: Rust unit and integration tests, then the Python suite (pyarrow
 # interop, the handoff package with real PySpark and torch) against the real `handoff` binary.
 # Installs what it needs: protoc, promtool, Java 17 for Spark, the Python requirements (torch is ~3 GB,
-# cached by pip in ~/.cache/pip), s3s-fs and kube-apiserver (built once into
-# ~/.cache/handoff-tools), and etcd.
+# cached by pip in ~/.cache/pip), s3s-fs and Kubernetes 1.20 (built once into
+# ~/.cache/handoff-tools), etcd, and containerd with what a single-node cluster needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,8 @@ phase() { # phase NAME: closes the current phase under NAME
 }
 report() {
   local rc=$?
+  # Stop a background build still running (its make may finish on its own; it only caches).
+  if [ -n "${kube_build:-}" ]; then kill "$kube_build" 2>/dev/null || true; fi
   echo "== scripts/test.sh timings (exit $rc) ==" >&2
   local p; for p in "${PHASES[@]}"; do echo "  $p" >&2; done
 }
@@ -48,6 +50,35 @@ if [ -z "${JAVA_HOME:-}" ] && [ -d /usr/lib/jvm/java-17-openjdk-amd64 ]; then
   export JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64
 fi
 
+# The single-node cluster of tests/python/test_cluster.py (scripts/kube-node.sh) runs on these.
+node_packages=()
+for p in containerd runc containernetworking-plugins iptables conntrack buildah catatonit; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || node_packages+=("$p")
+done
+if [ "${#node_packages[@]}" -gt 0 ]; then
+  echo "installing ${node_packages[*]} (for the single-node cluster)" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+    "${node_packages[@]}" >/dev/null
+fi
+
+# A real Kubernetes 1.20 from Debian's source package, built once into ~/.cache/handoff-tools:
+# the API server (and etcd) for the controller tests, and the kubelet, controller manager,
+# scheduler and kube-proxy for the single-node cluster. Cold, that is a Go build of ~10 min: it
+# runs in the background, beside pip's downloads and the cargo build, and is awaited before the
+# tests. It is started after every apt call of this script, which would otherwise contend for
+# apt's lock.
+kube_log=$(mktemp)
+bash scripts/kube-apiserver.sh --node >"$kube_log" 2>&1 &
+kube_build=$!
+await_kube() {
+  if ! wait "$kube_build"; then
+    echo "scripts/kube-apiserver.sh --node failed:" >&2
+    cat "$kube_log" >&2
+    exit 1
+  fi
+}
+
 python3 -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 phase "system and pip packages"
 
@@ -60,13 +91,10 @@ fi
 export S3S_FS_BIN="$S3S_ROOT/bin/s3s-fs"
 phase "tool: s3s-fs"
 
-# A real kube-apiserver (1.20, from Debian's source package) and etcd for the controller tests;
-# built once into ~/.cache/handoff-tools/kube-apiserver (5-10 min the first time).
-bash scripts/kube-apiserver.sh >/dev/null
-phase "tool: kube-apiserver, etcd"
-
 cargo build --workspace --all-targets
 phase "build: workspace"
+await_kube
+phase "tool: kubernetes (rest of its build)"
 cargo test --workspace
 phase "tests: rust"
 # The package is tested from the checkout, not from whatever copy pip installed earlier.

@@ -183,6 +183,10 @@ def normalize_endpoint(endpoint: Optional[str]) -> str:
     return endpoint if "://" in endpoint else "grpc://" + endpoint
 
 
+# Pings every 10 s on open calls (the server answers them; it pings idle clients itself).
+DEFAULT_KEEPALIVE_SECONDS = 10.0
+
+
 class HandoffClient:
     """A connection to one Handoff server.
 
@@ -193,14 +197,30 @@ class HandoffClient:
     """
 
     def __init__(self, endpoint: Optional[str] = None, token: Optional[str] = None, *,
-                 timeout: Optional[float] = None, tls: Optional[TlsSettings] = None):
+                 timeout: Optional[float] = None, tls: Optional[TlsSettings] = None,
+                 keepalive: float = DEFAULT_KEEPALIVE_SECONDS):
+        """`keepalive`: seconds between HTTP/2 pings while a call is open, and how long an
+        answer may take. A server that vanished without closing the connection (its pod killed,
+        its network gone) is then noticed within about twice that, and the call fails with
+        `ServerUnavailable` instead of waiting forever."""
+        if not keepalive > 0:
+            raise ValueError(f"keepalive is seconds between pings, more than 0; got {keepalive!r}")
         self.endpoint = normalize_endpoint(endpoint)
         token = token if token is not None else os.environ.get("HANDOFF_TOKEN")
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self._options = flight.FlightCallOptions(headers=headers, timeout=timeout)
         tls_kwargs = (tls if tls is not None else TlsSettings.from_env()).flight_kwargs(self.endpoint)
         try:
-            self._flight = flight.FlightClient(self.endpoint, **tls_kwargs)
+            ms = max(1, int(keepalive * 1000))
+            self._flight = flight.FlightClient(self.endpoint, generic_options=[
+                ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+                # Flow-control pings stand in for keepalive pings while data flows; they time
+                # out after a minute unless told otherwise.
+                ("grpc.http2.ping_timeout_ms", ms),
+                # A reader sends no data while it receives; by default gRPC stops pinging after
+                # two pings without data, and a dead server would go unnoticed again.
+                ("grpc.http2.max_pings_without_data", 0),
+            ], **tls_kwargs)
         except (pa.ArrowException, OSError) as e:
             raise ServerUnavailable(f"bad endpoint {self.endpoint!r}: {e}", "invalid_argument") from e
 

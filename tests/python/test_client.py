@@ -3,15 +3,20 @@ reports refusals and aborted writes, against the real server."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import time
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from google.protobuf import descriptor_pb2
 
-from conftest import REPO, patience
+from conftest import REPO, patience, start_plain_location, stop_process
 from handoff import HandoffClient, HandoffError, LinkNotFound, ServerUnavailable, resolve_link
+from handoff.client import ShardRequest
 from handoff._proto import pb
 
 
@@ -113,3 +118,28 @@ def test_cli_get_reads_columns_and_a_filter(server, tmp_path):
     got = pq.read_table(out)
     assert got.column_names == ["x", "id"]
     assert got.column("id").to_pylist() == [i for i in range(100, 1000) if i % 2 == 0]
+
+
+def test_a_server_that_stops_answering_fails_the_read_instead_of_hanging():
+    """A server that vanished without closing the connection (a pod killed along with its
+    network) is noticed by keepalive pings: the read fails, it does not wait forever. A stopped
+    process stands in for it: the kernel still holds the connection, nobody answers pings."""
+    proc, location = start_plain_location()
+    assert location, "the server did not start"
+    try:
+        client = HandoffClient(location, keepalive=1.0)
+        client.put("big", pa.table({"x": pa.array(np.arange(8_000_000, dtype=np.int64))}))
+        client.seal("big")
+        batches = client.read_shard(ShardRequest(link="big", batch_rows=65_536))
+        next(batches)
+        os.kill(proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            for _ in batches:  # what the connection had buffered, then the pings go unanswered
+                pass
+        assert time.monotonic() - started < patience(30)
+        with pytest.raises(ValueError, match="keepalive"):
+            HandoffClient(location, keepalive=0)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        stop_process(proc)

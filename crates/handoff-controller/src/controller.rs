@@ -28,7 +28,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::crd::{ConsumerRef, DataLink, DataLinkStatus, Gate, Phase, ProducerFailure, ServerLoss};
 use crate::error::{Error, Result};
@@ -369,6 +369,8 @@ struct Run<'a> {
     events: Vec<(EventType, String, String)>,
     /// The AdmissionChecks that name us, listed at most once per reconcile.
     our_checks: tokio::sync::OnceCell<Vec<String>>,
+    /// The server Service's ClusterIP, read at most once per reconcile.
+    service_ip: tokio::sync::OnceCell<Option<String>>,
 }
 
 fn phase_rank(phase: Phase) -> u8 {
@@ -408,6 +410,7 @@ impl<'a> Run<'a> {
             before,
             events: Vec::new(),
             our_checks: tokio::sync::OnceCell::new(),
+            service_ip: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -1445,16 +1448,35 @@ impl<'a> Run<'a> {
             .await?)
     }
 
-    fn server_endpoint(&self) -> String {
-        self.ctx
-            .config
-            .endpoint_override
-            .clone()
-            .unwrap_or_else(|| resources::endpoint(self.link, self.tls))
+    /// Where the controller dials the server: the Service's ClusterIP, so that it needs no
+    /// cluster DNS (TLS still verifies the Service's DNS name); its DNS name while the Service
+    /// has no ClusterIP.
+    async fn server_endpoint(&self) -> String {
+        if let Some(endpoint) = &self.ctx.config.endpoint_override {
+            return endpoint.clone();
+        }
+        let ip = self
+            .service_ip
+            .get_or_init(|| async {
+                let service = self
+                    .api::<Service>()
+                    .get_opt(&resources::server_name(self.link))
+                    .await;
+                match service {
+                    Ok(service) => service.and_then(|s| s.spec).and_then(|s| s.cluster_ip),
+                    Err(e) => {
+                        // The DNS name still works where the cluster has DNS.
+                        debug!(link = %self.name, error = %e, "could not read the server Service");
+                        None
+                    }
+                }
+            })
+            .await;
+        resources::dial_endpoint(self.link, self.tls, ip.as_deref())
     }
 
     async fn flight(&self, tokens: &Tokens) -> Result<HandoffClient> {
-        let endpoint = self.server_endpoint();
+        let endpoint = self.server_endpoint().await;
         let mut config = ClientConfig::new(endpoint.clone(), Some(tokens.admin.clone()));
         config.connect_timeout = FLIGHT_TIMEOUT;
         if self.tls {
@@ -1469,7 +1491,7 @@ impl<'a> Run<'a> {
 
     /// The link's stats; `None` while the producer has not created it.
     async fn stats(&self, tokens: &Tokens) -> Result<Option<LinkStats>> {
-        let endpoint = self.server_endpoint();
+        let endpoint = self.server_endpoint().await;
         let mut client = self.flight(tokens).await?;
         match tokio::time::timeout(FLIGHT_TIMEOUT, client.stats(&self.name)).await {
             Ok(Ok(stats)) => Ok(Some(stats)),
@@ -1484,7 +1506,7 @@ impl<'a> Run<'a> {
 
     /// Create the (empty) link on its server; the producer's first commit fixes its schema.
     async fn create_link(&mut self, tokens: &Tokens) -> Result<LinkStats> {
-        let endpoint = self.server_endpoint();
+        let endpoint = self.server_endpoint().await;
         let mut client = self.flight(tokens).await?;
         let request = handoff_client::CreateLink {
             link: self.name.clone(),
@@ -1523,14 +1545,12 @@ impl<'a> Run<'a> {
             // Best effort: a server that is gone took its memory and emptyDir with it, and one
             // stopping on SIGTERM removes its spill prefix.
             let deleted = async {
+                let endpoint = self.server_endpoint().await;
                 let mut client = self.flight(&tokens).await?;
                 client
                     .delete(&self.name)
                     .await
-                    .map_err(|source| Error::Server {
-                        endpoint: self.server_endpoint(),
-                        source,
-                    })
+                    .map_err(|source| Error::Server { endpoint, source })
             };
             match tokio::time::timeout(FLIGHT_TIMEOUT, deleted).await {
                 Ok(Ok(_)) => info!(link = %self.name, "deleted the link on its server"),

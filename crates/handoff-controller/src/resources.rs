@@ -177,6 +177,24 @@ pub fn endpoint(link: &DataLink, tls: bool) -> String {
     format!("{scheme}://{}:{GRPC_PORT}", server_host(link))
 }
 
+/// The endpoint the controller dials: the Service's ClusterIP when it has one (headless
+/// Services have `None`), so the controller works without cluster DNS; else [`endpoint`]. TLS
+/// verifies [`server_host`] either way.
+pub fn dial_endpoint(link: &DataLink, tls: bool, cluster_ip: Option<&str>) -> String {
+    match cluster_ip.filter(|ip| !ip.is_empty() && *ip != "None") {
+        Some(ip) => {
+            let scheme = if tls { "grpc+tls" } else { "grpc" };
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.to_string()
+            };
+            format!("{scheme}://{host}:{GRPC_PORT}")
+        }
+        None => endpoint(link, tls),
+    }
+}
+
 pub fn labels(link: &DataLink) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "handoff".to_string()),

@@ -154,6 +154,27 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         )
         .await
         .expect("service applies");
+    // The controller dials the ClusterIP the API server gave the Service (no cluster DNS
+    // needed); a headless or not yet allocated Service falls back to the DNS name.
+    let ip = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .expect("the API server allocates a ClusterIP");
+    assert_eq!(
+        resources::dial_endpoint(&owner, true, Some(&ip)),
+        format!("grpc+tls://{ip}:8815")
+    );
+    for none in [None, Some(""), Some("None")] {
+        assert_eq!(
+            resources::dial_endpoint(&owner, true, none),
+            "grpc+tls://features-handoff.default.svc:8815"
+        );
+    }
+    assert_eq!(
+        resources::dial_endpoint(&owner, false, Some("fd00::10")),
+        "grpc://[fd00::10]:8815"
+    );
     let owners = service.metadata.owner_references.expect("owned");
     assert_eq!(owners[0].uid, owner.metadata.uid.clone().expect("uid"));
     assert_eq!(
