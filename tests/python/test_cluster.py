@@ -365,14 +365,13 @@ class Operators:
             ]
             spec["volumes"] = [{"name": n, "hostPath": {"path": p}} for n, p in mounts] + [
                 {"name": "tmp", "emptyDir": {}}]
-        return {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": labels, "ownerReferences": [{
+        metadata = {"name": name, "labels": labels}
+        if owner is not None:
+            metadata["ownerReferences"] = [{
                 "apiVersion": owner["apiVersion"], "kind": owner["kind"],
                 "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
-                "controller": True, "blockOwnerDeletion": False}]},
-            "spec": spec,
-        }
+                "controller": True, "blockOwnerDeletion": False}]
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
     def _spark(self):
         group, version, plural = SPARK
@@ -658,3 +657,40 @@ def test_the_server_at_its_memory_limit_spills_and_is_not_oom_killed(node, scena
     [state] = pod.status.container_statuses
     assert state.restart_count == 0 and state.last_state.terminated is None, state
     check_exactly_once(read_results(node, ns, 1), rows, batch_rows)
+
+
+EGRESS = r"""
+import os, socket
+def reach(host, port):
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return "reached"
+    except OSError as e:
+        return f"refused ({e})"
+print("api", reach("10.0.0.1", 443), flush=True)
+print("outside", reach(os.environ["OUTSIDE"], 53), flush=True)
+"""
+
+
+def test_pods_reach_services_but_nothing_past_this_machine(node):
+    """kube-node.sh keeps test traffic here: a pod reaches the API server through its Service,
+    and what it sends past the machine (its uplink's gateway) is dropped."""
+    if node.job_image is not None:
+        pytest.skip("the egress rules checked here are the local node's (scripts/kube-node.sh)")
+    route = run("ip", "-o", "route", "show", "default").stdout.split()
+    assert "via" in route, f"this machine has no default route to test against: {route}"
+    outside = route[route.index("via") + 1]
+    ns = "egress"
+    node.core.create_namespace({"metadata": {"name": ns}})
+    try:
+        pod = Operators(node, ns, "none")._pod("probe", None, {}, EGRESS,
+                                               [{"name": "OUTSIDE", "value": outside}])
+        node.core.create_namespaced_pod(ns, pod)
+        eventually("the probe pod finishes", lambda: node.core.read_namespaced_pod(
+            "probe", ns).status.phase in ("Succeeded", "Failed"), timeout=120, interval=1)
+        log = pod_log(node, ns, "probe")
+        assert "api reached" in log, log
+        # Dropped, not refused by the far end: the node's FORWARD rule is what stopped it.
+        assert "outside refused (timed out)" in log, log
+    finally:
+        node.core.delete_namespace(ns)
