@@ -11,9 +11,9 @@
 # the last one stopped. The targets are libFuzzer binaries, as cargo-fuzz builds them (the same
 # coverage instrumentation; `cargo fuzz run <target>` works too), built here with the `fuzz`
 # profile into ~/.cache/handoff-tools/fuzz-target: overflow checks and debug assertions on, no
-# sanitizer (the workspace forbids unsafe code), and dependencies at opt-level 1 so that a cold
-# build stays short on a fresh CI machine (a release build's link-time optimisation took over
-# half an hour on 2 cores).
+# sanitizer (the workspace forbids unsafe code), and dependencies unoptimised but for libFuzzer
+# and the decoders, so that a cold build stays short on a fresh CI machine (7 min; Cargo.toml's
+# `profile.fuzz` says which, docs/benchmarks.md what it costs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

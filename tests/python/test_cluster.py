@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,9 @@ def node():
     """The local single-node cluster, or with HANDOFF_TEST_KUBECONFIG any cluster, given
     HANDOFF_TEST_IMAGE (the handoff image, pushed where it pulls from) and HANDOFF_TEST_JOB_IMAGE
     (Python with a JDK, pyspark, torch and the handoff package) (docs/controller.md)."""
+    if shutil.which("kubectl") is None:
+        pytest.fail("kubectl (with its built-in kustomize, v4 or later) is needed to apply "
+                    "deploy/base as an operator would; install it", pytrace=False)
     kubeconfig = os.environ.get("HANDOFF_TEST_KUBECONFIG")
     if kubeconfig:
         missing = [v for v in ("HANDOFF_TEST_IMAGE", "HANDOFF_TEST_JOB_IMAGE")
