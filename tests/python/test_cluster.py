@@ -233,6 +233,7 @@ def node():
         down = run("bash", script, "--down", work)
         # A node left behind would block the next start; its logs stay in `work` to read.
         assert down.returncode == 0, f"scripts/kube-node.sh --down {work} failed:\n{down.stderr}"
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- the operators' part ------------------------------------------------------------------------
@@ -453,11 +454,20 @@ class Operators:
 
 # --- scenarios ----------------------------------------------------------------------------------
 
+def create_namespace(node: Node, namespace: str):
+    """A namespace, once pods can be made in it: on 1.20 the controller manager gives its
+    `default` ServiceAccount a token first, and a pod created before is refused (500)."""
+    node.core.create_namespace({"metadata": {"name": namespace}})
+    eventually(f"namespace {namespace}'s default ServiceAccount has its token",
+               lambda: node.core.read_namespaced_service_account("default", namespace).secrets,
+               timeout=60, interval=0.2)
+
+
 def create_scenario(node: Node, namespace: str, link_spec: dict, *, rows: int, dim: int,
                     workers: int, batch_pause: float = 0.0, columns: str = "id"):
     """A namespace with a DataLink `features`, its suspended SparkApplication `prep` (E2E_ROWS
     rows of `dim` floats) and its suspended PyTorchJob `train` (1 master + `workers` workers)."""
-    node.core.create_namespace({"metadata": {"name": namespace}})
+    create_namespace(node, namespace)
     spark = yaml.safe_load((UPSTREAM / "examples" / "spark-pi.yaml").read_text())
     spark["metadata"] = {"name": "prep", "namespace": namespace}
     spark["spec"]["suspend"] = True
@@ -685,7 +695,7 @@ def test_pods_reach_services_but_nothing_past_this_machine(node):
     assert "via" in route, f"this machine has no default route to test against: {route}"
     outside = route[route.index("via") + 1]
     ns = "egress"
-    node.core.create_namespace({"metadata": {"name": ns}})
+    create_namespace(node, ns)
     try:
         pod = Operators(node, ns, "none")._pod("probe", None, {}, EGRESS,
                                                [{"name": "OUTSIDE", "value": outside}])
