@@ -185,6 +185,7 @@ def normalize_endpoint(endpoint: Optional[str]) -> str:
 
 # Pings every 10 s on open calls (the server answers them; it pings idle clients itself).
 DEFAULT_KEEPALIVE_SECONDS = 10.0
+MAX_KEEPALIVE_SECONDS = 86_400.0
 
 
 class HandoffClient:
@@ -203,8 +204,10 @@ class HandoffClient:
         answer may take. A server that vanished without closing the connection (its pod killed,
         its network gone) is then noticed within about twice that, and the call fails with
         `ServerUnavailable` instead of waiting forever."""
-        if not keepalive > 0:
-            raise ValueError(f"keepalive is seconds between pings, more than 0; got {keepalive!r}")
+        # gRPC takes milliseconds as a C int: a day is far inside it.
+        if not 0 < keepalive <= MAX_KEEPALIVE_SECONDS:
+            raise ValueError(f"keepalive is seconds between pings, more than 0 and at most "
+                             f"{MAX_KEEPALIVE_SECONDS:g}; got {keepalive!r}")
         self.endpoint = normalize_endpoint(endpoint)
         token = token if token is not None else os.environ.get("HANDOFF_TOKEN")
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []

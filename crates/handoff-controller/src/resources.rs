@@ -173,8 +173,12 @@ pub fn server_dns_names(link: &DataLink) -> Vec<String> {
 
 /// The Flight endpoint producers and consumers are given.
 pub fn endpoint(link: &DataLink, tls: bool) -> String {
+    flight_url(&server_host(link), tls)
+}
+
+fn flight_url(host: &str, tls: bool) -> String {
     let scheme = if tls { "grpc+tls" } else { "grpc" };
-    format!("{scheme}://{}:{GRPC_PORT}", server_host(link))
+    format!("{scheme}://{host}:{GRPC_PORT}")
 }
 
 /// The endpoint the controller dials: the Service's ClusterIP when it has one (headless
@@ -182,15 +186,8 @@ pub fn endpoint(link: &DataLink, tls: bool) -> String {
 /// verifies [`server_host`] either way.
 pub fn dial_endpoint(link: &DataLink, tls: bool, cluster_ip: Option<&str>) -> String {
     match cluster_ip.filter(|ip| !ip.is_empty() && *ip != "None") {
-        Some(ip) => {
-            let scheme = if tls { "grpc+tls" } else { "grpc" };
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip.to_string()
-            };
-            format!("{scheme}://{host}:{GRPC_PORT}")
-        }
+        Some(ip) if ip.contains(':') => flight_url(&format!("[{ip}]"), tls),
+        Some(ip) => flight_url(ip, tls),
         None => endpoint(link, tls),
     }
 }
