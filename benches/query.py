@@ -4,8 +4,8 @@
 2. Flight SQL `count(*)` and a filtered aggregate over 1M rows, through the ADBC driver;
 3. `import` of Parquet files against pyarrow's `read_table` of the same files.
 
-Usage: python3 benches/query.py [--bin target/release/handoff] [--rows 1000000] [--reps 5]
-Needs pyarrow, adbc-driver-flightsql and the handoff package (PYTHONPATH=python).
+Usage: PYTHONPATH=python:benches python3 benches/query.py [--bin target/release/handoff] [--rows 1000000] [--reps 5]
+Needs pyarrow, adbc-driver-flightsql and the handoff package.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import adbc_driver_flightsql.dbapi as flightsql
 
+from benchkit import serve
 from handoff import HandoffClient
 from handoff.client import ShardRequest
 
@@ -44,9 +44,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
 
-    server = subprocess.Popen([args.bin, "serve", "--no-auth", "--listen", "127.0.0.1:0",
-                               "--http-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    location = "grpc://" + server.stdout.readline().split("grpc=")[1].split()[0]
+    # The Parquet files for `import`, which the server reads only from prefixes it is told.
+    files = tempfile.TemporaryDirectory()
+    server, location, _ = serve(args.bin, "--import-allow", f"file://{files.name}/")
     try:
         rng = np.random.default_rng(1)
         table = pa.table({f"c{i}": rng.random(args.rows) for i in range(8)})
@@ -79,7 +79,7 @@ def main() -> None:
         print(f"Flight SQL count(*) over {args.rows} rows: {count * 1000:.1f} ms; "
               f"filtered count+avg: {agg * 1000:.1f} ms")
 
-        with tempfile.TemporaryDirectory() as tmp:
+        with files as tmp:
             for i, part in enumerate(table.to_batches(max_chunksize=args.rows // 8)):
                 pq.write_table(pa.Table.from_batches([part]), Path(tmp) / f"part-{i}.parquet")
             url = f"file://{tmp}/*.parquet"
