@@ -2,7 +2,8 @@
 //! accounting. It knows Arrow IPC but nothing of gRPC; the server translates.
 //!
 //! Modules layer without cycles, each using only those below it (a test holds this):
-//! - `error`; `memory` and `shard`; `ipc` (frames);
+//! - `error`; `memory` and `shard`; `ipc` (frames) and `replicas` (placement and the shard plan
+//!   over several servers);
 //! - `storage`: object storage and the stream format of a stored partition;
 //! - `partition`, then `link` (commit, seal, writers);
 //! - `read` and `incoming`, which take memory for requests;
@@ -18,6 +19,7 @@ mod link;
 mod memory;
 mod partition;
 mod read;
+mod replicas;
 mod shard;
 mod snapshot;
 mod spill;
@@ -37,6 +39,7 @@ pub use read::{
     Chunk, Held, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter, read_partition,
     read_shard,
 };
+pub use replicas::{MAX_REPLICAS, ReplicaLayout, Segment, owner};
 pub use shard::ShardSpec;
 pub use snapshot::{Restored, SnapshotManifest, SnapshotOptions};
 pub use storage::ObjectStorage;
@@ -52,6 +55,7 @@ mod layers {
         ("memory", 1, include_str!("memory.rs")),
         ("shard", 1, include_str!("shard.rs")),
         ("ipc", 2, include_str!("ipc.rs")),
+        ("replicas", 2, include_str!("replicas.rs")),
         ("storage", 3, include_str!("storage.rs")),
         ("partition", 4, include_str!("partition.rs")),
         ("link", 5, include_str!("link.rs")),

@@ -188,6 +188,12 @@ fn window_rng(seed: u64, epoch: u64, window: u64) -> SplitMix64 {
     )
 }
 
+/// Shuffles the global order of batches over replicas (`replicas`) for (seed, epoch): its own
+/// stream (no window is numbered u64::MAX), apart from every row order.
+pub fn shuffle_batches<T>(order: &mut [T], seed: u64, epoch: u64) {
+    fisher_yates(order, window_rng(seed, epoch, u64::MAX));
+}
+
 fn fisher_yates<T>(order: &mut [T], mut rng: SplitMix64) {
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
