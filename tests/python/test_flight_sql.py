@@ -79,6 +79,10 @@ def test_catalog_calls_list_sealed_links_with_their_schemas(server, links):
                         for t in s["db_schema_tables"])
         assert "features" in tables and "labels" in tables
         assert "unsealed" not in tables, "only sealed links are tables"
+        with conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables")
+            listed = {row[0] for row in cur.fetchall()}
+        assert {"features", "labels"} <= listed and "unsealed" not in listed, listed
         info = conn.adbc_get_info()
         assert info["vendor_name"] == "handoff"
 
