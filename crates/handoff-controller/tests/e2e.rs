@@ -1681,37 +1681,30 @@ impl Scenario<'_> {
 
     async fn wait_check(&self, workload: &str, check: &str, state: &str) -> String {
         let waited = handoff_testkit::patience();
-        let found = tokio::time::timeout(waited, async {
-            loop {
-                let (now, message) = self.check_on(workload, check).await;
-                if now == state {
-                    return message;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        let found = handoff_testkit::poll_until(waited, || async {
+            let (now, message) = self.check_on(workload, check).await;
+            (now == state).then_some(message)
         })
         .await;
-        match found {
-            Ok(message) => message,
-            Err(_) => {
-                // Say what the controller last wrote, so that a failure in CI can be read.
-                let (now, message) = self.check_on(workload, check).await;
-                let link = self.links().get("features").await.ok();
-                let status = link.and_then(|l| l.status).map(|s| {
-                    let conditions: Vec<String> = s
-                        .conditions
-                        .iter()
-                        .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
-                        .collect();
-                    format!("phase {:?}; {}", s.phase, conditions.join("; "))
-                });
-                panic!(
-                    "timed out after {waited:?} waiting for {check} {state} on {workload} in {}: \
-                     the check is {now} ({message}); the DataLink: {status:?}",
-                    self.namespace
-                );
-            }
+        if let Some(message) = found {
+            return message;
         }
+        // Say what the controller last wrote, so that a failure in CI can be read.
+        let (now, message) = self.check_on(workload, check).await;
+        let link = self.links().get("features").await.ok();
+        let status = link.and_then(|l| l.status).map(|s| {
+            let conditions: Vec<String> = s
+                .conditions
+                .iter()
+                .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                .collect();
+            format!("phase {:?}; {}", s.phase, conditions.join("; "))
+        });
+        panic!(
+            "timed out after {waited:?} waiting for {check} {state} on {workload} in {}: \
+             the check is {now} ({message}); the DataLink: {status:?}",
+            self.namespace
+        );
     }
 
     /// Kueue admits: it unsuspends the job (`spec.suspend`, or `runPolicy.suspend`).

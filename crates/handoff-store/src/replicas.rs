@@ -50,8 +50,9 @@ pub fn owner(link: &str, partition: u64, replicas: u32) -> u32 {
         first.copy_from_slice(&digest[..8]);
         u64::from_be_bytes(first)
     };
-    // Ties (2^-64) go to the lower index, so every caller agrees.
-    (0..replicas.max(1))
+    // Ties (2^-64) go to the lower index, so every caller agrees. Callers refuse more than
+    // MAX_REPLICAS; the bound here keeps the loop short whatever they pass.
+    (0..replicas.clamp(1, MAX_REPLICAS))
         .max_by_key(|&replica| (score(replica), std::cmp::Reverse(replica)))
         .unwrap_or(0)
 }
@@ -74,7 +75,6 @@ enum Batch {
 /// The global batch order of a sealed link over its replicas, for one epoch.
 #[derive(Debug, Clone)]
 pub struct ReplicaLayout {
-    rows: Vec<u64>,
     batch_rows: u64,
     total: u64,
     /// The tail's rows in replica order: (replica, first row in that replica, rows).
@@ -95,6 +95,8 @@ impl ReplicaLayout {
                 rows.len()
             )));
         }
+        // The checks of one server's reads: batch_rows and world_size in range.
+        spec.validate()?;
         if spec.batch_rows == 0 {
             return Err(StoreError::InvalidArgument(
                 "a read over several replicas needs batch_rows > 0: batches are what ranks split"
@@ -118,38 +120,40 @@ impl ReplicaLayout {
                 total / b
             )));
         }
-        let mut whole: Vec<Vec<Batch>> = Vec::with_capacity(rows.len());
         let mut tail = Vec::new();
-        let mut tail_rows = 0u64;
         for (replica, &n) in (0u32..).zip(rows) {
-            whole.push(
-                (0..n / b)
-                    .map(|index| Batch::Whole { replica, index })
-                    .collect(),
-            );
             if n % b > 0 {
                 tail.push(Segment {
                     replica,
                     start: n - n % b,
                     rows: n % b,
                 });
-                tail_rows += n % b;
             }
         }
-        let mut order: Vec<Batch> = Vec::new();
+        let tail_rows: u64 = tail.iter().map(|piece| piece.rows).sum();
+        // One allocation of at most MAX_LAYOUT_BATCHES entries, checked above.
+        let mut order: Vec<Batch> = Vec::with_capacity((total / b) as usize);
+        // Round by round, the replicas that still have a whole batch: each visit yields one, so
+        // the work is the number of batches whatever the replicas' sizes.
+        let mut active: Vec<u32> = (0u32..)
+            .zip(rows)
+            .filter(|(_, n)| **n >= b)
+            .map(|(r, _)| r)
+            .collect();
+        let mut round = 0u64;
+        while !active.is_empty() {
+            order.extend(active.iter().map(|&replica| Batch::Whole {
+                replica,
+                index: round,
+            }));
+            round += 1;
+            active.retain(|&r| rows[r as usize] / b > round);
+        }
+        order.extend((0..tail_rows / b).map(|index| Batch::Tail { index }));
         if spec.shuffle {
-            order.extend(whole.into_iter().flatten());
-            order.extend((0..tail_rows / b).map(|index| Batch::Tail { index }));
             shuffle_batches(&mut order, spec.seed, spec.epoch);
-        } else {
-            let longest = whole.iter().map(Vec::len).max().unwrap_or(0);
-            for round in 0..longest {
-                order.extend(whole.iter().filter_map(|batches| batches.get(round)));
-            }
-            order.extend((0..tail_rows / b).map(|index| Batch::Tail { index }));
         }
         Ok(Self {
-            rows: rows.to_vec(),
             batch_rows: b,
             total,
             tail,
@@ -161,16 +165,6 @@ impl ReplicaLayout {
     /// The memory a layout of `total_rows` in batches of `batch_rows` takes, to reserve first.
     pub fn bytes_for(total_rows: u64, batch_rows: u64) -> u64 {
         (total_rows / batch_rows.max(1)).saturating_mul(std::mem::size_of::<Batch>() as u64)
-    }
-
-    /// Rows over every replica.
-    pub fn total_rows(&self) -> u64 {
-        self.total
-    }
-
-    /// The replicas' rows, as given.
-    pub fn replica_rows(&self) -> &[u64] {
-        &self.rows
     }
 
     /// The rows of global batch `g` (`g` below `ceil(total / batch_rows)`), as segments.
@@ -247,8 +241,13 @@ impl ReplicaLayout {
 
     /// The rank's `k`-th batch (counting from 0, before `spec.start_batch` is applied) as
     /// segments: exactly `batch_rows` rows, the end wrapping around to the start as on one server.
-    /// `None` past the rank's last batch.
+    /// `None` past the rank's last batch, and for a spec out of range or with another
+    /// `batch_rows` than the layout was built with.
     pub fn rank_batch(&self, spec: &ShardSpec, k: u64) -> Option<Vec<Segment>> {
+        // A rank and world from a client: in range before any arithmetic on them.
+        if spec.validate().is_err() || spec.batch_rows != self.batch_rows {
+            return None;
+        }
         if k >= spec.batches_per_rank(self.total) {
             return None;
         }

@@ -53,7 +53,22 @@ where
 }
 
 /// [`eventually`] with a wait of its own (already scaled by the caller, if it should be).
-pub async fn eventually_within<T, F, Fut>(what: &str, wait: Duration, mut check: F) -> T
+pub async fn eventually_within<T, F, Fut>(what: &str, wait: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match poll_until(wait, check).await {
+        Some(value) => value,
+        None => panic!(
+            "timed out after {wait:?} waiting for {what} (raise {SCALE_VAR} on a slow machine)"
+        ),
+    }
+}
+
+/// Polls `check` until it returns `Some`, for up to `wait`; `None` after that, for a caller that
+/// says more about the failure than [`eventually`] can.
+pub async fn poll_until<T, F, Fut>(wait: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -62,13 +77,11 @@ where
     let mut pause = Duration::from_millis(10);
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        let waited = started.elapsed();
-        assert!(
-            waited < wait,
-            "timed out after {waited:?} waiting for {what} (raise {SCALE_VAR} on a slow machine)"
-        );
+        if started.elapsed() >= wait {
+            return None;
+        }
         tokio::time::sleep(pause).await;
         // Quick while things are quick, gentle on a loaded machine.
         pause = (pause * 2).min(Duration::from_millis(200));
