@@ -839,6 +839,8 @@ impl<'a> Run<'a> {
                 Ok(Some(self.after_end().await?))
             }
             ServerLoss::RestartProducer => {
+                let reruns = self.before.producer_reruns.unwrap_or(0).saturating_add(1);
+                self.status.producer_reruns = Some(reruns);
                 let note = format!(
                     "{lost}; rerunning SparkApplication {} (onServerLoss: RestartProducer)",
                     jobs.producer_name
@@ -851,15 +853,20 @@ impl<'a> Run<'a> {
                 );
                 self.set_kueue_check(&jobs.job, kueue::CheckState::Retry, &message)
                     .await?;
-                self.condition(
-                    "ProducerWired",
-                    false,
-                    "Rerun",
+                let how = if workloads::spark_terminated(&jobs.spark) {
                     format!(
-                        "SparkApplication {} is suspended, to run again once the Spark Operator says SUSPENDED",
+                        "SparkApplication {} had ended; it runs again from the start with \
+                         HANDOFF_PRODUCER_RERUN={reruns} in its env",
                         jobs.producer_name
-                    ),
-                );
+                    )
+                } else {
+                    format!(
+                        "SparkApplication {} is suspended, to run again (HANDOFF_PRODUCER_RERUN={reruns}) \
+                         once the Spark Operator says SUSPENDED",
+                        jobs.producer_name
+                    )
+                };
+                self.condition("ProducerWired", false, "Rerun", how);
                 self.condition(
                     "Sealed",
                     false,
@@ -1108,7 +1115,7 @@ impl<'a> Run<'a> {
     }
 
     /// The producer: env, then unsuspended, once; after a server loss, once more when the
-    /// Spark Operator has suspended it.
+    /// Spark Operator has suspended it or it had ended, with a new `HANDOFF_PRODUCER_RERUN`.
     async fn wire_producer(&mut self, jobs: &Jobs) -> Result<()> {
         let producer_name = &jobs.producer_name;
         let rerun = self.rerunning();
@@ -1116,7 +1123,15 @@ impl<'a> Run<'a> {
             // Still stopping; its watch wakes us.
             return Ok(());
         }
-        let producer_env = self.env(resources::WRITER_TOKEN_KEY, false);
+        let mut producer_env = self.env(resources::WRITER_TOKEN_KEY, false);
+        if let Some(reruns) = self.status.producer_reruns {
+            // A spec change besides suspend is what makes the Spark Operator run an
+            // application that had ended again; it also tells the job which run it is.
+            producer_env.push(workloads::plain_env(
+                "HANDOFF_PRODUCER_RERUN",
+                &reruns.to_string(),
+            ));
+        }
         let wired_before = self.has_condition("ProducerWired");
         let by_kueue = kueue::managed(&jobs.spark);
         let patch = workloads::spark_patch(&jobs.spark, &producer_env, !wired_before && !by_kueue);

@@ -186,8 +186,9 @@ pub enum ServerLoss {
     /// Phase Failed, reason ServerLost; the condition says what was lost.
     #[default]
     Fail,
-    /// Rerun the SparkApplication (suspend it, then unsuspend it once the Spark Operator says
-    /// SUSPENDED), so the link fills again; the consumer stays suspended until it is sealed.
+    /// Rerun the SparkApplication, so the link fills again: suspend it, then unsuspend it once
+    /// the Spark Operator says SUSPENDED; one that had ended is rerun by a change to its env.
+    /// The consumer stays suspended until the link is sealed again.
     RestartProducer,
 }
 
@@ -270,6 +271,11 @@ pub struct DataLinkStatus {
     /// How many times the server restarted under this link.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_restarts: Option<i64>,
+    /// How many times the producer was run again after the server lost the link
+    /// (`onServerLoss: RestartProducer`). The producer's env carries it as
+    /// `HANDOFF_PRODUCER_RERUN`; the change is what reruns an application that had ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer_reruns: Option<i64>,
 }
 
 /// The CustomResourceDefinition as YAML, as `handoff crd` prints it and

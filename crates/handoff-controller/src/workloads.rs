@@ -118,20 +118,36 @@ pub fn spark_patch(spark: &Value, ours: &[Value], unsuspend: bool) -> Option<Val
     (!spec.is_empty()).then(|| with_version(spark, json!({ "spec": spec })))
 }
 
-/// The merge patch that suspends the application, for a rerun; `None` when it is suspended.
-pub fn spark_suspend_patch(spark: &Value) -> Option<Value> {
-    (!spark_suspended(spark)).then(|| with_version(spark, json!({"spec": {"suspend": true}})))
-}
-
-/// Whether the Spark Operator has stopped the application after a suspend (state SUSPENDED),
-/// or it never ran, so that unsuspending it runs it from the start.
-pub fn spark_stopped(spark: &Value) -> bool {
+/// Whether the application ended (COMPLETED, FAILED, SUBMISSION_FAILED). The Spark Operator
+/// ignores `spec.suspend` on such an application; a change to its spec other than suspend
+/// reruns it (state INVALIDATING, then PENDING_RERUN).
+pub fn spark_terminated(spark: &Value) -> bool {
     matches!(
         spark["status"]["applicationState"]["state"]
             .as_str()
             .unwrap_or(""),
-        "" | "NEW" | "SUSPENDED"
+        "COMPLETED" | "FAILED" | "SUBMISSION_FAILED"
     )
+}
+
+/// The merge patch that suspends the application, for a rerun; `None` when it is suspended or
+/// has ended. An ended one must not be suspended: its rerun would stop in SUSPENDING.
+pub fn spark_suspend_patch(spark: &Value) -> Option<Value> {
+    (!spark_suspended(spark) && !spark_terminated(spark))
+        .then(|| with_version(spark, json!({"spec": {"suspend": true}})))
+}
+
+/// Whether a rerun may be started: the Spark Operator has stopped the application after a
+/// suspend (state SUSPENDED), it never ran, or it ended. Unsuspending it, with the new
+/// `HANDOFF_PRODUCER_RERUN` in its env, then runs it from the start.
+pub fn spark_stopped(spark: &Value) -> bool {
+    spark_terminated(spark)
+        || matches!(
+            spark["status"]["applicationState"]["state"]
+                .as_str()
+                .unwrap_or(""),
+            "" | "NEW" | "SUSPENDED"
+        )
 }
 
 pub fn consumer_suspended(consumer: &ConsumerRef<'_>, job: &Value) -> bool {
@@ -493,6 +509,29 @@ mod tests {
         let tj = ConsumerRef::TrainJob("t");
         assert!(releases(&tj, &json!({"spec": {"suspend": false}})));
         assert!(!releases(&tj, &json!({"spec": {"runtimePatches": []}})));
+    }
+
+    #[test]
+    fn a_rerun_suspends_a_running_application_but_not_an_ended_one() {
+        let spark = |state: &str, suspend: bool| {
+            json!({"metadata": {"resourceVersion": "4"}, "spec": {"suspend": suspend},
+                   "status": {"applicationState": {"state": state}}})
+        };
+        let patch = spark_suspend_patch(&spark("RUNNING", false)).expect("suspends");
+        assert_eq!(patch["spec"]["suspend"], true);
+        assert_eq!(spark_suspend_patch(&spark("RUNNING", true)), None);
+        // The operator ignores suspend once an application ended; a suspended one would stop
+        // its rerun in SUSPENDING.
+        for ended in ["COMPLETED", "FAILED", "SUBMISSION_FAILED"] {
+            assert_eq!(spark_suspend_patch(&spark(ended, false)), None, "{ended}");
+            assert!(spark_stopped(&spark(ended, false)), "{ended}");
+        }
+        for stopped in ["", "NEW", "SUSPENDED"] {
+            assert!(spark_stopped(&spark(stopped, true)), "{stopped}");
+        }
+        for moving in ["RUNNING", "SUSPENDING", "SUBMITTED", "RESUMING"] {
+            assert!(!spark_stopped(&spark(moving, true)), "{moving}");
+        }
     }
 
     #[test]

@@ -718,6 +718,16 @@ impl<'a> Scenario<'a> {
         .await
     }
 
+    /// Plays the Spark Operator's suspend: it reports SUSPENDED only after the controller set
+    /// `spec.suspend: true`, never before.
+    async fn operator_suspends(&self) {
+        eventually("the SparkApplication suspended for a rerun", || async {
+            (self.spark().await["spec"]["suspend"] == json!(true)).then_some(())
+        })
+        .await;
+        self.spark_state("SUSPENDED").await;
+    }
+
     async fn spark_state(&self, state: &str) {
         let mut application_state = json!({ "state": state });
         if state == "FAILED" {
@@ -1483,20 +1493,67 @@ async fn a_lost_server_reruns_the_producer(cluster: &Cluster) {
         .expect("ServerLost");
     assert!(lost.contains("200 rows"), "{lost}");
     assert!(lost.contains("spillUrl"), "{lost}");
-    eventually("the SparkApplication suspended for a rerun", || async {
-        (s.spark().await["spec"]["suspend"] == json!(true)).then_some(())
-    })
-    .await;
-    assert!(s.consumer_suspended().await);
     // The Spark Operator stops it; then the controller runs it again.
-    s.spark_state("SUSPENDED").await;
+    s.operator_suspends().await;
+    assert!(s.consumer_suspended().await);
     let spark = s.wait_producer_wired().await;
+    assert_eq!(rerun_env(&spark), Some("1".into()));
     s.spark_state("RUNNING").await;
     s.write(&spark, 150, true).await;
     s.spark_state("COMPLETED").await;
     let link = s.wait_phase(Phase::Sealed).await;
     assert_eq!(link.status.and_then(|st| st.rows), Some(150));
     assert!(!s.consumer_suspended().await);
+    s.finish().await;
+}
+
+/// The `HANDOFF_PRODUCER_RERUN` the controller put in the driver's env.
+fn rerun_env(spark: &Value) -> Option<String> {
+    spark["spec"]["driver"]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == "HANDOFF_PRODUCER_RERUN")
+        .and_then(|e| e["value"].as_str().map(String::from))
+}
+
+/// A sealed link lost with its server (no snapshot) after the SparkApplication COMPLETED. The
+/// Spark Operator ignores suspend on an ended application, so the controller reruns it by
+/// changing its env (the operator reruns an application whose spec changed), and the link fills
+/// again.
+async fn a_lost_sealed_link_reruns_a_completed_producer(cluster: &Cluster) {
+    let (mut s, spark) = Scenario::producing(
+        cluster,
+        "rerun-completed",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "policy": {"onServerLoss": "RestartProducer"}}),
+    )
+    .await;
+    s.write(&spark, 60, true).await;
+    s.spark_state("COMPLETED").await;
+    s.wait_phase(Phase::Sealed).await;
+    s.restart_server().await;
+    let link = s.wait_condition("ServerLost", "RestartingProducer").await;
+    assert_eq!(link.status.and_then(|st| st.producer_reruns), Some(1));
+    let spark = eventually("the rerun's env on the SparkApplication", || async {
+        let spark = s.spark().await;
+        (rerun_env(&spark).as_deref() == Some("1")).then_some(spark)
+    })
+    .await;
+    assert_eq!(
+        spark["spec"]["suspend"],
+        json!(false),
+        "an ended application is not suspended: its rerun would stop in SUSPENDING"
+    );
+    // The operator saw the spec change: INVALIDATING, PENDING_RERUN, then it runs.
+    s.spark_state("RUNNING").await;
+    s.write(&spark, 70, true).await;
+    s.spark_state("COMPLETED").await;
+    s.wait_rows(70).await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    let status = link.status.expect("status");
+    assert_eq!(status.producer_reruns, Some(1));
+    assert_eq!(status.server_restarts, Some(1));
     s.finish().await;
 }
 
@@ -1893,7 +1950,7 @@ async fn kueue_retries_the_consumer_while_the_producer_reruns(cluster: &Cluster)
         .patch_status(&workload, &PatchParams::default(), &Patch::Merge(&relisted))
         .await
         .expect("requeue");
-    s.spark_state("SUSPENDED").await;
+    s.operator_suspends().await;
     let spark = s.wait_producer_wired().await;
     s.spark_state("RUNNING").await;
     eventually("the check to hold the consumer again", || async {
@@ -1932,6 +1989,7 @@ async fn datalinks_are_reconciled_end_to_end() {
         upgrade_from_a_secret_without_certificates(&cluster),
         a_server_restarted_after_the_seal_restores_the_link(&cluster),
         a_lost_server_reruns_the_producer(&cluster),
+        a_lost_sealed_link_reruns_a_completed_producer(&cluster),
         a_lost_server_fails_the_link(&cluster),
         a_controller_upgrade_does_not_restart_link_servers(&cluster),
         kueue_holds_a_pytorchjob_until_the_seal(&cluster),
