@@ -488,6 +488,17 @@ fn print_stats(stats: &handoff_client::LinkStats, json: bool) {
         quota,
         stats.memory_policy
     );
+    for part in &stats.replicas {
+        println!(
+            "replica {:<4} {} rows in {} partitions, {}, {} ({})",
+            part.replica,
+            part.rows,
+            part.partitions,
+            format_size(part.bytes),
+            part.state,
+            part.endpoint
+        );
+    }
     println!("schema:");
     for field in &stats.schema {
         println!("  {field}");

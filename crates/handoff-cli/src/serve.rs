@@ -93,6 +93,15 @@ pub struct ServeArgs {
     /// Mutual TLS: accept only clients whose certificate chains to this PEM CA.
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve links together with other replicas: every replica's Flight endpoint, in index
+    /// order, this one's included (grpc://HOST:PORT,...). Each partition lives on one replica,
+    /// chosen by a hash of (link, partition); replica 0 plans: commits, seals and stats go
+    /// there. Every replica gets the same list. Needs --token: replicas call each other with it.
+    #[arg(long, value_delimiter = ',', value_name = "ENDPOINTS")]
+    pub peers: Vec<String>,
+    /// This server's place in --peers, from 0.
+    #[arg(long, requires = "peers", default_value_t = 0)]
+    pub replica_index: u32,
     /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
     #[arg(long, hide = true)]
     pub copying_get: bool,
@@ -186,9 +195,34 @@ impl TryFrom<&ServeArgs> for ServeConfig {
             (None, None) => None,
             _ => return Err("TLS needs both --tls-cert and --tls-key".into()),
         };
+        let replicas = if args.peers.is_empty() {
+            None
+        } else {
+            let token = auth.admin_tokens.first().cloned();
+            if token.is_none() && !auth.disabled {
+                return Err(
+                    "--peers needs --token (replicas call each other with the admin \
+                            token), or --no-auth"
+                        .into(),
+                );
+            }
+            if args.tls_cert.is_some() {
+                return Err(
+                    "--peers with --tls-cert is not built yet: replicas call each other \
+                            in plain text; run replicas without TLS for now"
+                        .into(),
+                );
+            }
+            Some(handoff_server::ReplicaConfig::new(
+                args.peers.clone(),
+                args.replica_index,
+                token,
+            )?)
+        };
         Ok(Self {
             tls_files,
             server: ServerConfig {
+                replicas,
                 auth,
                 max_message_bytes,
                 max_flight_data_size: handoff_proto::TARGET_FLIGHT_DATA_BYTES

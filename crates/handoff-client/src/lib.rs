@@ -133,8 +133,33 @@ pub struct LinkStats {
     #[serde(default)]
     pub memory_policy: String,
     /// Changes when the server restarts (its memory started over); empty from older servers.
+    /// Over several replicas: each replica's, joined by commas.
     #[serde(default)]
     pub server_instance: String,
+    /// Each replica's part, for a link over several replicas; empty for a single server.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaPart>,
+}
+
+/// One replica's part of a link, in [`LinkStats::replicas`].
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ReplicaPart {
+    pub replica: u32,
+    pub endpoint: String,
+    /// `open`, `sealed`, or `none` when no partition reached it.
+    pub state: String,
+    pub partitions: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub memory_bytes: u64,
+}
+
+/// The `topology` action's JSON: every replica's endpoint in index order (none for a single
+/// server), and which one answered.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub struct Topology {
+    pub replicas: Vec<String>,
+    pub index: u32,
 }
 
 /// Client settings; the defaults match the server's.
@@ -243,6 +268,11 @@ fn causes(error: &dyn std::error::Error) -> String {
 pub struct HandoffClient {
     flight: FlightClient,
     max_flight_data_size: usize,
+    config: ClientConfig,
+    /// The server's replicas, once asked; a single server has none.
+    topology: Option<Topology>,
+    /// Clients of the other replicas, by index, as writes and the planner's calls need them.
+    peers: std::collections::HashMap<u32, HandoffClient>,
 }
 
 /// The URL tonic connects to, and whether it is TLS.
@@ -324,7 +354,7 @@ impl HandoffClient {
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
         let mut flight = FlightClient::new_from_inner(inner);
-        if let Some(token) = config.token.filter(|t| !t.is_empty()) {
+        if let Some(token) = config.token.as_ref().filter(|t| !t.is_empty()) {
             flight
                 .add_header("authorization", &format!("Bearer {token}"))
                 .map_err(|_| {
@@ -334,7 +364,75 @@ impl HandoffClient {
         Ok(Self {
             flight,
             max_flight_data_size: config.max_flight_data_size,
+            config,
+            topology: None,
+            peers: std::collections::HashMap::new(),
         })
+    }
+
+    /// The replicas, asked once. A server from before replicas has no `topology` action: it is
+    /// a single server.
+    async fn known_topology(&mut self) -> Result<&Topology> {
+        if self.topology.is_none() {
+            let topology = match self.topology().await {
+                Ok(topology) => topology,
+                Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => Topology::default(),
+                Err(e) => return Err(e),
+            };
+            let count = topology.replicas.len();
+            if count > proto::placement::MAX_REPLICAS as usize
+                || (count > 0 && topology.index as usize >= count)
+            {
+                return Err(ClientError::Protocol(format!(
+                    "the server lists {count} replicas and calls itself replica {}",
+                    topology.index
+                )));
+            }
+            self.topology = Some(topology);
+        }
+        Ok(self.topology.get_or_insert_with(Topology::default))
+    }
+
+    /// The client for replica `replica`: this one, or a connection to it made on first use
+    /// with this client's settings.
+    async fn replica(&mut self, replica: u32) -> Result<&mut HandoffClient> {
+        let topology = self.known_topology().await?;
+        if topology.replicas.len() <= 1 || topology.index == replica {
+            return Ok(self);
+        }
+        let Some(endpoint) = topology.replicas.get(replica as usize).cloned() else {
+            return Err(ClientError::Protocol(format!("no replica {replica}")));
+        };
+        if !self.peers.contains_key(&replica) {
+            let mut config = self.config.clone();
+            config.endpoint = endpoint;
+            let mut peer = Box::pin(Self::connect_with(config)).await?;
+            peer.topology = self.topology.clone();
+            self.peers.insert(replica, peer);
+        }
+        self.peers
+            .get_mut(&replica)
+            .ok_or_else(|| ClientError::Protocol(format!("no client of replica {replica}")))
+    }
+
+    /// The replica that holds `partition` of `link`: 0 for a single server.
+    async fn owner_of(&mut self, link: &str, partition: u64) -> Result<u32> {
+        let topology = self.known_topology().await?;
+        Ok(match topology.replicas.len() {
+            0 | 1 => topology.index,
+            n => proto::placement::owner(link, partition, n as u32),
+        })
+    }
+
+    /// A planner's action (create, commit, abort, seal, delete, stats), sent to replica 0.
+    async fn planner_action<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        kind: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<T> {
+        let body = body.into();
+        let planner = self.replica(0).await?;
+        planner.json_action(kind, body).await
     }
 
     async fn put_with(
@@ -444,12 +542,27 @@ impl HandoffClient {
             partition,
             attempt,
         };
-        self.put_with(
-            FlightDescriptor::new_cmd(cmd.encode_to_vec()),
-            None,
-            batches,
-        )
-        .await
+        // Each partition is written where it lives; a retry lands where its first attempt did.
+        let owner = self.owner_of(link, partition).await?;
+        self.replica(owner)
+            .await?
+            .put_with(
+                FlightDescriptor::new_cmd(cmd.encode_to_vec()),
+                None,
+                batches,
+            )
+            .await
+    }
+
+    /// Call an action this client has no method for; its last reply body.
+    pub async fn raw_action(&mut self, kind: &str, body: impl Into<Bytes>) -> Result<Bytes> {
+        self.action(kind, body).await
+    }
+
+    /// The replicas serving this server's links; one server answers with none.
+    pub async fn topology(&mut self) -> Result<Topology> {
+        self.json_action(proto::actions::TOPOLOGY, Bytes::new())
+            .await
     }
 
     async fn action(&mut self, kind: &str, body: impl Into<Bytes>) -> Result<Bytes> {
@@ -478,7 +591,7 @@ impl HandoffClient {
 
     pub async fn create(&mut self, request: CreateLink) -> Result<LinkStats> {
         let mut stats: serde_json::Value = self
-            .json_action(proto::actions::CREATE, request.encode_to_vec())
+            .planner_action(proto::actions::CREATE, request.encode_to_vec())
             .await?;
         stats
             .as_object_mut()
@@ -507,13 +620,14 @@ impl HandoffClient {
     ) -> Result<serde_json::Value> {
         let commit = proto::Commit {
             replace,
+            check_only: false,
             link: link.to_string(),
             attempts: attempts
                 .iter()
                 .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
                 .collect(),
         };
-        self.json_action(proto::actions::COMMIT, commit.encode_to_vec())
+        self.planner_action(proto::actions::COMMIT, commit.encode_to_vec())
             .await
     }
 
@@ -530,17 +644,17 @@ impl HandoffClient {
                 .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
                 .collect(),
         };
-        self.json_action(proto::actions::ABORT, abort.encode_to_vec())
+        self.planner_action(proto::actions::ABORT, abort.encode_to_vec())
             .await
     }
 
     pub async fn seal(&mut self, link: &str) -> Result<LinkStats> {
-        self.json_action(proto::actions::SEAL, link.to_string())
+        self.planner_action(proto::actions::SEAL, link.to_string())
             .await
     }
 
     pub async fn delete(&mut self, link: &str) -> Result<serde_json::Value> {
-        self.json_action(proto::actions::DELETE, link.to_string())
+        self.planner_action(proto::actions::DELETE, link.to_string())
             .await
     }
 
@@ -563,7 +677,7 @@ impl HandoffClient {
     }
 
     pub async fn stats(&mut self, link: &str) -> Result<LinkStats> {
-        self.json_action(proto::actions::STATS, link.to_string())
+        self.planner_action(proto::actions::STATS, link.to_string())
             .await
     }
 

@@ -11,6 +11,8 @@ mod generated {
 
 pub use generated::*;
 
+pub mod placement;
+
 /// The largest gRPC message either side accepts by default. Stored frames are replayed as they
 /// were written, so readers must accept whatever writers were allowed to send: both ends use this.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -34,6 +36,13 @@ pub mod actions {
     pub const STATS: &str = "stats";
     pub const SNAPSHOT: &str = "snapshot";
     pub const IMPORT: &str = "import";
+    /// The replicas serving this server's links: `{"replicas": [endpoint, ...], "index": i}`;
+    /// an empty list for a single server.
+    pub const TOPOLOGY: &str = "topology";
+    /// Replica to replica: publish this replica's part of a recorded commit, idempotently.
+    pub const APPLY: &str = "apply";
+    /// Replica to replica: seal this replica's part of a link.
+    pub const SEAL_REPLICA: &str = "seal-replica";
 }
 
 impl Ticket {

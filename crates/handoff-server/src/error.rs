@@ -20,6 +20,8 @@ pub fn status_of(err: StoreError) -> Status {
         | StoreError::ReadMemory { .. }
         | StoreError::MessageTooLarge { .. } => Code::ResourceExhausted,
         StoreError::Corrupt { .. } => Code::DataLoss,
+        // Another planner, or a record to repair: the commit is not published either way.
+        StoreError::CommitRecord { .. } => Code::Aborted,
         StoreError::Storage(_)
         | StoreError::Manifest(_)
         | StoreError::ObjectStore { .. }

@@ -9,6 +9,7 @@ mod inflight;
 pub mod metrics;
 mod panic;
 pub mod raw;
+pub mod replicas;
 pub mod service;
 mod sql;
 
@@ -31,6 +32,7 @@ pub use conn::ConnTimeouts;
 pub use error::{ServerError, status_of};
 pub use metrics::Metrics;
 pub use raw::FlightRouter;
+pub use replicas::ReplicaConfig;
 pub use service::HandoffService;
 
 /// HTTP/2 tuning that halved DoPut CPU in our measurements: large frames, large windows.
@@ -87,6 +89,8 @@ pub struct ServerConfig {
     pub grpc_timeouts: conn::ConnTimeouts,
     /// TLS on the Flight port; `None`: plain text.
     pub tls: Option<TlsConfig>,
+    /// The replicas of this server's links (`serve --peers`); `None`: a single server.
+    pub replicas: Option<ReplicaConfig>,
 }
 
 /// TLS for the Flight port, in PEM: the server's certificate chain and key, and, for mutual TLS,
@@ -147,6 +151,7 @@ impl Default for ServerConfig {
             grpc_timeouts: conn::ConnTimeouts::GRPC,
             import_allow: Vec::new(),
             tls: None,
+            replicas: None,
         }
     }
 }
@@ -218,9 +223,18 @@ pub async fn serve(
         config.max_flight_data_size,
     )
     .map_err(|e| ServerError::Config(format!("cannot describe Flight SQL: {e}")))?
-    .with_imports(
-        imports::ImportAllowlist::new(&config.import_allow).map_err(ServerError::Config)?,
-    );
+    .with_imports(imports::ImportAllowlist::new(&config.import_allow).map_err(ServerError::Config)?)
+    .with_replicas(config.replicas.clone());
+    // A planner that restarted finishes the commits it recorded and had not applied everywhere.
+    let finishing = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            for what in service.finish_recorded_commits().await {
+                // Said plainly on stderr too: a commit that is neither applied nor dropped.
+                eprintln!("handoff: not finished: {what}");
+            }
+        })
+    };
     let grpc_service = FlightServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -341,6 +355,7 @@ pub async fn serve(
         }
     };
     reaper.abort();
+    finishing.abort();
     let _ = http_stop.send(());
     if let Some(task) = http_task
         && let Ok(Err(e)) = task.await

@@ -102,6 +102,9 @@ pub enum StoreError {
     Manifest(#[source] serde_json::Error),
     #[error("stored data of link '{link}' could not be decoded: {detail}")]
     Corrupt { link: String, detail: String },
+    /// A commit record (several replicas) could not be written or read.
+    #[error("commit record of link '{link}': {detail}")]
+    CommitRecord { link: String, detail: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

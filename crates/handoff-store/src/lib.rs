@@ -5,6 +5,7 @@
 //! - `error`; `memory` and `shard`; `ipc` (frames) and `replicas` (placement and the shard plan
 //!   over several servers);
 //! - `storage`: object storage and the stream format of a stored partition;
+//! - `commits`: the commit record of a link over several replicas;
 //! - `partition`, then `link` (commit, seal, writers);
 //! - `read` and `incoming`, which take memory for requests;
 //! - `spill` and `snapshot`, which use links and are never used by them;
@@ -12,6 +13,7 @@
 //!
 //! Each public type has one path: the crate root.
 
+mod commits;
 mod error;
 mod incoming;
 mod ipc;
@@ -26,6 +28,7 @@ mod spill;
 mod storage;
 mod store;
 
+pub use commits::CommitRecord;
 pub use error::{Result, StoreError, echo, head};
 pub use incoming::IncomingMemory;
 pub use ipc::{Frame, SchemaFrame};
@@ -39,7 +42,7 @@ pub use read::{
     Chunk, Held, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter, read_partition,
     read_shard,
 };
-pub use replicas::{MAX_REPLICAS, ReplicaLayout, Segment, owner};
+pub use replicas::{ReplicaLayout, Segment};
 pub use shard::ShardSpec;
 pub use snapshot::{Restored, SnapshotManifest, SnapshotOptions};
 pub use storage::ObjectStorage;
@@ -57,6 +60,7 @@ mod layers {
         ("ipc", 2, include_str!("ipc.rs")),
         ("replicas", 2, include_str!("replicas.rs")),
         ("storage", 3, include_str!("storage.rs")),
+        ("commits", 4, include_str!("commits.rs")),
         ("partition", 4, include_str!("partition.rs")),
         ("link", 5, include_str!("link.rs")),
         ("read", 6, include_str!("read.rs")),

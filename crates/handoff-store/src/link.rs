@@ -555,6 +555,68 @@ impl Link {
     /// Publish exactly these attempts, atomically, and drop the other staged attempts of the
     /// same partitions. With `replace`, everything committed before goes in the same step.
     /// Nothing changes unless every attempt can commit.
+    /// Whether [`Self::apply`] of these attempts would succeed now, publishing nothing: each is
+    /// staged here or already published, and the link is open.
+    pub fn check_apply(&self, attempts: &[(u64, u64)], replace: bool) -> Result<()> {
+        let inner = self.inner.read();
+        self.ensure_open(&inner)?;
+        for &(partition, attempt) in attempts {
+            match inner.committed_ids.get(&partition) {
+                Some(&committed) if committed == attempt => continue,
+                Some(&committed) if !replace => {
+                    return Err(StoreError::AlreadyCommitted {
+                        link: self.name.clone(),
+                        partition,
+                        attempt: committed,
+                    });
+                }
+                _ => {}
+            }
+            if !inner.staged.contains_key(&(partition, attempt)) {
+                return Err(StoreError::NotStaged {
+                    link: self.name.clone(),
+                    partition,
+                    attempt,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish a recorded commit's attempts on this replica, idempotently: attempts already
+    /// published are skipped (and counted), so a planner that applies a record again after a
+    /// crash changes nothing. A partition published under another attempt is a conflict. With
+    /// `replace`, it was applied when the link holds exactly these attempts.
+    pub fn apply(
+        &self,
+        attempts: &[(u64, u64)],
+        replace: bool,
+    ) -> Result<(Vec<PutOutcome>, usize)> {
+        let todo: Vec<(u64, u64)> = {
+            let inner = self.inner.read();
+            if replace {
+                let held: HashSet<(u64, u64)> =
+                    inner.committed_ids.iter().map(|(p, a)| (*p, *a)).collect();
+                let wanted: HashSet<(u64, u64)> = attempts.iter().copied().collect();
+                if held == wanted && wanted.len() == attempts.len() {
+                    return Ok((Vec::new(), attempts.len()));
+                }
+                attempts.to_vec()
+            } else {
+                attempts
+                    .iter()
+                    .filter(|(p, a)| inner.committed_ids.get(p) != Some(a))
+                    .copied()
+                    .collect()
+            }
+        };
+        let skipped = attempts.len() - todo.len();
+        if todo.is_empty() && !replace {
+            return Ok((Vec::new(), skipped));
+        }
+        Ok((self.commit(&todo, replace)?, skipped))
+    }
+
     pub fn commit(&self, attempts: &[(u64, u64)], replace: bool) -> Result<Vec<PutOutcome>> {
         let mut inner = self.inner.write();
         self.ensure_open(&inner)?;

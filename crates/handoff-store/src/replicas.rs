@@ -1,13 +1,8 @@
-//! A link spread over several server replicas (issue 17): which replica holds a partition, and
-//! which rows of which replica each rank reads. Pure planning, no I/O: the server and the clients
+//! A link spread over several server replicas (issue 17): which rows of which replica each
+//! rank reads. Pure planning, no I/O: the server and the clients
 //! compute the same answers from the same inputs.
 //!
-//! **Placement.** A partition lives on one replica, chosen by rendezvous hashing of (link,
-//! partition): every replica gets a score, SHA-256 of the link name, the partition id and the
-//! replica index, and the highest wins. A task's retries name the same (link, partition), so they
-//! land where its first attempt did; growing from N to N+1 replicas moves only the partitions the
-//! new replica wins (about 1 in N+1). The formula is part of the protocol (docs/scale-out.md):
-//! a client in any language can route its writes.
+//! Which replica holds a partition is part of the protocol: `handoff_proto::placement`.
 //!
 //! **The shard plan over replicas.** Each replica numbers its own committed rows (in its own
 //! commit order, or its own shuffle of them) and cuts them into whole batches of `batch_rows`.
@@ -25,37 +20,14 @@
 //! shuffles its own rows (its [`ShardSpec`] with the same seed and epoch): a batch mixes rows of
 //! one replica, not of the whole link, which is the price of reading each batch from one place.
 
-use sha2::{Digest, Sha256};
+use handoff_proto::placement::MAX_REPLICAS;
 
 use crate::error::{Result, StoreError};
 use crate::shard::{ShardSpec, shuffle_batches};
 
-/// The most replicas a link may be spread over.
-pub const MAX_REPLICAS: u32 = 1024;
-
 /// The most global batches one layout plans: its order takes 16 bytes a batch, 256 MiB here,
 /// which the caller reserves ([`ReplicaLayout::bytes_for`]) before building it.
 pub const MAX_LAYOUT_BATCHES: u64 = 1 << 24;
-
-/// The replica, of `replicas`, that holds `partition` of `link`.
-pub fn owner(link: &str, partition: u64, replicas: u32) -> u32 {
-    let score = |replica: u32| {
-        let mut hash = Sha256::new();
-        hash.update(link.as_bytes());
-        hash.update([0]);
-        hash.update(partition.to_le_bytes());
-        hash.update(replica.to_le_bytes());
-        let digest = hash.finalize();
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
-        u64::from_be_bytes(first)
-    };
-    // Ties (2^-64) go to the lower index, so every caller agrees. Callers refuse more than
-    // MAX_REPLICAS; the bound here keeps the loop short whatever they pass.
-    (0..replicas.clamp(1, MAX_REPLICAS))
-        .max_by_key(|&replica| (score(replica), std::cmp::Reverse(replica)))
-        .unwrap_or(0)
-}
 
 /// Rows `start..start + rows` of one replica's order (its commit order, or its shuffle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,36 +276,6 @@ mod tests {
             start_batch: 0,
         }
     }
-
-    #[test]
-    fn owners_are_stable_and_spread() {
-        // Pinned: the formula is part of the protocol; a change would misroute retries.
-        assert_eq!(owner("features", 0, 3), owner("features", 0, 3));
-        let mut counts = [0u32; 4];
-        for p in 0..4000 {
-            counts[owner("features", p, 4) as usize] += 1;
-        }
-        assert!(
-            counts.iter().all(|&c| (800..1200).contains(&c)),
-            "{counts:?}"
-        );
-        // Growing 4 -> 5 moves only what the new replica wins.
-        let moved = (0..4000)
-            .filter(|&p| owner("features", p, 4) != owner("features", p, 5))
-            .filter(|&p| owner("features", p, 5) != 4)
-            .count();
-        assert_eq!(moved, 0);
-        assert_eq!(owner("x", 9, 1), 0);
-        assert_eq!(owner("x", 9, 0), 0);
-    }
-
-    #[test]
-    fn the_placement_is_pinned() {
-        // A client in another language computes the same from docs/scale-out.md.
-        let got: Vec<u32> = (0..8).map(|p| owner("demo/features", p, 3)).collect();
-        assert_eq!(got, PINNED);
-    }
-    const PINNED: [u32; 8] = [0, 1, 1, 0, 2, 2, 0, 0];
 
     #[test]
     fn refuses_what_it_cannot_plan() {

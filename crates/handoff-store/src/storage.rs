@@ -137,6 +137,20 @@ impl ObjectStorage {
         self.restrict(path)
     }
 
+    /// Write `body` at `path` only if nothing is there yet (a conditional write); `false` when
+    /// an object already exists. The one place two writers racing for a name is settled.
+    pub(crate) async fn put_new(&self, path: &Path, body: Bytes) -> Result<bool> {
+        let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+        match self.store.put_opts(path, body.into(), opts).await {
+            Ok(_) => {
+                self.restrict(path)?;
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(storage_error(&self.url, e)),
+        }
+    }
+
     pub(crate) async fn get_range(
         &self,
         path: &Path,

@@ -29,6 +29,11 @@ pub struct Commit {
     /// these attempts (none: it becomes empty). Readers in the middle of a read get an error.
     #[prost(bool, tag = "3")]
     pub replace: bool,
+    /// Only with the replica-to-replica `apply`: check that every attempt is staged here (or
+    /// already published), publishing nothing. The planner checks every owner before it records
+    /// a commit, so a recorded commit can be applied everywhere.
+    #[prost(bool, tag = "4")]
+    pub check_only: bool,
 }
 /// DoAction `abort`: drop staged attempts. An empty list drops every staged attempt of the link.
 #[derive(Clone, PartialEq, ::prost::Message)]

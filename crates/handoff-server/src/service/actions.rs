@@ -1,4 +1,5 @@
-//! DoAction: create, commit, abort, seal, delete, snapshot, import, spill, stats.
+//! DoAction: create, commit, abort, seal, delete, snapshot, import, spill, stats, topology;
+//! on a link over several replicas, `replicated` does the work.
 
 use super::*;
 
@@ -110,8 +111,23 @@ impl HandoffService {
         action: Action,
     ) -> Result<arrow_flight::Result, Status> {
         let body = action.body;
+        let several = self.several();
         match action.r#type.as_str() {
-            proto::actions::CREATE => self.create(md, &body),
+            // A create at another replica is local: the planner's reaches every replica.
+            proto::actions::CREATE => match several.as_ref().filter(|r| r.is_planner()) {
+                Some(replicas) => self.create_over_replicas(replicas, md, &body).await,
+                None => self.create(md, &body),
+            },
+            proto::actions::TOPOLOGY => {
+                self.auth.identify(md, &self.store)?;
+                let (replicas, index) = match &self.replicas {
+                    Some(r) => (r.peers().to_vec(), r.index()),
+                    None => (Vec::new(), 0),
+                };
+                json_result(&serde_json::json!({"replicas": replicas, "index": index}))
+            }
+            proto::actions::APPLY => self.apply_action(md, &body),
+            proto::actions::SEAL_REPLICA => self.seal_replica_action(md, &body).await,
             proto::actions::COMMIT => {
                 let req = proto::Commit::decode(body.as_ref()).map_err(|e| {
                     invalid(format!(
@@ -129,6 +145,11 @@ impl HandoffService {
                     .iter()
                     .map(|a| (a.partition, a.attempt))
                     .collect();
+                if let Some(replicas) = &several {
+                    return self
+                        .commit_over_replicas(replicas, &req.link, &attempts, req.replace)
+                        .await;
+                }
                 let outcomes = self
                     .store
                     .commit(&req.link, &attempts, req.replace)
@@ -155,12 +176,18 @@ impl HandoffService {
                     .iter()
                     .map(|a| (a.partition, a.attempt))
                     .collect();
+                if let Some(replicas) = several.as_ref().filter(|r| r.is_planner()) {
+                    return self.abort_over_replicas(replicas, &req, &attempts).await;
+                }
                 let dropped = self.store.abort(&req.link, &attempts).map_err(status_of)?;
                 json_result(&serde_json::json!({"dropped": dropped}))
             }
             proto::actions::SEAL => {
                 let link = utf8_link(&body, "seal")?;
                 self.authorize(md, Access::Write, Some(&link))?;
+                if let Some(replicas) = &several {
+                    return self.seal_over_replicas(replicas, &link).await;
+                }
                 self.store.seal(&link).map_err(status_of)?;
                 if self.store.snapshot_on_seal() {
                     self.store.snapshot(&link).await.map_err(status_of)?;
@@ -175,6 +202,13 @@ impl HandoffService {
                 })?;
                 // Import reads what the server can reach, under the server's credentials.
                 let principal = self.authorize(md, Access::Admin, Some(&request.link))?;
+                if let Some(replicas) = &several {
+                    return Err(Status::unimplemented(format!(
+                        "import into a link over {} replicas is not built yet; import into a \
+                         single server",
+                        replicas.count()
+                    )));
+                }
                 self.imports.check(&request.url)?;
                 let outcome = handoff_query::import_parquet(
                     &self.store,
@@ -227,6 +261,11 @@ impl HandoffService {
                 // Not a writer's: a Spark job's token must not delete the link it feeds.
                 let link = utf8_link(&body, "delete")?;
                 self.authorize(md, Access::Admin, Some(&link))?;
+                // A peer's delete (from the planner) is local; a user's at the planner reaches
+                // every replica.
+                if let Some(replicas) = several.as_ref().filter(|r| r.is_planner()) {
+                    return self.delete_over_replicas(replicas, &link).await;
+                }
                 let stats = self.store.delete(&link).map_err(status_of)?;
                 if let Err(e) = self.store.forget_snapshot(&link).await {
                     return Err(Status::unavailable(format!(
@@ -240,7 +279,10 @@ impl HandoffService {
             proto::actions::STATS => {
                 let link = utf8_link(&body, "stats")?;
                 self.authorize(md, Access::Inspect, Some(&link))?;
-                self.stats_json(&link)
+                match several.as_ref().filter(|r| r.is_planner()) {
+                    Some(replicas) => self.stats_over_replicas(replicas, &link).await,
+                    None => self.stats_json(&link),
+                }
             }
             other => Err(invalid(format!(
                 "unknown action '{other}'; ListActions names the supported ones"

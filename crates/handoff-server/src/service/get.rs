@@ -139,6 +139,7 @@ impl HandoffService {
         ticket: &[u8],
     ) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
         if crate::sql::is_flight_sql(ticket)? {
+            self.whole_link_here("Flight SQL")?;
             let sql = self.sql.clone();
             let mut request = Request::new(Ticket::new(Bytes::copy_from_slice(ticket)));
             *request.metadata_mut() = md.clone();
@@ -175,6 +176,7 @@ impl HandoffService {
                     .boxed()
             }
             Some(proto::ticket::Kind::Shard(shard)) => {
+                self.whole_link_here("A shard read")?;
                 self.authorize(md, Access::Read, Some(&shard.link))?;
                 let link = self.link(&shard.link)?;
                 let (spec, mode) = shard_spec(&shard);

@@ -1,9 +1,11 @@
 //! The Flight service: protocol translation between gRPC and the store, plus auth. Split by
-//! call: `get` (FlightInfo and tickets), `put` (DoPut), `actions` (DoAction).
+//! call: `get` (FlightInfo and tickets), `put` (DoPut), `actions` (DoAction), and
+//! `replicated` (the actions of a link over several replicas).
 
 mod actions;
 mod get;
 mod put;
+mod replicated;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,6 +47,8 @@ pub struct HandoffService {
     pub(crate) sql: crate::sql::SqlService,
     /// Where `import` may read from; nowhere unless the operator says.
     imports: Arc<crate::imports::ImportAllowlist>,
+    /// The other replicas of this server's links (`serve --peers`); `None`: one server.
+    pub(crate) replicas: Option<Arc<crate::replicas::ReplicaConfig>>,
 }
 
 /// What a descriptor names.
@@ -136,7 +140,29 @@ impl HandoffService {
             max_flight_data_size,
             sql,
             imports: Arc::default(),
+            replicas: None,
         })
+    }
+
+    pub(crate) fn with_replicas(
+        mut self,
+        replicas: Option<crate::replicas::ReplicaConfig>,
+    ) -> Self {
+        self.replicas = replicas.map(Arc::new);
+        self
+    }
+
+    /// Refuse a read on a server with replicas: it would see only this replica's part.
+    pub(crate) fn whole_link_here(&self, what: &str) -> Result<(), Status> {
+        match &self.replicas {
+            Some(r) if r.count() > 1 => Err(Status::unimplemented(format!(
+                "{what} of a link over {} replicas is not built yet: each replica holds only its \
+                 own partitions, so this replica alone would answer with part of the link; \
+                 `stats` at the planner (replica 0) counts the whole link",
+                r.count()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn with_imports(mut self, imports: crate::imports::ImportAllowlist) -> Self {
@@ -226,6 +252,7 @@ impl FlightService for HandoffService {
         request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
         let result = (|| {
+            self.whole_link_here("ListFlights")?;
             let principal = self.auth.identify(request.metadata(), &self.store)?;
             let prefix = String::from_utf8_lossy(&request.get_ref().expression).to_string();
             let mut infos = Vec::new();
@@ -249,12 +276,16 @@ impl FlightService for HandoffService {
                 Err(status) => return self.record("get_flight_info", Err(status)),
             };
         if sql {
+            if let Err(status) = self.whole_link_here("Flight SQL") {
+                return self.record("get_flight_info", Err(status));
+            }
             let result =
                 <crate::sql::SqlService as FlightService>::get_flight_info(&self.sql, request)
                     .await;
             return self.record("get_flight_info", result);
         }
         let result = (|| {
+            self.whole_link_here("GetFlightInfo")?;
             let descriptor = request.get_ref().clone();
             match parse_descriptor(&descriptor)? {
                 Target::Link(name) => {
@@ -343,6 +374,9 @@ impl FlightService for HandoffService {
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
         if crate::sql::is_flight_sql_action(&request.get_ref().r#type) {
+            if let Err(status) = self.whole_link_here("Flight SQL") {
+                return self.record("do_action", Err(status));
+            }
             let result =
                 <crate::sql::SqlService as FlightService>::do_action(&self.sql, request).await;
             return self.record("do_action", result);
@@ -397,6 +431,18 @@ impl FlightService for HandoffService {
             (
                 proto::actions::IMPORT,
                 "Fill a link from Parquet in object storage, all or nothing. Body: handoff.v1.Import",
+            ),
+            (
+                proto::actions::TOPOLOGY,
+                "The replicas of this server's links as JSON: {\"replicas\": [endpoint, ...], \"index\": i}",
+            ),
+            (
+                proto::actions::APPLY,
+                "Replica to replica (admin): publish this replica's part of a recorded commit. Body: handoff.v1.Commit",
+            ),
+            (
+                proto::actions::SEAL_REPLICA,
+                "Replica to replica (admin): seal this replica's part of a link. Body: the link name (UTF-8)",
             ),
         ];
         let items: Vec<Result<ActionType, Status>> = actions

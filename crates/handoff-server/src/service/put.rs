@@ -46,6 +46,12 @@ impl HandoffService {
             }
         };
         let principal = self.authorize(&md, Access::Write, Some(&link))?;
+        if let (Some(replicas), PutTarget::Staged { partition, .. }) = (&self.replicas, &target)
+            && replicas.owner(&link, *partition) != replicas.index()
+        {
+            // Refused before any data is read: a retry at the owner loses nothing.
+            return Err(replicas.not_here(&link, *partition));
+        }
         let mut writer = self
             .store
             .begin_put(&link, target, principal.may_create())

@@ -29,7 +29,19 @@ impl Fixture {
         Self::start_with(ServerConfig::default(), StoreConfig::default()).await
     }
 
-    pub async fn start_with(mut config: ServerConfig, store_config: StoreConfig) -> Self {
+    pub async fn start_with(config: ServerConfig, store_config: StoreConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        Self::start_on(listener, config, store_config).await
+    }
+
+    /// On a listener bound before, for servers that must know each other's address first.
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        mut config: ServerConfig,
+        store_config: StoreConfig,
+    ) -> Self {
         if !config.auth.is_configured() {
             config.auth = AuthConfig {
                 disabled: false,
@@ -38,9 +50,6 @@ impl Fixture {
                 reader_tokens: vec![READER.into()],
             };
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let scheme = if config.tls.is_some() {
             "grpc+tls"

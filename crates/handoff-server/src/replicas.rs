@@ -1,0 +1,284 @@
+//! One link over several server replicas (`serve --peers`): who owns a partition, and the
+//! planner's calls to the other replicas. Replica 0 plans: it records each commit decision in
+//! object storage before any replica publishes it, then asks every owner to apply its part, and
+//! seals by sealing every replica. Placement, the record and idempotent applying are the
+//! store's; this module only moves them over Flight.
+
+use std::collections::BTreeMap;
+
+use handoff_client::{ClientConfig, HandoffClient};
+use handoff_proto as proto;
+use handoff_proto::placement::{MAX_REPLICAS, owner};
+use handoff_store::{CommitRecord, ObjectStorage};
+use prost::Message;
+use tonic::Status;
+
+/// What applying (or checking) a commit's part did on a replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    /// Attempts published now.
+    pub committed: u64,
+    /// Attempts that were published before (a commit applied again).
+    pub already: u64,
+    /// Rows published now.
+    pub rows: u64,
+}
+
+/// How the planner applies (or, with the last flag, checks) its own part of a commit: the
+/// attempts, `replace`, `check_only`.
+pub(crate) type ApplyHere<'a> =
+    dyn Fn(&[(u64, u64)], bool, bool) -> Result<Applied, Status> + Sync + 'a;
+
+/// The replicas of this server, as `serve --peers/--replica-index` gives them.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Every replica's Flight endpoint, in index order (this server's too).
+    peers: Vec<String>,
+    index: u32,
+    /// The admin token replicas call each other with; `None` when auth is off.
+    token: Option<String>,
+}
+
+impl ReplicaConfig {
+    /// `Err` says what is wrong with the flags, in a sentence that names the fix.
+    pub fn new(peers: Vec<String>, index: u32, token: Option<String>) -> Result<Self, String> {
+        let count = u32::try_from(peers.len()).unwrap_or(u32::MAX);
+        if count == 0 || count > MAX_REPLICAS {
+            return Err(format!(
+                "--peers lists {} endpoints; give 1 to {MAX_REPLICAS}, one per replica in index order",
+                peers.len()
+            ));
+        }
+        if index >= count {
+            return Err(format!(
+                "--replica-index {index} is past the {count} endpoints of --peers; replicas number from 0"
+            ));
+        }
+        for (i, peer) in peers.iter().enumerate() {
+            if !peer.starts_with("grpc://") {
+                return Err(format!(
+                    "--peers endpoint {i} '{peer}' is not grpc://HOST:PORT; replicas call each \
+                     other in plain text for now (TLS between replicas is not built yet)"
+                ));
+            }
+            if peers[..i].contains(peer) {
+                return Err(format!(
+                    "--peers names '{peer}' twice; every replica needs its own endpoint"
+                ));
+            }
+        }
+        Ok(Self {
+            peers,
+            index,
+            token,
+        })
+    }
+
+    pub fn count(&self) -> u32 {
+        // At most MAX_REPLICAS, checked in `new`.
+        self.peers.len() as u32
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn peers(&self) -> &[String] {
+        &self.peers
+    }
+
+    pub fn is_planner(&self) -> bool {
+        self.index == 0
+    }
+
+    /// The replica that holds `partition` of `link`.
+    pub fn owner(&self, link: &str, partition: u64) -> u32 {
+        owner(link, partition, self.count())
+    }
+
+    pub fn url(&self, replica: u32) -> &str {
+        &self.peers[replica as usize]
+    }
+
+    /// A client of replica `replica`, with the replicas' token.
+    pub(crate) async fn client(&self, replica: u32) -> Result<HandoffClient, Status> {
+        let config = ClientConfig::new(self.url(replica), self.token.clone());
+        HandoffClient::connect_with(config)
+            .await
+            .map_err(|e| peer_status(self.url(replica), "connect to", e))
+    }
+
+    /// The refusal for a write that belongs to another replica.
+    pub(crate) fn not_here(&self, link: &str, partition: u64) -> Status {
+        let owner = self.owner(link, partition);
+        Status::failed_precondition(format!(
+            "partition {partition} of link '{}' belongs to replica {owner} ({}), not to this \
+             replica {}: write it there. Handoff's clients route by themselves; the 'topology' \
+             action lists the replicas",
+            handoff_store::echo(link),
+            self.url(owner),
+            self.index
+        ))
+    }
+
+    /// The refusal for a call only the planner takes.
+    pub(crate) fn planner_only(&self, what: &str) -> Status {
+        Status::failed_precondition(format!(
+            "{what} goes to the planner, replica 0 ({}); this is replica {}",
+            self.url(0),
+            self.index
+        ))
+    }
+
+    /// Split a commit's attempts by owner, every replica listed (a replace clears them all).
+    pub fn split(&self, link: &str, attempts: &[(u64, u64)]) -> BTreeMap<u32, Vec<(u64, u64)>> {
+        let mut parts: BTreeMap<u32, Vec<(u64, u64)>> =
+            (0..self.count()).map(|r| (r, Vec::new())).collect();
+        for &(partition, attempt) in attempts {
+            parts
+                .entry(self.owner(link, partition))
+                .or_default()
+                .push((partition, attempt));
+        }
+        parts
+    }
+
+    /// Send each owner its part of a commit, this replica's through `local`: to check it
+    /// (`check_only`: every attempt staged there or already published) or to publish it.
+    pub(crate) async fn each_owner(
+        &self,
+        link: &str,
+        attempts: &[(u64, u64)],
+        replace: bool,
+        check_only: bool,
+        local: &ApplyHere<'_>,
+    ) -> Result<Applied, Status> {
+        let mut total = Applied::default();
+        for (replica, part) in self.split(link, attempts) {
+            if part.is_empty() && !replace {
+                continue;
+            }
+            let applied = if replica == self.index {
+                local(&part, replace, check_only)?
+            } else {
+                let body = proto::Commit {
+                    link: link.to_string(),
+                    attempts: part
+                        .iter()
+                        .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
+                        .collect(),
+                    replace,
+                    check_only,
+                };
+                let reply = self
+                    .call(replica, proto::actions::APPLY, body.encode_to_vec())
+                    .await?;
+                serde_json::from_slice(&reply).map_err(|e| {
+                    Status::internal(format!(
+                        "replica {} answered 'apply' with something else than its counts: {e}",
+                        self.url(replica)
+                    ))
+                })?
+            };
+            total.committed = total.committed.saturating_add(applied.committed);
+            total.already = total.already.saturating_add(applied.already);
+            total.rows = total.rows.saturating_add(applied.rows);
+        }
+        Ok(total)
+    }
+
+    /// Publish a recorded commit on every owner, then mark the record applied. Applying is
+    /// idempotent, so this also finishes a record that a crashed planner left behind.
+    pub(crate) async fn apply(
+        &self,
+        storage: &ObjectStorage,
+        record: &CommitRecord,
+        local: &ApplyHere<'_>,
+    ) -> Result<Applied, Status> {
+        if record.replicas != self.count() {
+            return Err(Status::failed_precondition(format!(
+                "commit {} of link '{}' was recorded over {} replicas, and this server runs {}; \
+                 start the replicas as they were, so the commit can be finished",
+                record.seq,
+                record.link,
+                record.replicas,
+                self.count()
+            )));
+        }
+        let applied = self
+            .each_owner(&record.link, &record.attempts, record.replace, false, local)
+            .await?;
+        storage
+            .mark_applied(record)
+            .await
+            .map_err(crate::error::status_of)?;
+        Ok(applied)
+    }
+
+    /// Call one action on another replica.
+    pub(crate) async fn call(
+        &self,
+        replica: u32,
+        action: &str,
+        body: Vec<u8>,
+    ) -> Result<bytes::Bytes, Status> {
+        let mut client = self.client(replica).await?;
+        client
+            .raw_action(action, body)
+            .await
+            .map_err(|e| peer_status(self.url(replica), action, e))
+    }
+}
+
+/// A peer's failure, as the caller's status: its code, and which replica said it.
+fn peer_status(url: &str, what: &str, e: handoff_client::ClientError) -> Status {
+    let code = e.code().unwrap_or(tonic::Code::Unavailable);
+    Status::new(code, format!("replica {url} ({what}): {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("grpc://127.0.0.1:{}", 9000 + i))
+            .collect()
+    }
+
+    #[test]
+    fn flags_are_checked_with_a_fix_in_the_message() {
+        assert!(ReplicaConfig::new(peers(3), 2, None).is_ok());
+        let err = ReplicaConfig::new(peers(3), 3, None).expect_err("index");
+        assert!(err.contains("--replica-index 3"), "{err}");
+        let err = ReplicaConfig::new(Vec::new(), 0, None).expect_err("none");
+        assert!(err.contains("give 1 to"), "{err}");
+        let mut twice = peers(2);
+        twice.push(twice[0].clone());
+        let err = ReplicaConfig::new(twice, 0, None).expect_err("twice");
+        assert!(err.contains("twice"), "{err}");
+        let err = ReplicaConfig::new(vec!["grpc+tls://h:1".into()], 0, None).expect_err("tls");
+        assert!(err.contains("not built yet"), "{err}");
+    }
+
+    #[test]
+    fn a_commit_splits_by_owner_and_lists_every_replica() {
+        let config = ReplicaConfig::new(peers(3), 0, None).expect("config");
+        let attempts: Vec<(u64, u64)> = (0..8).map(|p| (p, 1)).collect();
+        let parts = config.split("demo/features", &attempts);
+        assert_eq!(parts.len(), 3);
+        // owner("demo/features", 0..8, 3) = [0, 1, 1, 0, 2, 2, 0, 0], pinned in the store.
+        assert_eq!(parts[&0], vec![(0, 1), (3, 1), (6, 1), (7, 1)]);
+        assert_eq!(parts[&1], vec![(1, 1), (2, 1)]);
+        assert_eq!(parts[&2], vec![(4, 1), (5, 1)]);
+        let status = config.not_here("demo/features", 4);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status
+                .message()
+                .contains("replica 2 (grpc://127.0.0.1:9002)"),
+            "{}",
+            status.message()
+        );
+    }
+}

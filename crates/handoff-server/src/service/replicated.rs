@@ -1,0 +1,447 @@
+//! Actions of a link over several replicas: the planner's commit, seal, create, delete and
+//! stats, which reach every replica, and the replica-to-replica `apply` and `seal-replica`.
+
+use std::collections::HashSet;
+
+use handoff_store::echo;
+
+use super::*;
+use crate::replicas::{Applied, ReplicaConfig};
+
+/// How often, and how far apart, a restarted planner tries to finish a recorded commit while
+/// a replica is not reachable yet (replicas start in any order).
+const FINISH_TRIES: u32 = 60;
+const FINISH_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl HandoffService {
+    /// The replicas when there is more than one; one server otherwise.
+    pub(super) fn several(&self) -> Option<Arc<ReplicaConfig>> {
+        self.replicas.clone().filter(|r| r.count() > 1)
+    }
+
+    /// This replica's part of a commit: checked (`check_only`), or published idempotently.
+    fn apply_local(
+        &self,
+        link: &str,
+        attempts: &[(u64, u64)],
+        replace: bool,
+        check_only: bool,
+    ) -> Result<Applied, Status> {
+        let link = match self.store.link(link) {
+            Ok(link) => link,
+            // No partition of it was written here; a replace leaves it empty anyway.
+            Err(StoreError::UnknownLink(_)) if attempts.is_empty() => {
+                return Ok(Applied::default());
+            }
+            Err(e) => return Err(status_of(e)),
+        };
+        if check_only {
+            link.check_apply(attempts, replace).map_err(status_of)?;
+            return Ok(Applied::default());
+        }
+        let (outcomes, already) = link.apply(attempts, replace).map_err(status_of)?;
+        Ok(Applied {
+            committed: outcomes.len() as u64,
+            already: already as u64,
+            rows: outcomes.iter().map(|o| o.rows).sum(),
+        })
+    }
+
+    /// The planner's commit: every owner confirms its part, the decision is recorded in object
+    /// storage, then every owner publishes its part. A crash after the record leaves a commit
+    /// that the restarted planner finishes; before it, nothing was published.
+    pub(super) async fn commit_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        link: &str,
+        attempts: &[(u64, u64)],
+        replace: bool,
+    ) -> Result<arrow_flight::Result, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("a commit"));
+        }
+        let storage = self.store.storage().ok_or_else(|| {
+            Status::failed_precondition(
+                "a link over several replicas records its commits in object storage; start \
+                 the planner with --spill-url",
+            )
+        })?;
+        let mut seen = HashSet::with_capacity(attempts.len());
+        if let Some((partition, _)) = attempts.iter().find(|(p, _)| !seen.insert(*p)) {
+            return Err(invalid(format!(
+                "partition {partition} appears twice in one commit; commit one attempt per partition"
+            )));
+        }
+        let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
+        replicas
+            .each_owner(link, attempts, replace, true, &local)
+            .await?;
+        let record = storage
+            .record_commit(link, replace, attempts, replicas.count())
+            .await
+            .map_err(status_of)?;
+        let applied = replicas
+            .apply(storage, &record, &local)
+            .await
+            .map_err(|status| {
+                Status::new(
+                    status.code(),
+                    format!(
+                        "commit {} of link '{}' is recorded but not applied on every replica yet: \
+                         {}; retry the commit (applying again is harmless), or restart the \
+                         planner, which finishes recorded commits",
+                        record.seq,
+                        echo(link),
+                        status.message()
+                    ),
+                )
+            })?;
+        json_result(&serde_json::json!({
+            "committed": applied.committed + applied.already,
+            "already": applied.already,
+            "rows": applied.rows,
+            "record": record.seq,
+        }))
+    }
+
+    /// Seal every replica's part, once no recorded commit of the link waits to be applied.
+    pub(super) async fn seal_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        link: &str,
+    ) -> Result<arrow_flight::Result, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("a seal"));
+        }
+        if let Some(storage) = self.store.storage() {
+            let pending = storage.pending_commits().await.map_err(status_of)?;
+            if let Some(record) = pending.iter().find(|r| r.link == link) {
+                return Err(Status::failed_precondition(format!(
+                    "commit {} of link '{}' is recorded but not applied on every replica yet; \
+                     retry that commit (or restart the planner), then seal",
+                    record.seq,
+                    echo(link)
+                )));
+            }
+        }
+        for replica in 0..replicas.count() {
+            if replica == replicas.index() {
+                self.seal_local(link).await?;
+            } else {
+                replicas
+                    .call(
+                        replica,
+                        proto::actions::SEAL_REPLICA,
+                        link.as_bytes().to_vec(),
+                    )
+                    .await?;
+            }
+        }
+        self.stats_over_replicas(replicas, link).await
+    }
+
+    /// Seal this replica's part; a replica that got no partition gets an empty sealed link.
+    pub(super) async fn seal_local(&self, link: &str) -> Result<(), Status> {
+        if let Err(StoreError::UnknownLink(_)) = self.store.link(link) {
+            self.store
+                .create_link(link, None, LinkOptions::default(), true)
+                .map_err(status_of)?;
+        }
+        self.store.seal(link).map_err(status_of)?;
+        if self.store.snapshot_on_seal() {
+            self.store.snapshot(link).await.map_err(status_of)?;
+        }
+        Ok(())
+    }
+
+    /// The whole link's stats, summed over the replicas, with each replica's part.
+    pub(super) async fn stats_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        link: &str,
+    ) -> Result<arrow_flight::Result, Status> {
+        let mut parts = Vec::with_capacity(replicas.count() as usize);
+        for replica in 0..replicas.count() {
+            let reply = if replica == replicas.index() {
+                self.stats_json(link).map(|r| r.body)
+            } else {
+                replicas
+                    .call(replica, proto::actions::STATS, link.as_bytes().to_vec())
+                    .await
+            };
+            let part: serde_json::Value = match reply {
+                Ok(body) => serde_json::from_slice(&body).map_err(|e| {
+                    Status::internal(format!(
+                        "replica {} answered 'stats' with {e}",
+                        replicas.url(replica)
+                    ))
+                })?,
+                // No partition of the link reached this replica yet.
+                Err(status) if status.code() == tonic::Code::NotFound => serde_json::Value::Null,
+                Err(status) => return Err(status),
+            };
+            parts.push(part);
+        }
+        if parts.iter().all(serde_json::Value::is_null) {
+            return Err(status_of(StoreError::UnknownLink(echo(link))));
+        }
+        json_result(&merge_stats(link, replicas, &parts))
+    }
+
+    /// Create the link on this replica, then on every other (existing ones are kept).
+    pub(super) async fn create_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let created = self.create(md, body)?;
+        let mut request = proto::CreateLink::decode(body.as_ref()).map_err(|e| {
+            invalid(format!(
+                "the body of 'create' is a handoff.v1.CreateLink: {e}"
+            ))
+        })?;
+        request.exist_ok = true;
+        for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
+            replicas
+                .call(replica, proto::actions::CREATE, request.encode_to_vec())
+                .await?;
+        }
+        Ok(created)
+    }
+
+    /// Delete the link on every replica, and its commit records.
+    pub(super) async fn delete_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        link: &str,
+    ) -> Result<arrow_flight::Result, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("deleting a link"));
+        }
+        let mut deleted = 0u32;
+        for replica in 0..replicas.count() {
+            let result = if replica == replicas.index() {
+                self.store.delete(link).map(|_| ()).map_err(status_of)
+            } else {
+                replicas
+                    .call(replica, proto::actions::DELETE, link.as_bytes().to_vec())
+                    .await
+                    .map(|_| ())
+            };
+            match result {
+                Ok(()) => deleted += 1,
+                Err(status) if status.code() == tonic::Code::NotFound => {}
+                Err(status) => return Err(status),
+            }
+        }
+        if deleted == 0 {
+            return Err(status_of(StoreError::UnknownLink(echo(link))));
+        }
+        if let Some(storage) = self.store.storage() {
+            storage.forget_commits(link).await.map_err(status_of)?;
+        }
+        self.store.forget_snapshot(link).await.map_err(status_of)?;
+        json_result(&serde_json::json!({"link": link, "replicas": deleted}))
+    }
+
+    /// Drop staged attempts where they are staged: each on its owner; all of them on every
+    /// replica for an empty list.
+    pub(super) async fn abort_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        request: &proto::Abort,
+        attempts: &[(u64, u64)],
+    ) -> Result<arrow_flight::Result, Status> {
+        let mut dropped = 0u64;
+        for (replica, part) in replicas.split(&request.link, attempts) {
+            if part.is_empty() && !attempts.is_empty() {
+                continue;
+            }
+            let count = if replica == replicas.index() {
+                match self.store.abort(&request.link, &part) {
+                    Ok(count) => count as u64,
+                    Err(StoreError::UnknownLink(_)) => 0,
+                    Err(e) => return Err(status_of(e)),
+                }
+            } else {
+                let body = proto::Abort {
+                    link: request.link.clone(),
+                    attempts: part
+                        .iter()
+                        .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
+                        .collect(),
+                };
+                match replicas
+                    .call(replica, proto::actions::ABORT, body.encode_to_vec())
+                    .await
+                {
+                    Ok(reply) => serde_json::from_slice::<serde_json::Value>(&reply)
+                        .ok()
+                        .and_then(|v| v["dropped"].as_u64())
+                        .unwrap_or(0),
+                    Err(status) if status.code() == tonic::Code::NotFound => 0,
+                    Err(status) => return Err(status),
+                }
+            };
+            dropped = dropped.saturating_add(count);
+        }
+        json_result(&serde_json::json!({"dropped": dropped}))
+    }
+
+    /// Replica to replica: check or publish this replica's part of a commit.
+    pub(super) fn apply_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let req = proto::Commit::decode(body.as_ref())
+            .map_err(|e| invalid(format!("the body of 'apply' is a handoff.v1.Commit: {e}")))?;
+        // Only replicas call it (with the admin token): a writer commits at the planner, which
+        // records the commit first.
+        self.authorize(md, Access::Admin, Some(&req.link))?;
+        let attempts: Vec<(u64, u64)> = req
+            .attempts
+            .iter()
+            .map(|a| (a.partition, a.attempt))
+            .collect();
+        if let Some(replicas) = &self.replicas
+            && let Some((partition, _)) = attempts
+                .iter()
+                .find(|(p, _)| replicas.owner(&req.link, *p) != replicas.index())
+        {
+            return Err(replicas.not_here(&req.link, *partition));
+        }
+        let applied = self.apply_local(&req.link, &attempts, req.replace, req.check_only)?;
+        json_result(&applied)
+    }
+
+    /// Replica to replica: seal this replica's part.
+    pub(super) async fn seal_replica_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let link = utf8_link(body, "seal-replica")?;
+        self.authorize(md, Access::Admin, Some(&link))?;
+        self.seal_local(&link).await?;
+        self.stats_json(&link)
+    }
+
+    /// At the planner's start: finish every commit that is recorded and not marked applied.
+    /// Replicas may come up later, so an unreachable one is tried again for a while. Returns
+    /// what could not be finished, one sentence each.
+    pub async fn finish_recorded_commits(&self) -> Vec<String> {
+        let (Some(replicas), Some(storage)) = (self.several(), self.store.storage()) else {
+            return Vec::new();
+        };
+        if !replicas.is_planner() {
+            return Vec::new();
+        }
+        let pending = match storage.pending_commits().await {
+            Ok(pending) => pending,
+            Err(e) => return vec![format!("the commit records could not be read: {e}")],
+        };
+        let mut unfinished = Vec::new();
+        for record in pending {
+            let local =
+                |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(&record.link, a, r, c);
+            let mut tries = 0;
+            loop {
+                match replicas.apply(storage, &record, &local).await {
+                    Ok(applied) => {
+                        tracing::info!(link = %record.link, seq = record.seq, published = applied.committed, already = applied.already, "finished a recorded commit");
+                        break;
+                    }
+                    Err(status)
+                        if status.code() == tonic::Code::Unavailable && tries < FINISH_TRIES =>
+                    {
+                        tries += 1;
+                        tokio::time::sleep(FINISH_PAUSE).await;
+                    }
+                    Err(status) => {
+                        let what = format!(
+                            "commit {} of link '{}' ({} attempts) is recorded but could not be \
+                             applied: {}",
+                            record.seq,
+                            record.link,
+                            record.attempts.len(),
+                            status.message()
+                        );
+                        tracing::error!("{what}");
+                        unfinished.push(what);
+                        break;
+                    }
+                }
+            }
+        }
+        unfinished
+    }
+}
+
+/// One link's stats over its replicas: sums, the state of the whole (sealed when every part
+/// is), and each replica's part. `parts[i]` is replica i's stats, or null if it has none.
+fn merge_stats(
+    link: &str,
+    replicas: &ReplicaConfig,
+    parts: &[serde_json::Value],
+) -> serde_json::Value {
+    const SUMMED: [&str; 8] = [
+        "partitions",
+        "rows",
+        "bytes",
+        "staged_partitions",
+        "staged_bytes",
+        "memory_bytes",
+        "spilled_partitions",
+        "spilled_bytes",
+    ];
+    let mut whole = serde_json::Map::new();
+    whole.insert("link".into(), link.into());
+    for key in SUMMED {
+        let sum = parts
+            .iter()
+            .map(|p| p[key].as_u64().unwrap_or(0))
+            .fold(0u64, u64::saturating_add);
+        whole.insert(key.into(), sum.into());
+    }
+    let sealed = parts.iter().all(|p| p["state"] == "sealed");
+    whole.insert(
+        "state".into(),
+        if sealed { "sealed" } else { "open" }.into(),
+    );
+    let first = parts.iter().find(|p| !p.is_null());
+    for key in ["schema", "memory_limit", "memory_policy"] {
+        if let Some(value) = first.map(|p| p[key].clone()) {
+            whole.insert(key.into(), value);
+        }
+    }
+    let used = parts
+        .iter()
+        .map(|p| p["server_memory_used"].as_u64().unwrap_or(0))
+        .fold(0u64, u64::saturating_add);
+    whole.insert("server_memory_used".into(), used.into());
+    // A restart of any replica changes the whole's instance.
+    let instances: Vec<&str> = parts
+        .iter()
+        .map(|p| p["server_instance"].as_str().unwrap_or(""))
+        .collect();
+    whole.insert("server_instance".into(), instances.join(",").into());
+    let each: Vec<serde_json::Value> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            serde_json::json!({
+                "replica": i,
+                "endpoint": replicas.url(i as u32),
+                "state": p["state"].as_str().unwrap_or("none"),
+                "partitions": p["partitions"].as_u64().unwrap_or(0),
+                "rows": p["rows"].as_u64().unwrap_or(0),
+                "bytes": p["bytes"].as_u64().unwrap_or(0),
+                "memory_bytes": p["memory_bytes"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect();
+    whole.insert("replicas".into(), each.into());
+    serde_json::Value::Object(whole)
+}

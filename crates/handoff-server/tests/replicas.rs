@@ -1,0 +1,383 @@
+//! One link over three server replicas on 127.0.0.1 (`serve --peers`): writes land on each
+//! partition's owner, the planner records and applies commits exactly once, seals every
+//! replica, and finishes a recorded commit after a restart.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use arrow_flight::{FlightClient, FlightDescriptor};
+use common::*;
+use futures::StreamExt;
+use handoff_client::{ClientError, HandoffClient};
+use handoff_proto::placement::owner;
+use handoff_server::{ReplicaConfig, ServerConfig};
+use handoff_store::{ObjectStorage, StoreConfig};
+use handoff_testkit::eventually;
+use prost::Message;
+
+const LINK: &str = "team/features";
+const REPLICAS: u32 = 3;
+
+struct Cluster {
+    servers: Vec<Option<Fixture>>,
+    peers: Vec<String>,
+    /// Each replica's object storage (the planner's holds the commit records).
+    dirs: Vec<tempfile::TempDir>,
+}
+
+fn config(peers: &[String], index: u32) -> ServerConfig {
+    ServerConfig {
+        replicas: Some(
+            ReplicaConfig::new(peers.to_vec(), index, Some(ADMIN.into())).expect("replicas"),
+        ),
+        ..ServerConfig::default()
+    }
+}
+
+fn storage(dir: &tempfile::TempDir) -> ObjectStorage {
+    ObjectStorage::from_url(&format!("file://{}", dir.path().display())).expect("storage")
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let mut listeners = Vec::new();
+        for _ in 0..REPLICAS {
+            listeners.push(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind"),
+            );
+        }
+        let peers: Vec<String> = listeners
+            .iter()
+            .map(|l| format!("grpc://{}", l.local_addr().expect("addr")))
+            .collect();
+        let dirs: Vec<_> = (0..REPLICAS)
+            .map(|_| tempfile::tempdir().expect("tempdir"))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let store = StoreConfig {
+                storage: Some(storage(&dirs[i])),
+                ..StoreConfig::default()
+            };
+            servers.push(Some(
+                Fixture::start_on(listener, config(&peers, i as u32), store).await,
+            ));
+        }
+        Self {
+            servers,
+            peers,
+            dirs,
+        }
+    }
+
+    fn server(&self, i: usize) -> &Fixture {
+        self.servers[i].as_ref().expect("running")
+    }
+
+    async fn client(&self, i: usize, token: &str) -> HandoffClient {
+        self.server(i).client(token).await
+    }
+
+    /// Stop replica `i` (its memory goes with it) and start it again on the same address.
+    async fn restart(&mut self, i: usize) {
+        self.servers[i].take().expect("running").stop().await;
+        let addr = self.peers[i].trim_start_matches("grpc://");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        let store = StoreConfig {
+            storage: Some(storage(&self.dirs[i])),
+            ..StoreConfig::default()
+        };
+        self.servers[i] =
+            Some(Fixture::start_on(listener, config(&self.peers, i as u32), store).await);
+    }
+
+    /// (partition, attempt, rows) of every published partition, by replica.
+    fn published(&self, link: &str) -> BTreeMap<usize, Vec<(u64, u64, u64)>> {
+        (0..REPLICAS as usize)
+            .map(|i| {
+                let parts = match self.server(i).store.link(link) {
+                    Ok(link) => link
+                        .snapshot()
+                        .partitions
+                        .iter()
+                        .map(|p| (p.id, p.attempt, p.rows))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                (i, parts)
+            })
+            .collect()
+    }
+
+    async fn stop(self) {
+        for server in self.servers.into_iter().flatten() {
+            server.stop().await;
+        }
+    }
+}
+
+/// Ten rows a partition, ids from partition * 100.
+async fn stage(client: &mut HandoffClient, partition: u64, attempt: u64) {
+    let rows = batch(partition as i64 * 100, 10);
+    let outcome = client
+        .put_partition(LINK, partition, attempt, stream_of(vec![rows]))
+        .await
+        .expect("put");
+    assert_eq!((outcome.partition, outcome.rows), (partition, 10));
+}
+
+fn code(e: &ClientError) -> Option<tonic::Code> {
+    e.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_land_on_owners_and_commit_exactly_once_over_three_replicas() {
+    let cluster = Cluster::start().await;
+    // A client of replica 1: its writes go to each partition's owner, commits to replica 0.
+    let mut writer = cluster.client(1, WRITER).await;
+    let topology = writer.topology().await.expect("topology");
+    assert_eq!(
+        (topology.replicas.clone(), topology.index),
+        (cluster.peers.clone(), 1)
+    );
+    let partitions = 12u64;
+    for p in 0..partitions {
+        stage(&mut writer, p, 0).await;
+        // Task retries: every third partition runs twice; the second attempt wins.
+        if p % 3 == 0 {
+            stage(&mut writer, p, 1).await;
+        }
+    }
+    let winners: Vec<(u64, u64)> = (0..partitions)
+        .map(|p| (p, u64::from(p % 3 == 0)))
+        .collect();
+    let committed = writer.commit(LINK, &winners).await.expect("commit");
+    assert_eq!(committed["committed"], partitions);
+    assert_eq!(committed["rows"], partitions * 10);
+    // The driver retries a commit whose answer it lost: nothing is published twice.
+    let again = writer.commit(LINK, &winners).await.expect("commit again");
+    assert_eq!(again["already"], partitions, "{again}");
+    assert_eq!(again["rows"], 0, "{again}");
+    let published = cluster.published(LINK);
+    for (replica, parts) in &published {
+        for (partition, attempt, rows) in parts {
+            assert_eq!(
+                owner(LINK, *partition, REPLICAS) as usize,
+                *replica,
+                "partition {partition} published away from its owner"
+            );
+            assert_eq!(*attempt, u64::from(partition % 3 == 0));
+            assert_eq!(*rows, 10);
+        }
+    }
+    let total: usize = published.values().map(Vec::len).sum();
+    assert_eq!(total, partitions as usize, "{published:?}");
+    assert!(
+        published.values().filter(|p| !p.is_empty()).count() >= 2,
+        "12 partitions spread over replicas: {published:?}"
+    );
+
+    // An overwrite: the link then holds exactly these attempts on every replica, also on one
+    // that got none of them.
+    let only = (100..200u64)
+        .find(|p| owner(LINK, *p, REPLICAS) == 1)
+        .expect("a partition of replica 1");
+    stage(&mut writer, only, 0).await;
+    let replaced = writer
+        .commit_with(LINK, &[(only, 0)], true)
+        .await
+        .expect("replace");
+    assert_eq!(replaced["rows"], 10, "{replaced}");
+    let after = cluster.published(LINK);
+    assert_eq!(after[&1], vec![(only, 0, 10)], "{after:?}");
+    assert!(after[&0].is_empty() && after[&2].is_empty(), "{after:?}");
+    // Back to the twelve, as a job that overwrites again would.
+    for p in 0..partitions {
+        stage(&mut writer, p, 2).await;
+    }
+    let rewritten: Vec<(u64, u64)> = (0..partitions).map(|p| (p, 2)).collect();
+    writer
+        .commit_with(LINK, &rewritten, true)
+        .await
+        .expect("replace");
+    let published = cluster.published(LINK);
+    assert_eq!(published.values().flatten().count(), partitions as usize);
+
+    let stats = writer.seal(LINK).await.expect("seal");
+    assert_eq!(
+        (stats.state.as_str(), stats.rows),
+        ("sealed", partitions * 10)
+    );
+    assert_eq!(stats.replicas.len(), REPLICAS as usize);
+    for part in &stats.replicas {
+        let held = &published[&(part.replica as usize)];
+        assert_eq!(part.state, "sealed", "{part:?}");
+        assert_eq!(part.partitions, held.len() as u64, "{part:?}");
+        assert_eq!(part.rows, held.len() as u64 * 10, "{part:?}");
+        assert_eq!(part.endpoint, cluster.peers[part.replica as usize]);
+    }
+    assert_eq!(writer.stats(LINK).await.expect("stats"), stats);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
+    let cluster = Cluster::start().await;
+    let mut admin = cluster.client(0, ADMIN).await;
+    admin
+        .create(handoff_client::CreateLink {
+            link: LINK.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    // The link exists on every replica, so each can take its partitions.
+    for i in 0..REPLICAS as usize {
+        assert!(cluster.server(i).store.link(LINK).is_ok(), "replica {i}");
+    }
+    // A plain Flight client writing a partition to a replica that does not own it.
+    let partition = (0..64)
+        .find(|p| owner(LINK, *p, REPLICAS) == 2)
+        .expect("a partition of replica 2");
+    let mut plain = FlightClient::new(cluster.server(0).channel().await);
+    plain
+        .add_header("authorization", &format!("Bearer {WRITER}"))
+        .expect("header");
+    let put = handoff_proto::PutPartition {
+        link: LINK.into(),
+        partition,
+        attempt: 0,
+    };
+    let data = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_cmd(put.encode_to_vec())))
+        .build(futures::stream::iter([Ok(batch(0, 5))]));
+    let refused = match plain.do_put(data).await {
+        Ok(mut results) => results.next().await.expect("a reply").expect_err("refused"),
+        Err(e) => e,
+    };
+    let text = refused.to_string();
+    match &refused {
+        arrow_flight::error::FlightError::Tonic(status) => {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{text}")
+        }
+        other => panic!("not a gRPC status: {other}"),
+    }
+    assert!(
+        text.contains(&format!("replica 2 ({})", cluster.peers[2])),
+        "{text}"
+    );
+    assert_eq!(cluster.published(LINK).values().flatten().count(), 0);
+
+    // Commits and seals go to the planner; another replica says where it is.
+    let mut at_one = cluster.client(1, WRITER).await;
+    let body = handoff_proto::Commit {
+        link: LINK.into(),
+        attempts: vec![handoff_proto::PartitionAttempt {
+            partition,
+            attempt: 0,
+        }],
+        ..Default::default()
+    };
+    let err = at_one
+        .raw_action("commit", body.encode_to_vec())
+        .await
+        .expect_err("not the planner");
+    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition));
+    assert!(err.to_string().contains(&cluster.peers[0]), "{err}");
+    // `apply` is replica to replica: a writer cannot skip the planner's record.
+    let err = at_one
+        .raw_action("apply", body.encode_to_vec())
+        .await
+        .expect_err("admin only");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    // A commit naming an attempt nobody staged is refused before anything is recorded.
+    let err = admin
+        .commit(LINK, &[(partition, 0)])
+        .await
+        .expect_err("not staged");
+    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    let records = storage(&cluster.dirs[0])
+        .pending_commits()
+        .await
+        .expect("records");
+    assert!(records.is_empty(), "{records:?}");
+    // Reads over replicas are not built yet: a replica alone must not answer with a part.
+    let err = admin
+        .read_shard(handoff_client::ReadShard {
+            link: LINK.into(),
+            rank: 0,
+            world_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect_err("part of a link");
+    assert_eq!(code(&err), Some(tonic::Code::Unimplemented), "{err}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_planner_finishes_a_recorded_commit() {
+    let mut cluster = Cluster::start().await;
+    let mut writer = cluster.client(0, WRITER).await;
+    // Partitions of replicas 1 and 2: their staged data outlives the planner.
+    let elsewhere: Vec<u64> = (0..40)
+        .filter(|p| owner(LINK, *p, REPLICAS) != 0)
+        .take(6)
+        .collect();
+    for &p in &elsewhere {
+        stage(&mut writer, p, 0).await;
+    }
+    // The planner recorded the decision, then died before applying it.
+    let winners: Vec<(u64, u64)> = elsewhere.iter().map(|&p| (p, 0)).collect();
+    storage(&cluster.dirs[0])
+        .record_commit(LINK, false, &winners, REPLICAS)
+        .await
+        .expect("record");
+    assert_eq!(cluster.published(LINK).values().flatten().count(), 0);
+    cluster.restart(0).await;
+    let published = eventually("the recorded commit finished", || async {
+        let published = cluster.published(LINK);
+        (published.values().flatten().count() == elsewhere.len()).then_some(published)
+    })
+    .await;
+    for (replica, parts) in &published {
+        for (partition, attempt, _) in parts {
+            assert_eq!(owner(LINK, *partition, REPLICAS) as usize, *replica);
+            assert_eq!(*attempt, 0);
+        }
+    }
+    eventually("the record marked applied", || async {
+        storage(&cluster.dirs[0])
+            .pending_commits()
+            .await
+            .expect("records")
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let mut writer = cluster.client(0, WRITER).await;
+    let stats = writer.seal(LINK).await.expect("seal");
+    assert_eq!(stats.rows, elsewhere.len() as u64 * 10);
+
+    // A record whose partition died with the planner is not applied by halves in silence:
+    // it stays recorded, the start says so, and the seal is refused with the reason.
+    let lost = "team/lost";
+    storage(&cluster.dirs[0])
+        .record_commit(lost, false, &[(0, 0)], REPLICAS)
+        .await
+        .expect("record");
+    cluster.restart(0).await;
+    let err = eventually("the seal refused", || async {
+        let mut admin = cluster.client(0, ADMIN).await;
+        match admin.seal(lost).await {
+            Err(e) if e.to_string().contains("recorded but not applied") => Some(e),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    cluster.stop().await;
+}
