@@ -6,15 +6,21 @@ PEM file) or `HANDOFF_TLS_CA_PEM` (the PEM itself, as the DataLink controller in
 the system's roots; mutual TLS takes `HANDOFF_TLS_CLIENT_CERT` and `HANDOFF_TLS_CLIENT_KEY`.
 Every server refusal surfaces as a `HandoffError` carrying the server's sentence, which names the
 fix, without pyarrow's gRPC debug context.
+
+A server run as several replicas (`handoff serve --peers ...`) is routed to by itself, as the Rust
+client does: the client asks the server it was given for the replicas once, writes each staged
+partition to the replica that owns it (`owner`), and sends the planner's actions (create, commit,
+abort, seal, stats, delete) to replica 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -24,6 +30,8 @@ from ._proto import pb
 DEFAULT_ENDPOINT = "grpc://127.0.0.1:8815"
 # DoPut app_metadata that abandons the stream (handoff_proto::ABORT_PUT).
 ABORT_PUT = b"handoff.abort"
+# The most replicas a link may be spread over (handoff_proto::placement::MAX_REPLICAS).
+MAX_REPLICAS = 1024
 
 _GRPC_MESSAGE = re.compile(r"(?:gRPC|Flight) returned (?P<code>[a-z ]+) error, with message: (?P<message>.*?)(?:\. gRPC client debug context:.*)?$", re.S)
 
@@ -76,6 +84,24 @@ def _translate(error: Exception, endpoint: str) -> HandoffError:
     if code == "not_found":
         return LinkNotFound(message, code)
     return HandoffError(message, code)
+
+
+def owner(link: str, partition: int, replicas: int) -> int:
+    """The replica, of `replicas`, that holds `partition` of `link`: rendezvous hashing, part of
+    the protocol (docs/scale-out.md), so it must match the server's placement bit for bit. Each
+    replica scores SHA-256(utf8(link) || 0x00 || le64(partition) || le32(replica)), first 8 bytes
+    big-endian; the highest wins, a tie goes to the lower index."""
+    if not 0 <= partition < 1 << 64:
+        raise ValueError(f"partition is an unsigned 64-bit id, not {partition!r}")
+    # Clamped as the server does, so a caller's 0 or a huge count cannot disagree with it.
+    count = min(max(replicas, 1), MAX_REPLICAS)
+    prefix = link.encode() + b"\x00" + partition.to_bytes(8, "little")
+
+    def score(replica: int) -> Tuple[int, int]:
+        digest = hashlib.sha256(prefix + replica.to_bytes(4, "little")).digest()
+        return int.from_bytes(digest[:8], "big"), -replica
+
+    return max(range(count), key=score)
 
 
 def resolve_link(link: Optional[str]) -> str:
@@ -212,10 +238,20 @@ class HandoffClient:
         token = token if token is not None else os.environ.get("HANDOFF_TOKEN")
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self._options = flight.FlightCallOptions(headers=headers, timeout=timeout)
-        tls_kwargs = (tls if tls is not None else TlsSettings.from_env()).flight_kwargs(self.endpoint)
+        # Kept (the environment read once), so that connections to other replicas get the same.
+        self._tls = tls if tls is not None else TlsSettings.from_env()
+        self._keepalive_ms = max(1, int(keepalive * 1000))
+        self._flight = self._connect(self.endpoint)
+        # (every replica's endpoint, this server's index), once asked; ([], 0): a single server.
+        self._topology: Optional[Tuple[List[str], int]] = None
+        # Connections to the other replicas, by index, opened when first needed.
+        self._peers: Dict[int, flight.FlightClient] = {}
+
+    def _connect(self, endpoint: str) -> flight.FlightClient:
+        tls_kwargs = self._tls.flight_kwargs(endpoint)
+        ms = self._keepalive_ms
         try:
-            ms = max(1, int(keepalive * 1000))
-            self._flight = flight.FlightClient(self.endpoint, generic_options=[
+            return flight.FlightClient(endpoint, generic_options=[
                 ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
                 # Flow-control pings stand in for keepalive pings while data flows; they time
                 # out after a minute unless told otherwise.
@@ -225,11 +261,52 @@ class HandoffClient:
                 ("grpc.http2.max_pings_without_data", 0),
             ], **tls_kwargs)
         except (pa.ArrowException, OSError) as e:
-            raise ServerUnavailable(f"bad endpoint {self.endpoint!r}: {e}", "invalid_argument") from e
+            raise ServerUnavailable(f"bad endpoint {endpoint!r}: {e}", "invalid_argument") from e
 
     def close(self) -> None:
+        for peer in self._peers.values():
+            peer.close()
+        self._peers.clear()
         self._flight.close()
 
+    # --- replicas -------------------------------------------------------------------------
+
+    def topology(self) -> Tuple[List[str], int]:
+        """(every replica's endpoint in index order, the index of the server this client was
+        given); ([], 0) for a single server. Asked once: every replica has the same list."""
+        if self._topology is None:
+            try:
+                answer = self._json_action("topology", b"")
+            except HandoffError as e:
+                # A server from before replicas has no such action: it is a single server.
+                if e.code != "invalid_argument":
+                    raise
+                answer = {}
+            replicas = [str(r) for r in answer.get("replicas", [])]
+            index = int(answer.get("index", 0))
+            if len(replicas) > MAX_REPLICAS or (replicas and not 0 <= index < len(replicas)):
+                raise HandoffError(f"the server at {self.endpoint} lists {len(replicas)} replicas "
+                                   f"and calls itself replica {index}", "internal")
+            self._topology = (replicas, index)
+        return self._topology
+
+    def _replica(self, replica: Optional[int]) -> Tuple[flight.FlightClient, str]:
+        """The connection to replica `replica` and its endpoint: this client's own for None (no
+        need to ask the topology), a single server or the replica it was given, else one opened
+        on first use."""
+        if replica is None:
+            return self._flight, self.endpoint
+        replicas, index = self.topology()
+        if len(replicas) <= 1 or replica == index:
+            return self._flight, self.endpoint
+        endpoint = replicas[replica]
+        if replica not in self._peers:
+            self._peers[replica] = self._connect(endpoint)
+        return self._peers[replica], endpoint
+
+    def _owner(self, link: str, partition: int) -> int:
+        replicas, index = self.topology()
+        return owner(link, partition, len(replicas)) if len(replicas) > 1 else index
 
     def __enter__(self) -> "HandoffClient":
         return self
@@ -237,21 +314,23 @@ class HandoffClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, endpoint: Optional[str] = None):
         try:
             return fn(*args)
         except pa.ArrowException as e:
-            raise _translate(e, self.endpoint) from e
+            raise _translate(e, endpoint or self.endpoint) from e
 
     # --- writes ---------------------------------------------------------------------------
 
     def _put(self, descriptor: flight.FlightDescriptor, schema: pa.Schema,
-             batches: Iterable[pa.RecordBatch]) -> int:
+             batches: Iterable[pa.RecordBatch], replica: Optional[int] = None) -> int:
+        """DoPut to replica `replica`, or to the server this client was given (None)."""
+        client, endpoint = self._replica(replica)
         rows = 0
 
         def run():
             nonlocal rows
-            writer, _ = self._flight.do_put(descriptor, schema, self._options)
+            writer, _ = client.do_put(descriptor, schema, self._options)
             try:
                 for batch in batches:
                     if batch.num_rows:
@@ -268,34 +347,37 @@ class HandoffClient:
                 raise
             writer.close()
 
-        self._call(run)
+        self._call(run, endpoint=endpoint)
         return rows
 
     def put(self, link: str, data, schema: Optional[pa.Schema] = None) -> int:
         """Append one partition (a Table, a RecordBatch, or batches with `schema`), committed when
-        the stream ends. Returns the rows written."""
+        the stream ends. Returns the rows written. Over several replicas, it stays on the one this
+        client was given (any replica takes appends)."""
         schema, batches = _batches(data, schema)
         return self._put(flight.FlightDescriptor.for_path(link), schema, batches)
 
     def put_partition(self, link: str, partition: int, attempt: int, data,
                       schema: Optional[pa.Schema] = None) -> int:
-        """Stage one attempt of one partition; invisible until `commit`. Returns the rows."""
+        """Stage one attempt of one partition; invisible until `commit`. Returns the rows. Over
+        several replicas it goes to the partition's owner, where its retries land too."""
         schema, batches = _batches(data, schema)
         command = pb.PutPartition(link=link, partition=partition, attempt=attempt)
-        return self._put(flight.FlightDescriptor.for_command(command.SerializeToString()), schema, batches)
+        return self._put(flight.FlightDescriptor.for_command(command.SerializeToString()), schema,
+                         batches, replica=self._owner(link, partition))
 
     def commit(self, link: str, attempts: Sequence[Tuple[int, int]], *, replace: bool = False) -> dict:
         """Publish exactly these (partition, attempt) pairs, atomically. With `replace`, the link
         then holds only them (an overwrite)."""
         message = pb.Commit(link=link, replace=replace, attempts=[
             pb.PartitionAttempt(partition=p, attempt=a) for p, a in attempts])
-        return self._json_action("commit", message.SerializeToString())
+        return self._planner_action("commit", message.SerializeToString())
 
     def abort(self, link: str, attempts: Sequence[Tuple[int, int]] = ()) -> dict:
         """Drop staged attempts; every staged attempt of the link when `attempts` is empty."""
         message = pb.Abort(link=link, attempts=[
             pb.PartitionAttempt(partition=p, attempt=a) for p, a in attempts])
-        return self._json_action("abort", message.SerializeToString())
+        return self._planner_action("abort", message.SerializeToString())
 
     # --- link actions ---------------------------------------------------------------------
 
@@ -315,7 +397,7 @@ class HandoffClient:
             ttl_seconds_after_read=ttl_seconds_after_read,
             writer_token=writer_token, reader_token=reader_token,
             schema=schema.serialize().to_pybytes() if schema is not None else b"")
-        return self._json_action("create", message.SerializeToString())
+        return self._planner_action("create", message.SerializeToString())
 
     def import_parquet(self, link: str, url: str, *, seal: bool = False) -> dict:
         """Fill `link` from Parquet the server can reach (`s3://bucket/path/*.parquet`), all files
@@ -324,13 +406,13 @@ class HandoffClient:
         return self._json_action("import", message.SerializeToString())
 
     def seal(self, link: str) -> dict:
-        return self._json_action("seal", link.encode())
+        return self._planner_action("seal", link.encode())
 
     def stats(self, link: str) -> dict:
-        return self._json_action("stats", link.encode())
+        return self._planner_action("stats", link.encode())
 
     def delete(self, link: str) -> dict:
-        return self._json_action("delete", link.encode())
+        return self._planner_action("delete", link.encode())
 
     def links(self) -> list:
         """Names of the links this token may see."""
@@ -338,10 +420,18 @@ class HandoffClient:
         return ["/".join(p.decode() if isinstance(p, bytes) else p for p in i.descriptor.path)
                 for i in infos]
 
-    def _json_action(self, kind: str, body: bytes) -> dict:
-        results = self._call(lambda: list(self._flight.do_action(flight.Action(kind, body), self._options)))
+    def _json_action(self, kind: str, body: bytes, replica: Optional[int] = None) -> dict:
+        """DoAction at replica `replica`, or at the server this client was given (None)."""
+        client, endpoint = self._replica(replica)
+        results = self._call(lambda: list(client.do_action(flight.Action(kind, body), self._options)),
+                             endpoint=endpoint)
         raw = b"".join(r.body.to_pybytes() for r in results)
         return json.loads(raw) if raw else {}
+
+    def _planner_action(self, kind: str, body: bytes) -> dict:
+        # Replica 0 plans: its create/abort/delete/stats reach every replica (elsewhere they are
+        # local only), and only it takes commit and seal.
+        return self._json_action(kind, body, replica=0)
 
     # --- reads ----------------------------------------------------------------------------
 

@@ -739,4 +739,132 @@ impl HandoffClient {
         let ticket = Ticket::new(proto::Ticket::shard(shard).encode_to_vec());
         Ok(self.flight.do_get(ticket).await?)
     }
+
+    /// One rank's shard as record batches, from one server or from every replica that holds
+    /// its rows. Over replicas the read is planned at replica 0 and each replica's endpoint is
+    /// read at once (HTTP/2 flow control bounds how far each runs ahead); batches come in plan
+    /// order, each exactly `batch_rows` rows, as from one server.
+    pub async fn shard_batches(
+        &mut self,
+        shard: ReadShard,
+    ) -> Result<futures::stream::BoxStream<'static, Result<RecordBatch>>> {
+        let topology = self.known_topology().await?.clone();
+        if topology.replicas.len() <= 1 {
+            let stream = self.read_shard(shard).await?;
+            return Ok(stream.map_err(ClientError::from).boxed());
+        }
+        let info = self.replica(0).await?.shard_info(&shard).await?;
+        let plan: Plan =
+            serde_json::from_slice(&info.app_metadata).map_err(|source| ClientError::Reply {
+                what: "the plan of a read over replicas".into(),
+                source,
+            })?;
+        let mut streams = Vec::with_capacity(info.endpoint.len());
+        for endpoint in &info.endpoint {
+            let location = endpoint.location.first().map(|l| l.uri.as_str());
+            let replica = topology
+                .replicas
+                .iter()
+                .position(|r| Some(r.as_str()) == location)
+                .ok_or_else(|| {
+                    ClientError::Protocol(format!("an endpoint at {location:?}, not a replica"))
+                })?;
+            let ticket = endpoint
+                .ticket
+                .clone()
+                .ok_or_else(|| ClientError::Protocol("endpoint without ticket".into()))?;
+            let client = self.replica(replica as u32).await?;
+            streams.push(client.do_get(ticket).await?);
+        }
+        let reader = PlanReader {
+            pending: vec![None; streams.len()],
+            streams,
+            batches: plan.batches.into_iter(),
+        };
+        Ok(futures::stream::unfold(reader, |mut reader| async move {
+            reader.next().await.map(|item| (item, reader))
+        })
+        .boxed())
+    }
+}
+
+/// The plan of a read over replicas, from its FlightInfo's `app_metadata`: for each batch, its
+/// pieces as (endpoint, rows) pairs, flattened.
+#[derive(Deserialize)]
+struct Plan {
+    batches: Vec<Vec<u64>>,
+}
+
+/// Takes each planned batch's pieces off the endpoints' streams, in plan order.
+struct PlanReader {
+    streams: Vec<FlightRecordBatchStream>,
+    /// Rows read from each stream and not used yet.
+    pending: Vec<Option<RecordBatch>>,
+    batches: std::vec::IntoIter<Vec<u64>>,
+}
+
+impl PlanReader {
+    async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        let pieces = self.batches.next()?;
+        let mut parts = Vec::with_capacity(pieces.len() / 2);
+        for piece in pieces.chunks(2) {
+            let &[endpoint, rows] = piece else {
+                return Some(Err(ClientError::Protocol(
+                    "a plan piece without rows".into(),
+                )));
+            };
+            match self.take(endpoint as usize, rows as usize).await {
+                Ok(part) => parts.push(part),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        match parts.len() {
+            1 => parts.pop().map(Ok),
+            _ => {
+                let schema = parts.first()?.schema();
+                Some(
+                    arrow_select::concat::concat_batches(&schema, &parts)
+                        .map_err(|e| ClientError::Flight(FlightError::Arrow(e))),
+                )
+            }
+        }
+    }
+
+    /// The next `rows` rows of one endpoint's stream.
+    async fn take(&mut self, endpoint: usize, rows: usize) -> Result<RecordBatch> {
+        let stream = self.streams.get_mut(endpoint).ok_or_else(|| {
+            ClientError::Protocol(format!(
+                "the plan names endpoint {endpoint}, which is not there"
+            ))
+        })?;
+        let mut parts = Vec::new();
+        let mut have = 0;
+        while have < rows {
+            let batch = match self.pending[endpoint].take() {
+                Some(batch) => batch,
+                None => stream.next().await.ok_or_else(|| {
+                    ClientError::Protocol(format!(
+                        "endpoint {endpoint} ended before its planned rows"
+                    ))
+                })??,
+            };
+            let want = rows - have;
+            if batch.num_rows() > want {
+                self.pending[endpoint] = Some(batch.slice(want, batch.num_rows() - want));
+                parts.push(batch.slice(0, want));
+                have = rows;
+            } else {
+                have += batch.num_rows();
+                parts.push(batch);
+            }
+        }
+        match parts.len() {
+            1 => Ok(parts.remove(0)),
+            _ => {
+                let schema = parts[0].schema();
+                arrow_select::concat::concat_batches(&schema, &parts)
+                    .map_err(|e| ClientError::Flight(FlightError::Arrow(e)))
+            }
+        }
+    }
 }

@@ -232,8 +232,14 @@ impl ReplicaConfig {
 
 /// A peer's failure, as the caller's status: its code, and which replica said it.
 fn peer_status(url: &str, what: &str, e: handoff_client::ClientError) -> Status {
-    let code = e.code().unwrap_or(tonic::Code::Unavailable);
-    Status::new(code, format!("replica {url} ({what}): {e}"))
+    match e {
+        // The peer's own sentence, not tonic's description of its code.
+        handoff_client::ClientError::Status(status) => Status::new(
+            status.code(),
+            format!("replica {url} ({what}): {}", status.message()),
+        ),
+        e => Status::unavailable(format!("replica {url} ({what}): {e}")),
+    }
 }
 
 #[cfg(test)]

@@ -224,6 +224,145 @@ async fn writes_land_on_owners_and_commit_exactly_once_over_three_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
+    let cluster = Cluster::start().await;
+    let mut writer = cluster.client(0, WRITER).await;
+    // Uneven parts: partition p has 5 + p rows, so each replica ends with a partial batch.
+    let mut all = Vec::new();
+    let mut winners = Vec::new();
+    for p in 0..12u64 {
+        let rows = 5 + p as usize;
+        let data = batch(p as i64 * 100, rows);
+        all.extend(ids(&data));
+        writer
+            .put_partition(LINK, p, 0, stream_of(vec![data]))
+            .await
+            .expect("put");
+        winners.push((p, 0));
+    }
+    writer.commit(LINK, &winners).await.expect("commit");
+    // Before the seal there is no plan: the counts are not final.
+    let mut reader = cluster.client(1, READER).await;
+    let err = reader
+        .shard_batches(handoff_client::ReadShard {
+            link: LINK.into(),
+            world_size: 1,
+            batch_rows: 7,
+            ..Default::default()
+        })
+        .await
+        .err()
+        .expect("not sealed");
+    assert_eq!(code(&err), Some(tonic::Code::Unavailable), "{err}");
+    writer.seal(LINK).await.expect("seal");
+    // The plan names every replica that holds rows, at its own endpoint.
+    let info = cluster
+        .client(0, READER)
+        .await
+        .shard_info(&handoff_client::ReadShard {
+            link: LINK.into(),
+            world_size: 1,
+            batch_rows: 7,
+            ..Default::default()
+        })
+        .await
+        .expect("plan");
+    let locations: Vec<String> = info
+        .endpoint
+        .iter()
+        .map(|e| e.location[0].uri.clone())
+        .collect();
+    assert_eq!(locations, cluster.peers, "{info:?}");
+    assert_eq!(info.total_records as usize, all.len().div_ceil(7) * 7);
+    let order = |shuffle: bool, epoch: u64| {
+        let shard = handoff_client::ReadShard {
+            link: LINK.into(),
+            world_size: 1,
+            batch_rows: 7,
+            shuffle,
+            epoch,
+            drop_last: true,
+            ..Default::default()
+        };
+        async {
+            let mut client = cluster.client(2, READER).await;
+            let mut batches = client.shard_batches(shard).await.expect("plan");
+            let mut got = Vec::new();
+            while let Some(b) = batches.next().await {
+                got.extend(ids(&b.expect("batch")));
+            }
+            got
+        }
+    };
+    let plain = order(false, 0).await;
+    let (one, two) = (order(true, 1).await, order(true, 2).await);
+    assert!(plain != one && one != two, "shuffled per epoch");
+    assert_eq!(order(true, 1).await, one, "the same epoch, the same order");
+    all.sort_unstable();
+    let total = all.len() as u64;
+    let batch_rows = 7u64;
+    for world in [1u32, 2, 3, 7] {
+        for shuffle in [false, true] {
+            for drop_last in [false, true] {
+                let mut per_rank = Vec::new();
+                for rank in 0..world {
+                    // Each rank asks a different replica; the plan is the planner's.
+                    let mut client = cluster.client(rank as usize % 3, READER).await;
+                    let shard = handoff_client::ReadShard {
+                        link: LINK.into(),
+                        rank,
+                        world_size: world,
+                        batch_rows,
+                        shuffle,
+                        drop_last,
+                        seed: 11,
+                        epoch: 2,
+                        ..Default::default()
+                    };
+                    let mut batches = client.shard_batches(shard).await.expect("plan");
+                    let mut got = Vec::new();
+                    while let Some(b) = batches.next().await {
+                        let b = b.expect("batch");
+                        assert_eq!(b.num_rows() as u64, batch_rows, "world {world} rank {rank}");
+                        got.push(ids(&b));
+                    }
+                    per_rank.push(got);
+                }
+                let what = format!("world {world} shuffle {shuffle} drop_last {drop_last}");
+                let counts: Vec<usize> = per_rank.iter().map(Vec::len).collect();
+                assert!(
+                    counts.windows(2).all(|w| w[0] == w[1]),
+                    "{what}: {counts:?}"
+                );
+                let per_round = batch_rows * u64::from(world);
+                let expected = if drop_last {
+                    total / per_round
+                } else {
+                    total.div_ceil(per_round)
+                };
+                assert_eq!(counts[0] as u64, expected, "{what}");
+                let mut read: Vec<i64> = per_rank.into_iter().flatten().flatten().collect();
+                read.sort_unstable();
+                let mut distinct = read.clone();
+                distinct.dedup();
+                if drop_last {
+                    assert_eq!(distinct.len(), read.len(), "{what}: a row twice");
+                    assert!(
+                        distinct.iter().all(|id| all.binary_search(id).is_ok()),
+                        "{what}"
+                    );
+                } else {
+                    // Every row at least once; only the padding repeats rows.
+                    assert_eq!(distinct, all, "{what}");
+                    assert_eq!(read.len() as u64, expected * per_round, "{what}");
+                }
+            }
+        }
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
     let cluster = Cluster::start().await;
     let mut admin = cluster.client(0, ADMIN).await;
@@ -304,7 +443,7 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
         .await
         .expect("records");
     assert!(records.is_empty(), "{records:?}");
-    // Reads over replicas are not built yet: a replica alone must not answer with a part.
+    // A shard ticket reads one server: a replica alone must not answer with part of a link.
     let err = admin
         .read_shard(handoff_client::ReadShard {
             link: LINK.into(),

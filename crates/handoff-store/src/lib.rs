@@ -39,8 +39,8 @@ pub use link::{
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use partition::Partition;
 pub use read::{
-    Chunk, Held, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter, read_partition,
-    read_shard,
+    Chunk, Held, MAX_RANGES, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter,
+    read_partition, read_ranges, read_shard,
 };
 pub use replicas::{ReplicaLayout, Segment};
 pub use shard::ShardSpec;

@@ -555,6 +555,11 @@ impl Link {
     /// Publish exactly these attempts, atomically, and drop the other staged attempts of the
     /// same partitions. With `replace`, everything committed before goes in the same step.
     /// Nothing changes unless every attempt can commit.
+    /// The published attempt of every published partition.
+    pub fn published(&self) -> HashMap<u64, u64> {
+        self.inner.read().committed_ids.clone()
+    }
+
     /// Whether [`Self::apply`] of these attempts would succeed now, publishing nothing: each is
     /// staged here or already published, and the link is open.
     pub fn check_apply(&self, attempts: &[(u64, u64)], replace: bool) -> Result<()> {

@@ -239,6 +239,139 @@ pub fn read_shard(
     rx
 }
 
+/// The most ranges one [`read_ranges`] serves: a rank's part of a replica in a plan of at most
+/// 2^24 batches.
+pub const MAX_RANGES: usize = 1 << 24;
+
+/// Rows `start..start + rows` of this link's order, range after range: its commit order, or
+/// its shuffle for `base`'s seed and epoch (its one-rank read, `world_size` 1). This is what one
+/// replica serves of a read planned over several replicas (issue 17): the planner's ranges are
+/// in this replica's own order. The link must be sealed, and every range within its rows.
+pub fn read_ranges(
+    link: Arc<Link>,
+    ranges: Vec<(u64, u64)>,
+    base: ShardSpec,
+    planner: Option<QueryPlanner>,
+    memory: ReadMemory,
+) -> Result<mpsc::Receiver<Result<Chunk>>> {
+    let snapshot = link.snapshot();
+    if snapshot.state != LinkState::Sealed {
+        return Err(StoreError::InvalidArgument(format!(
+            "link '{}' is {}; ranges are read from a sealed link",
+            link.name(),
+            snapshot.state
+        )));
+    }
+    if base.batch_rows == 0 {
+        return Err(StoreError::InvalidArgument(
+            "a range read needs batch_rows > 0".into(),
+        ));
+    }
+    if ranges.len() > MAX_RANGES {
+        return Err(StoreError::InvalidArgument(format!(
+            "{} ranges in one read; at most {MAX_RANGES}",
+            ranges.len()
+        )));
+    }
+    for &(start, rows) in &ranges {
+        let end = start.checked_add(rows);
+        if rows == 0 || end.is_none_or(|end| end > snapshot.rows) {
+            return Err(StoreError::InvalidArgument(format!(
+                "range {start}+{rows} is not within the {} rows of link '{}'",
+                snapshot.rows,
+                link.name()
+            )));
+        }
+    }
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    tokio::spawn(async move {
+        if let Err(e) = ranges_task(&link, ranges, base, planner, memory, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    Ok(rx)
+}
+
+async fn ranges_task(
+    link: &Arc<Link>,
+    ranges: Vec<(u64, u64)>,
+    base: ShardSpec,
+    planner: Option<QueryPlanner>,
+    memory: ReadMemory,
+    tx: &mpsc::Sender<Result<Chunk>>,
+) -> Result<()> {
+    let mut sent_schema = false;
+    for (start, rows) in ranges {
+        let batch_rows = base.batch_rows;
+        let spec = ShardSpec {
+            rank: 0,
+            world_size: 1,
+            drop_last: false,
+            start_batch: start / batch_rows,
+            ..base.clone()
+        };
+        let (mut skip, mut left) = (start % batch_rows, rows);
+        let mut inner = read_shard(
+            Arc::clone(link),
+            spec,
+            ReadMode::WaitForSeal,
+            planner.clone(),
+            memory.clone(),
+        );
+        while left > 0 {
+            let chunk = match inner.recv().await {
+                Some(item) => item?,
+                None => {
+                    return Err(StoreError::Corrupt {
+                        link: link.name().to_string(),
+                        detail: format!("a range read ended {left} rows short"),
+                    });
+                }
+            };
+            let n = match &chunk {
+                Chunk::Schema(_) if sent_schema => continue,
+                Chunk::Schema(_) => {
+                    sent_schema = true;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Chunk::Frame(frame) => frame.rows,
+                Chunk::Batch(batch, _) => batch.num_rows() as u64,
+            };
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let take = (n - skip).min(left);
+            let out = if skip == 0 && take == n {
+                chunk
+            } else {
+                // Only a range's ends cut a chunk; a stored frame is decoded to be cut.
+                let (batch, held) = match chunk {
+                    Chunk::Batch(batch, held) => (batch, held),
+                    Chunk::Frame(frame) => {
+                        let schema = link.schema().ok_or_else(|| StoreError::Corrupt {
+                            link: link.name().to_string(),
+                            detail: "a frame of a link without a schema".into(),
+                        })?;
+                        (frame.decode(&schema.schema)?, Held::default())
+                    }
+                    Chunk::Schema(_) => continue,
+                };
+                Chunk::Batch(batch.slice(skip as usize, take as usize), held)
+            };
+            skip = 0;
+            left -= take;
+            if tx.send(Ok(out)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
 struct Out {
     tx: mpsc::Sender<Result<Chunk>>,
     sent_schema: bool,

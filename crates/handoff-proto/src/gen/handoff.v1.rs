@@ -145,20 +145,51 @@ pub struct ReadPartition {
     #[prost(uint64, tag = "3")]
     pub generation: u64,
 }
+/// Rows start..start+rows of one replica's order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RowRange {
+    #[prost(uint64, tag = "1")]
+    pub start: u64,
+    #[prost(uint64, tag = "2")]
+    pub rows: u64,
+}
+/// One replica's part of a rank's read planned over several replicas (served at that replica):
+/// rows of this replica's order, range after range. The order is its committed rows in commit
+/// order, or, with shuffle, its own shuffle of them for (seed, epoch).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ReadRanges {
+    #[prost(string, tag = "1")]
+    pub link: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub ranges: ::prost::alloc::vec::Vec<RowRange>,
+    #[prost(uint64, tag = "3")]
+    pub batch_rows: u64,
+    #[prost(bool, tag = "4")]
+    pub shuffle: bool,
+    #[prost(uint64, tag = "5")]
+    pub seed: u64,
+    #[prost(uint64, tag = "6")]
+    pub epoch: u64,
+    /// Columns to send, in this order. Empty: all of them.
+    #[prost(string, repeated, tag = "7")]
+    pub columns: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
 /// The opaque Flight ticket that the server hands out in FlightInfo endpoints.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Ticket {
-    #[prost(oneof = "ticket::Kind", tags = "1, 2")]
+    #[prost(oneof = "ticket::Kind", tags = "1, 2, 3")]
     pub kind: ::core::option::Option<ticket::Kind>,
 }
 /// Nested message and enum types in `Ticket`.
 pub mod ticket {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Kind {
         #[prost(message, tag = "1")]
         Shard(super::ReadShard),
         #[prost(message, tag = "2")]
         Partition(super::ReadPartition),
+        #[prost(message, tag = "3")]
+        Ranges(super::ReadRanges),
     }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -214,6 +214,39 @@ impl HandoffService {
                     chunks
                 }
             }
+            Some(proto::ticket::Kind::Ranges(ranges)) => {
+                self.authorize(md, Access::Read, Some(&ranges.link))?;
+                let link = self.link(&ranges.link)?;
+                let base = ShardSpec {
+                    rank: 0,
+                    world_size: 1,
+                    epoch: ranges.epoch,
+                    seed: ranges.seed,
+                    batch_rows: ranges.batch_rows,
+                    shuffle: ranges.shuffle,
+                    drop_last: false,
+                    start_batch: 0,
+                };
+                let shard = proto::ReadShard {
+                    link: ranges.link.clone(),
+                    columns: ranges.columns.clone(),
+                    ..Default::default()
+                };
+                let (planner, _) = shard_query(&shard, &link)?;
+                let list = ranges.ranges.iter().map(|r| (r.start, r.rows)).collect();
+                let rx = handoff_store::read_ranges(
+                    link,
+                    list,
+                    base,
+                    planner,
+                    self.store.read_memory().clone(),
+                )
+                .map_err(status_of)?;
+                stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                })
+                .boxed()
+            }
             None => return Err(invalid("empty ticket; get one from GetFlightInfo")),
         };
         let mut encoder = ChunkEncoder::new(self.max_flight_data_size);

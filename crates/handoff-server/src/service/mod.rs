@@ -157,8 +157,9 @@ impl HandoffService {
         match &self.replicas {
             Some(r) if r.count() > 1 => Err(Status::unimplemented(format!(
                 "{what} of a link over {} replicas is not built yet: each replica holds only its \
-                 own partitions, so this replica alone would answer with part of the link; \
-                 `stats` at the planner (replica 0) counts the whole link",
+                 own partitions, so this replica alone would answer with part of the link. A \
+                 rank's shard is planned by GetFlightInfo at replica 0, whose endpoints name \
+                 every replica to read (handoff's clients do this)",
                 r.count()
             ))),
             _ => Ok(()),
@@ -284,8 +285,21 @@ impl FlightService for HandoffService {
                     .await;
             return self.record("get_flight_info", result);
         }
+        if let Some(replicas) = self.several()
+            && let Ok(Target::Shard(shard)) = parse_descriptor(request.get_ref())
+        {
+            let result = async {
+                self.authorize(request.metadata(), Access::Read, Some(&shard.link))?;
+                let descriptor = request.get_ref().clone();
+                self.shard_info_over_replicas(&replicas, shard, descriptor)
+                    .await
+                    .map(Response::new)
+            }
+            .await;
+            return self.record("get_flight_info", result);
+        }
         let result = (|| {
-            self.whole_link_here("GetFlightInfo")?;
+            self.whole_link_here("GetFlightInfo of a whole link")?;
             let descriptor = request.get_ref().clone();
             match parse_descriptor(&descriptor)? {
                 Target::Link(name) => {

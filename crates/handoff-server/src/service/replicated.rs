@@ -37,7 +37,16 @@ impl HandoffService {
         };
         if check_only {
             link.check_apply(attempts, replace).map_err(status_of)?;
-            return Ok(Applied::default());
+            // What is published already, so a commit repeated whole records nothing new.
+            let published = link.published();
+            let already = attempts
+                .iter()
+                .filter(|(p, a)| published.get(p) == Some(a))
+                .count();
+            return Ok(Applied {
+                already: already as u64,
+                ..Applied::default()
+            });
         }
         let (outcomes, already) = link.apply(attempts, replace).map_err(status_of)?;
         Ok(Applied {
@@ -73,9 +82,17 @@ impl HandoffService {
             )));
         }
         let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
-        replicas
+        let checked = replicas
             .each_owner(link, attempts, replace, true, &local)
             .await?;
+        if !replace && checked.already == attempts.len() as u64 {
+            // A driver that retries a commit it already made: nothing to record or publish.
+            return json_result(&serde_json::json!({
+                "committed": checked.already,
+                "already": checked.already,
+                "rows": 0,
+            }));
+        }
         let record = storage
             .record_commit(link, replace, attempts, replicas.count())
             .await
@@ -289,6 +306,155 @@ impl HandoffService {
         json_result(&serde_json::json!({"dropped": dropped}))
     }
 
+    /// A rank's read over every replica, planned at replica 0 once every part is sealed: one
+    /// endpoint per replica the rank reads from, whose ticket lists that replica's ranges in
+    /// plan order, and in `app_metadata` the plan, `{"batches": [[endpoint, rows, ...], ...]}`:
+    /// for each batch of the rank, its pieces in order. A reader takes each batch's pieces off
+    /// the endpoints' streams, in plan order.
+    pub(super) async fn shard_info_over_replicas(
+        &self,
+        replicas: &ReplicaConfig,
+        shard: proto::ReadShard,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("planning a read"));
+        }
+        let (spec, mode) = super::get::shard_spec(&shard);
+        spec.validate().map_err(status_of)?;
+        if mode == ReadMode::Streaming {
+            return Err(Status::unimplemented(
+                "a streaming read over several replicas is not built yet; read once the link is sealed",
+            ));
+        }
+        if !shard.filter.trim().is_empty() {
+            return Err(Status::unimplemented(
+                "a filtered read over several replicas is not built yet; filter in the loader, or with Flight SQL on a single server",
+            ));
+        }
+        if spec.batch_rows == 0 {
+            return Err(invalid(
+                "a read over several replicas needs batch_rows > 0: its batches come from different replicas",
+            ));
+        }
+        let stats = self.stats_over_replicas(replicas, &shard.link).await?;
+        let stats: serde_json::Value = serde_json::from_slice(&stats.body)
+            .map_err(|e| Status::internal(format!("stats over replicas: {e}")))?;
+        if stats["state"] != "sealed" {
+            return Err(Status::unavailable(format!(
+                "link '{}' is not sealed on every replica yet; a read over replicas is planned                  once it is: retry after the seal",
+                echo(&shard.link)
+            )));
+        }
+        let rows: Vec<u64> = stats["replicas"]
+            .as_array()
+            .map(|parts| {
+                parts
+                    .iter()
+                    .map(|p| p["rows"].as_u64().unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let total: u64 = rows.iter().sum();
+        // The plan takes 16 bytes a batch: reserved first, refused past the budget.
+        let mut held = self.store.memory().reservation(None);
+        held.try_grow(handoff_store::ReplicaLayout::bytes_for(
+            total,
+            spec.batch_rows,
+        ))
+        .map_err(status_of)?;
+        let local = self.link(&shard.link)?;
+        let schema = match local.schema() {
+            Some(schema) => schema.schema,
+            // This replica got no rows; one that did knows the schema.
+            None => match rows.iter().position(|r| *r > 0) {
+                Some(replica) => replicas
+                    .client(replica as u32)
+                    .await?
+                    .schema(&shard.link)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!("schema from replica {replica}: {e}"))
+                    })?,
+                None => Arc::new(arrow_schema::Schema::empty()),
+            },
+        };
+        let schema = match shard.columns.is_empty() {
+            true => schema,
+            false => {
+                let query = handoff_query::plan_read(&schema, &shard.columns, "")
+                    .map_err(|e| invalid(e.to_string()))?;
+                match query.projection {
+                    Some(columns) => Arc::new(
+                        schema
+                            .project(&columns)
+                            .map_err(|e| invalid(e.to_string()))?,
+                    ),
+                    None => schema,
+                }
+            }
+        };
+        let layout = handoff_store::ReplicaLayout::new(&rows, &spec).map_err(status_of)?;
+        let mut ranges: Vec<Vec<proto::RowRange>> = vec![Vec::new(); rows.len()];
+        let mut plan = Vec::new();
+        for segments in layout.rank_batches(&spec) {
+            let mut pieces = Vec::with_capacity(segments.len() * 2);
+            for seg in segments {
+                let list = &mut ranges[seg.replica as usize];
+                match list.last_mut() {
+                    Some(last) if last.start + last.rows == seg.start => last.rows += seg.rows,
+                    _ => list.push(proto::RowRange {
+                        start: seg.start,
+                        rows: seg.rows,
+                    }),
+                }
+                pieces.push(u64::from(seg.replica));
+                pieces.push(seg.rows);
+            }
+            plan.push(pieces);
+        }
+        // Endpoint numbers in the plan: replicas the rank reads from, in replica order.
+        let mut endpoint_of = vec![u64::MAX; rows.len()];
+        let mut info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_descriptor(descriptor)
+            .with_total_records(i64::try_from(spec.rows_for_rank(total)).unwrap_or(-1))
+            .with_ordered(true);
+        let mut next = 0u64;
+        for (replica, list) in ranges.into_iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            endpoint_of[replica] = next;
+            next += 1;
+            let ticket = proto::ReadRanges {
+                link: shard.link.clone(),
+                ranges: list,
+                batch_rows: spec.batch_rows,
+                shuffle: spec.shuffle,
+                seed: spec.seed,
+                epoch: spec.epoch,
+                columns: shard.columns.clone(),
+            };
+            let ticket = proto::Ticket {
+                kind: Some(proto::ticket::Kind::Ranges(ticket)),
+            };
+            info = info.with_endpoint(
+                FlightEndpoint::new()
+                    .with_ticket(Ticket::new(ticket.encode_to_vec()))
+                    .with_location(replicas.url(replica as u32)),
+            );
+        }
+        for pieces in &mut plan {
+            for piece in pieces.iter_mut().step_by(2) {
+                *piece = endpoint_of[*piece as usize];
+            }
+        }
+        let about = serde_json::json!({ "batches": plan });
+        Ok(info.with_app_metadata(about.to_string()))
+    }
+
     /// Replica to replica: check or publish this replica's part of a commit.
     pub(super) fn apply_action(
         &self,
@@ -410,7 +576,11 @@ fn merge_stats(
         "state".into(),
         if sealed { "sealed" } else { "open" }.into(),
     );
-    let first = parts.iter().find(|p| !p.is_null());
+    // A replica that got no rows has an empty schema; one that got rows has the link's.
+    let first = parts
+        .iter()
+        .find(|p| p["schema"].as_array().is_some_and(|s| !s.is_empty()))
+        .or_else(|| parts.iter().find(|p| !p.is_null()));
     for key in ["schema", "memory_limit", "memory_policy"] {
         if let Some(value) = first.map(|p| p[key].clone()) {
             whole.insert(key.into(), value);
