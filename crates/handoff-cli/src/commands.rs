@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use arrow_array::RecordBatch;
 use clap::Args;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use handoff_client::{ClientConfig, HandoffClient, ReadShard};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -257,9 +257,15 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
                 .ok()
                 .map(std::sync::Arc::new);
             let total = (info.total_records >= 0).then_some(info.total_records as u64);
+            // One server's stream, or every replica's read at once, in plan order.
             (
                 total,
-                vec![client.read_shard(shard).await.map_err(|e| e.to_string())?],
+                vec![
+                    client
+                        .shard_batches(shard)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                ],
             )
         }
         _ => {
@@ -267,6 +273,10 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
                 .read_link(&args.link)
                 .await
                 .map_err(|e| e.to_string())?;
+            let streams = streams
+                .into_iter()
+                .map(|s| s.map_err(handoff_client::ClientError::from).boxed())
+                .collect();
             (Some(info.total_records.max(0) as u64), streams)
         }
     };
@@ -275,7 +285,7 @@ pub async fn get(args: GetArgs) -> Result<(), String> {
     let (mut rows, mut bytes) = (0u64, 0u64);
     for stream in &mut streams {
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|e| handoff_client::ClientError::from(e).to_string())?;
+            let batch = batch.map_err(|e| e.to_string())?;
             if output.is_none() {
                 output = Some(Output::create(&args.out, format, &batch.schema())?);
             }

@@ -727,8 +727,10 @@ impl HandoffClient {
     }
 
     /// The FlightInfo of one rank's shard: its schema and, for a sealed link, its row count.
+    /// Over replicas it is replica 0's plan (see [`Self::shard_batches`]).
     pub async fn shard_info(&mut self, shard: &ReadShard) -> Result<FlightInfo> {
-        Ok(self
+        let planner = self.replica(0).await?;
+        Ok(planner
             .flight
             .get_flight_info(FlightDescriptor::new_cmd(shard.encode_to_vec()))
             .await?)
@@ -753,7 +755,7 @@ impl HandoffClient {
             let stream = self.read_shard(shard).await?;
             return Ok(stream.map_err(ClientError::from).boxed());
         }
-        let info = self.replica(0).await?.shard_info(&shard).await?;
+        let info = self.shard_info(&shard).await?;
         let plan: Plan =
             serde_json::from_slice(&info.app_metadata).map_err(|source| ClientError::Reply {
                 what: "the plan of a read over replicas".into(),

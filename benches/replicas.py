@@ -1,0 +1,174 @@
+"""Aggregate read throughput of one link over 1, 2, 3 ... server replicas, each replica in its
+own network namespace and capped at a share of a core (cgroup v1 `cpu.cfs_quota_us`), so that
+on a small machine the servers, not the readers, are the bottleneck. Reports each replica
+count's rate and its ratio to one replica under the same cap (issue 17).
+
+    sudo python3 benches/replicas.py --bin target/dist/handoff [--replicas 1,2,3] [--cpu 0.25]
+
+Needs root (namespaces, a bridge, cgroups). The readers are `handoff get` processes, one per
+rank, in the root namespace and not capped; they read every rank's shard at once, as the ranks
+of one epoch do. Without root it says so and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+from benchkit import cpu_seconds, wide_rows  # noqa: E402
+
+BRIDGE = "hbench0"
+SUBNET = "10.88.0"
+CGROUP = Path("/sys/fs/cgroup/cpu")
+PORT = 8815
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def quiet(*args: str) -> None:
+    subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Replicas:
+    """n `handoff serve --peers` processes, replica i in namespace hb<i> at 10.88.0.<10+i>."""
+
+    def __init__(self, binary: str, n: int, cpu: float, tmp: Path):
+        self.n = n
+        self.addrs = [f"{SUBNET}.{10 + i}" for i in range(n)]
+        self.peers = [f"grpc://{a}:{PORT}" for a in self.addrs]
+        self.procs: list[subprocess.Popen] = []
+        quiet("ip", "link", "add", BRIDGE, "type", "bridge")
+        quiet("ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
+        for i, addr in enumerate(self.addrs):
+            ns, veth = f"hb{i}", f"hbv{i}"
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            group = CGROUP / f"handoff-bench-r{i}"
+            group.mkdir(exist_ok=True)
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text(str(int(cpu * 100000)))
+            spill = tmp / f"r{i}"
+            spill.mkdir()
+            log = open(tmp / f"r{i}.log", "w")
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, binary, "serve", "--no-auth",
+                 "--listen", f"{addr}:{PORT}", "--http-listen", "127.0.0.1:0",
+                 "--spill-url", f"file://{spill}", "--peers", ",".join(self.peers),
+                 "--replica-index", str(i)],
+                stdout=subprocess.PIPE, stderr=log, text=True,
+                env=dict(os.environ, RUST_LOG="warn"))
+            # The cap holds from here on: loading and reading both run under it.
+            (group / "cgroup.procs").write_text(str(proc.pid))
+            line = proc.stdout.readline()
+            if not line.startswith("handoff listening"):
+                raise RuntimeError(f"replica {i} did not start: {line!r}; see {tmp}/r{i}.log")
+            self.procs.append(proc)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for i in range(self.n):
+            quiet("ip", "netns", "delete", f"hb{i}")
+            group = CGROUP / f"handoff-bench-r{i}"
+            if group.exists():
+                quiet("rmdir", str(group))
+        quiet("ip", "link", "delete", BRIDGE)
+
+
+def load(endpoint: str, link: str, partitions: int, rows: int) -> int:
+    from handoff.client import HandoffClient
+
+    with HandoffClient(endpoint) as client:
+        for p in range(partitions):
+            client.put_partition(link, p, 0, wide_rows(p * rows, rows))
+        client.commit(link, [(p, 0) for p in range(partitions)])
+        return client.seal(link)["bytes"]
+
+
+def read(binary: str, endpoint: str, link: str, world: int, batch_rows: int, tmp: Path) -> float:
+    """Every rank's shard at once, each by one `handoff get`; returns the wall seconds."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(
+        [binary, "get", "--link", link, "--endpoint", endpoint, "--rank", str(r), "--world-size", str(world),
+         "--batch-rows", str(batch_rows), "--quiet", "--format", "arrow",
+         "--out", str(tmp / f"rank{r}.arrow")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    for r, proc in enumerate(procs):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"rank {r}: {err.strip()}")
+    elapsed = time.perf_counter() - started
+    for r in range(world):
+        (tmp / f"rank{r}.arrow").unlink()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bin", default="target/dist/handoff")
+    parser.add_argument("--replicas", default="1,2,3", help="replica counts to measure")
+    parser.add_argument("--cpu", type=float, default=0.25, help="cores each replica may use")
+    parser.add_argument("--partitions", type=int, default=24)
+    parser.add_argument("--rows", type=int, default=8192, help="1 KiB rows per partition")
+    parser.add_argument("--world", type=int, default=4, help="ranks reading at once")
+    parser.add_argument("--batch-rows", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not shutil.which("ip") or not CGROUP.is_dir():
+        print("needs root, iproute2 and cgroup v1's cpu controller; nothing measured")
+        return 2
+    binary = str(Path(args.bin).resolve())
+    counts = [int(n) for n in args.replicas.split(",")]
+    print(f"{args.partitions} partitions x {args.rows} rows of 1 KiB, {args.world} ranks, "
+          f"batch_rows {args.batch_rows}, each replica capped at {args.cpu} core, "
+          f"{args.rounds} rounds (median)")
+    print(f"{'replicas':>8} {'MB/s':>8} {'x one':>6} {'server CPU s/GiB':>17}")
+    base = None
+    for n in counts:
+        with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
+            tmp = Path(tmp)
+            replicas = Replicas(binary, n, args.cpu, tmp)
+            try:
+                size = load(replicas.peers[0], "bench/features", args.partitions, args.rows)
+                times, cpus = [], []
+                for _ in range(args.rounds):
+                    before = replicas.cpu()
+                    times.append(read(binary, replicas.peers[0], "bench/features", args.world,
+                                      args.batch_rows, tmp))
+                    cpus.append(replicas.cpu() - before)
+            finally:
+                replicas.close()
+        rate = size / statistics.median(times) / 1e6
+        base = base or rate
+        cpu_per_gib = statistics.median(cpus) / (size / 2**30)
+        print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
