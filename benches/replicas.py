@@ -110,6 +110,23 @@ def load(endpoint: str, link: str, partitions: int, rows: int) -> int:
         return client.seal(link)["bytes"]
 
 
+def plan_ms(endpoint: str, link: str, world: int, batch_rows: int, calls: int = 20) -> float:
+    """Median milliseconds of one rank's GetFlightInfo at replica 0: what planning costs."""
+    import pyarrow.flight as flight
+    from handoff._proto import handoff_pb2 as pb
+
+    client = flight.connect(endpoint)
+    shard = pb.ReadShard(link=link, rank=0, world_size=world, batch_rows=batch_rows)
+    descriptor = flight.FlightDescriptor.for_command(shard.SerializeToString())
+    took = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        client.get_flight_info(descriptor)
+        took.append((time.perf_counter() - started) * 1000)
+    client.close()
+    return statistics.median(took)
+
+
 def read(binary: str, endpoint: str, link: str, world: int, batch_rows: int, tmp: Path) -> float:
     """Every rank's shard at once, each by one `handoff get`; returns the wall seconds."""
     started = time.perf_counter()
@@ -147,7 +164,7 @@ def main() -> int:
     print(f"{args.partitions} partitions x {args.rows} rows of 1 KiB, {args.world} ranks, "
           f"batch_rows {args.batch_rows}, each replica capped at {args.cpu} core, "
           f"{args.rounds} rounds (median)")
-    print(f"{'replicas':>8} {'MB/s':>8} {'x one':>6} {'server CPU s/GiB':>17}")
+    print(f"{'replicas':>8} {'MB/s':>8} {'x one':>6} {'server CPU s/GiB':>17} {'plan ms':>8}")
     base = None
     for n in counts:
         with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
@@ -161,12 +178,15 @@ def main() -> int:
                     times.append(read(binary, replicas.peers[0], "bench/features", args.world,
                                       args.batch_rows, tmp))
                     cpus.append(replicas.cpu() - before)
+                planning = plan_ms(replicas.peers[0], "bench/features", args.world,
+                                   args.batch_rows)
             finally:
                 replicas.close()
         rate = size / statistics.median(times) / 1e6
         base = base or rate
         cpu_per_gib = statistics.median(cpus) / (size / 2**30)
-        print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f}", flush=True)
+        print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} {planning:>8.2f}",
+              flush=True)
     return 0
 
 

@@ -37,7 +37,13 @@ pub struct ReplicaConfig {
     index: u32,
     /// The admin token replicas call each other with; `None` when auth is off.
     token: Option<String>,
+    /// Idle connections to other replicas, by index: a plan asks every replica for its counts,
+    /// and a fresh connection per call would cost more than the call.
+    idle: std::sync::Arc<std::sync::Mutex<BTreeMap<u32, Vec<HandoffClient>>>>,
 }
+
+/// Idle connections kept per replica: about as many as calls run at once.
+const IDLE_PER_REPLICA: usize = 4;
 
 impl ReplicaConfig {
     /// `Err` says what is wrong with the flags, in a sentence that names the fix.
@@ -71,6 +77,7 @@ impl ReplicaConfig {
             peers,
             index,
             token,
+            idle: Default::default(),
         })
     }
 
@@ -222,11 +229,32 @@ impl ReplicaConfig {
         action: &str,
         body: Vec<u8>,
     ) -> Result<bytes::Bytes, Status> {
-        let mut client = self.client(replica).await?;
-        client
-            .raw_action(action, body)
-            .await
-            .map_err(|e| peer_status(self.url(replica), action, e))
+        let idle = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.get_mut(&replica).and_then(Vec::pop));
+        let mut client = match idle {
+            Some(client) => client,
+            None => self.client(replica).await?,
+        };
+        let result = client.raw_action(action, body).await;
+        // A connection that answered (even with an error status) is kept; a broken one is not.
+        // A status with a source never reached the peer's handler: the transport failed.
+        let answered = match &result {
+            Ok(_) => true,
+            Err(handoff_client::ClientError::Status(status)) => {
+                std::error::Error::source(status).is_none()
+            }
+            Err(_) => false,
+        };
+        if answered && let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(replica).or_default();
+            if list.len() < IDLE_PER_REPLICA {
+                list.push(client);
+            }
+        }
+        result.map_err(|e| peer_status(self.url(replica), action, e))
     }
 }
 

@@ -177,15 +177,20 @@ impl HandoffService {
         replicas: &ReplicaConfig,
         link: &str,
     ) -> Result<arrow_flight::Result, Status> {
-        let mut parts = Vec::with_capacity(replicas.count() as usize);
-        for replica in 0..replicas.count() {
-            let reply = if replica == replicas.index() {
+        // Every replica at once: a plan waits for the slowest, not for the sum.
+        let replies = futures::future::join_all((0..replicas.count()).map(|replica| async move {
+            if replica == replicas.index() {
                 self.stats_json(link).map(|r| r.body)
             } else {
                 replicas
                     .call(replica, proto::actions::STATS, link.as_bytes().to_vec())
                     .await
-            };
+            }
+        }))
+        .await;
+        let mut parts = Vec::with_capacity(replies.len());
+        for (replica, reply) in replies.into_iter().enumerate() {
+            let replica = replica as u32;
             let part: serde_json::Value = match reply {
                 Ok(body) => serde_json::from_slice(&body).map_err(|e| {
                     Status::internal(format!(
