@@ -14,7 +14,7 @@ use prost::Message;
 use tonic::Status;
 
 /// What applying (or checking) a commit's part did on a replica.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     /// Attempts published now.
     pub committed: u64,
@@ -22,6 +22,12 @@ pub struct Applied {
     pub already: u64,
     /// Rows published now.
     pub rows: u64,
+    /// The replica's server instance: a later, different one means it restarted and its memory
+    /// started over (`BTreeMap` over replicas once summed up by the planner).
+    #[serde(default)]
+    pub instance: String,
+    #[serde(default)]
+    pub instances: BTreeMap<u32, String>,
 }
 
 /// How the planner applies (or, with the last flag, checks) its own part of a commit: the
@@ -190,6 +196,7 @@ impl ReplicaConfig {
             total.committed = total.committed.saturating_add(applied.committed);
             total.already = total.already.saturating_add(applied.already);
             total.rows = total.rows.saturating_add(applied.rows);
+            total.instances.insert(replica, applied.instance);
         }
         Ok(total)
     }
@@ -216,7 +223,7 @@ impl ReplicaConfig {
             .each_owner(&record.link, &record.attempts, record.replace, false, local)
             .await?;
         storage
-            .mark_applied(record)
+            .mark_applied(record, &applied.instances)
             .await
             .map_err(crate::error::status_of)?;
         Ok(applied)

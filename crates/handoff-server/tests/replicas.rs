@@ -24,6 +24,8 @@ struct Cluster {
     peers: Vec<String>,
     /// Each replica's object storage (the planner's holds the commit records).
     dirs: Vec<tempfile::TempDir>,
+    /// Every replica snapshots its part at the seal (`--snapshot-on-seal`).
+    snapshots: bool,
 }
 
 fn config(peers: &[String], index: u32) -> ServerConfig {
@@ -41,6 +43,10 @@ fn storage(dir: &tempfile::TempDir) -> ObjectStorage {
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(snapshots: bool) -> Self {
         let mut listeners = Vec::new();
         for _ in 0..REPLICAS {
             listeners.push(
@@ -60,6 +66,7 @@ impl Cluster {
         for (i, listener) in listeners.into_iter().enumerate() {
             let store = StoreConfig {
                 storage: Some(storage(&dirs[i])),
+                snapshot_on_seal: snapshots,
                 ..StoreConfig::default()
             };
             servers.push(Some(
@@ -70,6 +77,7 @@ impl Cluster {
             servers,
             peers,
             dirs,
+            snapshots,
         }
     }
 
@@ -83,15 +91,28 @@ impl Cluster {
 
     /// Stop replica `i` (its memory goes with it) and start it again on the same address.
     async fn restart(&mut self, i: usize) {
+        self.restart_restoring(i, false).await;
+    }
+
+    /// Like `restart`; with `restore`, the replica loads its snapshots first, as
+    /// `serve --restore-from` does.
+    async fn restart_restoring(&mut self, i: usize, restore: bool) {
         self.servers[i].take().expect("running").stop().await;
         let addr = self.peers[i].trim_start_matches("grpc://");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
-        let store = StoreConfig {
+        let store = handoff_store::Store::new(StoreConfig {
             storage: Some(storage(&self.dirs[i])),
+            snapshot_on_seal: self.snapshots,
             ..StoreConfig::default()
-        };
+        });
+        if restore {
+            store
+                .restore_all(&storage(&self.dirs[i]))
+                .await
+                .expect("restore");
+        }
         self.servers[i] =
-            Some(Fixture::start_on(listener, config(&self.peers, i as u32), store).await);
+            Some(Fixture::start_with_store(listener, config(&self.peers, i as u32), store).await);
     }
 
     /// (partition, attempt, rows) of every published partition, by replica.
@@ -359,6 +380,102 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
             }
         }
     }
+    cluster.stop().await;
+}
+
+/// Every rank's ids of one unshuffled epoch over the cluster.
+async fn epoch_ids(cluster: &Cluster, world: u32) -> Vec<i64> {
+    let mut read = Vec::new();
+    for rank in 0..world {
+        let mut client = cluster.client(rank as usize % 3, READER).await;
+        let shard = handoff_client::ReadShard {
+            link: LINK.into(),
+            rank,
+            world_size: world,
+            batch_rows: 4,
+            drop_last: true,
+            ..Default::default()
+        };
+        let mut batches = client.shard_batches(shard).await.expect("plan");
+        while let Some(b) = batches.next().await {
+            read.extend(ids(&b.expect("batch")));
+        }
+    }
+    read.sort_unstable();
+    read
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_killed_after_the_seal_restores_its_part_from_its_snapshot() {
+    let mut cluster = Cluster::start_with(true).await;
+    let mut writer = cluster.client(0, WRITER).await;
+    for p in 0..12u64 {
+        stage(&mut writer, p, 0).await;
+    }
+    let winners: Vec<(u64, u64)> = (0..12).map(|p| (p, 0)).collect();
+    writer.commit(LINK, &winners).await.expect("commit");
+    let sealed = writer.seal(LINK).await.expect("seal");
+    let before = epoch_ids(&cluster, 2).await;
+    assert_eq!(before.len(), 120);
+    let victim = (1..REPLICAS as usize)
+        .max_by_key(|r| sealed.replicas[*r].rows)
+        .expect("a replica with rows");
+    assert!(sealed.replicas[victim].rows > 0);
+    cluster.restart_restoring(victim, true).await;
+    let mut reader = cluster.client(0, READER).await;
+    let stats = reader.stats(LINK).await.expect("stats");
+    assert_eq!((stats.state.as_str(), stats.rows), ("sealed", 120));
+    assert_eq!(stats.replicas[victim], sealed.replicas[victim]);
+    assert_ne!(
+        stats.server_instance, sealed.server_instance,
+        "a replica restarted"
+    );
+    assert_eq!(epoch_ids(&cluster, 2).await, before);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_lost_before_the_seal_says_which_partitions_and_blocks_the_seal() {
+    let mut cluster = Cluster::start().await;
+    let mut writer = cluster.client(0, WRITER).await;
+    for p in 0..12u64 {
+        stage(&mut writer, p, 0).await;
+    }
+    let winners: Vec<(u64, u64)> = (0..12).map(|p| (p, 0)).collect();
+    writer.commit(LINK, &winners).await.expect("commit");
+    let victim = 2u32;
+    let gone: Vec<u64> = (0..12)
+        .filter(|p| owner(LINK, *p, REPLICAS) == victim)
+        .collect();
+    assert!(!gone.is_empty());
+    cluster.restart(victim as usize).await;
+    let stats: serde_json::Value = serde_json::from_slice(
+        &cluster
+            .client(0, ADMIN)
+            .await
+            .raw_action("stats", LINK.as_bytes().to_vec())
+            .await
+            .expect("stats"),
+    )
+    .expect("json");
+    assert_eq!(stats["lost"][0]["replica"], victim, "{stats}");
+    assert_eq!(
+        stats["lost"][0]["partitions"],
+        serde_json::json!(gone),
+        "{stats}"
+    );
+    let err = writer.seal(LINK).await.expect_err("lost partitions");
+    assert_eq!(code(&err), Some(tonic::Code::DataLoss), "{err}");
+    assert!(err.to_string().contains(&format!("{gone:?}")), "{err}");
+    // The job writes them again: then nothing is missing and the link seals whole.
+    let mut writer = cluster.client(1, WRITER).await;
+    for &p in &gone {
+        stage(&mut writer, p, 1).await;
+    }
+    let again: Vec<(u64, u64)> = gone.iter().map(|&p| (p, 1)).collect();
+    writer.commit(LINK, &again).await.expect("commit again");
+    let sealed = writer.seal(LINK).await.expect("seal");
+    assert_eq!(sealed.rows, 120);
     cluster.stop().await;
 }
 

@@ -9,6 +9,8 @@
 //! `commits/<link>/<seq>.applied`, the marker. `<seq>` is zero-padded to 20 digits so that
 //! names sort in commit order.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,14 @@ use crate::storage::ObjectStorage;
 /// Tries at a sequence number before giving up: each failure means another planner just
 /// recorded a commit of the same link, which a job never does on purpose.
 const RECORD_TRIES: u32 = 16;
+
+/// The applied marker's content.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Applied {
+    /// Each owner's server instance when it applied its part; older markers have none.
+    #[serde(default)]
+    instances: BTreeMap<u32, String>,
+}
 
 /// One recorded commit decision.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,13 +97,52 @@ impl ObjectStorage {
         })
     }
 
-    /// Mark a recorded commit as applied on every replica.
-    pub async fn mark_applied(&self, record: &CommitRecord) -> Result<()> {
+    /// Mark a recorded commit as applied on every replica, with each owner's server instance
+    /// at the time: a replica whose instance changed since restarted and lost what it held.
+    pub async fn mark_applied(
+        &self,
+        record: &CommitRecord,
+        instances: &BTreeMap<u32, String>,
+    ) -> Result<()> {
+        let body = serde_json::to_vec(&Applied {
+            instances: instances.clone(),
+        })
+        .map_err(|e| StoreError::CommitRecord {
+            link: record.link.clone(),
+            detail: format!("its applied marker cannot be encoded: {e}"),
+        })?;
         self.put(
             &self.record_path(&record.link, record.seq, "applied"),
-            vec![Bytes::from_static(b"{}")],
+            vec![Bytes::from(body)],
         )
         .await
+    }
+
+    /// Every applied commit of one link, in commit order, with the owners' instances when it
+    /// was applied.
+    pub async fn applied_commits(
+        &self,
+        link: &str,
+    ) -> Result<Vec<(CommitRecord, BTreeMap<u32, String>)>> {
+        let objects = self.list(&self.commits_dir(link)).await?;
+        let mut applied = Vec::new();
+        for meta in objects
+            .iter()
+            .filter(|m| m.location.extension() == Some("applied"))
+        {
+            let record_path = with_extension(&meta.location, "json");
+            let bad = |what: &str, e: serde_json::Error| StoreError::CommitRecord {
+                link: link.to_string(),
+                detail: format!("{what} {} is not valid ({e})", meta.location),
+            };
+            let record: CommitRecord = serde_json::from_slice(&self.get(&record_path).await?)
+                .map_err(|e| bad("the record of", e))?;
+            let marker: Applied = serde_json::from_slice(&self.get(&meta.location).await?)
+                .map_err(|e| bad("the applied marker", e))?;
+            applied.push((record, marker.instances));
+        }
+        applied.sort_by_key(|(record, _)| record.seq);
+        Ok(applied)
     }
 
     /// Every recorded commit without its applied marker, in commit order per link. A record
@@ -186,7 +235,14 @@ mod tests {
         assert_eq!((first.seq, second.seq, other.seq), (0, 1, 0));
         let pending = storage.pending_commits().await.expect("pending");
         assert_eq!(pending, vec![other.clone(), first.clone(), second.clone()]);
-        storage.mark_applied(&first).await.expect("mark");
+        storage
+            .mark_applied(&first, &BTreeMap::from([(0, "i0".to_string())]))
+            .await
+            .expect("mark");
+        let applied = storage.applied_commits("team/a").await.expect("applied");
+        assert_eq!(applied.len(), 1);
+        assert_eq!(applied[0].0, first);
+        assert_eq!(applied[0].1[&0], "i0");
         let pending = storage.pending_commits().await.expect("pending");
         assert_eq!(pending, vec![other, second]);
         assert_eq!(storage.forget_commits("team/a").await.expect("forget"), 3);

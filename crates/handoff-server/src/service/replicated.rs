@@ -31,7 +31,10 @@ impl HandoffService {
             Ok(link) => link,
             // No partition of it was written here; a replace leaves it empty anyway.
             Err(StoreError::UnknownLink(_)) if attempts.is_empty() => {
-                return Ok(Applied::default());
+                return Ok(Applied {
+                    instance: self.store.instance().to_string(),
+                    ..Applied::default()
+                });
             }
             Err(e) => return Err(status_of(e)),
         };
@@ -45,6 +48,7 @@ impl HandoffService {
                 .count();
             return Ok(Applied {
                 already: already as u64,
+                instance: self.store.instance().to_string(),
                 ..Applied::default()
             });
         }
@@ -53,6 +57,8 @@ impl HandoffService {
             committed: outcomes.len() as u64,
             already: already as u64,
             rows: outcomes.iter().map(|o| o.rows).sum(),
+            instance: self.store.instance().to_string(),
+            ..Applied::default()
         })
     }
 
@@ -141,6 +147,19 @@ impl HandoffService {
                 )));
             }
         }
+        // A replica that restarted after commits were applied there lost them: sealing would
+        // publish the link without them.
+        let parts = self.replica_parts(replicas, link).await?;
+        let lost = self.lost_parts(replicas, link, &parts).await?;
+        if let Some((replica, partitions)) = lost.first() {
+            return Err(Status::data_loss(format!(
+                "replica {replica} ({}) restarted after partitions {partitions:?} of link '{}' \
+                 were published there, and no longer holds them: they are lost. Write them \
+                 again (rerun the job, or its tasks for them) and commit, then seal",
+                replicas.url(*replica),
+                echo(link)
+            )));
+        }
         for replica in 0..replicas.count() {
             if replica == replicas.index() {
                 self.seal_local(link).await?;
@@ -177,6 +196,76 @@ impl HandoffService {
         replicas: &ReplicaConfig,
         link: &str,
     ) -> Result<arrow_flight::Result, Status> {
+        let parts = self.replica_parts(replicas, link).await?;
+        let mut whole = merge_stats(link, replicas, &parts);
+        let lost = self.lost_parts(replicas, link, &parts).await?;
+        if !lost.is_empty() {
+            whole["lost"] = lost
+                .iter()
+                .map(|(replica, partitions)| {
+                    serde_json::json!({"replica": replica, "endpoint": replicas.url(*replica),
+                                       "partitions": partitions})
+                })
+                .collect();
+        }
+        json_result(&whole)
+    }
+
+    /// Partitions the commit records put on a replica that has restarted since, and holds
+    /// fewer partitions than they name (a snapshot would have brought them all back), by
+    /// replica. `parts` are the replicas' stats (null: it has no such link).
+    async fn lost_parts(
+        &self,
+        replicas: &ReplicaConfig,
+        link: &str,
+        parts: &[serde_json::Value],
+    ) -> Result<Vec<(u32, Vec<u64>)>, Status> {
+        let Some(storage) = self.store.storage() else {
+            return Ok(Vec::new());
+        };
+        let applied = storage.applied_commits(link).await.map_err(status_of)?;
+        let now = |replica: u32| {
+            parts[replica as usize]["server_instance"]
+                .as_str()
+                .unwrap_or("")
+        };
+        let mut expected: std::collections::BTreeMap<u32, HashSet<u64>> = Default::default();
+        let mut stale: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>> =
+            Default::default();
+        for (record, instances) in applied {
+            if record.replace {
+                expected.clear();
+                stale.clear();
+            }
+            for (replica, part) in replicas.split(link, &record.attempts) {
+                let ids = part.iter().map(|(p, _)| *p);
+                expected.entry(replica).or_default().extend(ids.clone());
+                if instances
+                    .get(&replica)
+                    .is_some_and(|then| then != now(replica))
+                {
+                    stale.entry(replica).or_default().extend(ids);
+                }
+            }
+        }
+        Ok(stale
+            .into_iter()
+            .filter(|(replica, _)| {
+                let held = parts[*replica as usize]["partitions"].as_u64().unwrap_or(0);
+                let wanted = expected.get(replica).map_or(0, HashSet::len) as u64;
+                held < wanted
+            })
+            .map(|(replica, ids)| (replica, ids.into_iter().collect()))
+            .filter(|(_, ids): &(u32, Vec<u64>)| !ids.is_empty())
+            .collect())
+    }
+
+    /// Every replica's stats of the link (null where it has none), asked at once.
+    async fn replica_parts(
+        &self,
+        replicas: &ReplicaConfig,
+        link: &str,
+    ) -> Result<Vec<serde_json::Value>, Status> {
         // Every replica at once: a plan waits for the slowest, not for the sum.
         let replies = futures::future::join_all((0..replicas.count()).map(|replica| async move {
             if replica == replicas.index() {
@@ -207,7 +296,7 @@ impl HandoffService {
         if parts.iter().all(serde_json::Value::is_null) {
             return Err(status_of(StoreError::UnknownLink(echo(link))));
         }
-        json_result(&merge_stats(link, replicas, &parts))
+        Ok(parts)
     }
 
     /// Create the link on this replica, then on every other (existing ones are kept).

@@ -39,8 +39,17 @@ impl Fixture {
     /// On a listener bound before, for servers that must know each other's address first.
     pub async fn start_on(
         listener: tokio::net::TcpListener,
-        mut config: ServerConfig,
+        config: ServerConfig,
         store_config: StoreConfig,
+    ) -> Self {
+        Self::start_with_store(listener, config, Store::new(store_config)).await
+    }
+
+    /// With a store made before, e.g. restored from snapshots as `serve --restore-from` does.
+    pub async fn start_with_store(
+        listener: tokio::net::TcpListener,
+        mut config: ServerConfig,
+        store: Arc<Store>,
     ) -> Self {
         if !config.auth.is_configured() {
             config.auth = AuthConfig {
@@ -56,7 +65,6 @@ impl Fixture {
         } else {
             "grpc"
         };
-        let store = Store::new(store_config);
         let (tx, rx) = oneshot::channel::<()>();
         let server_store = Arc::clone(&store);
         let handle = tokio::spawn(async move {
