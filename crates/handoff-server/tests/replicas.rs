@@ -154,6 +154,35 @@ fn code(e: &ClientError) -> Option<tonic::Code> {
     e.code()
 }
 
+/// Rank `rank` of `world`, in batches of `batch_rows`.
+fn shard(rank: u32, world: u32, batch_rows: u64) -> handoff_client::ReadShard {
+    handoff_client::ReadShard {
+        link: LINK.into(),
+        rank,
+        world_size: world,
+        batch_rows,
+        ..Default::default()
+    }
+}
+
+/// The ids of each batch of a shard, read through replica `via`'s client.
+async fn batch_ids(
+    cluster: &Cluster,
+    via: usize,
+    shard: handoff_client::ReadShard,
+) -> Vec<Vec<i64>> {
+    let batch_rows = shard.batch_rows as usize;
+    let mut client = cluster.client(via % REPLICAS as usize, READER).await;
+    let mut batches = client.shard_batches(shard).await.expect("plan");
+    let mut got = Vec::new();
+    while let Some(b) = batches.next().await {
+        let b = b.expect("batch");
+        assert_eq!(b.num_rows(), batch_rows, "every batch exactly batch_rows");
+        got.push(ids(&b));
+    }
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_land_on_owners_and_commit_exactly_once_over_three_replicas() {
     let cluster = Cluster::start().await;
@@ -265,12 +294,7 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
     // Before the seal there is no plan: the counts are not final.
     let mut reader = cluster.client(1, READER).await;
     let err = reader
-        .shard_batches(handoff_client::ReadShard {
-            link: LINK.into(),
-            world_size: 1,
-            batch_rows: 7,
-            ..Default::default()
-        })
+        .shard_batches(shard(0, 1, 7))
         .await
         .err()
         .expect("not sealed");
@@ -280,12 +304,7 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
     let info = cluster
         .client(0, READER)
         .await
-        .shard_info(&handoff_client::ReadShard {
-            link: LINK.into(),
-            world_size: 1,
-            batch_rows: 7,
-            ..Default::default()
-        })
+        .shard_info(&shard(0, 1, 7))
         .await
         .expect("plan");
     let locations: Vec<String> = info
@@ -297,23 +316,12 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
     assert_eq!(info.total_records as usize, all.len().div_ceil(7) * 7);
     let order = |shuffle: bool, epoch: u64| {
         let shard = handoff_client::ReadShard {
-            link: LINK.into(),
-            world_size: 1,
-            batch_rows: 7,
             shuffle,
             epoch,
             drop_last: true,
-            ..Default::default()
+            ..shard(0, 1, 7)
         };
-        async {
-            let mut client = cluster.client(2, READER).await;
-            let mut batches = client.shard_batches(shard).await.expect("plan");
-            let mut got = Vec::new();
-            while let Some(b) = batches.next().await {
-                got.extend(ids(&b.expect("batch")));
-            }
-            got
-        }
+        batch_ids(&cluster, 2, shard)
     };
     let plain = order(false, 0).await;
     let (one, two) = (order(true, 1).await, order(true, 2).await);
@@ -328,26 +336,14 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
                 let mut per_rank = Vec::new();
                 for rank in 0..world {
                     // Each rank asks a different replica; the plan is the planner's.
-                    let mut client = cluster.client(rank as usize % 3, READER).await;
                     let shard = handoff_client::ReadShard {
-                        link: LINK.into(),
-                        rank,
-                        world_size: world,
-                        batch_rows,
                         shuffle,
                         drop_last,
                         seed: 11,
                         epoch: 2,
-                        ..Default::default()
+                        ..shard(rank, world, batch_rows)
                     };
-                    let mut batches = client.shard_batches(shard).await.expect("plan");
-                    let mut got = Vec::new();
-                    while let Some(b) = batches.next().await {
-                        let b = b.expect("batch");
-                        assert_eq!(b.num_rows() as u64, batch_rows, "world {world} rank {rank}");
-                        got.push(ids(&b));
-                    }
-                    per_rank.push(got);
+                    per_rank.push(batch_ids(&cluster, rank as usize, shard).await);
                 }
                 let what = format!("world {world} shuffle {shuffle} drop_last {drop_last}");
                 let counts: Vec<usize> = per_rank.iter().map(Vec::len).collect();
@@ -387,19 +383,11 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
 async fn epoch_ids(cluster: &Cluster, world: u32) -> Vec<i64> {
     let mut read = Vec::new();
     for rank in 0..world {
-        let mut client = cluster.client(rank as usize % 3, READER).await;
         let shard = handoff_client::ReadShard {
-            link: LINK.into(),
-            rank,
-            world_size: world,
-            batch_rows: 4,
             drop_last: true,
-            ..Default::default()
+            ..shard(rank, world, 4)
         };
-        let mut batches = client.shard_batches(shard).await.expect("plan");
-        while let Some(b) = batches.next().await {
-            read.extend(ids(&b.expect("batch")));
-        }
+        read.extend(batch_ids(cluster, rank as usize, shard).await.concat());
     }
     read.sort_unstable();
     read
@@ -562,12 +550,7 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
     assert!(records.is_empty(), "{records:?}");
     // A shard ticket reads one server: a replica alone must not answer with part of a link.
     let err = admin
-        .read_shard(handoff_client::ReadShard {
-            link: LINK.into(),
-            rank: 0,
-            world_size: 1,
-            ..Default::default()
-        })
+        .read_shard(shard(0, 1, 0))
         .await
         .expect_err("part of a link");
     assert_eq!(code(&err), Some(tonic::Code::Unimplemented), "{err}");
