@@ -10,7 +10,8 @@ fix, without pyarrow's gRPC debug context.
 A server run as several replicas (`handoff serve --peers ...`) is routed to by itself, as the Rust
 client does: the client asks the server it was given for the replicas once, writes each staged
 partition to the replica that owns it (`owner`), and sends the planner's actions (create, commit,
-abort, seal, stats, delete) to replica 0.
+abort, seal, stats, delete) to replica 0. A shard read over replicas is planned at replica 0 and
+read from every replica the plan names at once (`read_shard`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,6 +36,12 @@ DEFAULT_ENDPOINT = "grpc://127.0.0.1:8815"
 ABORT_PUT = b"handoff.abort"
 # The most replicas a link may be spread over (handoff_proto::placement::MAX_REPLICAS).
 MAX_REPLICAS = 1024
+# How long a read over replicas waits for the seal when the client has no `timeout`: the planner
+# plans only a link sealed on every replica, so the client asks again until then (a single
+# server's read waits inside its DoGet, bounded only by `timeout`).
+DEFAULT_WAIT_SEAL_SECONDS = 3600.0
+# Messages each replica's stream of a read over replicas holds ahead of the batch being taken.
+PLAN_PREFETCH = 4
 
 _GRPC_MESSAGE = re.compile(r"(?:gRPC|Flight) returned (?P<code>[a-z ]+) error, with message: (?P<message>.*?)(?:\. gRPC client debug context:.*)?$", re.S)
 
@@ -59,7 +69,8 @@ def _translate(error: Exception, endpoint: str) -> HandoffError:
     code = match.group("code").replace(" ", "_") if match else "unknown"
     message = match.group("message").strip() if match else text.strip()
     if isinstance(error, flight.FlightUnavailableError) or code == "unavailable":
-        if "object storage" in message:
+        # The server is there: it says what is not (object storage, the seal of every replica).
+        if "object storage" in message or _NOT_SEALED in message:
             return HandoffError(message, "unavailable")
         if re.search(r"ssl|tls|handshake|certificate", message, re.I):
             hint = ("check that the server's certificate names this host and chains to the CA "
@@ -84,6 +95,11 @@ def _translate(error: Exception, endpoint: str) -> HandoffError:
     if code == "not_found":
         return LinkNotFound(message, code)
     return HandoffError(message, code)
+
+
+# The planner's UNAVAILABLE for a read over replicas before the seal (service/replicated.rs); the
+# code alone cannot tell it from an unreachable server.
+_NOT_SEALED = "is not sealed on every replica yet"
 
 
 def owner(link: str, partition: int, replicas: int) -> int:
@@ -238,6 +254,7 @@ class HandoffClient:
         token = token if token is not None else os.environ.get("HANDOFF_TOKEN")
         headers = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self._options = flight.FlightCallOptions(headers=headers, timeout=timeout)
+        self._timeout = timeout
         # Kept (the environment read once), so that connections to other replicas get the same.
         self._tls = tls if tls is not None else TlsSettings.from_env()
         self._keepalive_ms = max(1, int(keepalive * 1000))
@@ -436,12 +453,22 @@ class HandoffClient:
     # --- reads ----------------------------------------------------------------------------
 
     def shard_info(self, request: ShardRequest) -> flight.FlightInfo:
-        """Schema and totals of a shard (totals are -1 while the link is open)."""
+        """Schema and totals of a shard (totals are -1 while the link is open). Over replicas,
+        replica 0 answers, with the read's plan, once the link is sealed."""
+        client, endpoint = self._replica(0)
         descriptor = flight.FlightDescriptor.for_command(request.message().SerializeToString())
-        return self._call(self._flight.get_flight_info, descriptor, self._options)
+        return self._call(client.get_flight_info, descriptor, self._options, endpoint=endpoint)
 
-    def read_shard(self, request: ShardRequest) -> Iterator[pa.RecordBatch]:
-        """The shard's batches, as the server sends them."""
+    def read_shard(self, request: ShardRequest, *,
+                   wait_seal: Optional[float] = None) -> Iterator[pa.RecordBatch]:
+        """The shard's batches. From one server, as it sends them (a message may join up to
+        `batches_per_message` batches). Over replicas, each batch alone, exactly `batch_rows`
+        rows, in the order one server would give; the read starts once the link is sealed on
+        every replica and waits for that up to `wait_seal` seconds (default: the client's
+        `timeout`, else DEFAULT_WAIT_SEAL_SECONDS)."""
+        if len(self.topology()[0]) > 1:
+            yield from self._read_planned(request, wait_seal)
+            return
         ticket = flight.Ticket(pb.Ticket(shard=request.message()).SerializeToString())
         reader = self._call(self._flight.do_get, ticket, self._options)
         finished = False
@@ -462,6 +489,60 @@ class HandoffClient:
                 # The caller stopped early: tell the server to stop sending.
                 reader.cancel()
 
+    def _plan(self, request: ShardRequest, wait_seal: Optional[float]) -> flight.FlightInfo:
+        """The read's FlightInfo from replica 0, asked again with a growing pause until the link
+        is sealed on every replica, within `wait_seal` seconds."""
+        if wait_seal is None:
+            wait_seal = self._timeout if self._timeout is not None else DEFAULT_WAIT_SEAL_SECONDS
+        deadline = time.monotonic() + wait_seal
+        pause = 0.1
+        while True:
+            try:
+                return self.shard_info(request)
+            except HandoffError as e:
+                left = deadline - time.monotonic()
+                if _NOT_SEALED not in str(e):
+                    raise
+                if left <= 0:
+                    raise HandoffError(
+                        f"{e} (waited {wait_seal:g} s for the seal; seal the link, or wait longer "
+                        f"with read_shard(wait_seal=...) or the client's timeout=)", e.code) from e
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 2.0)
+
+    def _read_planned(self, request: ShardRequest,
+                      wait_seal: Optional[float]) -> Iterator[pa.RecordBatch]:
+        """A shard over replicas: one stream per endpoint of the plan, each read ahead by a
+        thread of its own (so every replica sends at once), cut into the plan's pieces."""
+        info = self._plan(request, wait_seal)
+        replicas, _ = self.topology()
+        try:
+            plan = [list(zip(b[::2], b[1::2])) for b in json.loads(info.app_metadata)["batches"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise HandoffError(f"replica 0 ({replicas[0]}) sent a read over replicas without a "
+                               f"readable plan ({e})", "internal") from e
+        streams: List[_PlannedStream] = []
+        try:
+            for endpoint in info.endpoints:
+                uri = endpoint.locations[0].uri.decode() if endpoint.locations else None
+                if uri not in replicas:
+                    raise HandoffError(f"the plan names an endpoint at {uri}, which is not one of "
+                                       f"the replicas {replicas}", "internal")
+                client, at = self._replica(replicas.index(uri))
+                streams.append(_PlannedStream(client, at, endpoint.ticket, self._options))
+            for pieces in plan:
+                if any(not 0 <= e < len(streams) for e, _ in pieces):
+                    raise HandoffError(f"the plan names endpoints {pieces} of {len(streams)}",
+                                       "internal")
+                parts = [streams[e].take(rows) for e, rows in pieces]
+                yield parts[0] if len(parts) == 1 else _concat(parts)
+        finally:
+            # Done, failed, or the caller stopped early: every thread ends before we return.
+            for stream in streams:
+                stream.stop()
+            for stream in streams:
+                stream.join()
+
     def published(self, link: str) -> Dict[int, Tuple[int, int]]:
         """The link's committed partitions: partition id -> (the attempt that wrote it, rows)."""
         descriptor = flight.FlightDescriptor.for_path(link)
@@ -480,6 +561,92 @@ class HandoffClient:
         tables = [self._call(lambda e=e: self._flight.do_get(e.ticket, self._options).read_all())
                   for e in info.endpoints]
         return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+
+_END = object()
+
+
+class _PlannedStream:
+    """One endpoint of a read over replicas: its DoGet at its replica, read by a thread of its
+    own into a queue of PLAN_PREFETCH messages, from which `take` cuts rows by count (a replica
+    cuts its messages where it likes)."""
+
+    def __init__(self, client: flight.FlightClient, endpoint: str, ticket: flight.Ticket,
+                 options: flight.FlightCallOptions):
+        self.endpoint = endpoint
+        self._items: "queue.Queue" = queue.Queue(maxsize=PLAN_PREFETCH)
+        self._stopped = threading.Event()
+        self._reader = None
+        self._pending: Optional[pa.RecordBatch] = None  # rows read and not taken yet
+        self._thread = threading.Thread(target=self._run, args=(client, ticket, options),
+                                        name=f"handoff-replica-read {endpoint}", daemon=True)
+        self._thread.start()
+
+    def _run(self, client, ticket, options) -> None:
+        try:
+            self._reader = client.do_get(ticket, options)
+            # Stopped while opening: `stop` may have looked before the reader was there.
+            if self._stopped.is_set():
+                self._reader.cancel()
+                return
+            while True:
+                try:
+                    chunk = self._reader.read_chunk()
+                except StopIteration:
+                    break
+                if chunk.data is not None and chunk.data.num_rows and not self._put(chunk.data):
+                    return
+            self._put(_END)
+        except pa.ArrowException as e:
+            if not self._stopped.is_set():  # else: our own cancel
+                error = _translate(e, self.endpoint)
+                error.__cause__ = e  # raised in the consumer's thread, with pyarrow's error
+                self._put(error)
+        except BaseException as e:  # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        # Bounded wait, so that a full queue never keeps the thread past `stop`.
+        while not self._stopped.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def take(self, rows: int) -> pa.RecordBatch:
+        """The stream's next `rows` rows."""
+        parts, have = [], 0
+        while have < rows:
+            batch, self._pending = self._pending, None
+            if batch is None:
+                batch = self._items.get()
+                if batch is _END:
+                    raise HandoffError(f"the replica at {self.endpoint} ended its stream before "
+                                       f"the rows the plan gives it", "internal")
+                if isinstance(batch, BaseException):
+                    raise batch
+            if batch.num_rows > rows - have:
+                self._pending = batch.slice(rows - have)
+                batch = batch.slice(0, rows - have)
+            parts.append(batch)
+            have += batch.num_rows
+        return parts[0] if len(parts) == 1 else _concat(parts)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        reader = self._reader
+        if reader is not None and self._thread.is_alive():
+            reader.cancel()  # wakes a read_chunk waiting for the server
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+def _concat(parts: List[pa.RecordBatch]) -> pa.RecordBatch:
+    # One batch of several (pa.concat_batches needs pyarrow 19).
+    return pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
 
 
 def _batches(data, schema: Optional[pa.Schema]):

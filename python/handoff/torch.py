@@ -168,9 +168,11 @@ from handoff.client import HandoffClient
 endpoint, token, tls, requests, batch = pickle.load(sys.stdin.buffer)
 total = 0
 with HandoffClient(endpoint, token, tls=tls) as client:
+    # Replica 0 plans reads over replicas (a single server is its own replica 0).
+    planner, at = client._replica(0)
     for raw in requests:
         descriptor = flight.FlightDescriptor.for_command(raw)
-        info = client._call(client._flight.get_flight_info, descriptor, client._options)
+        info = client._call(planner.get_flight_info, descriptor, client._options, endpoint=at)
         if info.total_records < 0:
             print("unknown")
             sys.exit(0)

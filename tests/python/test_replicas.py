@@ -1,7 +1,9 @@
 """One link over three server replicas (`handoff serve --peers ... --replica-index I`), against
 the real binary: the placement formula, the refusals a client that does not route gets, and the
 Python client's routing (partitions to their owners, the planner's actions to replica 0), also
-under the Spark sink. Reads over replicas are not built yet: rows are checked through `stats`.
+under the Spark sink, and shard reads over replicas (planned at replica 0, read from every replica
+at once) through the client and the torch loader. Whole-link reads over replicas are not built
+yet: the sink's rows are checked through `stats`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from itertools import count
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +29,7 @@ import pytest
 from conftest import READY_RE, REPO, STOP_TIMEOUT_S, eventually, handoff_bin, options, patience
 from handoff import HandoffClient, HandoffError
 from handoff._proto import pb
-from handoff.client import owner
+from handoff.client import ShardRequest, owner
 
 REPLICAS = 3
 
@@ -37,9 +42,9 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, procs, endpoints, logs, admin, writer):
+    def __init__(self, procs, endpoints, logs, admin, writer, reader):
         self.procs, self.endpoints, self.logs = procs, endpoints, logs
-        self.admin, self.writer = admin, writer
+        self.admin, self.writer, self.reader = admin, writer, reader
 
     def log_tails(self, n: int = 30) -> str:
         return "\n".join(f"--- replica {i}:\n" + "\n".join(
@@ -51,7 +56,7 @@ def cluster():
     binary = handoff_bin()
     if not binary.exists():
         pytest.fail(f"handoff binary not found at {binary}: build it or set HANDOFF_BIN", pytrace=False)
-    admin, writer = secrets.token_hex(16), secrets.token_hex(16)
+    admin, writer, reader = (secrets.token_hex(16) for _ in range(3))
     with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
         ports = [free_port() for _ in range(REPLICAS)]
         endpoints = [f"grpc://127.0.0.1:{p}" for p in ports]
@@ -66,10 +71,11 @@ def cluster():
                     procs.append(subprocess.Popen(
                         [str(binary), "serve", "--peers", ",".join(endpoints),
                          "--replica-index", str(i), "--token", admin, "--writer-token", writer,
+                         "--reader-token", reader,
                          "--listen", f"127.0.0.1:{port}", "--http-listen", "127.0.0.1:0",
                          "--spill-url", spill.as_uri()],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-            running = Cluster(procs, endpoints, logs, admin, writer)
+            running = Cluster(procs, endpoints, logs, admin, writer, reader)
 
             def ready():
                 for proc in procs:
@@ -329,3 +335,177 @@ def failing_first_attempt(partition: int, marker: Path):
                 raise RuntimeError("injected failure while the partition is streaming")
 
     return run
+
+
+# --- shard reads over replicas ------------------------------------------------------------------
+
+SHARD_PARTS, SHARD_BATCH = 12, 7
+
+
+def shard_table(partition: int, start: int) -> pa.Table:
+    n = 6 + partition  # uneven parts; 138 rows in all, 19 batches of 7 and 5 rows over
+    ids = pa.array(range(start, start + n), pa.int64())
+    return pa.table({"id": ids, "half": pa.array([i / 2 for i in range(start, start + n)])})
+
+
+def write_shard_link(client: HandoffClient, link: str, seal: bool = True) -> int:
+    """12 partitions of 6..17 rows with unique ids, committed (and sealed); returns the rows."""
+    start, attempts = 0, []
+    for partition in range(SHARD_PARTS):
+        start += client.put_partition(link, partition, 1, shard_table(partition, start))
+        attempts.append((partition, 1))
+    client.commit(link, attempts)
+    if seal:
+        client.seal(link)
+    return start
+
+
+@pytest.fixture(scope="module")
+def shard_link(cluster):
+    # A fixed name whose partitions land on every replica (the placement is deterministic).
+    link = next(name for name in (f"replicas/shards-{i}" for i in count())
+                if {owner(name, p, REPLICAS) for p in range(SHARD_PARTS)} == {0, 1, 2})
+    with HandoffClient(cluster.endpoints[1], cluster.writer) as client:
+        rows = write_shard_link(client, link)
+        parts = [part["rows"] for part in client.stats(link)["replicas"]]
+    assert sum(parts) == rows == 138 and all(parts), parts
+    return link, rows
+
+
+def batch_ids(batch) -> list:
+    ids = batch.column(0).to_pylist() if isinstance(batch, pa.RecordBatch) else batch["id"].tolist()
+    halves = (batch.column(1).to_pylist() if isinstance(batch, pa.RecordBatch)
+              else batch["half"].tolist())
+    assert halves == [i / 2 for i in ids], "columns cut at different rows"
+    return ids
+
+
+def read_ranks(clients, link: str, world: int, **kw) -> list:
+    """Every rank's batches (as id lists), rank r through the client of replica r % 3."""
+    return [[batch_ids(b) for b in clients[rank % REPLICAS].read_shard(ShardRequest(
+        link, rank=rank, world_size=world, batch_rows=SHARD_BATCH, **kw))]
+        for rank in range(world)]
+
+
+def test_shard_reads_over_replicas(cluster, shard_link):
+    link, rows = shard_link
+    clients = [HandoffClient(e, cluster.reader) for e in cluster.endpoints]
+    try:
+        # The plan for one rank joins tail pieces of several replicas: the join is exercised.
+        info = clients[2].shard_info(ShardRequest(link, batch_rows=SHARD_BATCH))
+        plan = json.loads(info.app_metadata)["batches"]
+        assert len(info.endpoints) == REPLICAS and any(len(pieces) > 2 for pieces in plan), plan
+
+        for world in (1, 2, 3, 7):
+            for shuffle in (False, True):
+                for drop_last in (False, True):
+                    case = dict(world=world, shuffle=shuffle, drop_last=drop_last)
+                    ranks = read_ranks(clients, link, world, shuffle=shuffle, drop_last=drop_last,
+                                       seed=5, epoch=1)
+                    per_round = SHARD_BATCH * world
+                    want = rows // per_round if drop_last else -(-rows // per_round)
+                    assert [len(r) for r in ranks] == [want] * world, case
+                    assert all(len(b) == SHARD_BATCH for r in ranks for b in r), case
+                    ids = [i for r in ranks for b in r for i in b]
+                    if drop_last:
+                        assert len(set(ids)) == len(ids) == want * per_round, case
+                    else:
+                        # Only the padding repeats: every id at least once.
+                        assert set(ids) == set(range(rows)), case
+                        assert len(ids) == want * per_round, case
+                    if not shuffle:
+                        assert ranks == read_ranks(clients, link, world, drop_last=drop_last), case
+
+        # The same (seed, epoch) gives the same order from whichever replica; another epoch,
+        # another order.
+        shuffled = dict(shuffle=True, seed=5)
+        first = read_ranks(clients, link, 2, epoch=3, **shuffled)
+        assert read_ranks(clients[1:] + clients[:1], link, 2, epoch=3, **shuffled) == first
+        assert read_ranks(clients, link, 2, epoch=4, **shuffled) != first
+
+        # Resume: start_batch skips exactly the batches already read.
+        whole = read_ranks(clients, link, 1, epoch=3, **shuffled)[0]
+        resumed = [batch_ids(b) for b in clients[2].read_shard(ShardRequest(
+            link, batch_rows=SHARD_BATCH, epoch=3, start_batch=5, **shuffled))]
+        assert resumed == whole[5:]
+
+        # Stopping early ends the stream threads.
+        threads = threading.active_count()
+        stream = clients[1].read_shard(ShardRequest(link, batch_rows=SHARD_BATCH))
+        assert len(next(stream)) == SHARD_BATCH
+        assert threading.active_count() > threads
+        stream.close()
+        assert threading.active_count() == threads
+
+        # What planning over replicas refuses.
+        for request, code in ((ShardRequest(link, batch_rows=0), "invalid_argument"),
+                              (ShardRequest(link, batch_rows=7, filter="id > 3"), "unimplemented")):
+            with pytest.raises(HandoffError) as refused:
+                next(clients[0].read_shard(request))
+            assert refused.value.code == code, refused.value
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_torch_ranks_over_replicas(cluster, shard_link):
+    pytest.importorskip("torch")
+    from handoff.torch import HandoffDataset
+
+    link, rows = shard_link
+    world = 3
+
+    def dataset(rank: int) -> HandoffDataset:
+        # Each rank given another replica, as pods behind a Service would be.
+        return HandoffDataset(link, batch_size=SHARD_BATCH, shuffle=True, seed=11, rank=rank,
+                              world_size=world, endpoint=cluster.endpoints[(rank + 1) % REPLICAS],
+                              token=cluster.reader, wait_link=0)
+
+    ranks = [dataset(rank) for rank in range(world)]
+    for ds in ranks:
+        ds.set_epoch(2)
+    epoch = [[batch_ids(b) for b in ds] for ds in ranks]
+    want = -(-rows // (SHARD_BATCH * world))
+    assert [len(r) for r in epoch] == [want] * world
+    assert all(len(b) == SHARD_BATCH for r in epoch for b in r)
+    assert set(i for r in epoch for b in r for i in b) == set(range(rows))
+    with HandoffClient(cluster.endpoints[0], cluster.reader) as client:
+        assert epoch == read_ranks([client] * REPLICAS, link, world, shuffle=True, seed=11, epoch=2)
+    # len() asks the planner, from a rank given replica 2.
+    assert len(ranks[1]) == want
+    # A resume mid-epoch yields the rest of that epoch.
+    ranks[1].load_state_dict({"epoch": 2, "batches": 2})
+    assert [batch_ids(b) for b in ranks[1]] == epoch[1][2:]
+
+
+def test_a_read_over_replicas_waits_for_the_seal(cluster):
+    link = fresh_link("seal-wait")
+    with HandoffClient(cluster.endpoints[2], cluster.writer) as writer, \
+            HandoffClient(cluster.endpoints[1], cluster.reader) as reader:
+        rows = write_shard_link(writer, link, seal=False)
+        request = ShardRequest(link, batch_rows=SHARD_BATCH)
+        # Past its deadline, the read says what it waited for.
+        started = time.monotonic()
+        with pytest.raises(HandoffError, match=r"not sealed on every replica yet.*waited 0.3 s "
+                           r"for the seal") as late:
+            next(reader.read_shard(request, wait_seal=0.3))
+        assert late.value.code == "unavailable" and time.monotonic() - started < patience(10)
+        # Sealed while it waits: it goes on.
+        sealer = threading.Timer(0.5, writer.seal, args=(link,))
+        sealer.start()
+        try:
+            ids = [i for b in reader.read_shard(request) for i in batch_ids(b)]
+        finally:
+            sealer.join()
+    assert sorted(set(ids)) == list(range(rows))
+
+
+def test_commit_task_over_replicas_is_refused_on_the_driver(cluster):
+    pytest.importorskip("pyspark")
+    from handoff.spark import HandoffTarget
+
+    options = {"link": fresh_link("task"), "endpoint": cluster.endpoints[1],
+               "token": cluster.writer}
+    with pytest.raises(ValueError, match=r"commit.*task.*3 replicas.*use commit=job"):
+        HandoffTarget.from_options(dict(options, commit="task")).check(overwrite=False)
+    HandoffTarget.from_options(options).check(overwrite=False)  # commit=job goes ahead

@@ -436,7 +436,7 @@ impl HandoffService {
             .map_err(|e| Status::internal(format!("stats over replicas: {e}")))?;
         if stats["state"] != "sealed" {
             return Err(Status::unavailable(format!(
-                "link '{}' is not sealed on every replica yet; a read over replicas is planned                  once it is: retry after the seal",
+                "link '{}' is not sealed on every replica yet; a read over replicas is planned once it is: retry after the seal",
                 echo(&shard.link)
             )));
         }
