@@ -200,10 +200,24 @@ pub fn read_shard(
     planner: Option<QueryPlanner>,
     memory: ReadMemory,
 ) -> mpsc::Receiver<Result<Chunk>> {
+    read_shard_rows(link, spec, mode, planner, memory, None)
+}
+
+/// [`read_shard`], stopping once `rows` rows were sent: a range read needs a few batches, and
+/// the reader would otherwise build (and drop) the batches it reads ahead.
+fn read_shard_rows(
+    link: Arc<Link>,
+    spec: ShardSpec,
+    mode: ReadMode,
+    planner: Option<QueryPlanner>,
+    memory: ReadMemory,
+    rows: Option<u64>,
+) -> mpsc::Receiver<Result<Chunk>> {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::spawn(async move {
         let mut out = Out {
             tx,
+            rows_left: rows,
             sent_schema: false,
             gone: false,
         };
@@ -311,12 +325,13 @@ async fn ranges_task(
             ..base.clone()
         };
         let (mut skip, mut left) = (start % batch_rows, rows);
-        let mut inner = read_shard(
+        let mut inner = read_shard_rows(
             Arc::clone(link),
             spec,
             ReadMode::WaitForSeal,
             planner.clone(),
             memory.clone(),
+            Some(skip + rows),
         );
         while left > 0 {
             let chunk = match inner.recv().await {
@@ -374,6 +389,8 @@ async fn ranges_task(
 
 struct Out {
     tx: mpsc::Sender<Result<Chunk>>,
+    /// Rows still wanted, when the reader wants only so many.
+    rows_left: Option<u64>,
     sent_schema: bool,
     /// The reader went away before the end.
     gone: bool,
@@ -382,7 +399,19 @@ struct Out {
 impl Out {
     /// Returns false once the reader has gone away.
     async fn send(&mut self, chunk: Chunk) -> bool {
+        let rows = match &chunk {
+            Chunk::Schema(_) => 0,
+            Chunk::Frame(frame) => frame.rows,
+            Chunk::Batch(batch, _) => batch.num_rows() as u64,
+        };
         self.gone = self.tx.send(Ok(chunk)).await.is_err();
+        if let Some(left) = self.rows_left.as_mut() {
+            *left = left.saturating_sub(rows);
+            // Enough: stop as a reader that went away would stop the read.
+            if *left == 0 {
+                self.gone = true;
+            }
+        }
         !self.gone
     }
 
