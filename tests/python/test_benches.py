@@ -41,3 +41,15 @@ def test_loader_bench_runs():
 def test_shuffle_memory_bench_runs():
     out = run_bench("shuffle_memory.py", "--link-mib", "4", "--limit-mib", "64", "--ranks", "2")
     assert "| this build | 2 |" in out, out
+
+
+def test_replicas_bench_runs():
+    """Namespaces, a bridge and CPU quotas need root; the bench says so and exits 2 without."""
+    if os.geteuid() != 0 or not Path("/sys/fs/cgroup/cpu").is_dir():
+        import pytest
+
+        pytest.skip("benches/replicas.py needs root and cgroup v1's cpu controller")
+    out = run_bench("replicas.py", "--replicas", "1,2", "--partitions", "4", "--rows", "256",
+                    "--world", "2", "--rounds", "1", "--cpu", "0.5")
+    lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [line[0] for line in lines[-2:]] == ["1", "2"], out
