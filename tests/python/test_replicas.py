@@ -260,52 +260,31 @@ def test_stats_schema_of_a_link_whose_rows_live_elsewhere(cluster):
     assert stats["schema"] == ["id: Int64"], stats
 
 
-def test_spark_sink_writes_over_replicas_exactly_once(cluster, tmp_path, monkeypatch):
+def test_spark_sink_writes_over_replicas_exactly_once(cluster, tmp_path):
     """The Spark sink (the data source, pointed at replica 1, and the mapInArrow helper, at
     replica 2), with a task that fails mid-stream and is retried: each partition lands on its
     owner and the link holds every row once. Only with commit=job: commit=task checks what was
-    published with a read, which is not built over replicas yet."""
+    published with a read, which is not built over replicas yet.
+
+    Spark runs in a process of its own: a JVM started here would outlive this test in the
+    pytest process, with this test's environment, and test_spark.py's session would reuse it."""
     pytest.importorskip("pyspark")
-    from pyspark.sql import SparkSession
-
-    import handoff.spark
-
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+               PYSPARK_DRIVER_PYTHON=sys.executable, PYTHONPATH=os.pathsep.join(
+                   p for p in (str(REPO / "python"), os.environ.get("PYTHONPATH")) if p))
     java = "/usr/lib/jvm/java-17-openjdk-amd64"
-    if "JAVA_HOME" not in os.environ and Path(java).exists():
-        monkeypatch.setenv("JAVA_HOME", java)
-    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
-    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
-    monkeypatch.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        p for p in (str(REPO / "python"), os.environ.get("PYTHONPATH")) if p))
+    if "JAVA_HOME" not in env and Path(java).exists():
+        env["JAVA_HOME"] = java
     for key in ("HANDOFF_ENDPOINT", "HANDOFF_TOKEN", "HANDOFF_LINK"):
-        monkeypatch.delenv(key, raising=False)
-    # local[2,4]: task retries happen in local mode.
-    spark = (SparkSession.builder.master("local[2,4]").appName("handoff-test-replicas")
-             .config("spark.driver.host", "127.0.0.1")
-             .config("spark.driver.bindAddress", "127.0.0.1")
-             .config("spark.ui.enabled", "false")
-             .config("spark.sql.execution.arrow.maxRecordsPerBatch", "100")
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("FATAL")
-    try:
-        handoff.spark.register(spark)
-        rows, partitions, failing = 4000, 8, 5
-        df = spark.range(0, rows, numPartitions=partitions).mapInArrow(
-            failing_first_attempt(partition=failing, marker=tmp_path / "failed-once"), "id long")
-        data_source, helper = fresh_link("spark"), fresh_link("spark-helper")
-        (df.write.format("handoff").option("link", data_source)
-         .option("endpoint", cluster.endpoints[1]).option("token", cluster.writer)
-         .mode("append").save())
-        assert (tmp_path / "failed-once").exists(), "the injected failure did not happen"
-
-        # Spark 3.5's way, mapInArrow: the same routing inside the tasks.
-        (tmp_path / "failed-once").unlink()
-        assert handoff.spark.write(df, link=helper, endpoint=cluster.endpoints[2],
-                                   token=cluster.writer) == rows
-        assert (tmp_path / "failed-once").exists(), "the injected failure did not happen"
-    finally:
-        spark.stop()
+        env.pop(key, None)
+    data_source, helper = fresh_link("spark"), fresh_link("spark-helper")
+    rows, partitions = 4000, 8
+    done = subprocess.run(
+        [sys.executable, "-c", SPARK_JOB, cluster.endpoints[1], cluster.endpoints[2],
+         cluster.writer, data_source, helper, str(rows), str(partitions), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=patience(300))
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
+    assert "both failures injected" in done.stdout, done.stdout
 
     with HandoffClient(cluster.endpoints[0], cluster.writer) as client:
         for link in (data_source, helper):
@@ -319,22 +298,52 @@ def test_spark_sink_writes_over_replicas_exactly_once(cluster, tmp_path, monkeyp
             # holds how many is not known here; 8 miss a replica only rarely.
 
 
-def failing_first_attempt(partition: int, marker: Path):
-    """A mapInArrow function whose first attempt of `partition` fails after three batches, so
-    Spark retries the task; `marker` says that it happened."""
+# The Spark job of the test above: argv is the data source's endpoint, the helper's endpoint,
+# the writer token, the two links, rows, partitions and a directory for the failure markers.
+SPARK_JOB = """
+import sys
+from pathlib import Path
 
-    def run(batches):
-        from pyspark import TaskContext
+from pyspark import TaskContext
+from pyspark.sql import SparkSession
 
-        context = TaskContext.get()
-        fail = context.partitionId() == partition and context.attemptNumber() == 0
-        for index, batch in enumerate(batches):
-            yield batch
-            if fail and index == 2:
-                marker.write_text("failed")
-                raise RuntimeError("injected failure while the partition is streaming")
+import handoff.spark
 
-    return run
+source_endpoint, helper_endpoint, token, data_source, helper = sys.argv[1:6]
+rows, partitions, marker = int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8]) / "failed-once"
+
+
+def failing_first_attempt(batches):
+    # The first attempt of partition 5 fails after three batches, so Spark retries the task.
+    context = TaskContext.get()
+    fail = context.partitionId() == 5 and context.attemptNumber() == 0
+    for index, batch in enumerate(batches):
+        yield batch
+        if fail and index == 2:
+            marker.write_text("failed")
+            raise RuntimeError("injected failure while the partition is streaming")
+
+
+# local[2,4]: task retries happen in local mode.
+spark = (SparkSession.builder.master("local[2,4]").appName("handoff-test-replicas")
+         .config("spark.driver.host", "127.0.0.1")
+         .config("spark.driver.bindAddress", "127.0.0.1")
+         .config("spark.ui.enabled", "false")
+         .config("spark.sql.execution.arrow.maxRecordsPerBatch", "100")
+         .getOrCreate())
+spark.sparkContext.setLogLevel("FATAL")
+handoff.spark.register(spark)
+df = spark.range(0, rows, numPartitions=partitions).mapInArrow(failing_first_attempt, "id long")
+(df.write.format("handoff").option("link", data_source).option("endpoint", source_endpoint)
+ .option("token", token).mode("append").save())
+assert marker.exists(), "the injected failure did not happen"
+# Spark 3.5's way, mapInArrow: the same routing inside the tasks.
+marker.unlink()
+assert handoff.spark.write(df, link=helper, endpoint=helper_endpoint, token=token) == rows
+assert marker.exists(), "the injected failure did not happen"
+spark.stop()
+print("both failures injected")
+"""
 
 
 # --- shard reads over replicas ------------------------------------------------------------------
