@@ -622,10 +622,7 @@ impl HandoffClient {
             replace,
             check_only: false,
             link: link.to_string(),
-            attempts: attempts
-                .iter()
-                .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
-                .collect(),
+            attempts: proto::PartitionAttempt::list(attempts),
         };
         self.planner_action(proto::actions::COMMIT, commit.encode_to_vec())
             .await
@@ -639,10 +636,7 @@ impl HandoffClient {
     ) -> Result<serde_json::Value> {
         let abort = proto::Abort {
             link: link.to_string(),
-            attempts: attempts
-                .iter()
-                .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
-                .collect(),
+            attempts: proto::PartitionAttempt::list(attempts),
         };
         self.planner_action(proto::actions::ABORT, abort.encode_to_vec())
             .await

@@ -45,6 +45,21 @@ pub mod actions {
     pub const SEAL_REPLICA: &str = "seal-replica";
 }
 
+impl PartitionAttempt {
+    /// The message form of (partition, attempt) pairs.
+    pub fn list(pairs: &[(u64, u64)]) -> Vec<Self> {
+        pairs
+            .iter()
+            .map(|&(partition, attempt)| Self { partition, attempt })
+            .collect()
+    }
+
+    /// The (partition, attempt) pairs of a message's list.
+    pub fn pairs(list: &[Self]) -> Vec<(u64, u64)> {
+        list.iter().map(|a| (a.partition, a.attempt)).collect()
+    }
+}
+
 impl Ticket {
     pub fn shard(shard: ReadShard) -> Self {
         Self {

@@ -176,10 +176,7 @@ impl ReplicaConfig {
             } else {
                 let body = proto::Commit {
                     link: link.to_string(),
-                    attempts: part
-                        .iter()
-                        .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
-                        .collect(),
+                    attempts: proto::PartitionAttempt::list(&part),
                     replace,
                     check_only,
                 };

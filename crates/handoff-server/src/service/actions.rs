@@ -140,11 +140,7 @@ impl HandoffService {
                         "commit names no partitions; list the winning (partition, attempt) pairs",
                     ));
                 }
-                let attempts: Vec<(u64, u64)> = req
-                    .attempts
-                    .iter()
-                    .map(|a| (a.partition, a.attempt))
-                    .collect();
+                let attempts: Vec<(u64, u64)> = proto::PartitionAttempt::pairs(&req.attempts);
                 if let Some(replicas) = &several {
                     return self
                         .commit_over_replicas(replicas, &req.link, &attempts, req.replace)
@@ -171,11 +167,7 @@ impl HandoffService {
                         "abort names no attempts; list the (partition, attempt) pairs your job staged (an empty list, dropping every job's, needs an admin token)",
                     ));
                 }
-                let attempts: Vec<(u64, u64)> = req
-                    .attempts
-                    .iter()
-                    .map(|a| (a.partition, a.attempt))
-                    .collect();
+                let attempts: Vec<(u64, u64)> = proto::PartitionAttempt::pairs(&req.attempts);
                 if let Some(replicas) = several.as_ref().filter(|r| r.is_planner()) {
                     return self.abort_over_replicas(replicas, &req, &attempts).await;
                 }

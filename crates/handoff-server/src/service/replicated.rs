@@ -378,10 +378,7 @@ impl HandoffService {
             } else {
                 let body = proto::Abort {
                     link: request.link.clone(),
-                    attempts: part
-                        .iter()
-                        .map(|&(partition, attempt)| proto::PartitionAttempt { partition, attempt })
-                        .collect(),
+                    attempts: proto::PartitionAttempt::list(&part),
                 };
                 match replicas
                     .call(replica, proto::actions::ABORT, body.encode_to_vec())
@@ -560,11 +557,7 @@ impl HandoffService {
         // Only replicas call it (with the admin token): a writer commits at the planner, which
         // records the commit first.
         self.authorize(md, Access::Admin, Some(&req.link))?;
-        let attempts: Vec<(u64, u64)> = req
-            .attempts
-            .iter()
-            .map(|a| (a.partition, a.attempt))
-            .collect();
+        let attempts: Vec<(u64, u64)> = proto::PartitionAttempt::pairs(&req.attempts);
         if let Some(replicas) = &self.replicas
             && let Some((partition, _)) = attempts
                 .iter()
