@@ -70,7 +70,8 @@ def _translate(error: Exception, endpoint: str) -> HandoffError:
     message = match.group("message").strip() if match else text.strip()
     if isinstance(error, flight.FlightUnavailableError) or code == "unavailable":
         # The server is there: it says what is not (object storage, the seal of every replica).
-        if "object storage" in message or _NOT_SEALED in message:
+        if ("object storage" in message or _NOT_SEALED in message
+                or _PEER_UNREACHABLE in message):
             return HandoffError(message, "unavailable")
         if re.search(r"ssl|tls|handshake|certificate", message, re.I):
             hint = ("check that the server's certificate names this host and chains to the CA "
@@ -96,6 +97,10 @@ def _translate(error: Exception, endpoint: str) -> HandoffError:
         return LinkNotFound(message, code)
     return HandoffError(message, code)
 
+
+# A replica's UNAVAILABLE when it could not reach another replica (replicas.rs, peer_status):
+# the server answered, so it is not the client's connection that failed.
+_PEER_UNREACHABLE = "is unreachable from this replica"
 
 # The planner's UNAVAILABLE for a read over replicas before the seal (service/replicated.rs); the
 # code alone cannot tell it from an unreachable server.

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
 
@@ -28,8 +29,9 @@ import pytest
 
 from conftest import READY_RE, REPO, STOP_TIMEOUT_S, eventually, handoff_bin, options, patience
 from handoff import HandoffClient, HandoffError
+from handoff.client import ServerUnavailable
 from handoff._proto import pb
-from handoff.client import ShardRequest, owner
+from handoff.client import ShardRequest, TlsSettings, owner
 
 REPLICAS = 3
 
@@ -51,15 +53,16 @@ class Cluster:
             log.read_text(errors="replace").splitlines()[-n:]) for i, log in enumerate(self.logs))
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextmanager
+def replicas(scheme: str = "grpc", extra=()):
+    """Three replicas of the real binary on 127.0.0.1, every one given `extra` args."""
     binary = handoff_bin()
     if not binary.exists():
         pytest.fail(f"handoff binary not found at {binary}: build it or set HANDOFF_BIN", pytrace=False)
     admin, writer, reader = (secrets.token_hex(16) for _ in range(3))
     with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
         ports = [free_port() for _ in range(REPLICAS)]
-        endpoints = [f"grpc://127.0.0.1:{p}" for p in ports]
+        endpoints = [f"{scheme}://127.0.0.1:{p}" for p in ports]
         procs, logs = [], []
         try:
             for i, port in enumerate(ports):
@@ -73,7 +76,7 @@ def cluster():
                          "--replica-index", str(i), "--token", admin, "--writer-token", writer,
                          "--reader-token", reader,
                          "--listen", f"127.0.0.1:{port}", "--http-listen", "127.0.0.1:0",
-                         "--spill-url", spill.as_uri()],
+                         "--spill-url", spill.as_uri(), *extra],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
             running = Cluster(procs, endpoints, logs, admin, writer, reader)
 
@@ -98,6 +101,12 @@ def cluster():
                     codes.append(proc.wait())
             tails = "\n".join(log.read_text(errors="replace")[-2000:] for log in logs if log.exists())
         assert codes == [0] * len(procs), f"replicas exited with {codes} after SIGTERM\n{tails}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with replicas() as running:
+        yield running
 
 
 def fresh_link(prefix: str) -> str:
@@ -518,3 +527,41 @@ def test_commit_task_over_replicas_is_refused_on_the_driver(cluster):
     with pytest.raises(ValueError, match=r"commit.*task.*3 replicas.*use commit=job"):
         HandoffTarget.from_options(dict(options, commit="task")).check(overwrite=False)
     HandoffTarget.from_options(options).check(overwrite=False)  # commit=job goes ahead
+
+
+def test_tls_replicas_verify_each_other_and_clients_route_over_tls(tmp_path):
+    """`--peers grpc+tls://...` with `--peer-ca`: replicas call each other over TLS, verified
+    against the CA, and the Python client routes writes and reads to each over TLS."""
+    certs = tmp_path / "certs"
+    made = subprocess.run([str(handoff_bin()), "certs", str(certs), "--name", "127.0.0.1"],
+                          capture_output=True, text=True, timeout=patience(60))
+    assert made.returncode == 0, made.stderr
+    tls = ["--tls-cert", str(certs / "tls.crt"), "--tls-key", str(certs / "tls.key"),
+           "--peer-ca", str(certs / "ca.crt")]
+    settings = TlsSettings(root_certs=(certs / "ca.crt").read_bytes())
+    with replicas("grpc+tls", tls) as running:
+        link = next(name for name in (f"replicas/tls-{i}" for i in count())
+                    if {owner(name, p, REPLICAS) for p in range(SHARD_PARTS)} == {0, 1, 2})
+        with HandoffClient(running.endpoints[2], running.writer, tls=settings) as client:
+            assert client.topology()[0] == running.endpoints
+            rows = write_shard_link(client, link)
+            parts = [part["rows"] for part in client.stats(link)["replicas"]]
+        assert sum(parts) == rows and all(parts), parts
+        with HandoffClient(running.endpoints[0], running.reader, tls=settings) as reader:
+            got = [batch_ids(b) for rank in range(2) for b in reader.read_shard(ShardRequest(
+                link, rank=rank, world_size=2, batch_rows=SHARD_BATCH))]
+        assert set(i for batch in got for i in batch) == set(range(rows))
+        # A replica that does not trust the others' CA cannot plan with them: it says so.
+        wrong = tmp_path / "other"
+        made = subprocess.run([str(handoff_bin()), "certs", str(wrong), "--name", "127.0.0.1"],
+                              capture_output=True, text=True, timeout=patience(60))
+        assert made.returncode == 0, made.stderr
+    with replicas("grpc+tls", tls[:4] + ["--peer-ca", str(wrong / "ca.crt")]) as running:
+        with HandoffClient(running.endpoints[0], running.admin, tls=settings) as client:
+            with pytest.raises(HandoffError) as refused:
+                client.create("replicas/untrusted")
+        text = str(refused.value)
+        assert re.search(r"replica grpc\+tls://127\.0\.0\.1:\d+ \(create\) is unreachable "
+                         r"from this replica", text), text
+        assert "--peer-ca" in text and refused.value.code == "unavailable", text
+        assert not isinstance(refused.value, ServerUnavailable), "the server itself answered"

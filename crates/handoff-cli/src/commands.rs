@@ -509,6 +509,12 @@ fn print_stats(stats: &handoff_client::LinkStats, json: bool) {
             part.endpoint
         );
     }
+    for lost in &stats.lost {
+        println!(
+            "LOST on replica {} ({}): partitions {:?}; it restarted without them",
+            lost.replica, lost.endpoint, lost.partitions
+        );
+    }
     println!("schema:");
     for field in &stats.schema {
         println!("  {field}");

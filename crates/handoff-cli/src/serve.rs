@@ -94,14 +94,19 @@ pub struct ServeArgs {
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// Serve links together with other replicas: every replica's Flight endpoint, in index
-    /// order, this one's included (grpc://HOST:PORT,...). Each partition lives on one replica,
-    /// chosen by a hash of (link, partition); replica 0 plans: commits, seals and stats go
-    /// there. Every replica gets the same list. Needs --token: replicas call each other with it.
+    /// order, this one's included (grpc://HOST:PORT,...; grpc+tls:// when the replicas serve
+    /// TLS). Each partition lives on one replica, chosen by a hash of (link, partition);
+    /// replica 0 plans: commits, seals and stats go there. Every replica gets the same list.
+    /// Needs --token: replicas call each other with it.
     #[arg(long, value_delimiter = ',', value_name = "ENDPOINTS")]
     pub peers: Vec<String>,
-    /// This server's place in --peers, from 0.
-    #[arg(long, requires = "peers", default_value_t = 0)]
+    /// This server's place in --peers, from 0: a number, or a StatefulSet pod name such as
+    /// `features-handoff-2`, whose ordinal it is.
+    #[arg(long, requires = "peers", default_value = "0", value_parser = parse_replica_index)]
     pub replica_index: u32,
+    /// The PEM CA that grpc+tls:// --peers' certificates chain to. Default: the system's roots.
+    #[arg(long, requires = "peers")]
+    pub peer_ca: Option<PathBuf>,
     /// Send DoGet through tonic's regular encoder instead of the zero-copy path.
     #[arg(long, hide = true)]
     pub copying_get: bool,
@@ -119,6 +124,20 @@ pub struct ServeConfig {
     pub store: StoreConfig,
     /// Files that `run` reads into `server.tls` (the conversion does no I/O).
     pub tls_files: Option<TlsFiles>,
+    /// The file that `run` reads as the replicas' CA (`--peer-ca`).
+    pub peer_ca: Option<PathBuf>,
+}
+
+/// `--replica-index`: `2`, or the name of the StatefulSet pod `features-handoff-2`, which a
+/// pod's args get from its own name, so one template serves every replica.
+fn parse_replica_index(value: &str) -> Result<u32, String> {
+    let ordinal = value.rsplit_once('-').map_or(value, |(_, ordinal)| ordinal);
+    ordinal.parse().map_err(|_| {
+        format!(
+            "'{value}' is neither a replica index (0, 1, ...) nor a StatefulSet pod name ending \
+             in one (features-handoff-2)"
+        )
+    })
 }
 
 pub struct TlsFiles {
@@ -206,21 +225,34 @@ impl TryFrom<&ServeArgs> for ServeConfig {
                         .into(),
                 );
             }
-            if args.tls_cert.is_some() {
+            let replicas =
+                handoff_server::ReplicaConfig::new(args.peers.clone(), args.replica_index, token)?;
+            // Replicas are alike: a TLS server's peers speak TLS too.
+            if replicas.tls() != args.tls_cert.is_some() {
+                return Err(if replicas.tls() {
+                    "--peers are grpc+tls:// but this server has no --tls-cert; every replica \
+                     serves as the others do"
+                } else {
+                    "this server serves TLS (--tls-cert), so --peers must be grpc+tls:// \
+                     endpoints; every replica serves as the others do"
+                }
+                .into());
+            }
+            if args.tls_client_ca.is_some() {
                 return Err(
-                    "--peers with --tls-cert is not built yet: replicas call each other \
-                            in plain text; run replicas without TLS for now"
+                    "--peers with --tls-client-ca is not supported: replicas call each other \
+                     with the admin token, not a client certificate; use tokens"
                         .into(),
                 );
             }
-            Some(handoff_server::ReplicaConfig::new(
-                args.peers.clone(),
-                args.replica_index,
-                token,
-            )?)
+            if args.peer_ca.is_some() && !replicas.tls() {
+                return Err("--peer-ca is for grpc+tls:// --peers; these are plain text".into());
+            }
+            Some(replicas)
         };
         Ok(Self {
             tls_files,
+            peer_ca: args.peer_ca.clone(),
             server: ServerConfig {
                 replicas,
                 auth,
@@ -281,6 +313,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(files) = &config.tls_files {
         config.server.tls = Some(files.read()?);
     }
+    if let Some(path) = &config.peer_ca {
+        let ca = std::fs::read(path)
+            .map_err(|e| format!("cannot read --peer-ca {}: {e}", path.display()))?;
+        config.server.replicas = config.server.replicas.map(|r| r.with_tls(Some(ca), None));
+    }
     if let Some(storage) = &config.store.storage {
         storage.prepare().map_err(|e| e.to_string())?;
     }
@@ -324,4 +361,84 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         Err(e) => tracing::warn!(error = %e, "could not remove all spilled data"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<ServeConfig, String> {
+        let cli = Cli::try_parse_from(["serve"].iter().chain(args)).map_err(|e| e.to_string())?;
+        ServeConfig::try_from(&cli.serve)
+    }
+
+    const TLS_PEERS: &str = "grpc+tls://l-handoff-0.l-handoff-peers.ns.svc:8815,\
+                             grpc+tls://l-handoff-1.l-handoff-peers.ns.svc:8815";
+
+    #[test]
+    fn a_replica_index_is_a_number_or_a_statefulset_pod_name() {
+        assert_eq!(parse_replica_index("2"), Ok(2));
+        assert_eq!(parse_replica_index("features-handoff-11"), Ok(11));
+        let err = parse_replica_index("features-handoff").expect_err("no ordinal");
+        assert!(err.contains("ending in one"), "{err}");
+        let config = config(&[
+            "--token",
+            "t",
+            "--peers",
+            "grpc://a:1,grpc://b:1",
+            "--replica-index",
+            "l-handoff-1",
+        ])
+        .expect("config");
+        assert_eq!(config.server.replicas.expect("replicas").index(), 1);
+    }
+
+    #[test]
+    fn tls_replicas_serve_tls_and_verify_each_other() {
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        let mut args = vec!["--token", "t", "--peers", TLS_PEERS, "--replica-index", "1"];
+        args.extend(tls);
+        args.extend(["--peer-ca", "ca.pem"]);
+        let made = config(&args).expect("TLS replicas");
+        assert!(made.server.replicas.expect("replicas").tls());
+        assert_eq!(made.peer_ca, Some(PathBuf::from("ca.pem")));
+        // Replicas are alike: TLS peers need this server to serve TLS, and the other way round.
+        let err = config(&["--token", "t", "--peers", TLS_PEERS])
+            .err()
+            .expect("plain server");
+        assert!(err.contains("no --tls-cert"), "{err}");
+        let mut args = vec!["--token", "t", "--peers", "grpc://a:1,grpc://b:1"];
+        args.extend(tls);
+        let err = config(&args).err().expect("plain peers");
+        assert!(err.contains("must be grpc+tls://"), "{err}");
+        let err = config(&[
+            "--token",
+            "t",
+            "--peers",
+            "grpc://a:1",
+            "--peer-ca",
+            "ca.pem",
+        ])
+        .err()
+        .expect("a CA for plain peers");
+        assert!(err.contains("--peer-ca is for grpc+tls://"), "{err}");
+        let mut args = vec![
+            "--token",
+            "t",
+            "--peers",
+            TLS_PEERS,
+            "--tls-client-ca",
+            "ca.pem",
+        ];
+        args.extend(tls);
+        let err = config(&args).err().expect("mutual TLS");
+        assert!(err.contains("--tls-client-ca is not supported"), "{err}");
+    }
 }

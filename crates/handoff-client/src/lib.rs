@@ -139,6 +139,17 @@ pub struct LinkStats {
     /// Each replica's part, for a link over several replicas; empty for a single server.
     #[serde(default)]
     pub replicas: Vec<ReplicaPart>,
+    /// Over replicas: committed partitions that a replica restarted since and no longer holds.
+    #[serde(default)]
+    pub lost: Vec<LostPart>,
+}
+
+/// Partitions one replica lost, in [`LinkStats::lost`].
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct LostPart {
+    pub replica: u32,
+    pub endpoint: String,
+    pub partitions: Vec<u64>,
 }
 
 /// One replica's part of a link, in [`LinkStats::replicas`].

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use handoff_client::{ClientConfig, HandoffClient, LinkStats};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::kueue;
 use crate::metrics::Metrics;
 use crate::pki;
-use crate::resources::{self, InvalidSpec, Tokens};
+use crate::resources::{self, InvalidSpec, RunningServer, Tokens};
 use crate::workloads::{self, ConsumerState, ProducerState};
 
 /// Held on every DataLink until the controller has removed what it created.
@@ -148,10 +148,15 @@ pub async fn run(
     }
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=handoff-controller");
-    let mut controller = Controller::new(links, watcher::Config::default()).owns(
-        scoped_typed::<Deployment>(&client, &config.namespace),
-        owned,
-    );
+    let mut controller = Controller::new(links, watcher::Config::default())
+        .owns(
+            scoped_typed::<Deployment>(&client, &config.namespace),
+            owned.clone(),
+        )
+        .owns(
+            scoped_typed::<StatefulSet>(&client, &config.namespace),
+            owned,
+        );
     let store = controller.store();
     for (resource, consumer_kind) in [
         (workloads::spark_application(), None),
@@ -545,7 +550,7 @@ impl<'a> Run<'a> {
             self.status.phase = Phase::Pending;
             self.status.reason = None;
         }
-        let running = self.observe_deployment().await?;
+        let running = self.observe_server().await?;
         self.status.endpoint = Some(resources::endpoint(self.link, self.tls));
         if matches!(self.status.phase, Phase::Finished | Phase::Failed) {
             return self.after_end().await;
@@ -555,7 +560,7 @@ impl<'a> Run<'a> {
             Err(why) => return self.invalid(why),
         };
         let Some(tokens) = self.provision(&consumer, running).await? else {
-            // The Deployment watch wakes us when it becomes available.
+            // The Deployment's (StatefulSet's) watch wakes us when it becomes available.
             return Ok(self.poll());
         };
         let Some(jobs) = self.read_jobs(&consumer).await? else {
@@ -603,57 +608,104 @@ impl<'a> Run<'a> {
         })
     }
 
-    /// The server Deployment as it runs now. A running server keeps the TLS setting it was
-    /// started with, whatever the controller's defaults became since.
-    async fn observe_deployment(&mut self) -> Result<Option<Deployment>> {
-        let deployment = self
-            .api::<Deployment>()
-            .get_opt(&resources::server_name(self.link))
-            .await?;
-        if let Some(deployment) = &deployment
-            && self.keeps(deployment)
-        {
-            self.tls = resources::deployment_tls(deployment);
+    /// The server as it runs now: its Deployment, or its StatefulSet over several replicas. A
+    /// running server keeps the TLS setting it was started with, whatever the controller's
+    /// defaults became since.
+    async fn observe_server(&mut self) -> Result<Option<RunningServer>> {
+        let name = resources::server_name(self.link);
+        // The kind the spec asks for first: the other is there only while replicas change.
+        let several = self.link.spec.server.replicas.unwrap_or(1) > 1;
+        let mut running = None;
+        for statefulset in [several, !several] {
+            running = if statefulset {
+                self.api::<StatefulSet>()
+                    .get_opt(&name)
+                    .await?
+                    .map(RunningServer::StatefulSet)
+            } else {
+                self.api::<Deployment>()
+                    .get_opt(&name)
+                    .await?
+                    .map(RunningServer::Deployment)
+            };
+            if running.is_some() {
+                break;
+            }
         }
-        Ok(deployment)
+        if let Some(server) = &running
+            && self.keeps(server)
+        {
+            self.tls = server.tls();
+        }
+        Ok(running)
     }
 
-    /// Whether a running server Deployment stays as it is: its spec inputs are unchanged, or an
-    /// older controller made it (no inputs recorded) and the DataLink's spec has not changed
-    /// since.
-    fn keeps(&self, deployment: &Deployment) -> bool {
-        match deployment.annotations().get(resources::SERVER_INPUTS) {
+    /// Whether a running server stays as it is: its spec inputs are unchanged, or an older
+    /// controller made it (no inputs recorded) and the DataLink's spec has not changed since.
+    fn keeps(&self, server: &RunningServer) -> bool {
+        match server.annotations().get(resources::SERVER_INPUTS) {
             Some(inputs) => *inputs == resources::server_inputs(self.link),
             None => self.before.observed_generation == self.link.metadata.generation,
         }
     }
 
-    /// The Secret, the server's Deployment, Service and NetworkPolicy; the link's tokens once
-    /// the server is available, `None` until then.
+    /// The Secret, the server (Deployment, or StatefulSet and its headless Service), its
+    /// Service and NetworkPolicy; the link's tokens once every replica serves, `None` until
+    /// then.
     async fn provision(
         &mut self,
         consumer: &ConsumerRef<'_>,
-        running: Option<Deployment>,
+        running: Option<RunningServer>,
     ) -> Result<Option<Tokens>> {
         let image =
             resources::pinned_image(self.link, running.as_ref(), &self.ctx.config.server_image);
         let tokens = self.ensure_secret().await?;
-        let deployment = match running {
+        let server = match running {
             Some(running) if self.keeps(&running) => {
                 self.adopt(&running).await?;
-                self.status.server_image = resources::deployment_image(&running).or(Some(image));
+                self.status.server_image = running.image().or(Some(image));
                 running
             }
-            _ => {
-                let deployment = match resources::server_deployment(self.link, &image, self.tls) {
-                    Ok(deployment) => deployment,
+            running => {
+                let replicas = match resources::replicas(self.link) {
+                    Ok(replicas) => replicas,
                     Err(InvalidSpec(why)) => {
                         self.invalid(why)?;
                         return Ok(None);
                     }
                 };
+                let built = if replicas > 1 {
+                    resources::server_statefulset(self.link, &image, self.tls)
+                        .map(RunningServer::StatefulSet)
+                } else {
+                    resources::server_deployment(self.link, &image, self.tls)
+                        .map(RunningServer::Deployment)
+                };
+                let built = match built {
+                    Ok(built) => built,
+                    Err(InvalidSpec(why)) => {
+                        self.invalid(why)?;
+                        return Ok(None);
+                    }
+                };
+                // Replicas went from one to several or back: the server of the other kind goes
+                // (its data with it, as with any change to spec.server).
+                if let Some(old) = running
+                    && old.kind() != built.kind()
+                {
+                    self.delete_workload(old.kind()).await?;
+                }
                 self.status.server_image = Some(image);
-                self.ensure_applied(deployment).await?
+                match built {
+                    RunningServer::Deployment(d) => {
+                        RunningServer::Deployment(self.ensure_applied(d).await?)
+                    }
+                    RunningServer::StatefulSet(s) => {
+                        self.ensure_applied(resources::peers_service(self.link))
+                            .await?;
+                        RunningServer::StatefulSet(self.ensure_applied(s).await?)
+                    }
+                }
             }
         };
         self.ensure_applied(resources::server_service(self.link))
@@ -664,55 +716,78 @@ impl<'a> Run<'a> {
             Phase::Provisioning,
             None,
             format!(
-                "Created Secret {}, Deployment and Service {}",
+                "Created Secret {}, {} and Service {}",
                 resources::secret_name(self.link),
+                server.kind(),
                 resources::server_name(self.link)
             ),
         );
-        let available = deployment
-            .status
-            .as_ref()
-            .and_then(|s| s.available_replicas)
-            .unwrap_or(0)
-            >= 1;
-        if !available {
-            self.condition(
-                "ServerReady",
-                false,
-                "Unavailable",
+        let (ready, wanted) = (server.ready(), server.replicas());
+        if ready < wanted.max(1) {
+            let message = if wanted > 1 {
+                format!(
+                    "StatefulSet {} has {ready} of {wanted} replicas ready; every replica holds \
+                     part of the link, so all must serve",
+                    resources::server_name(self.link)
+                )
+            } else {
                 format!(
                     "Deployment {} has no available replica yet",
                     resources::server_name(self.link)
-                ),
-            );
+                )
+            };
+            self.condition("ServerReady", false, "Unavailable", message);
             return Ok(None);
         }
-        self.condition(
-            "ServerReady",
-            true,
-            "Available",
-            format!("serving at {}", resources::endpoint(self.link, self.tls)),
-        );
+        let serving = if wanted > 1 {
+            format!(
+                "serving at {} (replica 0 of {wanted})",
+                resources::endpoint(self.link, self.tls)
+            )
+        } else {
+            format!("serving at {}", resources::endpoint(self.link, self.tls))
+        };
+        self.condition("ServerReady", true, "Available", serving);
         Ok(Some(tokens))
     }
 
-    /// A Deployment an older controller made records no inputs: record them, in metadata only,
-    /// which does not restart its pod.
-    async fn adopt(&self, running: &Deployment) -> Result<()> {
+    /// A server an older controller made records no inputs: record them, in metadata only,
+    /// which does not restart its pods.
+    async fn adopt(&self, running: &RunningServer) -> Result<()> {
         if running.annotations().contains_key(resources::SERVER_INPUTS) {
             return Ok(());
         }
         let patch = serde_json::json!({"metadata": {"annotations": {
             resources::SERVER_INPUTS: resources::server_inputs(self.link)
         }}});
-        self.api::<Deployment>()
-            .patch(
-                &resources::server_name(self.link),
-                &merge_params(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+        let name = resources::server_name(self.link);
+        let patch = Patch::Merge(&patch);
+        match running {
+            RunningServer::Deployment(_) => {
+                self.api::<Deployment>()
+                    .patch(&name, &merge_params(), &patch)
+                    .await?;
+            }
+            RunningServer::StatefulSet(_) => {
+                self.api::<StatefulSet>()
+                    .patch(&name, &merge_params(), &patch)
+                    .await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Delete the server's Deployment or StatefulSet (with its headless Service).
+    async fn delete_workload(&self, kind: &str) -> Result<()> {
+        let name = resources::server_name(self.link);
+        let params = DeleteParams::background();
+        if kind == "StatefulSet" {
+            ignore_missing(self.api::<StatefulSet>().delete(&name, &params).await)?;
+            let peers = resources::peers_service_name(self.link);
+            ignore_missing(self.api::<Service>().delete(&peers, &params).await)
+        } else {
+            ignore_missing(self.api::<Deployment>().delete(&name, &params).await)
+        }
     }
 
     /// The user's jobs, which must exist, suspended, before anything is wired.
@@ -792,7 +867,7 @@ impl<'a> Run<'a> {
             self.status.spilled_bytes = Some(stats.spilled_bytes as i64);
         }
         if current.is_some() {
-            self.status.server_instance = current;
+            self.status.server_instance = current.clone();
         }
         if !restarted {
             return Ok(None);
@@ -809,19 +884,45 @@ impl<'a> Run<'a> {
                 .push((EventType::Normal, "ServerRestarted".into(), note));
             return Ok(None);
         }
+        if let Some(stats) = stats.filter(|s| !s.replicas.is_empty() && s.lost.is_empty()) {
+            // Over replicas the planner knows what each restarted replica held: its commit
+            // records name every published partition, and none is missing. Staged, uncommitted
+            // partitions are checked by the job's own commit, which names any that are gone.
+            let which = restarted_replicas(known.as_deref(), current.as_deref())
+                .unwrap_or_else(|| "?".into());
+            let note = format!(
+                "replicas {which} of link {} restarted before the seal and lost no committed \
+                 partition: {} rows in {} partitions are held; partitions they had staged but \
+                 not committed are refused by the job's commit, which names them",
+                self.name, stats.rows, stats.partitions
+            );
+            self.condition("ServerRestarted", true, "NothingLost", note.clone());
+            self.events
+                .push((EventType::Normal, "ServerRestarted".into(), note));
+            return Ok(None);
+        }
         let was = |v: Option<i64>| v.unwrap_or(0);
         let why = if self.link.spec.server.spill_url.is_none() {
             "the link had no spec.server.spillUrl to snapshot to"
         } else {
             "the link was not sealed yet, so it had no snapshot"
         };
-        let lost = format!(
+        let mut lost = format!(
             "the server restarted and lost link {}: {} rows in {} partitions ({} bytes) as last read; {why}",
             self.name,
             was(self.before.rows),
             was(self.before.partitions),
             was(self.before.bytes),
         );
+        if let Some(restarted) = restarted_replicas(known.as_deref(), current.as_deref()) {
+            lost.push_str(&format!("; replicas restarted: {restarted}"));
+        }
+        for part in stats.iter().flat_map(|s| &s.lost) {
+            lost.push_str(&format!(
+                "; replica {} ({}) lost partitions {:?}",
+                part.replica, part.endpoint, part.partitions
+            ));
+        }
         self.status.server_instance = None;
         self.status.rows = None;
         self.status.bytes = None;
@@ -878,6 +979,11 @@ impl<'a> Run<'a> {
                 self.status.reason = Some("ServerLost".into());
                 self.events
                     .push((EventType::Warning, "ServerLost".into(), note));
+                if self.link.spec.server.replicas.unwrap_or(1) > 1 {
+                    // The replicas that kept their part would mix it with the rerun's: the
+                    // link starts over on all of them.
+                    self.delete_link_on_server().await;
+                }
                 if let Some(patch) = workloads::spark_suspend_patch(&jobs.spark) {
                     jobs.spark_api
                         .patch(
@@ -1317,7 +1423,7 @@ impl<'a> Run<'a> {
 
     /// 7. Deletion: remove what we created; the user's jobs stay.
     async fn cleanup(mut self) -> Result<Action> {
-        self.observe_deployment().await?;
+        self.observe_server().await?;
         self.delete_server().await?;
         self.events.push((
             EventType::Normal,
@@ -1553,8 +1659,26 @@ impl<'a> Run<'a> {
 
     /// Delete the link on its server (which removes spilled objects), then the server's objects.
     async fn delete_server(&self) -> Result<()> {
+        self.delete_link_on_server().await;
         let secrets: Api<Secret> = self.api();
-        if let Some(secret) = secrets.get_opt(&resources::secret_name(self.link)).await?
+        let name = resources::server_name(self.link);
+        let params = DeleteParams::background();
+        ignore_missing(self.api::<NetworkPolicy>().delete(&name, &params).await)?;
+        ignore_missing(self.api::<Service>().delete(&name, &params).await)?;
+        self.delete_workload("Deployment").await?;
+        self.delete_workload("StatefulSet").await?;
+        ignore_missing(
+            secrets
+                .delete(&resources::secret_name(self.link), &params)
+                .await,
+        )?;
+        Ok(())
+    }
+
+    /// Delete the link on its server, on every replica; best effort.
+    async fn delete_link_on_server(&self) {
+        let secrets: Api<Secret> = self.api();
+        if let Ok(Some(secret)) = secrets.get_opt(&resources::secret_name(self.link)).await
             && let Ok(tokens) = Tokens::from_secret(&secret)
         {
             // Best effort: a server that is gone took its memory and emptyDir with it, and one
@@ -1575,18 +1699,24 @@ impl<'a> Run<'a> {
                 Err(_) => info!(link = %self.name, "the server did not answer delete in time"),
             }
         }
-        let name = resources::server_name(self.link);
-        let params = DeleteParams::background();
-        ignore_missing(self.api::<NetworkPolicy>().delete(&name, &params).await)?;
-        ignore_missing(self.api::<Service>().delete(&name, &params).await)?;
-        ignore_missing(self.api::<Deployment>().delete(&name, &params).await)?;
-        ignore_missing(
-            secrets
-                .delete(&resources::secret_name(self.link), &params)
-                .await,
-        )?;
-        Ok(())
     }
+}
+
+/// Which replicas restarted, from the server instances before and now (each replica's, joined
+/// by commas): `None` for a single server.
+fn restarted_replicas(before: Option<&str>, now: Option<&str>) -> Option<String> {
+    let (before, now) = (
+        before?.split(',').collect::<Vec<_>>(),
+        now?.split(',').collect::<Vec<_>>(),
+    );
+    if before.len() <= 1 || before.len() != now.len() {
+        return None;
+    }
+    let changed: Vec<String> = (0..before.len())
+        .filter(|&i| before[i] != now[i])
+        .map(|i| i.to_string())
+        .collect();
+    (!changed.is_empty()).then(|| changed.join(", "))
 }
 
 fn ignore_missing<T>(result: kube::Result<T>) -> Result<()> {

@@ -85,7 +85,7 @@ impl Consumer {
     }
 }
 
-/// The Handoff server's Deployment.
+/// The Handoff server: a Deployment, or a StatefulSet over several replicas.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerSpec {
@@ -99,10 +99,14 @@ pub struct ServerSpec {
     /// CPU request of the server pod, as a quantity (`2`, `500m`). Default: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
-    /// Server replicas: 1, the only value. One in-memory server holds the link; a second
-    /// replica would be an empty server behind the same Service.
+    /// Server replicas, 1 to 64. One runs a Deployment. More run a StatefulSet with a
+    /// headless Service (`<name>-handoff-peers`): each partition lives on one replica, chosen by
+    /// a hash of (link, partition); replica 0 plans, and the link's Service and endpoint are
+    /// replica 0's; clients find the others from it. Each replica holds the memory budget
+    /// `memory`, and with `spillUrl` snapshots its own part below `<prefix>/<pod name>`.
+    /// Changing it restarts the server, which starts empty. Default: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("minimum" = 1, "maximum" = 1))]
+    #[schemars(extend("minimum" = 1, "maximum" = 64))]
     pub replicas: Option<i32>,
     /// Object storage for spilled partitions and snapshots (`s3://bucket/prefix`, `gs://`,
     /// `az://`, `file:///path`); each DataLink uses its own prefix below it,

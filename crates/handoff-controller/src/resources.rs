@@ -1,15 +1,18 @@
-//! The objects a DataLink owns: the tokens Secret, the server Deployment and its Service.
-//! Pure builders, so what the controller applies can be checked without a cluster.
+//! The objects a DataLink owns: the tokens Secret, the server (a Deployment, or a StatefulSet
+//! with a headless Service over several replicas) and its Service. Pure builders, so what the
+//! controller applies can be checked without a cluster.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, StatefulSet, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretEnvSource, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SecretEnvSource, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -35,6 +38,13 @@ const DEFAULT_CPU: &str = "1";
 /// measurements hold the server to (docs/benchmarks.md), with room for the HTTP side.
 const BASE_OVERHEAD_BYTES: u64 = 256 << 20;
 const SPILL_DIR: &str = "/var/lib/handoff";
+/// Most replicas one link may have: far beyond what one training job's readers need (the
+/// placement's balance is measured to 64, docs/scale-out.md).
+pub const MAX_REPLICAS: i32 = 64;
+/// The label the StatefulSet controller puts on each pod, with the pod's name.
+const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
+/// A server pod's own name, for `--replica-index` and its own storage prefix.
+const POD_NAME_ENV: &str = "HANDOFF_POD_NAME";
 
 /// A spec the controller cannot act on; the DataLink goes to phase Failed with this sentence.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,32 +97,70 @@ pub fn secret_name(link: &DataLink) -> String {
 }
 
 /// Whether the spec asks for a TLS server (the default). A running server keeps what it was
-/// started with: see [`deployment_tls`].
+/// started with: see [`RunningServer::tls`].
 pub fn tls_enabled(link: &DataLink) -> bool {
     link.spec.server.tls.unwrap_or(true)
 }
 
-/// Whether a server Deployment serves TLS, from its args.
-pub fn deployment_tls(deployment: &Deployment) -> bool {
-    server_container(deployment)
-        .and_then(|c| c.args.as_ref())
-        .is_some_and(|args| args.iter().any(|a| a == "--tls-cert"))
+/// The server as it runs: a Deployment (one replica) or a StatefulSet (several).
+#[derive(Clone, Debug)]
+pub enum RunningServer {
+    Deployment(Deployment),
+    StatefulSet(StatefulSet),
 }
 
-/// The image a server Deployment runs.
-pub fn deployment_image(deployment: &Deployment) -> Option<String> {
-    server_container(deployment).and_then(|c| c.image.clone())
-}
+impl RunningServer {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Deployment(_) => "Deployment",
+            Self::StatefulSet(_) => "StatefulSet",
+        }
+    }
 
-fn server_container(deployment: &Deployment) -> Option<&Container> {
-    deployment
-        .spec
-        .as_ref()?
-        .template
-        .spec
-        .as_ref()?
-        .containers
-        .first()
+    pub fn annotations(&self) -> &BTreeMap<String, String> {
+        match self {
+            Self::Deployment(d) => kube::ResourceExt::annotations(d),
+            Self::StatefulSet(s) => kube::ResourceExt::annotations(s),
+        }
+    }
+
+    fn container(&self) -> Option<&Container> {
+        let template = match self {
+            Self::Deployment(d) => &d.spec.as_ref()?.template,
+            Self::StatefulSet(s) => &s.spec.as_ref()?.template,
+        };
+        template.spec.as_ref()?.containers.first()
+    }
+
+    /// Whether it serves TLS, from its args.
+    pub fn tls(&self) -> bool {
+        self.container()
+            .and_then(|c| c.args.as_ref())
+            .is_some_and(|args| args.iter().any(|a| a == "--tls-cert"))
+    }
+
+    /// The image it runs.
+    pub fn image(&self) -> Option<String> {
+        self.container().and_then(|c| c.image.clone())
+    }
+
+    /// Replicas it asks for.
+    pub fn replicas(&self) -> i32 {
+        match self {
+            Self::Deployment(d) => d.spec.as_ref().and_then(|s| s.replicas),
+            Self::StatefulSet(s) => s.spec.as_ref().and_then(|s| s.replicas),
+        }
+        .unwrap_or(1)
+    }
+
+    /// Replicas serving: a Deployment's available ones, a StatefulSet's ready ones.
+    pub fn ready(&self) -> i32 {
+        match self {
+            Self::Deployment(d) => d.status.as_ref().and_then(|s| s.available_replicas),
+            Self::StatefulSet(s) => s.status.as_ref().and_then(|s| s.ready_replicas),
+        }
+        .unwrap_or(0)
+    }
 }
 
 /// Hash of what the DataLink says about its server: the spec's `server` and memory policy, and
@@ -130,13 +178,13 @@ pub fn server_inputs(link: &DataLink) -> String {
 
 /// The image a link's server runs: the spec's, else the one pinned in its status when it was
 /// provisioned, else the one an older controller gave its running Deployment, else `default`.
-pub fn pinned_image(link: &DataLink, running: Option<&Deployment>, default: &str) -> String {
+pub fn pinned_image(link: &DataLink, running: Option<&RunningServer>, default: &str) -> String {
     link.spec
         .server
         .image
         .clone()
         .or_else(|| link.status.as_ref().and_then(|s| s.server_image.clone()))
-        .or_else(|| running.and_then(deployment_image))
+        .or_else(|| running.and_then(RunningServer::image))
         .unwrap_or_else(|| default.to_string())
 }
 
@@ -159,16 +207,47 @@ pub fn server_host(link: &DataLink) -> String {
     format!("{}.{namespace}.svc", server_name(link))
 }
 
-/// Every name a client in the cluster may reach the server by.
+/// Every name a client in the cluster may reach the server by; with replicas, each replica's
+/// name below the headless Service too (a wildcard, so any number of replicas share one
+/// certificate).
 pub fn server_dns_names(link: &DataLink) -> Vec<String> {
     let namespace = link.metadata.namespace.as_deref().unwrap_or("default");
     let name = server_name(link);
+    let peers = format!("{}.{namespace}.svc", peers_service_name(link));
     vec![
         server_host(link),
         format!("{}.cluster.local", server_host(link)),
         format!("{name}.{namespace}"),
         name,
+        format!("*.{peers}"),
+        format!("*.{peers}.cluster.local"),
     ]
+}
+
+/// The headless Service that gives each replica of a StatefulSet server its DNS name.
+pub fn peers_service_name(link: &DataLink) -> String {
+    format!("{}-peers", server_name(link))
+}
+
+/// The replicas the spec asks for, checked: 1 runs a Deployment, more a StatefulSet.
+pub fn replicas(link: &DataLink) -> Result<i32, InvalidSpec> {
+    match link.spec.server.replicas.unwrap_or(1) {
+        n @ 1..=MAX_REPLICAS => Ok(n),
+        // The CRD's schema says so too; this is for API servers that do not enforce it.
+        n => Err(InvalidSpec(format!(
+            "spec.server.replicas is {n}; give 1 to {MAX_REPLICAS}"
+        ))),
+    }
+}
+
+/// Each replica's Flight endpoint, in index order: StatefulSet pod `<server>-<i>` by its name
+/// under the headless Service.
+pub fn replica_endpoints(link: &DataLink, replicas: i32, tls: bool) -> Vec<String> {
+    let namespace = link.metadata.namespace.as_deref().unwrap_or("default");
+    let (name, peers) = (server_name(link), peers_service_name(link));
+    (0..replicas)
+        .map(|i| flight_url(&format!("{name}-{i}.{peers}.{namespace}.svc"), tls))
+        .collect()
 }
 
 /// The Flight endpoint producers and consumers are given.
@@ -347,30 +426,32 @@ fn http_probe(path: &str, period: i32) -> Probe {
     }
 }
 
-/// `handoff serve` for this link, running `image`, with TLS when `tls`: memory limit derived from
-/// the budget, probes on /readyz and /healthz, non-root with a read-only root filesystem, one
-/// replica replaced by Recreate (two servers would split the link). Spill goes to an emptyDir
-/// unless the spec names object storage; then the server also snapshots the link when it is
-/// sealed and restores it on start, before it reports ready.
-pub fn server_deployment(
+/// The server's pod template: `handoff serve` for this link, running `image`, with TLS when
+/// `tls`: memory limit derived from the budget, probes on /readyz and /healthz, non-root with a
+/// read-only root filesystem. Spill goes to an emptyDir unless the spec names object storage;
+/// then the server also snapshots the link when it is sealed and restores it on start, before
+/// it reports ready. With `replicas` > 1, every pod is one replica: it finds its index and its
+/// own storage prefix from its name.
+fn server_pod(
     link: &DataLink,
     image: &str,
     tls: bool,
-) -> Result<Deployment, InvalidSpec> {
+    replicas: i32,
+) -> Result<PodTemplateSpec, InvalidSpec> {
     let server = &link.spec.server;
     let budget = quantity_bytes(server.memory.as_deref().unwrap_or(DEFAULT_MEMORY))?;
     let pod_limit = budget + budget / 10 + BASE_OVERHEAD_BYTES;
     let cpu = server.cpu.clone().unwrap_or_else(|| DEFAULT_CPU.into());
     quantity_cpu_ok(&cpu)?;
-    let replicas = server.replicas.unwrap_or(1);
-    if replicas != 1 {
-        // The CRD's schema says so too; this is for servers that do not enforce it.
-        return Err(InvalidSpec(format!(
-            "spec.server.replicas is {replicas}; a link is served by exactly one server, so set 1 \
-             or leave it out"
-        )));
-    }
-    let durable = link_storage_url(link);
+    let durable = link_storage_url(link).map(|url| {
+        if replicas > 1 {
+            // Each replica snapshots and restores its own part (Kubernetes expands the
+            // variable from the pod's env).
+            format!("{url}/$({POD_NAME_ENV})")
+        } else {
+            url
+        }
+    });
     let spill_url = durable
         .clone()
         .unwrap_or_else(|| format!("file://{SPILL_DIR}"));
@@ -404,6 +485,46 @@ pub fn server_deployment(
             "--tls-key".into(),
             format!("/etc/handoff/{}", pki::TLS_KEY_KEY),
         ]);
+    }
+    let mut env = vec![
+        secret_env("HANDOFF_TOKEN", &secret, ADMIN_TOKEN_KEY),
+        secret_env("HANDOFF_WRITER_TOKEN", &secret, WRITER_TOKEN_KEY),
+        secret_env("HANDOFF_READER_TOKEN", &secret, READER_TOKEN_KEY),
+        EnvVar {
+            name: "RUST_LOG".into(),
+            value: Some("info".into()),
+            ..Default::default()
+        },
+    ];
+    if replicas > 1 {
+        args.extend([
+            "--peers".into(),
+            replica_endpoints(link, replicas, tls).join(","),
+            "--replica-index".into(),
+            format!("$({POD_NAME_ENV})"),
+        ]);
+        if tls {
+            // Replicas verify each other against the link's own CA, as its clients do.
+            args.extend([
+                "--peer-ca".into(),
+                format!("/etc/handoff/{}", pki::CA_CERT_KEY),
+            ]);
+        }
+        // Env vars a later one expands must come first.
+        env.insert(
+            0,
+            EnvVar {
+                name: POD_NAME_ENV.into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
     }
     let resources = ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -455,16 +576,7 @@ pub fn server_deployment(
         name: "handoff".into(),
         image: Some(image.into()),
         args: Some(args),
-        env: Some(vec![
-            secret_env("HANDOFF_TOKEN", &secret, ADMIN_TOKEN_KEY),
-            secret_env("HANDOFF_WRITER_TOKEN", &secret, WRITER_TOKEN_KEY),
-            secret_env("HANDOFF_READER_TOKEN", &secret, READER_TOKEN_KEY),
-            EnvVar {
-                name: "RUST_LOG".into(),
-                value: Some("info".into()),
-                ..Default::default()
-            },
-        ]),
+        env: Some(env),
         env_from,
         ports: Some(vec![
             ContainerPort {
@@ -496,45 +608,92 @@ pub fn server_deployment(
         volume_mounts: Some(mounts),
         ..Default::default()
     };
-    let labels = labels(link);
+    Ok(PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(link)),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(volumes),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                ..Default::default()
+            }),
+            // SIGTERM drains in-flight reads and writes first (serve --drain-timeout).
+            termination_grace_period_seconds: Some(45),
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+    })
+}
+
+/// The server's object metadata: owned by the link, with the spec inputs it was made from.
+fn server_meta(link: &DataLink) -> ObjectMeta {
     let mut metadata = owned_meta(link, server_name(link));
     metadata.annotations = Some(BTreeMap::from([(
         SERVER_INPUTS.to_string(),
         server_inputs(link),
     )]));
+    metadata
+}
+
+/// The server of a one-replica link: a Deployment of [`server_pod`], replaced by Recreate (two
+/// servers at once would split the link).
+pub fn server_deployment(
+    link: &DataLink,
+    image: &str,
+    tls: bool,
+) -> Result<Deployment, InvalidSpec> {
+    let replicas = replicas(link)?;
+    if replicas != 1 {
+        return Err(InvalidSpec(format!(
+            "spec.server.replicas is {replicas}: that server is a StatefulSet, not a Deployment"
+        )));
+    }
     Ok(Deployment {
-        metadata,
+        metadata: server_meta(link),
         spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
+            replicas: Some(1),
             // Never two servers at once: the old one is gone before the new one starts.
             strategy: Some(DeploymentStrategy {
                 type_: Some("Recreate".into()),
                 ..Default::default()
             }),
             selector: LabelSelector {
-                match_labels: Some(labels.clone()),
+                match_labels: Some(labels(link)),
                 ..Default::default()
             },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    volumes: Some(volumes),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        ..Default::default()
-                    }),
-                    // SIGTERM drains in-flight reads and writes first (serve --drain-timeout).
-                    termination_grace_period_seconds: Some(45),
-                    automount_service_account_token: Some(false),
-                    ..Default::default()
-                }),
+            template: server_pod(link, image, tls, 1)?,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// The server of a link over several replicas: a StatefulSet of [`server_pod`], so each
+/// replica keeps its name (and its place in the placement) across restarts, under the headless
+/// Service [`peers_service`]. Its pods start in parallel: replica 0 plans, but every replica
+/// must be up before any write.
+pub fn server_statefulset(
+    link: &DataLink,
+    image: &str,
+    tls: bool,
+) -> Result<StatefulSet, InvalidSpec> {
+    let replicas = replicas(link)?;
+    Ok(StatefulSet {
+        metadata: server_meta(link),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(peers_service_name(link)),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(labels(link)),
+                ..Default::default()
             },
+            template: server_pod(link, image, tls, replicas)?,
             ..Default::default()
         }),
         ..Default::default()
@@ -551,21 +710,49 @@ fn quantity_cpu_ok(cpu: &str) -> Result<(), InvalidSpec> {
     }
 }
 
-/// The Service in front of the server's pods: Flight on 8815, health and metrics on 8816.
-pub fn server_service(link: &DataLink) -> Service {
-    let port = |name: &str, port: i32| ServicePort {
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
         name: Some(name.into()),
         port,
         target_port: Some(IntOrString::Int(port)),
         // Server-side apply needs the whole list-map key; older servers do not default it.
         protocol: Some("TCP".into()),
         ..Default::default()
-    };
+    }
+}
+
+/// The Service in front of the server: Flight on 8815, health and metrics on 8816. Over
+/// replicas it is replica 0 alone, the planner, which every client starts from; the
+/// `topology` action names the others.
+pub fn server_service(link: &DataLink) -> Service {
+    let mut selector = labels(link);
+    if link.spec.server.replicas.unwrap_or(1) > 1 {
+        selector.insert(POD_NAME_LABEL.into(), format!("{}-0", server_name(link)));
+    }
     Service {
         metadata: owned_meta(link, server_name(link)),
         spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![
+                service_port("grpc", GRPC_PORT),
+                service_port("http", HTTP_PORT),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The headless Service of a StatefulSet server: a DNS name per replica, published before the
+/// replica is ready, since replicas must reach each other to become so.
+pub fn peers_service(link: &DataLink) -> Service {
+    Service {
+        metadata: owned_meta(link, peers_service_name(link)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
             selector: Some(labels(link)),
-            ports: Some(vec![port("grpc", GRPC_PORT), port("http", HTTP_PORT)]),
+            ports: Some(vec![service_port("grpc", GRPC_PORT)]),
             ..Default::default()
         }),
         ..Default::default()
@@ -603,6 +790,18 @@ pub fn server_network_policy(
         protocol: Some("TCP".into()),
         ..Default::default()
     };
+    let mut grpc_from = vec![
+        pods(
+            "sparkoperator.k8s.io/app-name",
+            &link.spec.producer.spark_application,
+        ),
+        consumer_peer,
+        controller_peer.clone(),
+    ];
+    if link.spec.server.replicas.unwrap_or(1) > 1 {
+        // Replicas call each other: the planner applies commits and plans reads on the others.
+        grpc_from.push(pods("app.kubernetes.io/instance", &server_name(link)));
+    }
     NetworkPolicy {
         metadata: owned_meta(link, server_name(link)),
         spec: Some(NetworkPolicySpec {
@@ -613,14 +812,7 @@ pub fn server_network_policy(
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
-                    from: Some(vec![
-                        pods(
-                            "sparkoperator.k8s.io/app-name",
-                            &link.spec.producer.spark_application,
-                        ),
-                        consumer_peer,
-                        controller_peer.clone(),
-                    ]),
+                    from: Some(grpc_from),
                     ports: Some(vec![port(GRPC_PORT)]),
                 },
                 // Probes come from the kubelet, which policies do not cover; metrics from the

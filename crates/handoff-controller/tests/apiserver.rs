@@ -57,15 +57,17 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
         .await
         .expect_err("an unknown gate is refused");
     assert!(refused.to_string().contains("gate"), "{refused}");
-    // One server per link: the schema refuses a second replica.
-    let mut two = minimal.clone();
-    two.metadata.name = Some("two".into());
-    two.spec.server.replicas = Some(2);
+    // At most 64 replicas: the schema refuses more, and so does the controller.
+    let mut many = minimal.clone();
+    many.metadata.name = Some("many".into());
+    many.spec.server.replicas = Some(resources::MAX_REPLICAS + 1);
     let refused = links
-        .create(&PostParams::default(), &two)
+        .create(&PostParams::default(), &many)
         .await
-        .expect_err("replicas: 2 is refused");
+        .expect_err("replicas: 65 is refused");
     assert!(refused.to_string().contains("replicas"), "{refused}");
+    let why = resources::replicas(&many).expect_err("the controller refuses it too");
+    assert!(why.0.contains("give 1 to 64"), "{why}");
 
     // Status goes through the status subresource, by server-side apply.
     let status = serde_json::json!({
@@ -205,6 +207,84 @@ async fn the_crd_installs_and_datalinks_round_trip_through_a_real_api_server() {
     let mut bad = owner.clone();
     bad.spec.server.memory = Some("8GB".into());
     assert!(resources::server_deployment(&bad, "x", true).is_err());
+
+    // Three replicas: a StatefulSet under a headless Service, which the real server takes.
+    let mut three = owner.clone();
+    three.spec.server.replicas = Some(3);
+    assert!(resources::server_deployment(&three, "x", true).is_err());
+    let sets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(cluster.client.clone(), namespace);
+    let peers = services
+        .patch(
+            &resources::peers_service_name(&three),
+            &params,
+            &Patch::Apply(&resources::peers_service(&three)),
+        )
+        .await
+        .expect("headless service applies")
+        .spec
+        .expect("spec");
+    assert_eq!(peers.cluster_ip.as_deref(), Some("None"));
+    let set = resources::server_statefulset(&three, "handoff:test", true).expect("statefulset");
+    let applied = sets
+        .patch(
+            &resources::server_name(&three),
+            &params,
+            &Patch::Apply(&set),
+        )
+        .await
+        .expect("statefulset applies")
+        .spec
+        .expect("spec");
+    assert_eq!(applied.replicas, Some(3));
+    assert_eq!(
+        applied.service_name.as_deref(),
+        Some("features-handoff-peers")
+    );
+    let container = &applied.template.spec.expect("pod").containers[0];
+    let args = container.args.clone().expect("args");
+    let after = |flag: &str| {
+        args.windows(2)
+            .find(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .unwrap_or_else(|| panic!("{flag} in {args:?}"))
+    };
+    let peer = |i: usize| {
+        format!("grpc+tls://features-handoff-{i}.features-handoff-peers.default.svc:8815")
+    };
+    assert_eq!(after("--peers"), [peer(0), peer(1), peer(2)].join(","));
+    assert_eq!(after("--replica-index"), "$(HANDOFF_POD_NAME)");
+    assert_eq!(after("--peer-ca"), "/etc/handoff/ca.crt");
+    // Each replica snapshots its own part, below the link's prefix.
+    assert_eq!(
+        after("--spill-url"),
+        format!("{storage}/$(HANDOFF_POD_NAME)")
+    );
+    assert_eq!(
+        after("--restore-from"),
+        format!("{storage}/$(HANDOFF_POD_NAME)")
+    );
+    let env = container.env.clone().expect("env");
+    assert_eq!(
+        env[0].name, "HANDOFF_POD_NAME",
+        "defined before the args use it"
+    );
+    let front = resources::server_service(&three);
+    let selector = front.spec.and_then(|s| s.selector).expect("selector");
+    assert_eq!(
+        selector
+            .get("statefulset.kubernetes.io/pod-name")
+            .map(String::as_str),
+        Some("features-handoff-0")
+    );
+    // One certificate for every replica: the wildcard under the headless Service.
+    assert!(
+        resources::server_dns_names(&three)
+            .contains(&"*.features-handoff-peers.default.svc".to_string())
+    );
+    sets.delete(&resources::server_name(&three), &DeleteParams::default())
+        .await
+        .expect("delete");
 
     for name in ["features", "minimal"] {
         links

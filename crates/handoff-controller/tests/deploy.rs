@@ -411,6 +411,7 @@ const RULES: &str = "
     handoff.kubeflow.org datalinks/status: get patch update
     handoff.kubeflow.org datalinks/finalizers: update
     apps deployments: get list watch create patch delete
+    apps statefulsets: get list watch create patch delete
     core services: get list watch create patch delete
     core secrets: get create patch delete
     networking.k8s.io networkpolicies: get create patch delete

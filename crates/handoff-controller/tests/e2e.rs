@@ -22,7 +22,7 @@ use common::{Cluster, fixture, install_crd, install_kueue_crds, install_upstream
 use handoff_client::HandoffClient;
 use handoff_controller::{ControllerConfig, DataLink, Metrics, Phase, resources};
 use handoff_testkit::eventually;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -296,6 +296,9 @@ struct Scenario<'a> {
     tokens: Option<resources::Tokens>,
     /// The link's Secret as the server found it: tokens, certificate and key, CA.
     secret_data: Option<std::collections::BTreeMap<String, Vec<u8>>>,
+    /// Over several replicas: each replica's address (replica 0's is `addr`) and server.
+    replica_addrs: Vec<std::net::SocketAddr>,
+    replicas: Vec<Option<LinkServer>>,
 }
 
 fn spark_resource() -> ApiResource {
@@ -338,6 +341,8 @@ impl<'a> Scenario<'a> {
             controller: None,
             tokens: None,
             secret_data: None,
+            replica_addrs: Vec::new(),
+            replicas: Vec::new(),
         };
         scenario.create_jobs().await;
         scenario.histories = vec![
@@ -629,6 +634,238 @@ impl<'a> Scenario<'a> {
         }
     }
 
+    /// Be the StatefulSet controller and the kubelet for a link over several replicas: check the
+    /// StatefulSet, its headless Service, the Service (replica 0 alone) and the NetworkPolicy the
+    /// controller made, then start every replica as its pod would run, and report them ready.
+    async fn run_replicas(&mut self, count: usize) {
+        let tokens = self.tokens().await;
+        self.tokens = Some(tokens);
+        let secret: Secret = self
+            .api()
+            .get("features-handoff-tokens")
+            .await
+            .expect("secret");
+        self.secret_data = Some(
+            secret
+                .data
+                .expect("data")
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+        );
+        let sets: Api<StatefulSet> = self.api();
+        let set = eventually("the server StatefulSet", || async {
+            sets.get_opt("features-handoff").await.ok().flatten()
+        })
+        .await;
+        let deployments: Api<Deployment> = self.api();
+        assert!(
+            deployments
+                .get_opt("features-handoff")
+                .await
+                .expect("get")
+                .is_none(),
+            "a StatefulSet, not a Deployment"
+        );
+        let spec = set.spec.expect("spec");
+        assert_eq!(spec.replicas, Some(count as i32));
+        assert_eq!(spec.service_name.as_deref(), Some("features-handoff-peers"));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        let services: Api<Service> = self.api();
+        let peers = eventually("the headless Service", || async {
+            services
+                .get_opt("features-handoff-peers")
+                .await
+                .ok()
+                .flatten()
+        })
+        .await
+        .spec
+        .expect("spec");
+        assert_eq!(peers.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(peers.publish_not_ready_addresses, Some(true));
+        let front = eventually("the Service", || async {
+            services.get_opt("features-handoff").await.ok().flatten()
+        })
+        .await
+        .spec
+        .expect("spec");
+        assert_eq!(
+            front
+                .selector
+                .expect("selector")
+                .get("statefulset.kubernetes.io/pod-name")
+                .map(String::as_str),
+            Some("features-handoff-0"),
+            "clients start at the planner"
+        );
+        let policies: Api<NetworkPolicy> = self.api();
+        let policy = eventually("the NetworkPolicy", || async {
+            policies.get_opt("features-handoff").await.ok().flatten()
+        })
+        .await;
+        let policy = serde_json::to_value(policy).expect("json");
+        assert!(
+            policy["spec"]["ingress"][0]["from"]
+                .as_array()
+                .expect("from")
+                .iter()
+                .any(
+                    |peer| peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"]
+                        == "features-handoff"
+                ),
+            "replicas may call each other: {policy}"
+        );
+        let pod = spec.template.spec.expect("pod");
+        let env = pod.containers[0].env.clone().expect("env");
+        let pod_name = env
+            .iter()
+            .find(|e| e.name == "HANDOFF_POD_NAME")
+            .expect("the pod's name in its env");
+        assert_eq!(
+            pod_name
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.name")
+        );
+        let args = pod.containers[0].args.clone().expect("args");
+        let arg = |flag: &str| {
+            let at = args.iter().position(|a| a == flag).expect(flag);
+            args[at + 1].clone()
+        };
+        let ns = &self.namespace;
+        let names: Vec<String> = (0..count)
+            .map(|i| format!("features-handoff-{i}.features-handoff-peers.{ns}.svc"))
+            .collect();
+        let endpoints: Vec<String> = names
+            .iter()
+            .map(|n| format!("grpc+tls://{n}:8815"))
+            .collect();
+        assert_eq!(arg("--peers"), endpoints.join(","));
+        assert_eq!(arg("--replica-index"), "$(HANDOFF_POD_NAME)");
+        assert_eq!(arg("--peer-ca"), "/etc/handoff/ca.crt");
+        // The kubelet's expansion of $(HANDOFF_POD_NAME) in each pod's args.
+        let expand = |value: String, i: usize| {
+            value.replace("$(HANDOFF_POD_NAME)", &format!("features-handoff-{i}"))
+        };
+        if self.replica_addrs.is_empty() {
+            // Replica 0 listens where the Service (the controller's endpoint) points.
+            drop(self.listener.take());
+            self.replica_addrs.push(self.addr);
+            for _ in 1..count {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                self.replica_addrs
+                    .push(listener.local_addr().expect("addr"));
+                drop(listener);
+            }
+            self.replicas = (0..count).map(|_| None).collect();
+        }
+        let spill = arg("--spill-url");
+        let restore = arg("--restore-from");
+        for i in 0..count {
+            self.start_replica(
+                i,
+                expand(spill.clone(), i),
+                expand(restore.clone(), i),
+                // Replicas dial each other by address here, and verify the name the pods would
+                // dial: replica 0's, under the certificate's wildcard.
+                names[0].clone(),
+            )
+            .await;
+        }
+        if self.cluster.is_local() {
+            let status = json!({"status": {"replicas": count, "readyReplicas": count,
+                "currentReplicas": count, "updatedReplicas": count, "observedGeneration": 1}});
+            sets.patch_status(
+                "features-handoff",
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+            .expect("mark the StatefulSet ready");
+        }
+    }
+
+    /// Start replica `i` as its pod runs: with its own storage prefix, restoring what it
+    /// snapshotted there, and peers verified as `peer_name`.
+    async fn start_replica(&mut self, i: usize, spill: String, restore: String, peer_name: String) {
+        let tokens = self.tokens.clone().expect("tokens read");
+        let secret = self.secret_data.clone().expect("secret read");
+        let peers: Vec<String> = self
+            .replica_addrs
+            .iter()
+            .map(|a| format!("grpc+tls://{a}"))
+            .collect();
+        let replicas =
+            handoff_server::ReplicaConfig::new(peers, i as u32, Some(tokens.admin.clone()))
+                .expect("replica config")
+                .with_tls(Some(secret["ca.crt"].clone()), Some(peer_name));
+        let config = handoff_server::ServerConfig {
+            tls: Some(handoff_server::TlsConfig {
+                cert_pem: secret["tls.crt"].clone(),
+                key_pem: secret["tls.key"].clone(),
+                client_ca_pem: None,
+            }),
+            auth: handoff_server::AuthConfig {
+                disabled: false,
+                admin_tokens: vec![tokens.admin.clone()],
+                writer_tokens: vec![tokens.writer.clone()],
+                reader_tokens: vec![tokens.reader.clone()],
+            },
+            replicas: Some(replicas),
+            ..Default::default()
+        };
+        let storage = |url: &str| {
+            let storage = handoff_store::ObjectStorage::from_url(url).expect("storage url");
+            storage.prepare().expect("storage");
+            storage
+        };
+        let store = handoff_store::Store::new(handoff_store::StoreConfig {
+            storage: Some(storage(&spill)),
+            snapshot_on_seal: true,
+            ..Default::default()
+        });
+        let restored = store
+            .restore_all(&storage(&restore))
+            .await
+            .expect("restore before serving");
+        assert!(restored.skipped.is_empty(), "{:?}", restored.skipped);
+        let listener = tokio::net::TcpListener::bind(self.replica_addrs[i])
+            .await
+            .expect("bind the replica's address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            handoff_server::serve(store, config, listener, None, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("replica ran");
+        });
+        self.replicas[i] = Some(LinkServer { stop, task });
+    }
+
+    async fn stop_replica(&mut self, i: usize) {
+        if let Some(server) = self.replicas.get_mut(i).and_then(Option::take) {
+            let _ = server.stop.send(());
+            server.task.await.expect("replica task");
+        }
+    }
+
+    /// Replica `i`'s pod restarts: its memory goes, and it restores its own snapshot.
+    async fn restart_replica(&mut self, i: usize, storage: &str) {
+        self.stop_replica(i).await;
+        let own = format!("{storage}/features-handoff-{i}");
+        let name = format!(
+            "features-handoff-0.features-handoff-peers.{}.svc",
+            self.namespace
+        );
+        self.start_replica(i, own.clone(), own, name).await;
+    }
+
     /// The server pod restarts: a new process, empty unless it restores a snapshot.
     async fn restart_server(&mut self) {
         self.stop_server().await;
@@ -880,6 +1117,9 @@ impl<'a> Scenario<'a> {
     async fn finish(mut self) {
         self.stop_controller().await;
         self.stop_server().await;
+        for i in 0..self.replicas.len() {
+            self.stop_replica(i).await;
+        }
         for (kind, history) in std::mem::take(&mut self.histories) {
             history.check(&upstream_rules(kind));
         }
@@ -1470,6 +1710,223 @@ async fn a_server_restarted_after_the_seal_restores_the_link(cluster: &Cluster) 
     s.finish().await;
 }
 
+/// Every rank of `world` reads its shard of "features" in batches of 16: every id seen, and
+/// each rank's batch count.
+async fn read_all(s: &Scenario<'_>, world: u32) -> (Vec<i64>, Vec<usize>) {
+    let batch_rows = 16usize;
+    let mut seen = Vec::new();
+    let mut counts = Vec::new();
+    for rank in 0..world {
+        let mut reader = s.connect(s.tokens().await.reader).await;
+        let shard = handoff_client::ReadShard {
+            link: "features".into(),
+            rank,
+            world_size: world,
+            batch_rows: batch_rows as u64,
+            ..Default::default()
+        };
+        let mut batches = reader.shard_batches(shard).await.expect("plan");
+        let mut n = 0;
+        while let Some(b) = futures::StreamExt::next(&mut batches).await {
+            let b = b.expect("batch");
+            assert_eq!(b.num_rows(), batch_rows, "world {world} rank {rank}");
+            let ids = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("ids");
+            seen.extend(ids.values().iter().copied());
+            n += 1;
+        }
+        counts.push(n);
+    }
+    (seen, counts)
+}
+
+/// `spec.server.replicas: 3`: the controller runs a StatefulSet with a headless Service, and the
+/// test plays the StatefulSet controller and the kubelet (three in-process servers with the
+/// pods' args, calling each other over TLS with the link's CA and the certificate's wildcard
+/// name). The producer's task failures commit exactly once; the planner killed between its
+/// recorded commit decision and applying it finishes the commit on restart, and the controller
+/// says nothing was lost; shards for worlds 1, 2, 3 and 7 are disjoint, complete and equal in
+/// batches; a replica killed after the seal restores its part from its own snapshot.
+async fn three_replicas_under_the_controller(cluster: &Cluster) {
+    const REPLICAS: u32 = 3;
+    const ROWS: usize = 40;
+    let spill = tempfile::tempdir().expect("tempdir");
+    let base = format!("file://{}", spill.path().display());
+    let mut s = Scenario::new(
+        cluster,
+        "replicas",
+        Consumer::PyTorchJob,
+        json!({"producer": {"sparkApplication": "producer"}, "consumer": {"pytorchJob": "trainer"},
+               "server": {"spillUrl": base, "replicas": REPLICAS}}),
+    )
+    .await;
+    s.start_controller().await;
+    s.run_replicas(REPLICAS as usize).await;
+    let link = s.wait_condition("ServerReady", "Available").await;
+    let uid = link.metadata.uid.expect("uid");
+    let storage = format!("{base}/{}/features-{uid}", s.namespace);
+    let spark = s.wait_producer_wired().await;
+    s.spark_state("RUNNING").await;
+    let env = spark["spec"]["executor"]["env"].as_array().expect("env");
+    let endpoint = env
+        .iter()
+        .find(|e| e["name"] == "HANDOFF_ENDPOINT")
+        .expect("endpoint");
+    assert_eq!(
+        endpoint["value"],
+        format!("grpc+tls://features-handoff.{}.svc:8815", s.namespace),
+        "the job starts at the Service, replica 0"
+    );
+    let mut writer = s.connect(s.tokens().await.writer).await;
+    let topology = writer.topology().await.expect("topology");
+    assert_eq!(topology.replicas.len(), REPLICAS as usize);
+    writer
+        .create(handoff_client::CreateLink {
+            link: "features".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let owner = |p: u64| handoff_proto::placement::owner("features", p, REPLICAS);
+    let stage = |partition: u64, attempt: u64, rows: usize| {
+        let batches = futures::stream::iter(vec![Ok(batch(partition as i64 * 1000, rows))]);
+        (partition, attempt, batches)
+    };
+    // Tasks on replicas 1 and 2; every third one failed once, half written, and ran again.
+    let first: Vec<u64> = (0..200).filter(|p| owner(*p) != 0).take(12).collect();
+    let mut winners = Vec::new();
+    for &p in &first {
+        let retried = p % 3 == 0;
+        if retried {
+            let (p, a, b) = stage(p, 0, ROWS / 2);
+            writer
+                .put_partition("features", p, a, b)
+                .await
+                .expect("failed attempt");
+        }
+        let attempt = u64::from(retried);
+        let (p, a, b) = stage(p, attempt, ROWS);
+        writer
+            .put_partition("features", p, a, b)
+            .await
+            .expect("put");
+        winners.push((p, attempt));
+    }
+    // The planner records the job's decision, then dies before any replica publishes it.
+    let planner_storage =
+        handoff_store::ObjectStorage::from_url(&format!("{storage}/features-handoff-0"))
+            .expect("planner storage");
+    planner_storage
+        .record_commit("features", false, &winners, REPLICAS)
+        .await
+        .expect("record the decision");
+    s.restart_replica(0, &storage).await;
+    // On restart it finishes the record; the driver's retried commit then finds it done.
+    eventually("the recorded commit applied", || async {
+        let pending = planner_storage.pending_commits().await.ok()?;
+        pending.is_empty().then_some(())
+    })
+    .await;
+    let mut writer = s.connect(s.tokens().await.writer).await;
+    let committed = writer
+        .commit("features", &winners)
+        .await
+        .expect("retried commit");
+    assert_eq!(committed["already"], winners.len(), "{committed}");
+    assert_eq!(committed["rows"], 0, "nothing published twice: {committed}");
+    let link = s.wait_condition("ServerRestarted", "NothingLost").await;
+    assert!(
+        link.status.as_ref().expect("status").phase != Phase::Failed,
+        "a planner restart that lost nothing does not fail the link"
+    );
+    // Tasks on replica 0, committed as usual.
+    let second: Vec<u64> = (0..200).filter(|p| owner(*p) == 0).take(6).collect();
+    let mut second_winners = Vec::new();
+    for &p in &second {
+        let (p, a, b) = stage(p, 0, ROWS);
+        writer
+            .put_partition("features", p, a, b)
+            .await
+            .expect("put");
+        second_winners.push((p, 0));
+    }
+    writer
+        .commit("features", &second_winners)
+        .await
+        .expect("commit");
+    let stats = writer.seal("features").await.expect("seal");
+    let total = (first.len() + second.len()) * ROWS;
+    assert_eq!(stats.rows, total as u64);
+    assert_eq!(stats.replicas.len(), REPLICAS as usize);
+    assert!(
+        stats.replicas.iter().all(|r| r.rows > 0),
+        "{:?}",
+        stats.replicas
+    );
+    s.spark_state("COMPLETED").await;
+    let link = s.wait_phase(Phase::Sealed).await;
+    assert_eq!(
+        link.status.as_ref().and_then(|s| s.rows),
+        Some(total as i64)
+    );
+    assert!(!s.consumer_suspended().await, "training is released");
+
+    // Every rank of worlds 1, 2, 3 and 7: disjoint, complete, equal batches of batch_rows.
+    let want: std::collections::BTreeSet<i64> = first
+        .iter()
+        .chain(&second)
+        .flat_map(|&p| (0..ROWS as i64).map(move |r| p as i64 * 1000 + r))
+        .collect();
+    for world in [1u32, 2, 3, 7] {
+        let (seen, counts) = read_all(&s, world).await;
+        assert!(
+            counts.windows(2).all(|w| w[0] == w[1]),
+            "world {world}: {counts:?}"
+        );
+        let distinct: std::collections::BTreeSet<i64> = seen.iter().copied().collect();
+        // Padding at the global end repeats rows; nothing else does, and nothing is missing.
+        assert_eq!(distinct, want, "world {world}");
+        let batches: usize = counts.iter().sum();
+        assert_eq!(seen.len(), batches * 16);
+        assert!(
+            seen.len() - want.len() < world as usize * 16,
+            "world {world}"
+        );
+    }
+
+    // A replica killed after the seal comes back with its part from its own snapshot.
+    let before = s.links().get("features").await.expect("link");
+    let restarts = before.status.as_ref().and_then(|s| s.server_restarts);
+    s.restart_replica(2, &storage).await;
+    let link = eventually("the restored replica noticed", || async {
+        let link = s.links().get("features").await.ok()?;
+        (link.status.as_ref()?.server_restarts != restarts).then_some(link)
+    })
+    .await;
+    let restored = link
+        .status
+        .as_ref()
+        .expect("status")
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ServerRestarted")
+        .expect("condition");
+    assert_eq!(restored.reason, "Restored", "{restored:?}");
+    assert_eq!(
+        link.status.as_ref().and_then(|s| s.rows),
+        Some(total as i64)
+    );
+    let (seen, _) = read_all(&s, 3).await;
+    let distinct: std::collections::BTreeSet<i64> = seen.into_iter().collect();
+    assert_eq!(distinct, want, "complete after the restore");
+    s.consumer_condition("Running").await;
+    s.wait_phase(Phase::Consuming).await;
+    s.finish().await;
+}
+
 /// No spillUrl, and the server restarts before the seal: the DataLink says what was lost and,
 /// with onServerLoss: RestartProducer, reruns the SparkApplication, which fills the link again.
 async fn a_lost_server_reruns_the_producer(cluster: &Cluster) {
@@ -1621,7 +2078,7 @@ async fn a_controller_upgrade_does_not_restart_link_servers(cluster: &Cluster) {
             .then_some(d)
     })
     .await;
-    let image = |d: &Deployment| resources::deployment_image(d);
+    let image = |d: &Deployment| resources::RunningServer::Deployment(d.clone()).image();
     assert_eq!(image(&after).as_deref(), Some("handoff:test"));
     // (Annotation changes bump a Deployment's generation, but only a new pod template rolls
     // its pods.)
@@ -1988,6 +2445,7 @@ async fn datalinks_are_reconciled_end_to_end() {
         idempotent_and_restartable(&cluster),
         upgrade_from_a_secret_without_certificates(&cluster),
         a_server_restarted_after_the_seal_restores_the_link(&cluster),
+        three_replicas_under_the_controller(&cluster),
         a_lost_server_reruns_the_producer(&cluster),
         a_lost_sealed_link_reruns_a_completed_producer(&cluster),
         a_lost_server_fails_the_link(&cluster),

@@ -43,6 +43,10 @@ pub struct ReplicaConfig {
     index: u32,
     /// The admin token replicas call each other with; `None` when auth is off.
     token: Option<String>,
+    /// For grpc+tls:// peers: the CA their certificates chain to (`None`: the system's roots),
+    /// and the name to verify instead of each peer's host (an address in a test).
+    tls_ca_pem: Option<Vec<u8>>,
+    tls_domain: Option<String>,
     /// Idle connections to other replicas, by index: a plan asks every replica for its counts,
     /// and a fresh connection per call would cost more than the call.
     idle: std::sync::Arc<std::sync::Mutex<BTreeMap<u32, Vec<HandoffClient>>>>,
@@ -66,11 +70,18 @@ impl ReplicaConfig {
                 "--replica-index {index} is past the {count} endpoints of --peers; replicas number from 0"
             ));
         }
+        let tls = peers[0].starts_with("grpc+tls://");
         for (i, peer) in peers.iter().enumerate() {
-            if !peer.starts_with("grpc://") {
+            let scheme_ok = if tls {
+                peer.starts_with("grpc+tls://")
+            } else {
+                peer.starts_with("grpc://")
+            };
+            if !scheme_ok {
                 return Err(format!(
-                    "--peers endpoint {i} '{peer}' is not grpc://HOST:PORT; replicas call each \
-                     other in plain text for now (TLS between replicas is not built yet)"
+                    "--peers endpoint {i} '{peer}' is not {}HOST:PORT like the first one; \
+                     replicas all speak TLS or all plain text",
+                    if tls { "grpc+tls://" } else { "grpc://" }
                 ));
             }
             if peers[..i].contains(peer) {
@@ -83,8 +94,23 @@ impl ReplicaConfig {
             peers,
             index,
             token,
+            tls_ca_pem: None,
+            tls_domain: None,
             idle: Default::default(),
         })
+    }
+
+    /// Whether the replicas speak TLS to each other (their endpoints are grpc+tls://).
+    pub fn tls(&self) -> bool {
+        self.peers[0].starts_with("grpc+tls://")
+    }
+
+    /// Verify peers' certificates against `ca_pem` (PEM), as `domain` when given rather than
+    /// by each peer's host name.
+    pub fn with_tls(mut self, ca_pem: Option<Vec<u8>>, domain: Option<String>) -> Self {
+        self.tls_ca_pem = ca_pem;
+        self.tls_domain = domain;
+        self
     }
 
     pub fn count(&self) -> u32 {
@@ -115,7 +141,11 @@ impl ReplicaConfig {
 
     /// A client of replica `replica`, with the replicas' token.
     pub(crate) async fn client(&self, replica: u32) -> Result<HandoffClient, Status> {
-        let config = ClientConfig::new(self.url(replica), self.token.clone());
+        let mut config = ClientConfig::new(self.url(replica), self.token.clone());
+        if self.tls() {
+            config.tls_ca_pem = self.tls_ca_pem.clone();
+            config.tls_domain = self.tls_domain.clone();
+        }
         HandoffClient::connect_with(config)
             .await
             .map_err(|e| peer_status(self.url(replica), "connect to", e))
@@ -270,7 +300,12 @@ fn peer_status(url: &str, what: &str, e: handoff_client::ClientError) -> Status 
             status.code(),
             format!("replica {url} ({what}): {}", status.message()),
         ),
-        e => Status::unavailable(format!("replica {url} ({what}): {e}")),
+        // The caller reached this replica; this replica could not reach the other one.
+        e => Status::unavailable(format!(
+            "replica {url} ({what}) is unreachable from this replica: {e}; check that it runs, \
+             that every replica has the same --peers, and over TLS that --peer-ca is the CA \
+             its certificate chains to"
+        )),
     }
 }
 
@@ -295,8 +330,13 @@ mod tests {
         twice.push(twice[0].clone());
         let err = ReplicaConfig::new(twice, 0, None).expect_err("twice");
         assert!(err.contains("twice"), "{err}");
-        let err = ReplicaConfig::new(vec!["grpc+tls://h:1".into()], 0, None).expect_err("tls");
-        assert!(err.contains("not built yet"), "{err}");
+        let tls = vec!["grpc+tls://h-0:1".to_string(), "grpc+tls://h-1:1".into()];
+        assert!(ReplicaConfig::new(tls.clone(), 1, None).expect("tls").tls());
+        let mixed = vec![tls[0].clone(), "grpc://h-1:1".into()];
+        let err = ReplicaConfig::new(mixed, 0, None).expect_err("mixed");
+        assert!(err.contains("all speak TLS or all plain text"), "{err}");
+        let err = ReplicaConfig::new(vec!["http://h:1".into()], 0, None).expect_err("scheme");
+        assert!(err.contains("not grpc://HOST:PORT"), "{err}");
     }
 
     #[test]
