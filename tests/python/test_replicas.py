@@ -561,7 +561,7 @@ def test_tls_replicas_verify_each_other_and_clients_route_over_tls(tmp_path):
             with pytest.raises(HandoffError) as refused:
                 client.create("replicas/untrusted")
         text = str(refused.value)
-        assert re.search(r"replica grpc\+tls://127\.0\.0\.1:\d+ \(create\) is unreachable "
+        assert re.search(r"replica grpc\+tls://127\.0\.0\.1:\d+ \(connect to\) is unreachable "
                          r"from this replica", text), text
         assert "--peer-ca" in text and refused.value.code == "unavailable", text
         assert not isinstance(refused.value, ServerUnavailable), "the server itself answered"
