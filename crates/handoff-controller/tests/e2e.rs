@@ -1815,6 +1815,13 @@ async fn three_replicas_under_the_controller(cluster: &Cluster) {
             .expect("put");
         winners.push((p, attempt));
     }
+    // The controller has read the link from every replica: a restart is then news to it.
+    eventually("the replicas' instances in the status", || async {
+        let link = s.links().get("features").await.ok()?;
+        let instance = link.status?.server_instance?;
+        (instance.split(',').count() == REPLICAS as usize).then_some(())
+    })
+    .await;
     // The planner records the job's decision, then dies before any replica publishes it.
     let planner_storage =
         handoff_store::ObjectStorage::from_url(&format!("{storage}/features-handoff-0"))
