@@ -614,7 +614,7 @@ impl<'a> Run<'a> {
     async fn observe_server(&mut self) -> Result<Option<RunningServer>> {
         let name = resources::server_name(self.link);
         // The kind the spec asks for first: the other is there only while replicas change.
-        let several = self.link.spec.server.replicas.unwrap_or(1) > 1;
+        let several = resources::replicated(self.link);
         let mut running = None;
         for statefulset in [several, !several] {
             running = if statefulset {
@@ -979,7 +979,7 @@ impl<'a> Run<'a> {
                 self.status.reason = Some("ServerLost".into());
                 self.events
                     .push((EventType::Warning, "ServerLost".into(), note));
-                if self.link.spec.server.replicas.unwrap_or(1) > 1 {
+                if resources::replicated(self.link) {
                     // The replicas that kept their part would mix it with the rerun's: the
                     // link starts over on all of them.
                     self.delete_link_on_server().await;

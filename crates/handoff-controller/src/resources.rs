@@ -240,6 +240,11 @@ pub fn replicas(link: &DataLink) -> Result<i32, InvalidSpec> {
     }
 }
 
+/// Whether the spec asks for several replicas (a StatefulSet server).
+pub fn replicated(link: &DataLink) -> bool {
+    link.spec.server.replicas.unwrap_or(1) > 1
+}
+
 /// Each replica's Flight endpoint, in index order: StatefulSet pod `<server>-<i>` by its name
 /// under the headless Service.
 pub fn replica_endpoints(link: &DataLink, replicas: i32, tls: bool) -> Vec<String> {
@@ -726,7 +731,7 @@ fn service_port(name: &str, port: i32) -> ServicePort {
 /// `topology` action names the others.
 pub fn server_service(link: &DataLink) -> Service {
     let mut selector = labels(link);
-    if link.spec.server.replicas.unwrap_or(1) > 1 {
+    if replicated(link) {
         selector.insert(POD_NAME_LABEL.into(), format!("{}-0", server_name(link)));
     }
     Service {
@@ -798,7 +803,7 @@ pub fn server_network_policy(
         consumer_peer,
         controller_peer.clone(),
     ];
-    if link.spec.server.replicas.unwrap_or(1) > 1 {
+    if replicated(link) {
         // Replicas call each other: the planner applies commits and plans reads on the others.
         grpc_from.push(pods("app.kubernetes.io/instance", &server_name(link)));
     }

@@ -184,6 +184,31 @@ struct LinkServer {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl LinkServer {
+    fn spawn(
+        store: Arc<handoff_store::Store>,
+        config: handoff_server::ServerConfig,
+        listener: tokio::net::TcpListener,
+    ) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            handoff_server::serve(store, config, listener, None, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server ran");
+        });
+        Self { stop, task }
+    }
+}
+
+/// Object storage at `url`, ready for use, as `serve --spill-url` prepares it.
+fn storage(url: &str) -> handoff_store::ObjectStorage {
+    let storage = handoff_store::ObjectStorage::from_url(url).expect("storage url");
+    storage.prepare().expect("storage");
+    storage
+}
+
 fn batch(start: i64, rows: usize) -> RecordBatch {
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
@@ -489,11 +514,9 @@ impl<'a> Scenario<'a> {
         resources::Tokens::from_secret(&secret).expect("three tokens")
     }
 
-    /// Be the kubelet and the deployment controller: run the server the Deployment describes,
-    /// with its Secret's tokens, and report the Deployment available.
-    async fn run_server(&mut self) {
-        let tokens = self.tokens().await;
-        self.tokens = Some(tokens.clone());
+    /// The link's tokens and Secret, as the server's pod mounts them.
+    async fn read_secret(&mut self) {
+        self.tokens = Some(self.tokens().await);
         let secret: Secret = self
             .api()
             .get("features-handoff-tokens")
@@ -507,6 +530,39 @@ impl<'a> Scenario<'a> {
                 .map(|(k, v)| (k, v.0))
                 .collect(),
         );
+    }
+
+    /// A link server's config as its pod runs it: TLS with the Secret's certificate, and the
+    /// Secret's three tokens.
+    fn server_config(&self) -> handoff_server::ServerConfig {
+        let tokens = self.tokens.as_ref().expect("tokens read");
+        let secret = self.secret_data.as_ref().expect("secret read");
+        let file = |key: &str| {
+            secret
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} in the Secret"))
+                .clone()
+        };
+        handoff_server::ServerConfig {
+            tls: Some(handoff_server::TlsConfig {
+                cert_pem: file("tls.crt"),
+                key_pem: file("tls.key"),
+                client_ca_pem: None,
+            }),
+            auth: handoff_server::AuthConfig {
+                disabled: false,
+                admin_tokens: vec![tokens.admin.clone()],
+                writer_tokens: vec![tokens.writer.clone()],
+                reader_tokens: vec![tokens.reader.clone()],
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Be the kubelet and the deployment controller: run the server the Deployment describes,
+    /// with its Secret's tokens, and report the Deployment available.
+    async fn run_server(&mut self) {
+        self.read_secret().await;
         let deployments: Api<Deployment> = self.api();
         let deployment = eventually("the server Deployment", || async {
             deployments.get_opt("features-handoff").await.ok().flatten()
@@ -553,19 +609,6 @@ impl<'a> Scenario<'a> {
                 .and_then(|s| s.secret_name.as_deref()),
             Some("features-handoff-tokens")
         );
-        let secret_file = |key: &str| -> Vec<u8> {
-            self.secret_data
-                .as_ref()
-                .expect("secret read")
-                .get(key)
-                .unwrap_or_else(|| panic!("{key} in the Secret"))
-                .clone()
-        };
-        let tls = handoff_server::TlsConfig {
-            cert_pem: secret_file("tls.crt"),
-            key_pem: secret_file("tls.key"),
-            client_ca_pem: None,
-        };
         let listener = match self.listener.take() {
             Some(listener) => listener,
             // A restart: the same address, as the Service keeps routing to the new pod.
@@ -573,27 +616,13 @@ impl<'a> Scenario<'a> {
                 .await
                 .expect("bind the server's address again"),
         };
-        let config = handoff_server::ServerConfig {
-            tls: Some(tls),
-            auth: handoff_server::AuthConfig {
-                disabled: false,
-                admin_tokens: vec![tokens.admin.clone()],
-                writer_tokens: vec![tokens.writer.clone()],
-                reader_tokens: vec![tokens.reader.clone()],
-            },
-            ..Default::default()
-        };
+        let config = self.server_config();
         // Object storage, snapshots and restore, as the args say.
         let flag = |name: &str| args.iter().any(|a| a == name);
         let value = |name: &str| {
             args.iter()
                 .position(|a| a == name)
                 .map(|at| args[at + 1].clone())
-        };
-        let storage = |url: &str| {
-            let storage = handoff_store::ObjectStorage::from_url(url).expect("storage url");
-            storage.prepare().expect("storage");
-            storage
         };
         let store = handoff_store::Store::new(handoff_store::StoreConfig {
             storage: value("--spill-url")
@@ -609,15 +638,7 @@ impl<'a> Scenario<'a> {
                 .expect("restore before serving");
             assert!(restored.skipped.is_empty(), "{:?}", restored.skipped);
         }
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            handoff_server::serve(store, config, listener, None, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("server ran");
-        });
-        self.server = Some(LinkServer { stop, task });
+        self.server = Some(LinkServer::spawn(store, config, listener));
         let status = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1,
             "updatedReplicas": 1, "observedGeneration": 1,
             "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable",
@@ -638,21 +659,7 @@ impl<'a> Scenario<'a> {
     /// StatefulSet, its headless Service, the Service (replica 0 alone) and the NetworkPolicy the
     /// controller made, then start every replica as its pod would run, and report them ready.
     async fn run_replicas(&mut self, count: usize) {
-        let tokens = self.tokens().await;
-        self.tokens = Some(tokens);
-        let secret: Secret = self
-            .api()
-            .get("features-handoff-tokens")
-            .await
-            .expect("secret");
-        self.secret_data = Some(
-            secret
-                .data
-                .expect("data")
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect(),
-        );
+        self.read_secret().await;
         let sets: Api<StatefulSet> = self.api();
         let set = eventually("the server StatefulSet", || async {
             sets.get_opt("features-handoff").await.ok().flatten()
@@ -793,36 +800,19 @@ impl<'a> Scenario<'a> {
     /// Start replica `i` as its pod runs: with its own storage prefix, restoring what it
     /// snapshotted there, and peers verified as `peer_name`.
     async fn start_replica(&mut self, i: usize, spill: String, restore: String, peer_name: String) {
-        let tokens = self.tokens.clone().expect("tokens read");
-        let secret = self.secret_data.clone().expect("secret read");
+        let admin = self.tokens.as_ref().expect("tokens read").admin.clone();
+        let ca = self.secret_data.as_ref().expect("secret read")["ca.crt"].clone();
         let peers: Vec<String> = self
             .replica_addrs
             .iter()
             .map(|a| format!("grpc+tls://{a}"))
             .collect();
-        let replicas =
-            handoff_server::ReplicaConfig::new(peers, i as u32, Some(tokens.admin.clone()))
-                .expect("replica config")
-                .with_tls(Some(secret["ca.crt"].clone()), Some(peer_name));
+        let replicas = handoff_server::ReplicaConfig::new(peers, i as u32, Some(admin))
+            .expect("replica config")
+            .with_tls(Some(ca), Some(peer_name));
         let config = handoff_server::ServerConfig {
-            tls: Some(handoff_server::TlsConfig {
-                cert_pem: secret["tls.crt"].clone(),
-                key_pem: secret["tls.key"].clone(),
-                client_ca_pem: None,
-            }),
-            auth: handoff_server::AuthConfig {
-                disabled: false,
-                admin_tokens: vec![tokens.admin.clone()],
-                writer_tokens: vec![tokens.writer.clone()],
-                reader_tokens: vec![tokens.reader.clone()],
-            },
             replicas: Some(replicas),
-            ..Default::default()
-        };
-        let storage = |url: &str| {
-            let storage = handoff_store::ObjectStorage::from_url(url).expect("storage url");
-            storage.prepare().expect("storage");
-            storage
+            ..self.server_config()
         };
         let store = handoff_store::Store::new(handoff_store::StoreConfig {
             storage: Some(storage(&spill)),
@@ -837,15 +827,7 @@ impl<'a> Scenario<'a> {
         let listener = tokio::net::TcpListener::bind(self.replica_addrs[i])
             .await
             .expect("bind the replica's address");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            handoff_server::serve(store, config, listener, None, async move {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("replica ran");
-        });
-        self.replicas[i] = Some(LinkServer { stop, task });
+        self.replicas[i] = Some(LinkServer::spawn(store, config, listener));
     }
 
     async fn stop_replica(&mut self, i: usize) {
