@@ -25,7 +25,10 @@
 # Test traffic stays on the machine: the service range is routed to the bridge, and pods may not
 # forward out through the uplink.
 #
-# Only one node runs at a time on a machine (the bridge and its addresses are fixed).
+# Only one node runs at a time on a machine (the bridge and its addresses are fixed). Starts are
+# serialized by a lock, and $OWNER names the DIR of the node that holds the bridge: a start waits
+# (bounded) for a live node to be taken down, and takes down a dead one's leftovers itself, so a
+# test run killed mid-way does not fail every later run on this machine.
 # A node that cannot start fails with the reason and the log lines that show it; it never
 # pretends to be up.
 set -euo pipefail
@@ -36,6 +39,9 @@ GATEWAY=10.244.0.1
 SERVICE_CIDR=10.0.0.0/24
 NODE=handoff-node
 TAG=handoff-kube-node # iptables comment on the rules we add, for --down
+# Machine-wide, like the bridge; /tmp goes away on reboot, as the bridge does.
+LOCK=${HANDOFF_KUBE_NODE_LOCK:-/tmp/handoff-kube-node.lock}
+OWNER=${HANDOFF_KUBE_NODE_OWNER:-/tmp/handoff-kube-node.owner}
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 log() { echo "kube-node.sh: $*" >&2; }
@@ -111,6 +117,57 @@ down() {
   as_root ip link del "$BRIDGE" 2>/dev/null || true
   # Container images and root filesystems are large; logs and configuration stay for reading.
   rm -rf "$DIR/containerd/root" "$DIR/containerd/state" "$DIR/kubelet/root" "$DIR/cni/ipam"
+  if [ "$(cat "$OWNER" 2>/dev/null)" = "$DIR" ]; then rm -f "$OWNER"; fi
+}
+
+# True while any process of the node in DIR runs (pids from DIR/node-pids whose command line
+# names DIR, so a reused pid does not count).
+node_alive() {
+  local dir=$1 key val
+  [ -f "$dir/node-pids" ] || return 1
+  while IFS='=' read -r key val; do
+    alive "$val" && tr '\0' ' ' <"/proc/$val/cmdline" 2>/dev/null | grep -qF "$dir" && return 0
+  done <"$dir/node-pids"
+  return 1
+}
+
+# Waits (bounded) until no other node holds the bridge; a dead node's leftovers are taken down.
+claim_bridge() {
+  local owner deadline wait_total scratch
+  wait_total=$(wait_s 1200)
+  deadline=$(( $(now_s) + wait_total ))
+  while :; do
+    owner=$(cat "$OWNER" 2>/dev/null || true)
+    if [ -n "$owner" ] && [ "$owner" != "$DIR" ] && node_alive "$owner"; then
+      [ "$(now_s)" -lt "$deadline" ] ||
+        die "the node in $owner is still running after $wait_total s; run $0 --down $owner (or wait for its tests)"
+      log "waiting for the node in $owner to be taken down (at most $wait_total s)"
+      sleep 5
+      continue
+    fi
+    if [ -z "$owner" ] && pgrep -f -- "--hostname-override=$NODE" >/dev/null; then
+      # A node without an owner record: started by an older version of this script.
+      [ "$(now_s)" -lt "$deadline" ] ||
+        die "a kubelet for $NODE runs without $OWNER after $wait_total s; stop it with $0 --down on its DIR"
+      log "waiting for the running kubelet of $NODE to stop (at most $wait_total s)"
+      sleep 5
+      continue
+    fi
+    break
+  done
+  if [ -n "$owner" ] && [ "$owner" != "$DIR" ] && [ -d "$owner" ]; then
+    log "taking down the leftovers of a node that is no longer running ($owner)"
+    down "$owner" >/dev/null 2>&1 || true
+  elif ip link show "$BRIDGE" >/dev/null 2>&1; then
+    log "taking down a leftover bridge $BRIDGE and its rules (no node runs)"
+    scratch=$(mktemp -d)
+    down "$scratch" >/dev/null 2>&1 || true
+    rm -rf "$scratch"
+  fi
+  DIR=$START_DIR
+  ip link show "$BRIDGE" >/dev/null 2>&1 &&
+    die "bridge $BRIDGE is still there after taking down the node that left it; remove it: ip link del $BRIDGE"
+  echo "$DIR" >"$OWNER"
 }
 
 [ $# -ge 1 ] || usage
@@ -123,6 +180,11 @@ fi
 case "$1" in -*) usage ;; esac
 mkdir -p "$1"
 DIR=$(cd "$1" && pwd)
+START_DIR=$DIR
+# One start at a time; flock -o keeps the lock out of the node's processes, which outlive us.
+if [ -z "${HANDOFF_KUBE_NODE_LOCKED:-}" ]; then
+  exec env HANDOFF_KUBE_NODE_LOCKED=1 flock -w "$(wait_s 2400)" -o "$LOCK" bash "$0" "$DIR"
+fi
 
 # --- what this machine must have -----------------------------------------------------------
 [ "$(id -u)" = 0 ] || command -v sudo >/dev/null || die "needs root (or sudo): containerd, the kubelet and iptables do"
@@ -131,9 +193,7 @@ if [ -f "$DIR/node-pids" ]; then
     alive "$val" && die "$key (pid $val) from $DIR/node-pids is still running; run $0 --down $DIR first"
   done <"$DIR/node-pids"
 fi
-if ip link show "$BRIDGE" >/dev/null 2>&1; then
-  die "bridge $BRIDGE exists: another node is running (or was not taken down); run $0 --down on its DIR"
-fi
+claim_bridge
 [ -d /sys/fs/cgroup/memory ] || [ -f /sys/fs/cgroup/cgroup.controllers ] ||
   die "no memory cgroup under /sys/fs/cgroup: the kubelet cannot run pods here"
 grep -qw overlay /proc/filesystems || as_root modprobe overlay 2>/dev/null ||
