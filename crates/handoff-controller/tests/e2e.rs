@@ -2183,10 +2183,21 @@ impl Scenario<'_> {
     }
 
     async fn wait_check(&self, workload: &str, check: &str, state: &str) -> String {
+        self.wait_check_saying(workload, check, state, "").await
+    }
+
+    /// [`Self::wait_check`] for a message that contains `saying` too.
+    async fn wait_check_saying(
+        &self,
+        workload: &str,
+        check: &str,
+        state: &str,
+        saying: &str,
+    ) -> String {
         let waited = handoff_testkit::patience();
         let found = handoff_testkit::poll_until(waited, || async {
             let (now, message) = self.check_on(workload, check).await;
-            (now == state).then_some(message)
+            (now == state && message.contains(saying)).then_some(message)
         })
         .await;
         if let Some(message) = found {
@@ -2204,8 +2215,8 @@ impl Scenario<'_> {
             format!("phase {:?}; {}", s.phase, conditions.join("; "))
         });
         panic!(
-            "timed out after {waited:?} waiting for {check} {state} on {workload} in {}: \
-             the check is {now} ({message}); the DataLink: {status:?}",
+            "timed out after {waited:?} waiting for {check} {state} saying {saying:?} on \
+             {workload} in {}: the check is {now} ({message}); the DataLink: {status:?}",
             self.namespace
         );
     }
@@ -2399,11 +2410,8 @@ async fn kueue_retries_the_consumer_while_the_producer_reruns(cluster: &Cluster)
     s.operator_suspends().await;
     let spark = s.wait_producer_wired().await;
     s.spark_state("RUNNING").await;
-    eventually("the check to hold the consumer again", || async {
-        let (state, message) = s.check_on(&workload, &ours).await;
-        (state == "Pending" && message.contains("holds PyTorchJob trainer")).then_some(())
-    })
-    .await;
+    s.wait_check_saying(&workload, &ours, "Pending", "holds PyTorchJob trainer")
+        .await;
     s.write(&spark, 90, true).await;
     s.spark_state("COMPLETED").await;
     s.wait_check(&workload, &ours, "Ready").await;
