@@ -437,8 +437,10 @@ class HandoffClient:
         return self._planner_action("delete", link.encode())
 
     def links(self) -> list:
-        """Names of the links this token may see."""
-        infos = self._call(lambda: list(self._flight.list_flights(b"", self._options)))
+        """Names of the links this token may see (over replicas, as replica 0 lists them)."""
+        client, endpoint = self._replica(0)
+        infos = self._call(lambda: list(client.list_flights(b"", self._options)),
+                           endpoint=endpoint)
         return ["/".join(p.decode() if isinstance(p, bytes) else p for p in i.descriptor.path)
                 for i in infos]
 
@@ -529,11 +531,10 @@ class HandoffClient:
         streams: List[_PlannedStream] = []
         try:
             for endpoint in info.endpoints:
-                uri = endpoint.locations[0].uri.decode() if endpoint.locations else None
-                if uri not in replicas:
-                    raise HandoffError(f"the plan names an endpoint at {uri}, which is not one of "
-                                       f"the replicas {replicas}", "internal")
-                client, at = self._replica(replicas.index(uri))
+                if not endpoint.locations:
+                    raise HandoffError("the plan names an endpoint without a location",
+                                       "internal")
+                client, at = self._at(endpoint)
                 streams.append(_PlannedStream(client, at, endpoint.ticket, self._options))
             for pieces in plan:
                 if any(not 0 <= e < len(streams) for e, _ in pieces):
@@ -548,23 +549,42 @@ class HandoffClient:
             for stream in streams:
                 stream.join()
 
+    def _link_info(self, link: str) -> flight.FlightInfo:
+        # Over replicas replica 0 answers, with each endpoint located at its replica.
+        client, endpoint = self._replica(0)
+        return self._call(client.get_flight_info, flight.FlightDescriptor.for_path(link),
+                          self._options, endpoint=endpoint)
+
+    def _at(self, endpoint: flight.FlightEndpoint) -> Tuple[flight.FlightClient, str]:
+        """The connection for an endpoint: the replica at its location, else this client's."""
+        if not endpoint.locations:
+            return self._flight, self.endpoint
+        uri = endpoint.locations[0].uri
+        uri = uri.decode() if isinstance(uri, bytes) else uri
+        replicas, _ = self.topology()
+        if uri not in replicas:
+            raise HandoffError(f"the server located a part of a link at {uri}, which is not one "
+                               f"of its replicas {replicas}", "internal")
+        return self._replica(replicas.index(uri))
+
     def published(self, link: str) -> Dict[int, Tuple[int, int]]:
         """The link's committed partitions: partition id -> (the attempt that wrote it, rows)."""
-        descriptor = flight.FlightDescriptor.for_path(link)
-        info = self._call(self._flight.get_flight_info, descriptor, self._options)
         out: Dict[int, Tuple[int, int]] = {}
-        for endpoint in info.endpoints:
+        for endpoint in self._link_info(link).endpoints:
             about = json.loads(endpoint.app_metadata or b"{}")
             if "partition" in about:
                 out[int(about["partition"])] = (int(about["attempt"]), int(about["rows"]))
         return out
 
     def read_all(self, link: str) -> pa.Table:
-        """Every committed row of a link, partition by partition in commit order."""
-        descriptor = flight.FlightDescriptor.for_path(link)
-        info = self._call(self._flight.get_flight_info, descriptor, self._options)
-        tables = [self._call(lambda e=e: self._flight.do_get(e.ticket, self._options).read_all())
-                  for e in info.endpoints]
+        """Every committed row of a link, partition by partition in commit order (over
+        replicas, replica by replica, each partition read where it is held)."""
+        info = self._link_info(link)
+        tables = []
+        for e in info.endpoints:
+            client, at = self._at(e)
+            tables.append(self._call(lambda: client.do_get(e.ticket, self._options).read_all(),
+                                     endpoint=at))
         return pa.concat_tables(tables) if tables else info.schema.empty_table()
 
 

@@ -119,7 +119,7 @@ class HandoffTarget:
 
     def check(self, overwrite: bool) -> None:
         """Fail on the driver, before any task runs, when the server is unreachable, the token is
-        refused, the link is sealed, or commit=task meets a server of several replicas."""
+        refused, or the link is sealed."""
         if overwrite and self.commit == "task":
             raise ValueError(
                 "option `commit` = `task` cannot overwrite: tasks publish one by one, so the old "
@@ -147,15 +147,6 @@ class HandoffTarget:
                         f"came from {self.token_from}; pass a writer token with option `token` "
                         f"or HANDOFF_TOKEN", e.code) from e
                 raise
-            # stats asked for the topology already (it goes to replica 0).
-            replicas = len(client.topology()[0])
-        if self.commit == "task" and replicas > 1:
-            # Its check on the driver (verify_published) reads the whole link, which a server of
-            # several replicas does not serve yet: refused now rather than after every task ran.
-            raise ValueError(
-                f"option `commit` = `task` checks what the tasks published with a read of the "
-                f"whole link, which a handoff server of {replicas} replicas (at {self.endpoint}) "
-                f"does not serve yet: use commit=job (the default)")
         if state == "sealed":
             raise HandoffError(
                 f"link {self.link!r} is sealed and takes no more writes; write to a new link or "

@@ -218,12 +218,26 @@ def test_routing_client_writes_retries_commits_and_seals(cluster):
                 ("sealed", len(mine), sum(rows[p] for p in mine)), part
         assert [part["replica"] for part in stats["replicas"]] == [0, 1, 2]
 
-        # Reads over replicas are not built yet: refused, not answered with one replica's part.
-        with pytest.raises(HandoffError, match="not built yet") as refused:
-            client.read_all(link)
-        assert refused.value.code == "unimplemented"
+        # The whole link, from replica 1: replica 0 lists every partition where it is held.
+        assert client.published(link) == {p: (200 + p, rows[p]) for p in range(12)}
+        assert link in client.links()
+        with HandoffClient(cluster.endpoints[2], cluster.reader) as reader:
+            table = reader.read_all(link)
+        assert table.num_rows == total
+        assert sorted(table.column("id").to_pylist()) == \
+            sorted(i for n in rows.values() for i in range(n))
     finally:
         client.close()
+
+    # Flight SQL through the real ADBC driver, at the planner: every replica's part counts.
+    import adbc_driver_flightsql
+    import adbc_driver_flightsql.dbapi as flightsql
+    header = adbc_driver_flightsql.DatabaseOptions.AUTHORIZATION_HEADER.value
+    with flightsql.connect(cluster.endpoints[0],
+                           db_kwargs={header: "Bearer " + cluster.reader}) as conn:
+        with conn.cursor() as cur:
+            cur.execute(f'SELECT count(*), sum(id) FROM "{link}"')
+            assert cur.fetchone() == (total, sum(n * (n - 1) // 2 for n in rows.values()))
 
     # The CLI, given replica 2, routes its stat to the planner and prints every replica's part.
     out = subprocess.run([str(handoff_bin()), "stat", link, "--endpoint", cluster.endpoints[2],
@@ -272,8 +286,9 @@ def test_stats_schema_of_a_link_whose_rows_live_elsewhere(cluster):
 def test_spark_sink_writes_over_replicas_exactly_once(cluster, tmp_path):
     """The Spark sink (the data source, pointed at replica 1, and the mapInArrow helper, at
     replica 2), with a task that fails mid-stream and is retried: each partition lands on its
-    owner and the link holds every row once. Only with commit=job: commit=task checks what was
-    published with a read, which is not built over replicas yet.
+    owner and the link holds every row once. Then the data source again with commit=task (each
+    task commits its own partition at the planner, and the driver checks what was published
+    with a whole-link read over the replicas).
 
     Spark runs in a process of its own: a JVM started here would outlive this test in the
     pytest process, with this test's environment, and test_spark.py's session would reuse it."""
@@ -286,17 +301,19 @@ def test_spark_sink_writes_over_replicas_exactly_once(cluster, tmp_path):
         env["JAVA_HOME"] = java
     for key in ("HANDOFF_ENDPOINT", "HANDOFF_TOKEN", "HANDOFF_LINK"):
         env.pop(key, None)
-    data_source, helper = fresh_link("spark"), fresh_link("spark-helper")
+    data_source, helper, by_task = (fresh_link("spark"), fresh_link("spark-helper"),
+                                    fresh_link("spark-task"))
     rows, partitions = 4000, 8
     done = subprocess.run(
         [sys.executable, "-c", SPARK_JOB, cluster.endpoints[1], cluster.endpoints[2],
-         cluster.writer, data_source, helper, str(rows), str(partitions), str(tmp_path)],
+         cluster.writer, data_source, helper, str(rows), str(partitions), str(tmp_path),
+         by_task],
         env=env, capture_output=True, text=True, timeout=patience(300))
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
     assert "both failures injected" in done.stdout, done.stdout
 
-    with HandoffClient(cluster.endpoints[0], cluster.writer) as client:
-        for link in (data_source, helper):
+    with HandoffClient(cluster.endpoints[1], cluster.writer) as client:
+        for link in (data_source, helper, by_task):
             stats = client.stats(link)
             assert (stats["state"], stats["rows"], stats["partitions"],
                     stats["staged_partitions"]) == ("sealed", rows, partitions, 0), stats
@@ -305,10 +322,15 @@ def test_spark_sink_writes_over_replicas_exactly_once(cluster, tmp_path):
             assert all(part["state"] == "sealed" for part in stats["replicas"]), stats
             # Partition ids are random per job (a high base + Spark's id), so which replica
             # holds how many is not known here; 8 miss a replica only rarely.
+            # A whole-link read, from replica 1: every partition at its replica, every row once.
+            with HandoffClient(cluster.endpoints[1], cluster.reader) as reader:
+                ids = reader.read_all(link).column("id").to_pylist()
+            assert sorted(ids) == list(range(rows)), link
 
 
 # The Spark job of the test above: argv is the data source's endpoint, the helper's endpoint,
-# the writer token, the two links, rows, partitions and a directory for the failure markers.
+# the writer token, the two links, rows, partitions, a directory for the failure markers and
+# the link written with commit=task.
 SPARK_JOB = """
 import sys
 from pathlib import Path
@@ -320,6 +342,7 @@ import handoff.spark
 
 source_endpoint, helper_endpoint, token, data_source, helper = sys.argv[1:6]
 rows, partitions, marker = int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8]) / "failed-once"
+by_task = sys.argv[9]
 
 
 def failing_first_attempt(batches):
@@ -349,6 +372,11 @@ assert marker.exists(), "the injected failure did not happen"
 # Spark 3.5's way, mapInArrow: the same routing inside the tasks.
 marker.unlink()
 assert handoff.spark.write(df, link=helper, endpoint=helper_endpoint, token=token) == rows
+assert marker.exists(), "the injected failure did not happen"
+# commit=task: each task commits at the planner; the driver checks with a whole-link read.
+marker.unlink()
+(df.write.format("handoff").option("link", by_task).option("endpoint", helper_endpoint)
+ .option("token", token).option("commit", "task").mode("append").save())
 assert marker.exists(), "the injected failure did not happen"
 spark.stop()
 print("both failures injected")
@@ -516,17 +544,6 @@ def test_a_read_over_replicas_waits_for_the_seal(cluster):
         finally:
             sealer.join()
     assert sorted(set(ids)) == list(range(rows))
-
-
-def test_commit_task_over_replicas_is_refused_on_the_driver(cluster):
-    pytest.importorskip("pyspark")
-    from handoff.spark import HandoffTarget
-
-    options = {"link": fresh_link("task"), "endpoint": cluster.endpoints[1],
-               "token": cluster.writer}
-    with pytest.raises(ValueError, match=r"commit.*task.*3 replicas.*use commit=job"):
-        HandoffTarget.from_options(dict(options, commit="task")).check(overwrite=False)
-    HandoffTarget.from_options(options).check(overwrite=False)  # commit=job goes ahead
 
 
 def test_tls_replicas_verify_each_other_and_clients_route_over_tls(tmp_path):

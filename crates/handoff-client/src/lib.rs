@@ -686,8 +686,10 @@ impl HandoffClient {
             .await
     }
 
+    /// Every link this token may see, whole (over replicas, as replica 0 lists them).
     pub async fn list(&mut self) -> Result<Vec<FlightInfo>> {
-        Ok(self
+        let planner = self.replica(0).await?;
+        Ok(planner
             .flight
             .list_flights(Bytes::new())
             .await?
@@ -695,8 +697,11 @@ impl HandoffClient {
             .await?)
     }
 
+    /// A link's FlightInfo: one endpoint per committed partition, located at the replica that
+    /// holds it over replicas (replica 0 answers).
     pub async fn flight_info(&mut self, link: &str) -> Result<FlightInfo> {
-        Ok(self
+        let planner = self.replica(0).await?;
+        Ok(planner
             .flight
             .get_flight_info(FlightDescriptor::new_path(vec![link.to_string()]))
             .await?)
@@ -714,7 +719,8 @@ impl HandoffClient {
         Ok(self.flight.do_get(ticket).await?)
     }
 
-    /// Every committed row of the link, partition by partition.
+    /// Every committed row of the link, partition by partition, each read where its endpoint
+    /// points (over replicas, at the replica that holds it).
     pub async fn read_link(
         &mut self,
         link: &str,
@@ -722,13 +728,34 @@ impl HandoffClient {
         let info = self.flight_info(link).await?;
         let mut streams = Vec::with_capacity(info.endpoint.len());
         for endpoint in &info.endpoint {
-            let ticket = endpoint
-                .ticket
-                .clone()
-                .ok_or_else(|| ClientError::Protocol("endpoint without ticket".into()))?;
-            streams.push(self.flight.do_get(ticket).await?);
+            let (client, ticket) = self.endpoint_client(endpoint).await?;
+            streams.push(client.flight.do_get(ticket).await?);
         }
         Ok((info, streams))
+    }
+
+    /// The client of the replica an endpoint is located at (this one's, without a location),
+    /// and its ticket.
+    async fn endpoint_client(
+        &mut self,
+        endpoint: &arrow_flight::FlightEndpoint,
+    ) -> Result<(&mut HandoffClient, Ticket)> {
+        let ticket = endpoint
+            .ticket
+            .clone()
+            .ok_or_else(|| ClientError::Protocol("endpoint without ticket".into()))?;
+        let Some(location) = endpoint.location.first().map(|l| l.uri.clone()) else {
+            return Ok((self, ticket));
+        };
+        let topology = self.known_topology().await?;
+        let replica = topology
+            .replicas
+            .iter()
+            .position(|r| *r == location)
+            .ok_or_else(|| {
+                ClientError::Protocol(format!("an endpoint at {location}, not a replica"))
+            })?;
+        Ok((self.replica(replica as u32).await?, ticket))
     }
 
     /// The FlightInfo of one rank's shard: its schema and, for a sealed link, its row count.
@@ -768,19 +795,7 @@ impl HandoffClient {
             })?;
         let mut streams = Vec::with_capacity(info.endpoint.len());
         for endpoint in &info.endpoint {
-            let location = endpoint.location.first().map(|l| l.uri.as_str());
-            let replica = topology
-                .replicas
-                .iter()
-                .position(|r| Some(r.as_str()) == location)
-                .ok_or_else(|| {
-                    ClientError::Protocol(format!("an endpoint at {location:?}, not a replica"))
-                })?;
-            let ticket = endpoint
-                .ticket
-                .clone()
-                .ok_or_else(|| ClientError::Protocol("endpoint without ticket".into()))?;
-            let client = self.replica(replica as u32).await?;
+            let (client, ticket) = self.endpoint_client(endpoint).await?;
             streams.push(client.do_get(ticket).await?);
         }
         let reader = PlanReader {

@@ -43,6 +43,8 @@ pub mod actions {
     pub const APPLY: &str = "apply";
     /// Replica to replica: seal this replica's part of a link.
     pub const SEAL_REPLICA: &str = "seal-replica";
+    /// Replica to replica: this replica's FlightInfo of links (a `ListParts` in, `Parts` out).
+    pub const PARTS: &str = "parts";
 }
 
 impl PartitionAttempt {

@@ -14,7 +14,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use filter::{QueryError, plan_read, planner};
 pub use import::{ImportError, ImportOutcome, import_parquet};
-pub use table::LinkTable;
+pub use table::{LinkTable, RemotePart};
 
 /// A DataFusion session in which each given link is a table named after it, in `catalog.schema`
 /// (also the defaults, so bare names work).

@@ -1,6 +1,8 @@
 //! A link as a DataFusion table: its committed partitions, in memory or spilled, scanned frame by
 //! frame. Projection is pushed into the IPC decoder, so untouched columns are never decoded, and
 //! filters are applied as each frame is decoded (DataFusion re-checks them: `Inexact`).
+//! A link over several replicas adds the other replicas' parts ([`RemotePart`]), each scanned
+//! as one more stream, with the projection pushed to the replica that holds it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,8 +21,24 @@ use datafusion::physical_plan::SendableRecordBatchStream;
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use handoff_store::Partition;
 use handoff_store::{Link, MemoryPool, StoreError};
+
+/// Rows of a link that another process holds: another replica's part of a link over several.
+/// The server implements it over Flight; this crate only scans it.
+pub trait RemotePart: fmt::Debug + Send + Sync {
+    /// Its committed rows.
+    fn rows(&self) -> u64;
+
+    /// Its rows with `columns` only, in that order (every column when `None`), in batches of
+    /// about `batch_rows`.
+    fn scan(
+        &self,
+        columns: Option<Vec<String>>,
+        batch_rows: usize,
+    ) -> BoxStream<'static, Result<RecordBatch>>;
+}
 
 /// One link's committed data at the moment the table was made.
 #[derive(Debug)]
@@ -30,6 +48,8 @@ pub struct LinkTable {
     partitions: Vec<Arc<Partition>>,
     /// The server's budget, for aligning stored frames in place before scanning them.
     memory: Option<Arc<MemoryPool>>,
+    /// Other replicas' parts of the link.
+    remote: Vec<Arc<dyn RemotePart>>,
 }
 
 impl LinkTable {
@@ -49,7 +69,28 @@ impl LinkTable {
             schema,
             partitions: snapshot.partitions.clone(),
             memory: None,
+            remote: Vec::new(),
         })
+    }
+
+    /// A link over several replicas: this replica's part (`local`, which may hold no rows, and
+    /// then no schema) and the others'. `schema` is the link's.
+    pub fn over_replicas(
+        name: &str,
+        schema: SchemaRef,
+        local: Option<&Link>,
+        remote: Vec<Arc<dyn RemotePart>>,
+    ) -> Self {
+        let partitions = local
+            .map(|link| link.snapshot().partitions.clone())
+            .unwrap_or_default();
+        Self {
+            name: name.to_string(),
+            schema,
+            partitions,
+            memory: None,
+            remote,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -61,10 +102,15 @@ impl LinkTable {
     }
 
     pub fn rows(&self) -> u64 {
-        self.partitions
+        let local: u64 = self
+            .partitions
             .iter()
             .flat_map(|p| p.frame_rows().iter())
-            .sum()
+            .sum();
+        self.remote
+            .iter()
+            .map(|part| part.rows())
+            .fold(local, u64::saturating_add)
     }
 }
 
@@ -140,6 +186,18 @@ impl TableProvider for LinkTable {
                 }) as Arc<dyn PartitionStream>
             })
             .collect();
+        let mut streams = streams;
+        let batch_rows = state.config().batch_size().max(1);
+        for part in self.remote.iter().filter(|part| part.rows() > 0) {
+            streams.push(Arc::new(RemoteScan {
+                link: self.name.clone(),
+                part: Arc::clone(part),
+                stored: Arc::clone(&self.schema),
+                schema: Arc::clone(&projected),
+                filter: filter.clone(),
+                batch_rows,
+            }) as Arc<dyn PartitionStream>);
+        }
         let streams = if streams.is_empty() {
             vec![Arc::new(FrameScan {
                 link: self.name.clone(),
@@ -185,20 +243,19 @@ impl fmt::Debug for FrameScan {
     }
 }
 
-impl FrameScan {
-    fn keep(filter: &Option<Arc<dyn PhysicalExpr>>, batch: RecordBatch) -> Result<RecordBatch> {
-        let Some(filter) = filter else {
-            return Ok(batch);
-        };
-        let mask = filter.evaluate(&batch)?.into_array(batch.num_rows())?;
-        let mask = mask
-            .as_any()
-            .downcast_ref::<arrow_array::BooleanArray>()
-            .ok_or_else(|| DataFusionError::Internal("filter is not boolean".into()))?;
-        Ok(datafusion::arrow::compute::filter_record_batch(
-            &batch, mask,
-        )?)
-    }
+/// The rows of `batch` that pass `filter` (all without one).
+fn keep(filter: &Option<Arc<dyn PhysicalExpr>>, batch: RecordBatch) -> Result<RecordBatch> {
+    let Some(filter) = filter else {
+        return Ok(batch);
+    };
+    let mask = filter.evaluate(&batch)?.into_array(batch.num_rows())?;
+    let mask = mask
+        .as_any()
+        .downcast_ref::<arrow_array::BooleanArray>()
+        .ok_or_else(|| DataFusionError::Internal("filter is not boolean".into()))?;
+    Ok(datafusion::arrow::compute::filter_record_batch(
+        &batch, mask,
+    )?)
 }
 
 impl PartitionStream for FrameScan {
@@ -227,7 +284,7 @@ impl PartitionStream for FrameScan {
                     let batch = frame
                         .decode_columns(&stored, projection.as_deref())
                         .map_err(external)?;
-                    Self::keep(&filter, batch)
+                    keep(&filter, batch)
                 }
             })
             .filter(|batch| futures::future::ready(!matches!(batch, Ok(b) if b.num_rows() == 0)));
@@ -235,5 +292,71 @@ impl PartitionStream for FrameScan {
             Arc::clone(&self.schema),
             batches,
         ))
+    }
+}
+
+/// One other replica's part, as one scan partition: fetched with the projection, then filtered
+/// here (the replica gets no filter: DataFusion checks it here anyway).
+struct RemoteScan {
+    link: String,
+    part: Arc<dyn RemotePart>,
+    /// The link's schema, and the projected one this scan yields.
+    stored: SchemaRef,
+    schema: SchemaRef,
+    filter: Option<Arc<dyn PhysicalExpr>>,
+    batch_rows: usize,
+}
+
+impl fmt::Debug for RemoteScan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteScan")
+            .field("link", &self.link)
+            .field("part", &self.part)
+            .finish()
+    }
+}
+
+impl PartitionStream for RemoteScan {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        // No columns asked (count(*)): the narrowest ask is one column, of which only the row
+        // count is kept.
+        let asked = match (names.is_empty(), self.stored.fields().first()) {
+            (true, Some(first)) => Some(vec![first.name().clone()]),
+            (true, None) => None,
+            (false, _) => Some(names),
+        };
+        let filter = self.filter.clone();
+        let out = Arc::clone(&schema);
+        let batches = self
+            .part
+            .scan(asked, self.batch_rows)
+            .map(move |batch| {
+                let batch = batch?;
+                // The replica's batch, as this table's schema says: same columns, same order.
+                let columns = out
+                    .fields()
+                    .iter()
+                    .map(|field| {
+                        batch.column_by_name(field.name()).cloned().ok_or_else(|| {
+                            DataFusionError::Execution(format!(
+                                "a replica's part of a link came without column '{}'",
+                                field.name()
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let options =
+                    arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+                let batch = RecordBatch::try_new_with_options(Arc::clone(&out), columns, &options)?;
+                keep(&filter, batch)
+            })
+            .filter(|batch| futures::future::ready(!matches!(batch, Ok(b) if b.num_rows() == 0)));
+        Box::pin(RecordBatchStreamAdapter::new(schema, batches))
     }
 }

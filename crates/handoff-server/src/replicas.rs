@@ -4,12 +4,15 @@
 //! seals by sealing every replica. Placement, the record and idempotent applying are the
 //! store's; this module only moves them over Flight.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use handoff_client::{ClientConfig, HandoffClient};
 use handoff_proto as proto;
 use handoff_proto::placement::{MAX_REPLICAS, owner};
-use handoff_store::{CommitRecord, ObjectStorage};
+use handoff_store::{CommitRecord, ObjectStorage, Store, StoreError};
+
+use crate::error::status_of;
 use prost::Message;
 use tonic::Status;
 
@@ -252,7 +255,7 @@ impl ReplicaConfig {
         storage
             .mark_applied(record, &applied.instances)
             .await
-            .map_err(crate::error::status_of)?;
+            .map_err(status_of)?;
         Ok(applied)
     }
 
@@ -289,6 +292,255 @@ impl ReplicaConfig {
             }
         }
         result.map_err(|e| peer_status(self.url(replica), action, e))
+    }
+}
+
+/// A link's stats at this server, as the `stats` action answers them (over replicas: this
+/// replica's part).
+pub(crate) fn local_stats(store: &Store, link: &str) -> Result<serde_json::Value, Status> {
+    let stats = store.stats(link).map_err(status_of)?;
+    let mut value = serde_json::to_value(&stats).map_err(|e| Status::internal(e.to_string()))?;
+    if let Some(map) = value.as_object_mut() {
+        let memory = store.memory();
+        map.insert("server_memory_used".into(), memory.used().into());
+        map.insert("server_memory_limit".into(), memory.limit().into());
+        map.insert("server_instance".into(), store.instance().into());
+    }
+    Ok(value)
+}
+
+/// The planner's view of a link over every replica: each replica's stats, their sum, and the
+/// partitions a restarted replica lost. The actions (stats, seal, read plans), whole-link
+/// FlightInfo and Flight SQL all ask it.
+#[derive(Clone)]
+pub struct Whole {
+    store: Arc<Store>,
+    replicas: Arc<ReplicaConfig>,
+}
+
+impl Whole {
+    pub fn new(store: Arc<Store>, replicas: Arc<ReplicaConfig>) -> Self {
+        Self { store, replicas }
+    }
+
+    pub fn replicas(&self) -> &Arc<ReplicaConfig> {
+        &self.replicas
+    }
+
+    /// The whole link's stats, summed over the replicas, with each replica's part and, when a
+    /// restarted replica lost partitions, `lost`.
+    pub(crate) async fn stats(&self, link: &str) -> Result<serde_json::Value, Status> {
+        let parts = self.parts(link).await?;
+        let mut whole = merge_stats(link, &self.replicas, &parts);
+        let lost = self.lost(link, &parts).await?;
+        if !lost.is_empty() {
+            whole["lost"] = lost
+                .iter()
+                .map(|(replica, partitions)| {
+                    serde_json::json!({"replica": replica, "endpoint": self.replicas.url(*replica),
+                                       "partitions": partitions})
+                })
+                .collect();
+        }
+        Ok(whole)
+    }
+
+    /// Each replica's committed rows of a link that every replica has sealed and none lost a
+    /// part of; else FAILED_PRECONDITION or DATA_LOSS saying which replica is behind.
+    pub(crate) async fn sealed_rows(&self, link: &str) -> Result<Vec<u64>, Status> {
+        let stats = self.stats(link).await?;
+        refuse_lost(&stats, link)?;
+        let parts = stats["replicas"].as_array().cloned().unwrap_or_default();
+        if let Some(open) = parts.iter().find(|p| p["state"] != "sealed") {
+            return Err(Status::failed_precondition(format!(
+                "link '{}' is not sealed on replica {} ({}), which holds it {}; seal it at the \
+                 planner (replica 0) first",
+                handoff_store::echo(link),
+                open["replica"],
+                open["endpoint"].as_str().unwrap_or(""),
+                open["state"].as_str().unwrap_or("none")
+            )));
+        }
+        Ok(parts
+            .iter()
+            .map(|p| p["rows"].as_u64().unwrap_or(0))
+            .collect())
+    }
+
+    /// Partitions the commit records put on a replica that has restarted since, and holds
+    /// fewer partitions than they name (a snapshot would have brought them all back), by
+    /// replica. `parts` are the replicas' stats (null: it has no such link).
+    pub(crate) async fn lost(
+        &self,
+        link: &str,
+        parts: &[serde_json::Value],
+    ) -> Result<Vec<(u32, Vec<u64>)>, Status> {
+        let Some(storage) = self.store.storage() else {
+            return Ok(Vec::new());
+        };
+        let applied = storage.applied_commits(link).await.map_err(status_of)?;
+        let now = |replica: u32| {
+            parts[replica as usize]["server_instance"]
+                .as_str()
+                .unwrap_or("")
+        };
+        let mut expected: BTreeMap<u32, HashSet<u64>> = Default::default();
+        let mut stale: BTreeMap<u32, BTreeSet<u64>> = Default::default();
+        for (record, instances) in applied {
+            if record.replace {
+                expected.clear();
+                stale.clear();
+            }
+            for (replica, part) in self.replicas.split(link, &record.attempts) {
+                let ids = part.iter().map(|(p, _)| *p);
+                expected.entry(replica).or_default().extend(ids.clone());
+                if instances
+                    .get(&replica)
+                    .is_some_and(|then| then != now(replica))
+                {
+                    stale.entry(replica).or_default().extend(ids);
+                }
+            }
+        }
+        Ok(stale
+            .into_iter()
+            .filter(|(replica, _)| {
+                let held = parts[*replica as usize]["partitions"].as_u64().unwrap_or(0);
+                let wanted = expected.get(replica).map_or(0, HashSet::len) as u64;
+                held < wanted
+            })
+            .map(|(replica, ids)| (replica, ids.into_iter().collect()))
+            .filter(|(_, ids): &(u32, Vec<u64>)| !ids.is_empty())
+            .collect())
+    }
+
+    /// Every replica's stats of the link (null where it has none), asked at once.
+    pub(crate) async fn parts(&self, link: &str) -> Result<Vec<serde_json::Value>, Status> {
+        let replicas = &self.replicas;
+        // Every replica at once: a plan waits for the slowest, not for the sum.
+        let replies = futures::future::join_all((0..replicas.count()).map(|replica| async move {
+            if replica == replicas.index() {
+                local_stats(&self.store, link).and_then(|value| {
+                    serde_json::to_vec(&value)
+                        .map(bytes::Bytes::from)
+                        .map_err(|e| Status::internal(e.to_string()))
+                })
+            } else {
+                replicas
+                    .call(replica, proto::actions::STATS, link.as_bytes().to_vec())
+                    .await
+            }
+        }))
+        .await;
+        let mut parts = Vec::with_capacity(replies.len());
+        for (replica, reply) in replies.into_iter().enumerate() {
+            let replica = replica as u32;
+            let part: serde_json::Value = match reply {
+                Ok(body) => serde_json::from_slice(&body).map_err(|e| {
+                    Status::internal(format!(
+                        "replica {} answered 'stats' with {e}",
+                        replicas.url(replica)
+                    ))
+                })?,
+                // No partition of the link reached this replica yet.
+                Err(status) if status.code() == tonic::Code::NotFound => serde_json::Value::Null,
+                Err(status) => return Err(status),
+            };
+            parts.push(part);
+        }
+        if parts.iter().all(serde_json::Value::is_null) {
+            return Err(status_of(StoreError::UnknownLink(handoff_store::echo(
+                link,
+            ))));
+        }
+        Ok(parts)
+    }
+}
+
+/// One link's stats over its replicas: sums, the state of the whole (sealed when every part
+/// is), and each replica's part. `parts[i]` is replica i's stats, or null if it has none.
+fn merge_stats(
+    link: &str,
+    replicas: &ReplicaConfig,
+    parts: &[serde_json::Value],
+) -> serde_json::Value {
+    const SUMMED: [&str; 8] = [
+        "partitions",
+        "rows",
+        "bytes",
+        "staged_partitions",
+        "staged_bytes",
+        "memory_bytes",
+        "spilled_partitions",
+        "spilled_bytes",
+    ];
+    let mut whole = serde_json::Map::new();
+    whole.insert("link".into(), link.into());
+    for key in SUMMED {
+        let sum = parts
+            .iter()
+            .map(|p| p[key].as_u64().unwrap_or(0))
+            .fold(0u64, u64::saturating_add);
+        whole.insert(key.into(), sum.into());
+    }
+    let sealed = parts.iter().all(|p| p["state"] == "sealed");
+    whole.insert(
+        "state".into(),
+        if sealed { "sealed" } else { "open" }.into(),
+    );
+    // A replica that got no rows has an empty schema; one that got rows has the link's.
+    let first = parts
+        .iter()
+        .find(|p| p["schema"].as_array().is_some_and(|s| !s.is_empty()))
+        .or_else(|| parts.iter().find(|p| !p.is_null()));
+    for key in ["schema", "memory_limit", "memory_policy"] {
+        if let Some(value) = first.map(|p| p[key].clone()) {
+            whole.insert(key.into(), value);
+        }
+    }
+    let used = parts
+        .iter()
+        .map(|p| p["server_memory_used"].as_u64().unwrap_or(0))
+        .fold(0u64, u64::saturating_add);
+    whole.insert("server_memory_used".into(), used.into());
+    // A restart of any replica changes the whole's instance.
+    let instances: Vec<&str> = parts
+        .iter()
+        .map(|p| p["server_instance"].as_str().unwrap_or(""))
+        .collect();
+    whole.insert("server_instance".into(), instances.join(",").into());
+    let each: Vec<serde_json::Value> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            serde_json::json!({
+                "replica": i,
+                "endpoint": replicas.url(i as u32),
+                "state": p["state"].as_str().unwrap_or("none"),
+                "partitions": p["partitions"].as_u64().unwrap_or(0),
+                "rows": p["rows"].as_u64().unwrap_or(0),
+                "bytes": p["bytes"].as_u64().unwrap_or(0),
+                "memory_bytes": p["memory_bytes"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect();
+    whole.insert("replicas".into(), each.into());
+    serde_json::Value::Object(whole)
+}
+
+/// DATA_LOSS for whole-link stats that list partitions lost on a restarted replica: a read of
+/// the link would miss them.
+pub(crate) fn refuse_lost(stats: &serde_json::Value, link: &str) -> Result<(), Status> {
+    match stats["lost"].as_array().and_then(|l| l.first()) {
+        Some(lost) => Err(Status::data_loss(format!(
+            "replica {} ({}) restarted and lost partitions {} of link '{}'; write them again \
+             (rerun the job, or its tasks for them) and commit",
+            lost["replica"],
+            lost["endpoint"].as_str().unwrap_or(""),
+            lost["partitions"],
+            handoff_store::echo(link)
+        ))),
+        None => Ok(()),
     }
 }
 

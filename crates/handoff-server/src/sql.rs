@@ -4,6 +4,10 @@
 //!
 //! Statement and prepared-statement handles are the SQL text itself, so the server keeps no
 //! per-query state: DoGet plans the statement again. Prepared statements take no parameters.
+//!
+//! Over several replicas the planner (replica 0) answers: a link is a table once every replica
+//! has sealed it and none lost a part, and each other replica's part is scanned over Flight
+//! (a `ReadRanges` of all its rows, with the query's columns only).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +36,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Access, AuthConfig};
+use crate::replicas::Whole;
 
 pub const CATALOG: &str = "handoff";
 pub const SCHEMA: &str = "public";
@@ -80,6 +85,8 @@ pub struct SqlService {
     auth: Arc<AuthConfig>,
     info: Arc<SqlInfoData>,
     max_flight_data_size: usize,
+    /// The links' other replicas; `None` on a single server.
+    whole: Option<Whole>,
 }
 
 type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
@@ -131,23 +138,108 @@ impl SqlService {
             auth,
             info: Arc::new(sql_info()?),
             max_flight_data_size,
+            whole: None,
         })
     }
 
-    /// The links this caller may query: sealed, and readable with its token.
-    fn tables(&self, metadata: &MetadataMap) -> Result<Vec<handoff_query::LinkTable>, Status> {
+    /// Over several replicas: tables span every replica's part.
+    pub fn with_whole(mut self, whole: Option<Whole>) -> Self {
+        self.whole = whole;
+        self
+    }
+
+    /// The links this caller may query: sealed, and readable with its token. Over replicas, the
+    /// second list says why a link sealed here is not a table (yet), one sentence each.
+    async fn tables(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<(Vec<handoff_query::LinkTable>, Vec<String>), Status> {
         let principal = self.auth.identify(metadata, &self.store)?;
-        Ok(self
+        let links = self
             .store
             .list()
             .into_iter()
             .filter(|link| link.state() == LinkState::Sealed)
-            .filter(|link| principal.may(Access::Read, Some(link.name())))
-            .filter_map(|link| {
-                handoff_query::LinkTable::new(&link)
-                    .map(|table| table.with_memory(Arc::clone(self.store.memory())))
+            .filter(|link| principal.may(Access::Read, Some(link.name())));
+        let Some(whole) = &self.whole else {
+            let tables = links
+                .filter_map(|link| {
+                    handoff_query::LinkTable::new(&link)
+                        .map(|table| table.with_memory(Arc::clone(self.store.memory())))
+                })
+                .collect();
+            return Ok((tables, Vec::new()));
+        };
+        let replicas = whole.replicas();
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("Flight SQL over replicas"));
+        }
+        // Every link at once: a statement waits for the slowest replica, not for the sum.
+        let built = futures::future::join_all(links.map(|link| async move {
+            let name = link.name().to_string();
+            (name.clone(), self.table_over_replicas(whole, link).await)
+        }))
+        .await;
+        let (mut tables, mut why_not) = (Vec::new(), Vec::new());
+        for (name, table) in built {
+            match table {
+                Ok(Some(table)) => tables.push(table),
+                Ok(None) => {}
+                Err(status) => why_not.push(format!(
+                    "'{}' is not queryable now: {}",
+                    handoff_store::echo(&name),
+                    status.message()
+                )),
+            }
+        }
+        Ok((tables, why_not))
+    }
+
+    /// A link over every replica as one table: this replica's part, scanned here, and the
+    /// others', scanned at their replicas. `None` while no replica has its schema (no rows).
+    async fn table_over_replicas(
+        &self,
+        whole: &Whole,
+        link: Arc<handoff_store::Link>,
+    ) -> Result<Option<handoff_query::LinkTable>, Status> {
+        let replicas = whole.replicas();
+        let rows = whole.sealed_rows(link.name()).await?;
+        let schema = match link.schema() {
+            Some(frame) if !frame.schema.fields().is_empty() => frame.schema,
+            // The planner got no rows; a replica that did knows the schema.
+            _ => match rows.iter().position(|r| *r > 0) {
+                Some(replica) => replicas
+                    .client(replica as u32)
+                    .await?
+                    .schema(link.name())
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "the schema from replica {}: {e}",
+                            replicas.url(replica as u32)
+                        ))
+                    })?,
+                None => return Ok(None),
+            },
+        };
+        let remote = rows
+            .iter()
+            .enumerate()
+            .filter(|(replica, rows)| *replica as u32 != replicas.index() && **rows > 0)
+            .map(|(replica, rows)| {
+                Arc::new(ReplicaPart {
+                    replicas: Arc::clone(replicas),
+                    replica: replica as u32,
+                    link: link.name().to_string(),
+                    rows: *rows,
+                    memory: Arc::clone(self.store.memory()),
+                }) as Arc<dyn handoff_query::RemotePart>
             })
-            .collect())
+            .collect();
+        Ok(Some(
+            handoff_query::LinkTable::over_replicas(link.name(), schema, Some(&link), remote)
+                .with_memory(Arc::clone(self.store.memory())),
+        ))
     }
 
     async fn plan(
@@ -158,7 +250,7 @@ impl SqlService {
         // Measured before DataFusion parses it: a deep expression would overflow the stack.
         handoff_query::limits::check_expression("SQL", sql, handoff_query::limits::MAX_SQL_BYTES)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let tables = self.tables(metadata)?;
+        let (tables, why_not) = self.tables(metadata).await?;
         let names: Vec<String> = tables.iter().map(|t| t.name().to_string()).collect();
         let ctx = handoff_query::session(tables, CATALOG, SCHEMA, Arc::clone(self.store.memory()))
             .map_err(internal)?;
@@ -179,8 +271,13 @@ impl SqlService {
             } else {
                 names.join(", ")
             };
+            let not_yet = why_not
+                .iter()
+                .map(|why| format!("; {why}"))
+                .collect::<String>();
             Status::invalid_argument(format!(
-                "{message}; the tables you may query are the sealed links you may read: {tables}"
+                "{message}; the tables you may query are the sealed links you may read: \
+                 {tables}{not_yet}"
             ))
         })
     }
@@ -228,12 +325,12 @@ impl SqlService {
         Ok(Response::new(info))
     }
 
-    fn tables_batch(
+    async fn tables_batch(
         &self,
         metadata: &MetadataMap,
         query: CommandGetTables,
     ) -> Result<RecordBatch, Status> {
-        let tables = self.tables(metadata)?;
+        let (tables, _) = self.tables(metadata).await?;
         let mut builder = query.into_builder();
         for table in &tables {
             builder
@@ -339,7 +436,7 @@ impl FlightSqlService for SqlService {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let batch = self.tables_batch(request.metadata(), query.clone())?;
+        let batch = self.tables_batch(request.metadata(), query.clone()).await?;
         self.info(&batch.schema(), request.into_inner(), query.as_any())
     }
 
@@ -348,7 +445,7 @@ impl FlightSqlService for SqlService {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let batch = self.tables_batch(request.metadata(), query)?;
+        let batch = self.tables_batch(request.metadata(), query).await?;
         Ok(Response::new(self.one_batch(batch)))
     }
 
@@ -442,4 +539,80 @@ impl FlightSqlService for SqlService {
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// Another replica's part of a link, for a query at the planner: all its rows, by a
+/// `ReadRanges` ticket at that replica with the query's columns only.
+#[derive(Debug)]
+struct ReplicaPart {
+    replicas: Arc<crate::replicas::ReplicaConfig>,
+    replica: u32,
+    link: String,
+    rows: u64,
+    /// The planner's budget: each batch that arrives is reserved in it until the next one
+    /// does (what the operators downstream keep, they reserve themselves).
+    memory: Arc<handoff_store::MemoryPool>,
+}
+
+impl handoff_query::RemotePart for ReplicaPart {
+    fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    fn scan(
+        &self,
+        columns: Option<Vec<String>>,
+        batch_rows: usize,
+    ) -> futures::stream::BoxStream<'static, datafusion::error::Result<RecordBatch>> {
+        use datafusion::error::DataFusionError;
+        let ticket = handoff_proto::Ticket {
+            kind: Some(handoff_proto::ticket::Kind::Ranges(
+                handoff_proto::ReadRanges {
+                    link: self.link.clone(),
+                    ranges: vec![handoff_proto::RowRange {
+                        start: 0,
+                        rows: self.rows,
+                    }],
+                    batch_rows: batch_rows as u64,
+                    shuffle: false,
+                    seed: 0,
+                    epoch: 0,
+                    columns: columns.unwrap_or_default(),
+                },
+            )),
+        };
+        let (replicas, replica) = (Arc::clone(&self.replicas), self.replica);
+        let url = replicas.url(replica).to_string();
+        let failed = move |e: handoff_client::ClientError| {
+            DataFusionError::External(format!("reading the part of replica {url}: {e}").into())
+        };
+        let fail = failed.clone();
+        let batches = stream::once(async move {
+            let mut client = replicas
+                .client(replica)
+                .await
+                .map_err(|status| DataFusionError::External(status.message().into()))?;
+            let batches = client
+                .do_get(Ticket::new(ticket.encode_to_vec()))
+                .await
+                .map_err(&fail)?;
+            Ok::<_, DataFusionError>(batches.map_err(move |e| failed(e.into())))
+        })
+        .try_flatten();
+        let memory = Arc::clone(&self.memory);
+        batches
+            .scan(None, move |held, batch| {
+                let batch = batch.and_then(|batch: RecordBatch| {
+                    *held = None;
+                    let mut reservation = memory.reservation(None);
+                    reservation
+                        .try_grow(batch.get_array_memory_size() as u64)
+                        .map_err(|e| DataFusionError::ResourcesExhausted(e.to_string()))?;
+                    *held = Some(reservation);
+                    Ok(batch)
+                });
+                futures::future::ready(Some(batch))
+            })
+            .boxed()
+    }
 }

@@ -455,6 +455,14 @@ async fn a_replica_lost_before_the_seal_says_which_partitions_and_blocks_the_sea
     let err = writer.seal(LINK).await.expect_err("lost partitions");
     assert_eq!(code(&err), Some(tonic::Code::DataLoss), "{err}");
     assert!(err.to_string().contains(&format!("{gone:?}")), "{err}");
+    // A whole-link read is refused too, rather than served without them.
+    let err = writer.flight_info(LINK).await.expect_err("lost partitions");
+    assert_eq!(code(&err), Some(tonic::Code::DataLoss), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("{gone:?}").replace(' ', "")),
+        "{err}"
+    );
     // The job writes them again: then nothing is missing and the link seals whole.
     let mut writer = cluster.client(1, WRITER).await;
     for &p in &gone {
@@ -553,7 +561,8 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
         .read_shard(shard(0, 1, 0))
         .await
         .expect_err("part of a link");
-    assert_eq!(code(&err), Some(tonic::Code::Unimplemented), "{err}");
+    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains(&cluster.peers[0]), "{err}");
     cluster.stop().await;
 }
 
@@ -618,5 +627,173 @@ async fn a_restarted_planner_finishes_a_recorded_commit() {
     })
     .await;
     assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    cluster.stop().await;
+}
+
+/// Runs `query` with Flight SQL at replica `at`, as `token`.
+async fn sql(
+    cluster: &Cluster,
+    at: usize,
+    token: &str,
+    query: &str,
+) -> Result<Vec<arrow_array::RecordBatch>, arrow_flight::error::FlightError> {
+    use futures::TryStreamExt;
+    let mut sql =
+        arrow_flight::sql::client::FlightSqlServiceClient::new(cluster.server(at).channel().await);
+    sql.set_header("authorization", format!("Bearer {token}"));
+    let info = sql.execute(query.to_string(), None).await?;
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    sql.do_get(ticket).await?.try_collect().await
+}
+
+fn status_of(e: arrow_flight::error::FlightError) -> tonic::Status {
+    match e {
+        arrow_flight::error::FlightError::Tonic(status) => *status,
+        other => panic!("not a gRPC status: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_link_reads_listings_and_flight_sql_span_every_replica() {
+    let cluster = Cluster::start().await;
+    let mut writer = cluster.client(2, WRITER).await;
+    let winners: Vec<(u64, u64)> = (0..9).map(|p| (p, 0)).collect();
+    for &(p, a) in &winners {
+        stage(&mut writer, p, a).await;
+    }
+    writer.commit(LINK, &winners).await.expect("commit");
+    // Before the seal a query would see part of the link on some replicas: not a table yet.
+    let err = status_of(
+        sql(
+            &cluster,
+            0,
+            READER,
+            &format!("SELECT count(*) FROM \"{LINK}\""),
+        )
+        .await
+        .expect_err("not sealed"),
+    );
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    writer.seal(LINK).await.expect("seal");
+    let held = cluster.published(LINK);
+    assert!(
+        held.values().all(|parts| !parts.is_empty()),
+        "9 partitions reach every replica: {held:?}"
+    );
+
+    // The whole link's FlightInfo, asked at replica 1 (the client goes to the planner): every
+    // partition once, each located at its owner.
+    let mut reader = cluster.client(1, READER).await;
+    let info = reader.flight_info(LINK).await.expect("info");
+    assert_eq!(info.total_records, 90);
+    let mut located = BTreeMap::new();
+    for endpoint in &info.endpoint {
+        let about: serde_json::Value =
+            serde_json::from_slice(&endpoint.app_metadata).expect("about");
+        let partition = about["partition"].as_u64().expect("partition");
+        let at = endpoint.location[0].uri.clone();
+        assert_eq!(
+            at,
+            cluster.peers[owner(LINK, partition, REPLICAS) as usize],
+            "partition {partition}"
+        );
+        assert_eq!(about["replica"], owner(LINK, partition, REPLICAS));
+        located.insert(partition, at);
+    }
+    assert_eq!(located.len(), 9);
+    // A whole-link read follows the locations: every row once.
+    let (_, streams) = reader.read_link(LINK).await.expect("read");
+    let mut all = Vec::new();
+    for mut stream in streams {
+        while let Some(b) = stream.next().await {
+            all.extend(ids(&b.expect("batch")));
+        }
+    }
+    all.sort_unstable();
+    let expected: Vec<i64> = (0..9).flat_map(|p| p * 100..p * 100 + 10).collect();
+    assert_eq!(all, expected);
+    // The listing names the link once, whole.
+    let listed = reader.list().await.expect("list");
+    let ours: Vec<_> = listed
+        .iter()
+        .filter(|i| {
+            i.flight_descriptor
+                .as_ref()
+                .is_some_and(|d| d.path == [LINK])
+        })
+        .collect();
+    assert_eq!(ours.len(), 1);
+    assert_eq!((ours[0].total_records, ours[0].endpoint.len()), (90, 9));
+    // Asked of another replica directly, these say where to go.
+    let mut direct = FlightClient::new(cluster.server(2).channel().await);
+    direct
+        .add_header("authorization", &format!("Bearer {READER}"))
+        .expect("header");
+    let err = direct
+        .get_flight_info(FlightDescriptor::new_path(vec![LINK.into()]))
+        .await
+        .expect_err("not the planner");
+    let err = status_of(err);
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains(&cluster.peers[0]), "{err}");
+
+    // Flight SQL at the planner: sums, filters, projections and counts over every replica.
+    let batches = sql(
+        &cluster,
+        0,
+        READER,
+        &format!(
+            "SELECT count(*) AS n, sum(id) AS s, min(name) AS first FROM \"{LINK}\" WHERE x >= 0"
+        ),
+    )
+    .await
+    .expect("query");
+    let row = &batches[0];
+    let n = row
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow_array::Int64Array>()
+        .expect("n");
+    let total = row
+        .column(1)
+        .as_any()
+        .downcast_ref::<arrow_array::Int64Array>()
+        .expect("s");
+    assert_eq!(
+        (n.value(0), total.value(0)),
+        (90, expected.iter().sum::<i64>())
+    );
+    let batches = sql(
+        &cluster,
+        0,
+        READER,
+        &format!("SELECT id FROM \"{LINK}\" WHERE id % 100 = 9 ORDER BY id"),
+    )
+    .await
+    .expect("query");
+    let nines: Vec<i64> = batches
+        .iter()
+        .flat_map(|b| {
+            let id = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow_array::Int64Array>();
+            id.expect("id").values().to_vec()
+        })
+        .collect();
+    assert_eq!(nines, (0..9).map(|p| p * 100 + 9).collect::<Vec<_>>());
+    // Another replica sends SQL to the planner.
+    let err = status_of(
+        sql(
+            &cluster,
+            1,
+            READER,
+            &format!("SELECT count(*) FROM \"{LINK}\""),
+        )
+        .await
+        .expect_err("not the planner"),
+    );
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains(&cluster.peers[0]), "{err}");
     cluster.stop().await;
 }

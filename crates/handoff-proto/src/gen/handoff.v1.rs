@@ -192,6 +192,23 @@ pub mod ticket {
         Ranges(super::ReadRanges),
     }
 }
+/// Replica to replica ('parts'): this replica's part of links, for the planner's whole-link
+/// FlightInfo and ListFlights over replicas. `link` set: that link only; else every link whose
+/// name starts with `prefix`.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListParts {
+    #[prost(string, tag = "1")]
+    pub link: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub prefix: ::prost::alloc::string::String,
+}
+/// The answer to ListParts: each link's FlightInfo at this replica (an encoded
+/// arrow.flight.protocol.FlightInfo), whose endpoints read its partitions here.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Parts {
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    pub infos: ::prost::alloc::vec::Vec<::prost::bytes::Bytes>,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum MemoryPolicy {

@@ -93,16 +93,7 @@ impl HandoffService {
     }
 
     pub(super) fn stats_json(&self, link: &str) -> Result<arrow_flight::Result, Status> {
-        let stats = self.store.stats(link).map_err(status_of)?;
-        let mut value =
-            serde_json::to_value(&stats).map_err(|e| Status::internal(e.to_string()))?;
-        if let Some(map) = value.as_object_mut() {
-            let memory = self.store.memory();
-            map.insert("server_memory_used".into(), memory.used().into());
-            map.insert("server_memory_limit".into(), memory.limit().into());
-            map.insert("server_instance".into(), self.store.instance().into());
-        }
-        json_result(&value)
+        json_result(&crate::replicas::local_stats(&self.store, link)?)
     }
 
     pub(super) async fn action(
@@ -128,6 +119,7 @@ impl HandoffService {
             }
             proto::actions::APPLY => self.apply_action(md, &body),
             proto::actions::SEAL_REPLICA => self.seal_replica_action(md, &body).await,
+            proto::actions::PARTS => self.parts_action(md, &body),
             proto::actions::COMMIT => {
                 let req = proto::Commit::decode(body.as_ref()).map_err(|e| {
                     invalid(format!(

@@ -139,7 +139,6 @@ impl HandoffService {
         ticket: &[u8],
     ) -> Result<BoxStream<'static, Result<FlightData, Status>>, Status> {
         if crate::sql::is_flight_sql(ticket)? {
-            self.whole_link_here("Flight SQL")?;
             let sql = self.sql.clone();
             let mut request = Request::new(Ticket::new(Bytes::copy_from_slice(ticket)));
             *request.metadata_mut() = md.clone();

@@ -149,18 +149,23 @@ impl HandoffService {
         replicas: Option<crate::replicas::ReplicaConfig>,
     ) -> Self {
         self.replicas = replicas.map(Arc::new);
+        let whole = self
+            .several()
+            .map(|r| crate::replicas::Whole::new(Arc::clone(&self.store), r));
+        self.sql = self.sql.with_whole(whole);
         self
     }
 
-    /// Refuse a read on a server with replicas: it would see only this replica's part.
+    /// Refuse a shard read by its ticket alone on a server with replicas: it would see only
+    /// this replica's part.
     pub(crate) fn whole_link_here(&self, what: &str) -> Result<(), Status> {
         match &self.replicas {
-            Some(r) if r.count() > 1 => Err(Status::unimplemented(format!(
-                "{what} of a link over {} replicas is not built yet: each replica holds only its \
-                 own partitions, so this replica alone would answer with part of the link. A \
-                 rank's shard is planned by GetFlightInfo at replica 0, whose endpoints name \
+            Some(r) if r.count() > 1 => Err(Status::failed_precondition(format!(
+                "{what} by its ticket alone would read only this replica's part of a link over \
+                 {} replicas: plan it with GetFlightInfo at replica 0 ({}), whose endpoints name \
                  every replica to read (handoff's clients do this)",
-                r.count()
+                r.count(),
+                r.url(0)
             ))),
             _ => Ok(()),
         }
@@ -252,18 +257,27 @@ impl FlightService for HandoffService {
         &self,
         request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
-        let result = (|| {
-            self.whole_link_here("ListFlights")?;
+        let result = async {
             let principal = self.auth.identify(request.metadata(), &self.store)?;
             let prefix = String::from_utf8_lossy(&request.get_ref().expression).to_string();
-            let mut infos = Vec::new();
-            for link in self.store.list() {
-                if principal.sees(link.name()) && link.name().starts_with(&prefix) {
-                    infos.push(Ok(self.link_info(&link)?));
+            let infos = match self.several() {
+                Some(replicas) => {
+                    self.list_over_replicas(&replicas, &principal, &prefix)
+                        .await?
                 }
-            }
-            Ok(Response::new(stream::iter(infos).boxed()))
-        })();
+                None => self
+                    .store
+                    .list()
+                    .into_iter()
+                    .filter(|link| principal.sees(link.name()) && link.name().starts_with(&prefix))
+                    .map(|link| self.link_info(&link))
+                    .collect::<Result<Vec<_>, Status>>()?,
+            };
+            Ok(Response::new(
+                stream::iter(infos.into_iter().map(Ok)).boxed(),
+            ))
+        }
+        .await;
         self.record("list_flights", result)
     }
 
@@ -277,9 +291,6 @@ impl FlightService for HandoffService {
                 Err(status) => return self.record("get_flight_info", Err(status)),
             };
         if sql {
-            if let Err(status) = self.whole_link_here("Flight SQL") {
-                return self.record("get_flight_info", Err(status));
-            }
             let result =
                 <crate::sql::SqlService as FlightService>::get_flight_info(&self.sql, request)
                     .await;
@@ -298,12 +309,16 @@ impl FlightService for HandoffService {
             .await;
             return self.record("get_flight_info", result);
         }
-        let result = (|| {
-            self.whole_link_here("GetFlightInfo of a whole link")?;
+        let result = async {
             let descriptor = request.get_ref().clone();
             match parse_descriptor(&descriptor)? {
                 Target::Link(name) => {
                     self.authorize(request.metadata(), Access::Inspect, Some(&name))?;
+                    if let Some(replicas) = self.several() {
+                        return Ok(Response::new(
+                            self.link_info_over_replicas(&replicas, &name).await?,
+                        ));
+                    }
                     let link = self.link(&name)?;
                     Ok(Response::new(self.link_info(&link)?))
                 }
@@ -313,7 +328,8 @@ impl FlightService for HandoffService {
                     Ok(Response::new(self.shard_info(&link, shard, descriptor)?))
                 }
             }
-        })();
+        }
+        .await;
         self.record("get_flight_info", result)
     }
 
@@ -388,9 +404,6 @@ impl FlightService for HandoffService {
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
         if crate::sql::is_flight_sql_action(&request.get_ref().r#type) {
-            if let Err(status) = self.whole_link_here("Flight SQL") {
-                return self.record("do_action", Err(status));
-            }
             let result =
                 <crate::sql::SqlService as FlightService>::do_action(&self.sql, request).await;
             return self.record("do_action", result);

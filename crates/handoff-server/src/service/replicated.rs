@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use handoff_store::echo;
 
 use super::*;
-use crate::replicas::{Applied, ReplicaConfig};
+use crate::replicas::{Applied, ReplicaConfig, Whole};
 
 /// How often, and how far apart, a restarted planner tries to finish a recorded commit while
 /// a replica is not reachable yet (replicas start in any order).
@@ -67,7 +67,7 @@ impl HandoffService {
     /// that the restarted planner finishes; before it, nothing was published.
     pub(super) async fn commit_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         link: &str,
         attempts: &[(u64, u64)],
         replace: bool,
@@ -130,7 +130,7 @@ impl HandoffService {
     /// Seal every replica's part, once no recorded commit of the link waits to be applied.
     pub(super) async fn seal_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         link: &str,
     ) -> Result<arrow_flight::Result, Status> {
         if !replicas.is_planner() {
@@ -149,8 +149,9 @@ impl HandoffService {
         }
         // A replica that restarted after commits were applied there lost them: sealing would
         // publish the link without them.
-        let parts = self.replica_parts(replicas, link).await?;
-        let lost = self.lost_parts(replicas, link, &parts).await?;
+        let whole = self.whole(replicas);
+        let parts = whole.parts(link).await?;
+        let lost = whole.lost(link, &parts).await?;
         if let Some((replica, partitions)) = lost.first() {
             return Err(Status::data_loss(format!(
                 "replica {replica} ({}) restarted after partitions {partitions:?} of link '{}' \
@@ -193,116 +194,21 @@ impl HandoffService {
     /// The whole link's stats, summed over the replicas, with each replica's part.
     pub(super) async fn stats_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         link: &str,
     ) -> Result<arrow_flight::Result, Status> {
-        let parts = self.replica_parts(replicas, link).await?;
-        let mut whole = merge_stats(link, replicas, &parts);
-        let lost = self.lost_parts(replicas, link, &parts).await?;
-        if !lost.is_empty() {
-            whole["lost"] = lost
-                .iter()
-                .map(|(replica, partitions)| {
-                    serde_json::json!({"replica": replica, "endpoint": replicas.url(*replica),
-                                       "partitions": partitions})
-                })
-                .collect();
-        }
-        json_result(&whole)
+        json_result(&self.whole(replicas).stats(link).await?)
     }
 
-    /// Partitions the commit records put on a replica that has restarted since, and holds
-    /// fewer partitions than they name (a snapshot would have brought them all back), by
-    /// replica. `parts` are the replicas' stats (null: it has no such link).
-    async fn lost_parts(
-        &self,
-        replicas: &ReplicaConfig,
-        link: &str,
-        parts: &[serde_json::Value],
-    ) -> Result<Vec<(u32, Vec<u64>)>, Status> {
-        let Some(storage) = self.store.storage() else {
-            return Ok(Vec::new());
-        };
-        let applied = storage.applied_commits(link).await.map_err(status_of)?;
-        let now = |replica: u32| {
-            parts[replica as usize]["server_instance"]
-                .as_str()
-                .unwrap_or("")
-        };
-        let mut expected: std::collections::BTreeMap<u32, HashSet<u64>> = Default::default();
-        let mut stale: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>> =
-            Default::default();
-        for (record, instances) in applied {
-            if record.replace {
-                expected.clear();
-                stale.clear();
-            }
-            for (replica, part) in replicas.split(link, &record.attempts) {
-                let ids = part.iter().map(|(p, _)| *p);
-                expected.entry(replica).or_default().extend(ids.clone());
-                if instances
-                    .get(&replica)
-                    .is_some_and(|then| then != now(replica))
-                {
-                    stale.entry(replica).or_default().extend(ids);
-                }
-            }
-        }
-        Ok(stale
-            .into_iter()
-            .filter(|(replica, _)| {
-                let held = parts[*replica as usize]["partitions"].as_u64().unwrap_or(0);
-                let wanted = expected.get(replica).map_or(0, HashSet::len) as u64;
-                held < wanted
-            })
-            .map(|(replica, ids)| (replica, ids.into_iter().collect()))
-            .filter(|(_, ids): &(u32, Vec<u64>)| !ids.is_empty())
-            .collect())
-    }
-
-    /// Every replica's stats of the link (null where it has none), asked at once.
-    async fn replica_parts(
-        &self,
-        replicas: &ReplicaConfig,
-        link: &str,
-    ) -> Result<Vec<serde_json::Value>, Status> {
-        // Every replica at once: a plan waits for the slowest, not for the sum.
-        let replies = futures::future::join_all((0..replicas.count()).map(|replica| async move {
-            if replica == replicas.index() {
-                self.stats_json(link).map(|r| r.body)
-            } else {
-                replicas
-                    .call(replica, proto::actions::STATS, link.as_bytes().to_vec())
-                    .await
-            }
-        }))
-        .await;
-        let mut parts = Vec::with_capacity(replies.len());
-        for (replica, reply) in replies.into_iter().enumerate() {
-            let replica = replica as u32;
-            let part: serde_json::Value = match reply {
-                Ok(body) => serde_json::from_slice(&body).map_err(|e| {
-                    Status::internal(format!(
-                        "replica {} answered 'stats' with {e}",
-                        replicas.url(replica)
-                    ))
-                })?,
-                // No partition of the link reached this replica yet.
-                Err(status) if status.code() == tonic::Code::NotFound => serde_json::Value::Null,
-                Err(status) => return Err(status),
-            };
-            parts.push(part);
-        }
-        if parts.iter().all(serde_json::Value::is_null) {
-            return Err(status_of(StoreError::UnknownLink(echo(link))));
-        }
-        Ok(parts)
+    /// The planner's view of links over `replicas`.
+    pub(super) fn whole(&self, replicas: &Arc<ReplicaConfig>) -> Whole {
+        Whole::new(Arc::clone(&self.store), Arc::clone(replicas))
     }
 
     /// Create the link on this replica, then on every other (existing ones are kept).
     pub(super) async fn create_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         md: &MetadataMap,
         body: &Bytes,
     ) -> Result<arrow_flight::Result, Status> {
@@ -324,7 +230,7 @@ impl HandoffService {
     /// Delete the link on every replica, and its commit records.
     pub(super) async fn delete_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         link: &str,
     ) -> Result<arrow_flight::Result, Status> {
         if !replicas.is_planner() {
@@ -360,7 +266,7 @@ impl HandoffService {
     /// replica for an empty list.
     pub(super) async fn abort_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         request: &proto::Abort,
         attempts: &[(u64, u64)],
     ) -> Result<arrow_flight::Result, Status> {
@@ -404,7 +310,7 @@ impl HandoffService {
     /// the endpoints' streams, in plan order.
     pub(super) async fn shard_info_over_replicas(
         &self,
-        replicas: &ReplicaConfig,
+        replicas: &Arc<ReplicaConfig>,
         shard: proto::ReadShard,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo, Status> {
@@ -546,6 +452,160 @@ impl HandoffService {
         Ok(info.with_app_metadata(about.to_string()))
     }
 
+    /// Replica to replica: this replica's FlightInfo of one link, or of every link under a
+    /// prefix (links are in no particular order). Links this replica does not hold are left
+    /// out.
+    pub(super) fn parts_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let req = proto::ListParts::decode(body.as_ref()).map_err(|e| {
+            invalid(format!(
+                "the body of 'parts' is a handoff.v1.ListParts: {e}"
+            ))
+        })?;
+        // Only replicas call it (with the admin token); clients ask the planner, which checks
+        // what each caller may see.
+        let one = (!req.link.is_empty()).then_some(req.link.as_str());
+        self.authorize(md, Access::Admin, one)?;
+        let links = match one {
+            Some(name) => match self.store.link(name) {
+                Ok(link) => vec![link],
+                Err(StoreError::UnknownLink(_)) => Vec::new(),
+                Err(e) => return Err(status_of(e)),
+            },
+            None => self
+                .store
+                .list()
+                .into_iter()
+                .filter(|link| link.name().starts_with(&req.prefix))
+                .collect(),
+        };
+        let infos = links
+            .iter()
+            .map(|link| self.link_info(link).map(|info| info.encode_to_vec().into()))
+            .collect::<Result<Vec<Bytes>, Status>>()?;
+        Ok(arrow_flight::Result {
+            body: proto::Parts { infos }.encode_to_vec().into(),
+        })
+    }
+
+    /// Every replica's FlightInfo of `one` link, or of every link under `prefix`, by link:
+    /// `parts[r]` is replica r's, if it holds the link.
+    async fn parts_over_replicas(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        one: Option<&str>,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeMap<String, Vec<Option<FlightInfo>>>, Status> {
+        let request = proto::ListParts {
+            link: one.unwrap_or_default().to_string(),
+            prefix: prefix.to_string(),
+        }
+        .encode_to_vec();
+        let replies = futures::future::join_all((0..replicas.count()).map(|replica| {
+            let request = request.clone();
+            async move {
+                if replica == replicas.index() {
+                    // The planner's own part, without a call.
+                    let links = match one {
+                        Some(name) => self.store.link(name).into_iter().collect::<Vec<_>>(),
+                        None => self
+                            .store
+                            .list()
+                            .into_iter()
+                            .filter(|link| link.name().starts_with(prefix))
+                            .collect(),
+                    };
+                    links
+                        .iter()
+                        .map(|link| self.link_info(link))
+                        .collect::<Result<Vec<_>, Status>>()
+                } else {
+                    let body = replicas
+                        .call(replica, proto::actions::PARTS, request)
+                        .await?;
+                    let parts = proto::Parts::decode(body.as_ref()).map_err(|e| {
+                        Status::internal(format!(
+                            "replica {} answered 'parts' with something else: {e}",
+                            replicas.url(replica)
+                        ))
+                    })?;
+                    parts
+                        .infos
+                        .iter()
+                        .map(|bytes| {
+                            FlightInfo::decode(bytes.as_ref()).map_err(|e| {
+                                Status::internal(format!(
+                                    "replica {} answered 'parts' with a bad FlightInfo: {e}",
+                                    replicas.url(replica)
+                                ))
+                            })
+                        })
+                        .collect()
+                }
+            }
+        }))
+        .await;
+        let count = replicas.count() as usize;
+        let mut by_link: std::collections::BTreeMap<String, Vec<Option<FlightInfo>>> =
+            Default::default();
+        for (replica, reply) in replies.into_iter().enumerate() {
+            for info in reply? {
+                let Some(name) = info
+                    .flight_descriptor
+                    .as_ref()
+                    .and_then(|d| d.path.first())
+                    .cloned()
+                else {
+                    continue;
+                };
+                by_link.entry(name).or_insert_with(|| vec![None; count])[replica] = Some(info);
+            }
+        }
+        Ok(by_link)
+    }
+
+    /// A whole link's FlightInfo over replicas, at the planner: every replica's partitions, each
+    /// endpoint located at its replica (the replica is in its `app_metadata` too). A link with
+    /// partitions lost on a restarted replica is refused with DATA_LOSS rather than listed
+    /// without them.
+    pub(super) async fn link_info_over_replicas(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        link: &str,
+    ) -> Result<FlightInfo, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("GetFlightInfo of a whole link"));
+        }
+        let stats = self.whole(replicas).stats(link).await?;
+        crate::replicas::refuse_lost(&stats, link)?;
+        let mut parts = self.parts_over_replicas(replicas, Some(link), "").await?;
+        let parts = parts
+            .remove(link)
+            .ok_or_else(|| status_of(StoreError::UnknownLink(echo(link))))?;
+        merge_infos(link, replicas, parts)
+    }
+
+    /// ListFlights over replicas, at the planner: each link `principal` may see, whole.
+    pub(super) async fn list_over_replicas(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        principal: &Principal,
+        prefix: &str,
+    ) -> Result<Vec<FlightInfo>, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("ListFlights"));
+        }
+        self.parts_over_replicas(replicas, None, prefix)
+            .await?
+            .into_iter()
+            .filter(|(name, _)| principal.sees(name))
+            .map(|(name, parts)| merge_infos(&name, replicas, parts))
+            .collect()
+    }
+
     /// Replica to replica: check or publish this replica's part of a commit.
     pub(super) fn apply_action(
         &self,
@@ -632,73 +692,53 @@ impl HandoffService {
     }
 }
 
-/// One link's stats over its replicas: sums, the state of the whole (sealed when every part
-/// is), and each replica's part. `parts[i]` is replica i's stats, or null if it has none.
-fn merge_stats(
+/// One link's FlightInfo from its replicas' parts: the schema of a part that has one, every
+/// part's endpoints located at its replica, and the counts summed. Commit order holds within a
+/// replica only, so the whole is not `ordered`.
+fn merge_infos(
     link: &str,
     replicas: &ReplicaConfig,
-    parts: &[serde_json::Value],
-) -> serde_json::Value {
-    const SUMMED: [&str; 8] = [
-        "partitions",
-        "rows",
-        "bytes",
-        "staged_partitions",
-        "staged_bytes",
-        "memory_bytes",
-        "spilled_partitions",
-        "spilled_bytes",
-    ];
-    let mut whole = serde_json::Map::new();
-    whole.insert("link".into(), link.into());
-    for key in SUMMED {
-        let sum = parts
-            .iter()
-            .map(|p| p[key].as_u64().unwrap_or(0))
-            .fold(0u64, u64::saturating_add);
-        whole.insert(key.into(), sum.into());
-    }
-    let sealed = parts.iter().all(|p| p["state"] == "sealed");
-    whole.insert(
-        "state".into(),
-        if sealed { "sealed" } else { "open" }.into(),
-    );
-    // A replica that got no rows has an empty schema; one that got rows has the link's.
-    let first = parts
+    parts: Vec<Option<FlightInfo>>,
+) -> Result<FlightInfo, Status> {
+    let has_columns = |info: &FlightInfo| {
+        info.clone()
+            .try_decode_schema()
+            .is_ok_and(|schema| !schema.fields().is_empty())
+    };
+    let schema = parts
         .iter()
-        .find(|p| p["schema"].as_array().is_some_and(|s| !s.is_empty()))
-        .or_else(|| parts.iter().find(|p| !p.is_null()));
-    for key in ["schema", "memory_limit", "memory_policy"] {
-        if let Some(value) = first.map(|p| p[key].clone()) {
-            whole.insert(key.into(), value);
+        .flatten()
+        .find(|info| has_columns(info))
+        .or_else(|| parts.iter().flatten().next())
+        .map(|info| info.schema.clone())
+        .ok_or_else(|| status_of(StoreError::UnknownLink(echo(link))))?;
+    let mut whole = FlightInfo {
+        schema,
+        flight_descriptor: Some(FlightDescriptor::new_path(vec![link.to_string()])),
+        endpoint: Vec::new(),
+        total_records: 0,
+        total_bytes: 0,
+        ordered: false,
+        app_metadata: Bytes::new(),
+    };
+    for (replica, info) in parts.into_iter().enumerate() {
+        let Some(info) = info else { continue };
+        whole.total_records = whole
+            .total_records
+            .saturating_add(info.total_records.max(0));
+        whole.total_bytes = whole.total_bytes.saturating_add(info.total_bytes.max(0));
+        for endpoint in info.endpoint {
+            let mut about: serde_json::Value =
+                serde_json::from_slice(&endpoint.app_metadata).unwrap_or_default();
+            if let Some(map) = about.as_object_mut() {
+                map.insert("replica".into(), replica.into());
+            }
+            whole.endpoint.push(
+                endpoint
+                    .with_location(replicas.url(replica as u32))
+                    .with_app_metadata(about.to_string()),
+            );
         }
     }
-    let used = parts
-        .iter()
-        .map(|p| p["server_memory_used"].as_u64().unwrap_or(0))
-        .fold(0u64, u64::saturating_add);
-    whole.insert("server_memory_used".into(), used.into());
-    // A restart of any replica changes the whole's instance.
-    let instances: Vec<&str> = parts
-        .iter()
-        .map(|p| p["server_instance"].as_str().unwrap_or(""))
-        .collect();
-    whole.insert("server_instance".into(), instances.join(",").into());
-    let each: Vec<serde_json::Value> = parts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            serde_json::json!({
-                "replica": i,
-                "endpoint": replicas.url(i as u32),
-                "state": p["state"].as_str().unwrap_or("none"),
-                "partitions": p["partitions"].as_u64().unwrap_or(0),
-                "rows": p["rows"].as_u64().unwrap_or(0),
-                "bytes": p["bytes"].as_u64().unwrap_or(0),
-                "memory_bytes": p["memory_bytes"].as_u64().unwrap_or(0),
-            })
-        })
-        .collect();
-    whole.insert("replicas".into(), each.into());
-    serde_json::Value::Object(whole)
+    Ok(whole)
 }
