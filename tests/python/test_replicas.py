@@ -462,6 +462,15 @@ def test_shard_reads_over_replicas(cluster, shard_link):
                     if not shuffle:
                         assert ranks == read_ranks(clients, link, world, drop_last=drop_last), case
 
+        # A filter (and a projection): the plan runs over the rows that pass, on every replica.
+        passing = [i for i in range(rows) if i % 4 == 1]
+        for world in (1, 3):
+            ranks = read_ranks(clients, link, world, shuffle=True, seed=2, columns=["id", "half"],
+                               filter="id % 4 = 1")
+            want = -(-len(passing) // (SHARD_BATCH * world))
+            assert [len(r) for r in ranks] == [want] * world, world
+            assert set(i for r in ranks for b in r for i in b) == set(passing), world
+
         # The same (seed, epoch) gives the same order from whichever replica; another epoch,
         # another order.
         shuffled = dict(shuffle=True, seed=5)
@@ -485,7 +494,10 @@ def test_shard_reads_over_replicas(cluster, shard_link):
 
         # What planning over replicas refuses.
         for request, code in ((ShardRequest(link, batch_rows=0), "invalid_argument"),
-                              (ShardRequest(link, batch_rows=7, filter="id > 3"), "unimplemented")):
+                              (ShardRequest(link, batch_rows=7, filter="no_such > 3"),
+                               "invalid_argument"),
+                              (ShardRequest(link, batch_rows=7, streaming=True,
+                                            shuffle=False), "unimplemented")):
             with pytest.raises(HandoffError) as refused:
                 next(clients[0].read_shard(request))
             assert refused.value.code == code, refused.value

@@ -45,6 +45,9 @@ pub mod actions {
     pub const SEAL_REPLICA: &str = "seal-replica";
     /// Replica to replica: this replica's FlightInfo of links (a `ListParts` in, `Parts` out).
     pub const PARTS: &str = "parts";
+    /// Replica to replica: rows of this replica's part that pass a filter (`CountRows` in,
+    /// `{"rows": n}` out).
+    pub const COUNT: &str = "count";
 }
 
 impl PartitionAttempt {

@@ -578,6 +578,7 @@ impl handoff_query::RemotePart for ReplicaPart {
                     seed: 0,
                     epoch: 0,
                     columns: columns.unwrap_or_default(),
+                    filter: String::new(),
                 },
             )),
         };

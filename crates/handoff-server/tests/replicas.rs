@@ -376,6 +376,62 @@ async fn shards_over_three_replicas_are_disjoint_complete_and_equal() {
             }
         }
     }
+    // A filter: each replica counts what passes of its part, and the plan runs over those rows
+    // only, with the same promises.
+    let passing: Vec<i64> = all.iter().copied().filter(|id| id % 3 == 0).collect();
+    let filtered = |rank: u32, world: u32, shuffle: bool| handoff_client::ReadShard {
+        shuffle,
+        seed: 5,
+        filter: "id % 3 = 0".into(),
+        ..shard(rank, world, batch_rows)
+    };
+    let info = cluster
+        .client(1, READER)
+        .await
+        .shard_info(&filtered(0, 1, false))
+        .await
+        .expect("plan");
+    assert_eq!(
+        info.total_records as usize,
+        passing.len().div_ceil(7) * 7,
+        "the count over replicas is exact"
+    );
+    for world in [1u32, 2, 3, 7] {
+        for shuffle in [false, true] {
+            let mut per_rank = Vec::new();
+            for rank in 0..world {
+                per_rank
+                    .push(batch_ids(&cluster, rank as usize, filtered(rank, world, shuffle)).await);
+            }
+            let what = format!("filtered, world {world} shuffle {shuffle}");
+            let counts: Vec<usize> = per_rank.iter().map(Vec::len).collect();
+            assert!(
+                counts.windows(2).all(|w| w[0] == w[1]),
+                "{what}: {counts:?}"
+            );
+            let per_round = batch_rows * u64::from(world);
+            assert_eq!(
+                counts[0] as u64,
+                (passing.len() as u64).div_ceil(per_round),
+                "{what}"
+            );
+            let mut read: Vec<i64> = per_rank.into_iter().flatten().flatten().collect();
+            read.sort_unstable();
+            read.dedup();
+            assert_eq!(read, passing, "{what}");
+        }
+    }
+    let err = cluster
+        .client(2, READER)
+        .await
+        .shard_batches(handoff_client::ReadShard {
+            filter: "no_such_column > 1".into(),
+            ..shard(0, 1, batch_rows)
+        })
+        .await
+        .err()
+        .expect("a bad filter");
+    assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
     cluster.stop().await;
 }
 

@@ -40,7 +40,7 @@ pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use partition::Partition;
 pub use read::{
     Chunk, Held, MAX_RANGES, QueryPlanner, ReadMemory, ReadMode, ReadQuery, RowFilter,
-    read_partition, read_ranges, read_shard,
+    read_partition, read_ranges, read_shard, selected_rows,
 };
 pub use replicas::{ReplicaLayout, Segment};
 pub use shard::ShardSpec;

@@ -306,6 +306,33 @@ pub fn read_ranges(
     Ok(rx)
 }
 
+/// How many committed rows of a sealed link pass `planner`'s filter (every row without one):
+/// the count a planner needs from each replica to plan a filtered read over several (issue
+/// 17). The selections are computed once per partition and shared with the shard reads that
+/// follow, so counting first costs no second evaluation.
+pub async fn selected_rows(link: &Link, planner: Option<QueryPlanner>) -> Result<u64> {
+    let snapshot = link.snapshot();
+    if snapshot.state != LinkState::Sealed {
+        return Err(StoreError::InvalidArgument(format!(
+            "link '{}' is {}; rows are counted on a sealed link",
+            link.name(),
+            snapshot.state
+        )));
+    }
+    let Some(schema) = &snapshot.schema else {
+        return Ok(0);
+    };
+    let query = match &planner {
+        Some(plan) => plan(&schema.schema).map_err(StoreError::InvalidArgument)?,
+        None => ReadQuery::default(),
+    };
+    let mut index = FrameIndex::default();
+    index
+        .extend(&snapshot, &schema.schema, &query, link.name())
+        .await?;
+    Ok(index.total)
+}
+
 async fn ranges_task(
     link: &Arc<Link>,
     ranges: Vec<(u64, u64)>,

@@ -173,6 +173,10 @@ pub struct ReadRanges {
     /// Columns to send, in this order. Empty: all of them.
     #[prost(string, repeated, tag = "7")]
     pub columns: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// A SQL predicate, as in ReadShard.filter: the order (and so the ranges) is over the rows
+    /// that pass it only.
+    #[prost(string, tag = "8")]
+    pub filter: ::prost::alloc::string::String,
 }
 /// The opaque Flight ticket that the server hands out in FlightInfo endpoints.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -208,6 +212,16 @@ pub struct ListParts {
 pub struct Parts {
     #[prost(bytes = "bytes", repeated, tag = "1")]
     pub infos: ::prost::alloc::vec::Vec<::prost::bytes::Bytes>,
+}
+/// Replica to replica ('count'): how many committed rows of this replica's part of a sealed
+/// link pass `filter` (every row when empty), for the planner of a filtered read. Answer: JSON
+/// {"rows": n}.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CountRows {
+    #[prost(string, tag = "1")]
+    pub link: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub filter: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]

@@ -120,6 +120,7 @@ impl HandoffService {
             proto::actions::APPLY => self.apply_action(md, &body),
             proto::actions::SEAL_REPLICA => self.seal_replica_action(md, &body).await,
             proto::actions::PARTS => self.parts_action(md, &body),
+            proto::actions::COUNT => self.count_action(md, &body).await,
             proto::actions::COMMIT => {
                 let req = proto::Commit::decode(body.as_ref()).map_err(|e| {
                     invalid(format!(

@@ -229,6 +229,7 @@ impl HandoffService {
                 let shard = proto::ReadShard {
                     link: ranges.link.clone(),
                     columns: ranges.columns.clone(),
+                    filter: ranges.filter.clone(),
                     ..Default::default()
                 };
                 let (planner, _) = shard_query(&shard, &link)?;

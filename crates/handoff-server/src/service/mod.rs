@@ -471,6 +471,14 @@ impl FlightService for HandoffService {
                 proto::actions::SEAL_REPLICA,
                 "Replica to replica (admin): seal this replica's part of a link. Body: the link name (UTF-8)",
             ),
+            (
+                proto::actions::PARTS,
+                "Replica to replica (admin): this replica's FlightInfo of links. Body: handoff.v1.ListParts; answer: handoff.v1.Parts",
+            ),
+            (
+                proto::actions::COUNT,
+                "Replica to replica (admin): rows of this replica's part that pass a filter, as JSON {\"rows\": n}. Body: handoff.v1.CountRows",
+            ),
         ];
         let items: Vec<Result<ActionType, Status>> = actions
             .iter()

@@ -324,11 +324,6 @@ impl HandoffService {
                 "a streaming read over several replicas is not built yet; read once the link is sealed",
             ));
         }
-        if !shard.filter.trim().is_empty() {
-            return Err(Status::unimplemented(
-                "a filtered read over several replicas is not built yet; filter in the loader, or with Flight SQL on a single server",
-            ));
-        }
         if spec.batch_rows == 0 {
             return Err(invalid(
                 "a read over several replicas needs batch_rows > 0: its batches come from different replicas",
@@ -343,7 +338,8 @@ impl HandoffService {
                 echo(&shard.link)
             )));
         }
-        let rows: Vec<u64> = stats["replicas"]
+        crate::replicas::refuse_lost(&stats, &shard.link)?;
+        let mut rows: Vec<u64> = stats["replicas"]
             .as_array()
             .map(|parts| {
                 parts
@@ -352,11 +348,11 @@ impl HandoffService {
                     .collect()
             })
             .unwrap_or_default();
-        let total: u64 = rows.iter().sum();
-        // The plan takes 16 bytes a batch: reserved first, refused past the budget.
+        // The plan takes 16 bytes a batch: reserved first (for every row; a filter only
+        // lowers it), refused past the budget.
         let mut held = self.store.memory().reservation(None);
         held.try_grow(handoff_store::ReplicaLayout::bytes_for(
-            total,
+            rows.iter().fold(0u64, |a, r| a.saturating_add(*r)),
             spec.batch_rows,
         ))
         .map_err(status_of)?;
@@ -376,6 +372,15 @@ impl HandoffService {
                 None => Arc::new(arrow_schema::Schema::empty()),
             },
         };
+        let filtered = !shard.filter.trim().is_empty();
+        if filtered {
+            // Checked here first, so a bad filter is refused before any replica evaluates it;
+            // then each replica counts what passes of its part (all at once).
+            handoff_query::plan_read(&schema, &shard.columns, &shard.filter)
+                .map_err(|e| invalid(e.to_string()))?;
+            rows = self.count_over_replicas(replicas, &shard, &rows).await?;
+        }
+        let total: u64 = rows.iter().sum();
         let schema = match shard.columns.is_empty() {
             true => schema,
             false => {
@@ -433,6 +438,7 @@ impl HandoffService {
                 seed: spec.seed,
                 epoch: spec.epoch,
                 columns: shard.columns.clone(),
+                filter: shard.filter.clone(),
             };
             let ticket = proto::Ticket {
                 kind: Some(proto::ticket::Kind::Ranges(ticket)),
@@ -604,6 +610,77 @@ impl HandoffService {
             .filter(|(name, _)| principal.sees(name))
             .map(|(name, parts)| merge_infos(&name, replicas, parts))
             .collect()
+    }
+
+    /// Each replica's rows of a sealed link that pass the shard's filter, asked at once;
+    /// replicas that hold no rows are not asked.
+    async fn count_over_replicas(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        shard: &proto::ReadShard,
+        rows: &[u64],
+    ) -> Result<Vec<u64>, Status> {
+        let body = proto::CountRows {
+            link: shard.link.clone(),
+            filter: shard.filter.clone(),
+        }
+        .encode_to_vec();
+        let counts = futures::future::join_all(rows.iter().enumerate().map(|(replica, &held)| {
+            let body = body.clone();
+            async move {
+                let replica = replica as u32;
+                if held == 0 {
+                    return Ok(0);
+                }
+                if replica == replicas.index() {
+                    return self.count_local(&shard.link, &shard.filter).await;
+                }
+                let reply = replicas.call(replica, proto::actions::COUNT, body).await?;
+                serde_json::from_slice::<serde_json::Value>(&reply)
+                    .ok()
+                    .and_then(|v| v["rows"].as_u64())
+                    .filter(|&n| n <= held)
+                    .ok_or_else(|| {
+                        Status::internal(format!(
+                            "replica {} answered 'count' without a count of at most its {held} rows",
+                            replicas.url(replica)
+                        ))
+                    })
+            }
+        }))
+        .await;
+        counts.into_iter().collect()
+    }
+
+    /// Rows of this replica's part of a sealed link that pass `filter`.
+    async fn count_local(&self, link: &str, filter: &str) -> Result<u64, Status> {
+        let link = self.link(link)?;
+        let shard = proto::ReadShard {
+            link: link.name().to_string(),
+            filter: filter.to_string(),
+            ..Default::default()
+        };
+        let (planner, _) = super::get::shard_query(&shard, &link)?;
+        handoff_store::selected_rows(&link, planner)
+            .await
+            .map_err(status_of)
+    }
+
+    /// Replica to replica: rows of this replica's part that pass a filter.
+    pub(super) async fn count_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let req = proto::CountRows::decode(body.as_ref()).map_err(|e| {
+            invalid(format!(
+                "the body of 'count' is a handoff.v1.CountRows: {e}"
+            ))
+        })?;
+        // The planner calls it with the admin token, for a read it has authorized.
+        self.authorize(md, Access::Admin, Some(&req.link))?;
+        let rows = self.count_local(&req.link, &req.filter).await?;
+        json_result(&serde_json::json!({ "rows": rows }))
     }
 
     /// Replica to replica: check or publish this replica's part of a commit.
