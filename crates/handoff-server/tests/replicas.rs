@@ -702,6 +702,12 @@ async fn sql(
     sql.do_get(ticket).await?.try_collect().await
 }
 
+/// The refusal of `SELECT count(*)` over the link at replica `at`.
+async fn count_refused(cluster: &Cluster, at: usize) -> tonic::Status {
+    let query = format!("SELECT count(*) FROM \"{LINK}\"");
+    status_of(sql(cluster, at, READER, &query).await.expect_err("refused"))
+}
+
 fn status_of(e: arrow_flight::error::FlightError) -> tonic::Status {
     match e {
         arrow_flight::error::FlightError::Tonic(status) => *status,
@@ -719,16 +725,7 @@ async fn whole_link_reads_listings_and_flight_sql_span_every_replica() {
     }
     writer.commit(LINK, &winners).await.expect("commit");
     // Before the seal a query would see part of the link on some replicas: not a table yet.
-    let err = status_of(
-        sql(
-            &cluster,
-            0,
-            READER,
-            &format!("SELECT count(*) FROM \"{LINK}\""),
-        )
-        .await
-        .expect_err("not sealed"),
-    );
+    let err = count_refused(&cluster, 0).await;
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     writer.seal(LINK).await.expect("seal");
     let held = cluster.published(LINK);
@@ -839,16 +836,7 @@ async fn whole_link_reads_listings_and_flight_sql_span_every_replica() {
         .collect();
     assert_eq!(nines, (0..9).map(|p| p * 100 + 9).collect::<Vec<_>>());
     // Another replica sends SQL to the planner.
-    let err = status_of(
-        sql(
-            &cluster,
-            1,
-            READER,
-            &format!("SELECT count(*) FROM \"{LINK}\""),
-        )
-        .await
-        .expect_err("not the planner"),
-    );
+    let err = count_refused(&cluster, 1).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(err.message().contains(&cluster.peers[0]), "{err}");
     cluster.stop().await;
