@@ -1225,10 +1225,6 @@ impl<'a> Run<'a> {
     async fn wire_producer(&mut self, jobs: &Jobs) -> Result<()> {
         let producer_name = &jobs.producer_name;
         let rerun = self.rerunning();
-        if rerun && !workloads::spark_stopped(&jobs.spark) {
-            // Still stopping; its watch wakes us.
-            return Ok(());
-        }
         let mut producer_env = self.env(resources::WRITER_TOKEN_KEY, false);
         if let Some(reruns) = self.status.producer_reruns {
             // A spec change besides suspend is what makes the Spark Operator run an
@@ -1237,6 +1233,15 @@ impl<'a> Run<'a> {
                 "HANDOFF_PRODUCER_RERUN",
                 &reruns.to_string(),
             ));
+        }
+        // Still stopping: its watch wakes us. Unless this rerun was started already: the
+        // DataLink a reconcile starts from can predate our own last status write (the cache
+        // lags), and the application, running again, will not stop for us a second time.
+        if rerun
+            && !workloads::spark_stopped(&jobs.spark)
+            && !workloads::rerun_started(&jobs.spark, &producer_env)
+        {
+            return Ok(());
         }
         let wired_before = self.has_condition("ProducerWired");
         let by_kueue = kueue::managed(&jobs.spark);

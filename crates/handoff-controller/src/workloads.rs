@@ -118,6 +118,12 @@ pub fn spark_patch(spark: &Value, ours: &[Value], unsuspend: bool) -> Option<Val
     (!spec.is_empty()).then(|| with_version(spark, json!({ "spec": spec })))
 }
 
+/// Whether our rerun of the application has started: it is not suspended and its env already
+/// carries `ours`, whose `HANDOFF_PRODUCER_RERUN` only the rerun's own patch writes.
+pub fn rerun_started(spark: &Value, ours: &[Value]) -> bool {
+    !spark_suspended(spark) && spark_patch(spark, ours, false).is_none()
+}
+
 /// Whether the application ended (COMPLETED, FAILED, SUBMISSION_FAILED). The Spark Operator
 /// ignores `spec.suspend` on such an application; a change to its spec other than suspend
 /// reruns it (state INVALIDATING, then PENDING_RERUN).
@@ -532,6 +538,26 @@ mod tests {
         for moving in ["RUNNING", "SUSPENDING", "SUBMITTED", "RESUMING"] {
             assert!(!spark_stopped(&spark(moving, true)), "{moving}");
         }
+    }
+
+    #[test]
+    fn a_rerun_has_started_once_its_env_is_on_the_running_application() {
+        let ours = vec![
+            plain_env("HANDOFF_ENDPOINT", "grpc://h:1"),
+            plain_env("HANDOFF_PRODUCER_RERUN", "1"),
+        ];
+        let app = |suspend: bool, rerun: &str| {
+            let env = json!([{"name": "HANDOFF_ENDPOINT", "value": "grpc://h:1"},
+                             {"name": "HANDOFF_PRODUCER_RERUN", "value": rerun}]);
+            json!({"spec": {"suspend": suspend, "driver": {"env": env},
+                            "executor": {"env": env}},
+                   "status": {"applicationState": {"state": "RUNNING"}}})
+        };
+        // Unsuspended with this rerun's number: our patch landed, and it runs again.
+        assert!(rerun_started(&app(false, "1"), &ours));
+        // Still suspended, or running the run before: the rerun waits for the stop.
+        assert!(!rerun_started(&app(true, "1"), &ours));
+        assert!(!rerun_started(&app(false, "0"), &ours));
     }
 
     #[test]
