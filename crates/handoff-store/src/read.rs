@@ -326,11 +326,22 @@ pub async fn selected_rows(link: &Link, planner: Option<QueryPlanner>) -> Result
         Some(plan) => plan(&schema.schema).map_err(StoreError::InvalidArgument)?,
         None => ReadQuery::default(),
     };
-    let mut index = FrameIndex::default();
-    index
-        .extend(&snapshot, &schema.schema, &query, link.name())
-        .await?;
-    Ok(index.total)
+    // Summed here rather than through a FrameIndex: a count needs no per-frame list.
+    let mut total = 0u64;
+    for partition in &snapshot.partitions {
+        let rows: u64 = match &query.filter {
+            None => partition.frame_rows().iter().sum(),
+            Some(filter) => partition
+                .selection_cell(filter.key())
+                .get_or_try_init(|| select(partition, filter.as_ref(), &schema.schema, link.name()))
+                .await?
+                .iter()
+                .map(|s| s.rows)
+                .sum(),
+        };
+        total = total.saturating_add(rows);
+    }
+    Ok(total)
 }
 
 async fn ranges_task(

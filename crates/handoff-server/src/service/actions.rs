@@ -28,11 +28,7 @@ impl HandoffService {
         md: &MetadataMap,
         body: &Bytes,
     ) -> Result<arrow_flight::Result, Status> {
-        let req = proto::CreateLink::decode(body.as_ref()).map_err(|e| {
-            invalid(format!(
-                "the body of 'create' is a handoff.v1.CreateLink message: {e}"
-            ))
-        })?;
+        let req = body_of::<proto::CreateLink>(&body, "create", "CreateLink")?;
         let with_tokens = !req.writer_token.is_empty() || !req.reader_token.is_empty();
         let principal = self.authorize(
             md,
@@ -122,11 +118,7 @@ impl HandoffService {
             proto::actions::PARTS => self.parts_action(md, &body),
             proto::actions::COUNT => self.count_action(md, &body).await,
             proto::actions::COMMIT => {
-                let req = proto::Commit::decode(body.as_ref()).map_err(|e| {
-                    invalid(format!(
-                        "the body of 'commit' is a handoff.v1.Commit message: {e}"
-                    ))
-                })?;
+                let req = body_of::<proto::Commit>(&body, "commit", "Commit")?;
                 self.authorize(md, Access::Write, Some(&req.link))?;
                 if req.attempts.is_empty() && !req.replace {
                     return Err(invalid(
@@ -147,11 +139,7 @@ impl HandoffService {
                 json_result(&serde_json::json!({"committed": outcomes.len(), "rows": rows}))
             }
             proto::actions::ABORT => {
-                let req = proto::Abort::decode(body.as_ref()).map_err(|e| {
-                    invalid(format!(
-                        "the body of 'abort' is a handoff.v1.Abort message: {e}"
-                    ))
-                })?;
+                let req = body_of::<proto::Abort>(&body, "abort", "Abort")?;
                 let principal = self.authorize(md, Access::Write, Some(&req.link))?;
                 // An empty list drops every job's staged attempts, not just the caller's: that
                 // is cleanup for an admin, never a writer's.
@@ -180,11 +168,7 @@ impl HandoffService {
                 self.stats_json(&link)
             }
             proto::actions::IMPORT => {
-                let request = proto::Import::decode(body.as_ref()).map_err(|e| {
-                    invalid(format!(
-                        "the body of 'import' is a handoff.v1.Import message: {e}"
-                    ))
-                })?;
+                let request = body_of::<proto::Import>(&body, "import", "Import")?;
                 // Import reads what the server can reach, under the server's credentials.
                 let principal = self.authorize(md, Access::Admin, Some(&request.link))?;
                 if let Some(replicas) = &several {

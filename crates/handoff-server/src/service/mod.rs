@@ -115,6 +115,15 @@ fn utf8_link(body: &Bytes, action: &str) -> Result<String, Status> {
         .map_err(|_| invalid(format!("the body of '{action}' is the link name as UTF-8")))
 }
 
+/// An action's body, decoded as the message `name` of our protocol.
+fn body_of<M: Message + Default>(body: &Bytes, action: &str, name: &str) -> Result<M, Status> {
+    M::decode(body.as_ref()).map_err(|e| {
+        invalid(format!(
+            "the body of '{action}' is a handoff.v1.{name} message: {e}"
+        ))
+    })
+}
+
 fn json_result(value: &impl serde::Serialize) -> Result<arrow_flight::Result, Status> {
     let body = serde_json::to_vec(value).map_err(|e| Status::internal(e.to_string()))?;
     Ok(arrow_flight::Result { body: body.into() })

@@ -213,11 +213,7 @@ impl HandoffService {
         body: &Bytes,
     ) -> Result<arrow_flight::Result, Status> {
         let created = self.create(md, body)?;
-        let mut request = proto::CreateLink::decode(body.as_ref()).map_err(|e| {
-            invalid(format!(
-                "the body of 'create' is a handoff.v1.CreateLink: {e}"
-            ))
-        })?;
+        let mut request = body_of::<proto::CreateLink>(&body, "create", "CreateLink")?;
         request.exist_ok = true;
         for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
             replicas
@@ -373,28 +369,27 @@ impl HandoffService {
             },
         };
         let filtered = !shard.filter.trim().is_empty();
-        if filtered {
-            // Checked here first, so a bad filter is refused before any replica evaluates it;
-            // then each replica counts what passes of its part (all at once).
+        // Checked here once, so a bad filter or column is refused before any replica is asked.
+        let projection = if filtered || !shard.columns.is_empty() {
             handoff_query::plan_read(&schema, &shard.columns, &shard.filter)
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(|e| invalid(e.to_string()))?
+                .projection
+        } else {
+            None
+        };
+        if filtered {
+            // Each replica counts what passes of its part (all at once).
             rows = self.count_over_replicas(replicas, &shard, &rows).await?;
         }
-        let total: u64 = rows.iter().sum();
-        let schema = match shard.columns.is_empty() {
-            true => schema,
-            false => {
-                let query = handoff_query::plan_read(&schema, &shard.columns, "")
-                    .map_err(|e| invalid(e.to_string()))?;
-                match query.projection {
-                    Some(columns) => Arc::new(
-                        schema
-                            .project(&columns)
-                            .map_err(|e| invalid(e.to_string()))?,
-                    ),
-                    None => schema,
-                }
-            }
+        // Counts from other replicas: summed without overflow.
+        let total = rows.iter().fold(0u64, |a, r| a.saturating_add(*r));
+        let schema = match projection {
+            Some(columns) => Arc::new(
+                schema
+                    .project(&columns)
+                    .map_err(|e| invalid(e.to_string()))?,
+            ),
+            None => schema,
         };
         let layout = handoff_store::ReplicaLayout::new(&rows, &spec).map_err(status_of)?;
         let mut ranges: Vec<Vec<proto::RowRange>> = vec![Vec::new(); rows.len()];
@@ -466,15 +461,24 @@ impl HandoffService {
         md: &MetadataMap,
         body: &Bytes,
     ) -> Result<arrow_flight::Result, Status> {
-        let req = proto::ListParts::decode(body.as_ref()).map_err(|e| {
-            invalid(format!(
-                "the body of 'parts' is a handoff.v1.ListParts: {e}"
-            ))
-        })?;
+        let req = body_of::<proto::ListParts>(&body, "parts", "ListParts")?;
         // Only replicas call it (with the admin token); clients ask the planner, which checks
         // what each caller may see.
         let one = (!req.link.is_empty()).then_some(req.link.as_str());
         self.authorize(md, Access::Admin, one)?;
+        let infos = self
+            .local_parts(one, &req.prefix)?
+            .iter()
+            .map(|info| info.encode_to_vec().into())
+            .collect();
+        Ok(arrow_flight::Result {
+            body: proto::Parts { infos }.encode_to_vec().into(),
+        })
+    }
+
+    /// This replica's FlightInfo of `one` link, or of every link under `prefix`; none for a
+    /// link it does not hold.
+    fn local_parts(&self, one: Option<&str>, prefix: &str) -> Result<Vec<FlightInfo>, Status> {
         let links = match one {
             Some(name) => match self.store.link(name) {
                 Ok(link) => vec![link],
@@ -485,16 +489,10 @@ impl HandoffService {
                 .store
                 .list()
                 .into_iter()
-                .filter(|link| link.name().starts_with(&req.prefix))
+                .filter(|link| link.name().starts_with(prefix))
                 .collect(),
         };
-        let infos = links
-            .iter()
-            .map(|link| self.link_info(link).map(|info| info.encode_to_vec().into()))
-            .collect::<Result<Vec<Bytes>, Status>>()?;
-        Ok(arrow_flight::Result {
-            body: proto::Parts { infos }.encode_to_vec().into(),
-        })
+        links.iter().map(|link| self.link_info(link)).collect()
     }
 
     /// Every replica's FlightInfo of `one` link, or of every link under `prefix`, by link:
@@ -515,19 +513,7 @@ impl HandoffService {
             async move {
                 if replica == replicas.index() {
                     // The planner's own part, without a call.
-                    let links = match one {
-                        Some(name) => self.store.link(name).into_iter().collect::<Vec<_>>(),
-                        None => self
-                            .store
-                            .list()
-                            .into_iter()
-                            .filter(|link| link.name().starts_with(prefix))
-                            .collect(),
-                    };
-                    links
-                        .iter()
-                        .map(|link| self.link_info(link))
-                        .collect::<Result<Vec<_>, Status>>()
+                    self.local_parts(one, prefix)
                 } else {
                     let body = replicas
                         .call(replica, proto::actions::PARTS, request)
@@ -672,11 +658,7 @@ impl HandoffService {
         md: &MetadataMap,
         body: &Bytes,
     ) -> Result<arrow_flight::Result, Status> {
-        let req = proto::CountRows::decode(body.as_ref()).map_err(|e| {
-            invalid(format!(
-                "the body of 'count' is a handoff.v1.CountRows: {e}"
-            ))
-        })?;
+        let req = body_of::<proto::CountRows>(&body, "count", "CountRows")?;
         // The planner calls it with the admin token, for a read it has authorized.
         self.authorize(md, Access::Admin, Some(&req.link))?;
         let rows = self.count_local(&req.link, &req.filter).await?;
@@ -689,8 +671,7 @@ impl HandoffService {
         md: &MetadataMap,
         body: &Bytes,
     ) -> Result<arrow_flight::Result, Status> {
-        let req = proto::Commit::decode(body.as_ref())
-            .map_err(|e| invalid(format!("the body of 'apply' is a handoff.v1.Commit: {e}")))?;
+        let req = body_of::<proto::Commit>(&body, "apply", "Commit")?;
         // Only replicas call it (with the admin token): a writer commits at the planner, which
         // records the commit first.
         self.authorize(md, Access::Admin, Some(&req.link))?;
