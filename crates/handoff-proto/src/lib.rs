@@ -48,6 +48,9 @@ pub mod actions {
     /// Replica to replica: rows of this replica's part that pass a filter (`CountRows` in,
     /// `{"rows": n}` out).
     pub const COUNT: &str = "count";
+    /// Replica to planner: a replica served its whole part of a rank's read (`ReadDone` in),
+    /// for the read TTL.
+    pub const READ_DONE: &str = "read-done";
 }
 
 impl PartitionAttempt {

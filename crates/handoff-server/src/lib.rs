@@ -235,6 +235,7 @@ pub async fn serve(
             }
         })
     };
+    let expiry_service = service.clone();
     let grpc_service = FlightServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -262,22 +263,40 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
 
-    // Link lifecycle: TTL after seal and the idle timeout, checked once a second.
+    // Link lifecycle: the TTLs and the idle timeout, checked once a second. Over replicas the
+    // planner decides for the whole link and deletes it everywhere; the others never expire
+    // a part on their own (a part idle here may be a link written elsewhere).
     let reaper = {
         let (store, metrics, idle) = (
             Arc::clone(&store),
             Arc::clone(&metrics),
             config.idle_timeout,
         );
+        let replicated = config.replicas.as_ref().filter(|r| r.count() > 1);
+        let planner = replicated.is_none_or(|r| r.is_planner());
+        let over_replicas = replicated.is_some();
+        let service = expiry_service;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut retry_at = Default::default();
             loop {
                 tick.tick().await;
-                for (name, why) in store.expire(idle) {
-                    if let Err(e) = store.forget_snapshot(&name).await {
-                        tracing::error!(link = %name, error = %e, "expired, but its snapshot remains and comes back on restart");
+                if !planner {
+                    continue;
+                }
+                let expired = if over_replicas {
+                    service.expire_over_replicas(idle, &mut retry_at).await
+                } else {
+                    let expired = store.expire(idle);
+                    for (name, _) in &expired {
+                        if let Err(e) = store.forget_snapshot(name).await {
+                            tracing::error!(link = %name, error = %e, "expired, but its snapshot remains and comes back on restart");
+                        }
                     }
+                    expired
+                };
+                for (_, why) in expired {
                     metrics
                         .expired_links
                         .get_or_create(&metrics::ReasonLabels {

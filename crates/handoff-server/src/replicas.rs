@@ -503,6 +503,14 @@ fn merge_stats(
         .map(|p| p["server_memory_used"].as_u64().unwrap_or(0))
         .fold(0u64, u64::saturating_add);
     whole.insert("server_memory_used".into(), used.into());
+    // The whole link was last written when any part was: the idle timeout counts from it.
+    let last_write = parts
+        .iter()
+        .filter_map(|p| p["last_write_unix_ms"].as_u64())
+        .max();
+    if let Some(ms) = last_write {
+        whole.insert("last_write_unix_ms".into(), ms.into());
+    }
     // A restart of any replica changes the whole's instance.
     let instances: Vec<&str> = parts
         .iter()

@@ -579,6 +579,9 @@ impl handoff_query::RemotePart for ReplicaPart {
                     epoch: 0,
                     columns: columns.unwrap_or_default(),
                     filter: String::new(),
+                    // No rank's read: it does not count towards the read TTL.
+                    world_size: 0,
+                    rank: 0,
                 },
             )),
         };

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use arrow_flight::{FlightClient, FlightDescriptor};
 use common::*;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use handoff_client::{ClientError, HandoffClient};
 use handoff_proto::placement::owner;
 use handoff_server::{ReplicaConfig, ServerConfig};
@@ -47,6 +47,11 @@ impl Cluster {
     }
 
     async fn start_with(snapshots: bool) -> Self {
+        Self::start_configured(snapshots, None).await
+    }
+
+    /// With `idle`, each replica runs with that idle timeout (`serve --idle-timeout`).
+    async fn start_configured(snapshots: bool, idle: Option<std::time::Duration>) -> Self {
         let mut listeners = Vec::new();
         for _ in 0..REPLICAS {
             listeners.push(
@@ -69,9 +74,11 @@ impl Cluster {
                 snapshot_on_seal: snapshots,
                 ..StoreConfig::default()
             };
-            servers.push(Some(
-                Fixture::start_on(listener, config(&peers, i as u32), store).await,
-            ));
+            let config = ServerConfig {
+                idle_timeout: idle,
+                ..config(&peers, i as u32)
+            };
+            servers.push(Some(Fixture::start_on(listener, config, store).await));
         }
         Self {
             servers,
@@ -619,6 +626,40 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
         .expect_err("part of a link");
     assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
     assert!(err.to_string().contains(&cluster.peers[0]), "{err}");
+    // `read-done` is replica to planner, and its numbers are checked.
+    let done = |world_size, rank, replica| {
+        handoff_proto::ReadDone {
+            link: LINK.into(),
+            world_size,
+            epoch: 0,
+            rank,
+            replica,
+        }
+        .encode_to_vec()
+    };
+    let err = at_one
+        .raw_action("read-done", done(1, 0, 1))
+        .await
+        .expect_err("admin only");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    let mut admin_at_one = cluster.client(1, ADMIN).await;
+    let err = admin_at_one
+        .raw_action("read-done", done(1, 0, 1))
+        .await
+        .expect_err("not the planner");
+    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    for (world, rank, replica) in [(0, 0, 0), (2, 2, 0), (u32::MAX, 0, 0), (2, 0, 3)] {
+        let err = admin
+            .raw_action("read-done", done(world, rank, replica))
+            .await
+            .expect_err("out of range");
+        assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    }
+    let err = admin
+        .raw_action("read-done", vec![0xff; 7])
+        .await
+        .expect_err("not a ReadDone");
+    assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
     cluster.stop().await;
 }
 
@@ -693,7 +734,6 @@ async fn sql(
     token: &str,
     query: &str,
 ) -> Result<Vec<arrow_array::RecordBatch>, arrow_flight::error::FlightError> {
-    use futures::TryStreamExt;
     let mut sql =
         arrow_flight::sql::client::FlightSqlServiceClient::new(cluster.server(at).channel().await);
     sql.set_header("authorization", format!("Bearer {token}"));
@@ -839,5 +879,172 @@ async fn whole_link_reads_listings_and_flight_sql_span_every_replica() {
     let err = count_refused(&cluster, 1).await;
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(err.message().contains(&cluster.peers[0]), "{err}");
+    cluster.stop().await;
+}
+
+/// Ten rows into `partition` of `link` (staged as attempt 0), at its owner.
+async fn stage_in(client: &mut HandoffClient, link: &str, partition: u64) {
+    client
+        .put_partition(link, partition, 0, stream_of(vec![batch(0, 10)]))
+        .await
+        .expect("put");
+}
+
+/// A partition id that `replica` owns in `link`, from `from` up.
+fn owned_by(link: &str, replica: u32, from: u64) -> u64 {
+    (from..from + 1000)
+        .find(|p| owner(link, *p, REPLICAS) == replica)
+        .expect("a partition of that replica")
+}
+
+/// Whether any replica still holds a part of `link`.
+fn held_anywhere(cluster: &Cluster, link: &str) -> Vec<usize> {
+    (0..REPLICAS as usize)
+        .filter(|i| cluster.server(*i).store.link(link).is_ok())
+        .collect()
+}
+
+async fn gone_everywhere(cluster: &Cluster, link: &str) {
+    eventually(&format!("{link} gone from every replica"), || async {
+        held_anywhere(cluster, link).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ttls_and_the_idle_timeout_expire_the_whole_link_on_every_replica() {
+    let idle = std::time::Duration::from_secs(2);
+    let cluster = Cluster::start_configured(false, Some(idle)).await;
+    let mut admin = cluster.client(0, ADMIN).await;
+    let mut writer = cluster.client(2, WRITER).await;
+
+    // Idle: writes go on at replica 1 only. Replica 2's part (one committed partition) and the
+    // planner's (none) sit unwritten for longer than the timeout, and are kept: the link is
+    // written. Before, replica 2 dropped its part on its own, and the seal then went through
+    // without that partition.
+    let busy = "team/busy";
+    admin
+        .create(handoff_client::CreateLink {
+            link: busy.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let early = owned_by(busy, 2, 0);
+    stage_in(&mut writer, busy, early).await;
+    writer.commit(busy, &[(early, 0)]).await.expect("commit");
+    let started = std::time::Instant::now();
+    let mut next = 1000;
+    while started.elapsed() < idle * 2 {
+        next = owned_by(busy, 1, next + 1);
+        stage_in(&mut writer, busy, next).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(held_anywhere(&cluster, busy), vec![0, 1, 2]);
+    assert_eq!(
+        cluster
+            .server(2)
+            .store
+            .stats(busy)
+            .expect("kept")
+            .partitions,
+        1,
+        "replica 2 keeps its committed partition while the link is written elsewhere"
+    );
+    // Then nobody writes: the planner deletes the link on every replica, staged parts too.
+    gone_everywhere(&cluster, busy).await;
+
+    // TTL after seal: the whole link goes, from every replica.
+    let sealed = "team/sealed";
+    admin
+        .create(handoff_client::CreateLink {
+            link: sealed.into(),
+            ttl_seconds_after_seal: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let parts: Vec<(u64, u64)> = (0..REPLICAS).map(|r| (owned_by(sealed, r, 0), 0)).collect();
+    for (p, _) in &parts {
+        stage_in(&mut writer, sealed, *p).await;
+    }
+    writer.commit(sealed, &parts).await.expect("commit");
+    writer.seal(sealed).await.expect("seal");
+    gone_everywhere(&cluster, sealed).await;
+
+    // TTL after read: it starts when every rank has read every part it was planned, at
+    // whichever replicas hold them; a rank that read only some of its shard does not count.
+    let read = "team/read";
+    admin
+        .create(handoff_client::CreateLink {
+            link: read.into(),
+            ttl_seconds_after_read: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let parts: Vec<(u64, u64)> = (0..REPLICAS)
+        .flat_map(|r| [(owned_by(read, r, 0), 0), (owned_by(read, r, 100), 0)])
+        .collect();
+    for (p, _) in &parts {
+        stage_in(&mut writer, read, *p).await;
+    }
+    writer.commit(read, &parts).await.expect("commit");
+    writer.seal(read).await.expect("seal");
+    let world = 2;
+    let rank_shard = |rank| handoff_client::ReadShard {
+        link: read.into(),
+        rank,
+        world_size: world,
+        batch_rows: 4,
+        ..Default::default()
+    };
+    let mut reader = cluster.client(1, READER).await;
+    // Rank 1 reads one of its parts whole and not the others; rank 0 reads all of its shard.
+    let plan = reader.shard_info(&rank_shard(1)).await.expect("plan");
+    assert!(
+        plan.endpoint.len() >= 2,
+        "rank 1 reads from several replicas"
+    );
+    let first = &plan.endpoint[0];
+    let at = cluster
+        .peers
+        .iter()
+        .position(|p| first.location.iter().any(|l| &l.uri == p))
+        .expect("located at a replica");
+    let mut one_part = FlightClient::new(cluster.server(at).channel().await);
+    one_part
+        .add_header("authorization", &format!("Bearer {READER}"))
+        .expect("header");
+    let part: Vec<_> = one_part
+        .do_get(first.ticket.clone().expect("ticket"))
+        .await
+        .expect("read one part")
+        .try_collect()
+        .await
+        .expect("the whole part");
+    assert!(!part.is_empty());
+    let mut rank0 = reader.shard_batches(rank_shard(0)).await.expect("plan");
+    let mut rows = 0;
+    while let Some(b) = rank0.next().await {
+        rows += b.expect("batch").num_rows();
+    }
+    assert_eq!(
+        rows, 32,
+        "rank 0 of 2: 60 rows in batches of 4, padded to 8 batches"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        held_anywhere(&cluster, read),
+        vec![0, 1, 2],
+        "one rank of two read its shard: the read TTL has not started"
+    );
+    let mut rank1 = reader.shard_batches(rank_shard(1)).await.expect("plan");
+    while let Some(b) = rank1.next().await {
+        b.expect("batch");
+    }
+    gone_everywhere(&cluster, read).await;
+    let gone = admin.stats(read).await.expect_err("deleted");
+    assert_eq!(code(&gone), Some(tonic::Code::NotFound), "{gone}");
     cluster.stop().await;
 }

@@ -43,7 +43,7 @@ pub use read::{
     read_partition, read_ranges, read_shard, selected_rows,
 };
 pub use replicas::{ReplicaLayout, Segment};
-pub use shard::ShardSpec;
+pub use shard::{MAX_WORLD_SIZE, ShardSpec};
 pub use snapshot::{Restored, SnapshotManifest, SnapshotOptions};
 pub use storage::ObjectStorage;
 pub use store::{Store, StoreConfig, validate_link_name};

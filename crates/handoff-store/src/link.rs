@@ -238,6 +238,9 @@ pub struct LinkStats {
     pub schema: Vec<String>,
     pub created_unix_ms: u64,
     pub sealed_unix_ms: Option<u64>,
+    /// The last partition finished or committed here (creation, if none): the idle timeout
+    /// counts from it.
+    pub last_write_unix_ms: u64,
     /// This link's own quota, if it has one.
     pub memory_limit: Option<u64>,
     /// `reject`, `wait` or `spill`.
@@ -254,6 +257,9 @@ pub struct Link {
     ttl_after_read: Option<std::time::Duration>,
     /// Ranks that finished a whole shard, by (world_size, epoch).
     finished_reads: parking_lot::Mutex<HashMap<(u32, u64), HashSet<u32>>>,
+    /// At the planner of a link over replicas: the replicas each planned rank still has to
+    /// finish reading from, by (world_size, epoch, rank).
+    pending_parts: parking_lot::Mutex<HashMap<(u32, u64, u32), Vec<u32>>>,
     created_ms: u64,
     inner: RwLock<LinkInner>,
     /// Bumped on every commit, seal and delete, so readers can wait for news.
@@ -281,6 +287,7 @@ impl Link {
             ttl_after_seal: options.ttl_after_seal,
             ttl_after_read: options.ttl_after_read,
             finished_reads: Default::default(),
+            pending_parts: Default::default(),
             name,
             tokens: options.tokens,
             created_ms: now,
@@ -465,6 +472,7 @@ impl Link {
                 .unwrap_or_default(),
             created_unix_ms: self.created_ms,
             sealed_unix_ms: inner.sealed_at_ms,
+            last_write_unix_ms: inner.last_write_ms,
             memory_limit: self.quota.as_ref().and_then(|q| q.limit()),
             memory_policy: self.policy.label().into(),
         }
@@ -738,17 +746,30 @@ impl Link {
         self.bump();
     }
 
+    /// Whether reads of this link still count towards its read TTL: it has one, not started.
+    pub fn counts_reads(&self) -> bool {
+        self.ttl_after_read.is_some() && self.inner.read().read_done_at_ms.is_none()
+    }
+
     /// A rank read its whole shard of the sealed link for one epoch. When all ranks of that world
     /// size have, the read TTL starts.
     pub fn finish_read(&self, world_size: u32, epoch: u64, rank: u32) {
         // Only links with a read TTL track readers, and only until the TTL has started.
-        if self.ttl_after_read.is_none() || self.inner.read().read_done_at_ms.is_some() {
+        if !self.counts_reads() || rank >= world_size {
             return;
         }
         let all_done = {
             let mut finished = self.finished_reads.lock();
+            // Ranks come from readers: the tracking is bounded. Past the bound, the other
+            // epochs' progress goes (a world that large is read one epoch at a time).
+            let tracked: usize = finished.values().map(HashSet::len).sum();
+            if tracked >= MAX_TRACKED_READS {
+                finished.retain(|key, _| *key == (world_size, epoch));
+            }
             let ranks = finished.entry((world_size, epoch)).or_default();
-            ranks.insert(rank);
+            if ranks.len() < MAX_TRACKED_READS {
+                ranks.insert(rank);
+            }
             ranks.len() == world_size as usize
         };
         if all_done {
@@ -756,8 +777,55 @@ impl Link {
             if inner.read_done_at_ms.is_none() {
                 inner.read_done_at_ms = Some(now_ms());
                 self.finished_reads.lock().clear();
+                self.pending_parts.lock().clear();
                 tracing::info!(link = %self.name, world_size, epoch, "every rank finished an epoch");
             }
+        }
+    }
+
+    /// At the planner of a link over replicas: `rank` of (`world_size`, `epoch`) was planned to
+    /// read from `replicas`. The rank counts as done (see [`Self::finish_read`]) once each of
+    /// them said it served its whole part ([`Self::finish_part_read`]); at once if none.
+    pub fn expect_read(&self, world_size: u32, epoch: u64, rank: u32, replicas: Vec<u32>) {
+        if !self.counts_reads() || rank >= world_size {
+            return;
+        }
+        if replicas.is_empty() {
+            return self.finish_read(world_size, epoch, rank);
+        }
+        let mut pending = self.pending_parts.lock();
+        if pending.len() >= MAX_TRACKED_READS {
+            pending.retain(|(w, e, _), _| (*w, *e) == (world_size, epoch));
+        }
+        if pending.len() < MAX_TRACKED_READS {
+            // A rank planned again (a restarted loader) reads the new plan's parts.
+            pending.insert((world_size, epoch, rank), replicas);
+        }
+    }
+
+    /// At the planner: `replica` served its whole part of a planned rank's read. Reports of
+    /// reads that were never planned here (or planned before a restart) are ignored.
+    pub fn finish_part_read(&self, world_size: u32, epoch: u64, rank: u32, replica: u32) {
+        if !self.counts_reads() {
+            return;
+        }
+        let done = {
+            let mut pending = self.pending_parts.lock();
+            let key = (world_size, epoch, rank);
+            match pending.get_mut(&key) {
+                Some(left) => {
+                    left.retain(|r| *r != replica);
+                    let done = left.is_empty();
+                    if done {
+                        pending.remove(&key);
+                    }
+                    done
+                }
+                None => false,
+            }
+        };
+        if done {
+            self.finish_read(world_size, epoch, rank);
         }
     }
 
@@ -787,6 +855,10 @@ impl Link {
         }
     }
 }
+
+/// The most ranks (or planned ranks' parts) a link tracks for its read TTL: far above a real
+/// world size, and a few MiB at most, whatever readers send.
+pub const MAX_TRACKED_READS: usize = 1 << 16;
 
 /// Partition ids from here up are the server's, given to appends in order; writers stage under
 /// ids below it (the Spark sink and import pick random bases under 2^63).

@@ -267,6 +267,7 @@ pub fn read_ranges(
     base: ShardSpec,
     planner: Option<QueryPlanner>,
     memory: ReadMemory,
+    on_done: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<mpsc::Receiver<Result<Chunk>>> {
     let snapshot = link.snapshot();
     if snapshot.state != LinkState::Sealed {
@@ -299,8 +300,17 @@ pub fn read_ranges(
     }
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::spawn(async move {
-        if let Err(e) = ranges_task(&link, ranges, base, planner, memory, &tx).await {
-            let _ = tx.send(Err(e)).await;
+        match ranges_task(&link, ranges, base, planner, memory, &tx).await {
+            // Every range was handed over: the part of a rank's read (its read TTL) is done.
+            Ok(true) => {
+                if let Some(done) = on_done {
+                    done()
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+            }
         }
     });
     Ok(rx)
@@ -351,7 +361,7 @@ async fn ranges_task(
     planner: Option<QueryPlanner>,
     memory: ReadMemory,
     tx: &mpsc::Sender<Result<Chunk>>,
-) -> Result<()> {
+) -> Result<bool> {
     let mut sent_schema = false;
     for (start, rows) in ranges {
         let batch_rows = base.batch_rows;
@@ -386,7 +396,7 @@ async fn ranges_task(
                 Chunk::Schema(_) => {
                     sent_schema = true;
                     if tx.send(Ok(chunk)).await.is_err() {
-                        return Ok(());
+                        return Ok(false);
                     }
                     continue;
                 }
@@ -418,11 +428,11 @@ async fn ranges_task(
             skip = 0;
             left -= take;
             if tx.send(Ok(out)).await.is_err() {
-                return Ok(());
+                return Ok(false);
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 struct Out {

@@ -276,18 +276,23 @@ impl Store {
         storage.snapshot(&link).await
     }
 
-    /// Delete every link whose TTL after seal passed, or that sat open and unwritten for
-    /// `idle_timeout`. Returns what was dropped and why.
-    pub fn expire(&self, idle_timeout: Option<std::time::Duration>) -> Vec<(String, Expiry)> {
+    /// The links whose TTL passed, or that sat open and unwritten for `idle_timeout`, and why;
+    /// nothing is deleted. (The planner of links over replicas decides for the whole link.)
+    pub fn due(&self, idle_timeout: Option<std::time::Duration>) -> Vec<(String, Expiry)> {
         let now = now_ms();
-        let due: Vec<(String, Expiry)> = self
-            .list()
+        self.list()
             .iter()
             .filter_map(|l| {
                 l.expiry(now, idle_timeout)
                     .map(|why| (l.name().to_string(), why))
             })
-            .collect();
+            .collect()
+    }
+
+    /// Delete every link whose TTL after seal passed, or that sat open and unwritten for
+    /// `idle_timeout`. Returns what was dropped and why.
+    pub fn expire(&self, idle_timeout: Option<std::time::Duration>) -> Vec<(String, Expiry)> {
+        let due = self.due(idle_timeout);
         for (name, why) in &due {
             if self.delete(name).is_ok() {
                 tracing::info!(link = %name, reason = why.label(), "link expired and was deleted");

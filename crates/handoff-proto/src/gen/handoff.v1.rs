@@ -177,6 +177,13 @@ pub struct ReadRanges {
     /// that pass it only.
     #[prost(string, tag = "8")]
     pub filter: ::prost::alloc::string::String,
+    /// The rank this part of a shard read is for (world_size 0: no rank's, as for Flight SQL).
+    /// When it is served whole, the replica tells the planner ('read-done'), which starts the
+    /// link's read TTL once every rank finished every part.
+    #[prost(uint32, tag = "9")]
+    pub world_size: u32,
+    #[prost(uint32, tag = "10")]
+    pub rank: u32,
 }
 /// The opaque Flight ticket that the server hands out in FlightInfo endpoints.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -212,6 +219,21 @@ pub struct ListParts {
 pub struct Parts {
     #[prost(bytes = "bytes", repeated, tag = "1")]
     pub infos: ::prost::alloc::vec::Vec<::prost::bytes::Bytes>,
+}
+/// Replica to replica ('read-done'): `replica` served its whole part of a rank's shard read, as
+/// planned, for the link's read TTL.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReadDone {
+    #[prost(string, tag = "1")]
+    pub link: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub world_size: u32,
+    #[prost(uint64, tag = "3")]
+    pub epoch: u64,
+    #[prost(uint32, tag = "4")]
+    pub rank: u32,
+    #[prost(uint32, tag = "5")]
+    pub replica: u32,
 }
 /// Replica to replica ('count'): how many committed rows of this replica's part of a sealed
 /// link pass `filter` (every row when empty), for the planner of a filtered read. Answer: JSON

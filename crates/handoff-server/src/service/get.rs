@@ -234,12 +234,14 @@ impl HandoffService {
                 };
                 let (planner, _) = shard_query(&shard, &link)?;
                 let list = ranges.ranges.iter().map(|r| (r.start, r.rows)).collect();
+                let on_done = self.read_done_hook(&link, &ranges);
                 let rx = handoff_store::read_ranges(
                     link,
                     list,
                     base,
                     planner,
                     self.store.read_memory().clone(),
+                    on_done,
                 )
                 .map_err(status_of)?;
                 stream::unfold(rx, |mut rx| async move {

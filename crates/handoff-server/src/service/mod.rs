@@ -488,6 +488,10 @@ impl FlightService for HandoffService {
                 proto::actions::COUNT,
                 "Replica to replica (admin): rows of this replica's part that pass a filter, as JSON {\"rows\": n}. Body: handoff.v1.CountRows",
             ),
+            (
+                proto::actions::READ_DONE,
+                "Replica to planner (admin): a replica served its whole part of a rank's read, for the read TTL. Body: handoff.v1.ReadDone",
+            ),
         ];
         let items: Vec<Result<ActionType, Status>> = actions
             .iter()

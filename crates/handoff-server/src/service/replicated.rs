@@ -1,7 +1,7 @@
 //! Actions of a link over several replicas: the planner's commit, seal, create, delete and
 //! stats, which reach every replica, and the replica-to-replica `apply` and `seal-replica`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use handoff_store::echo;
 
@@ -12,6 +12,9 @@ use crate::replicas::{Applied, ReplicaConfig, Whole};
 /// a replica is not reachable yet (replicas start in any order).
 const FINISH_TRIES: u32 = 60;
 const FINISH_PAUSE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the planner waits before it tries again to delete an expired link that a replica
+/// did not let it delete.
+const EXPIRY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl HandoffService {
     /// The replicas when there is more than one; one server otherwise.
@@ -223,7 +226,9 @@ impl HandoffService {
         Ok(created)
     }
 
-    /// Delete the link on every replica, and its commit records.
+    /// Delete the link on every replica, and its commit records. The planner's own part goes
+    /// last: while another replica cannot be reached, the link stays whole enough to delete
+    /// again (by a user, or by the planner's expiry on its next try).
     pub(super) async fn delete_over_replicas(
         &self,
         replicas: &Arc<ReplicaConfig>,
@@ -233,7 +238,8 @@ impl HandoffService {
             return Err(replicas.planner_only("deleting a link"));
         }
         let mut deleted = 0u32;
-        for replica in 0..replicas.count() {
+        let others = (0..replicas.count()).filter(|r| *r != replicas.index());
+        for replica in others.chain([replicas.index()]) {
             let result = if replica == replicas.index() {
                 self.store.delete(link).map(|_| ()).map_err(status_of)
             } else {
@@ -256,6 +262,63 @@ impl HandoffService {
         }
         self.store.forget_snapshot(link).await.map_err(status_of)?;
         json_result(&serde_json::json!({"link": link, "replicas": deleted}))
+    }
+
+    /// The planner's expiry of links over replicas, once a second: a link whose TTL after seal
+    /// or after read passed at the planner, or that no replica wrote to for `idle`, is deleted
+    /// on every replica. A delete that fails (a replica unreachable) is tried again after
+    /// `EXPIRY_RETRY`, by link, in `retry_at`. Returns what was deleted.
+    pub async fn expire_over_replicas(
+        &self,
+        idle: Option<std::time::Duration>,
+        retry_at: &mut HashMap<String, std::time::Instant>,
+    ) -> Vec<(String, handoff_store::Expiry)> {
+        let Some(replicas) = self.several().filter(|r| r.is_planner()) else {
+            return Vec::new();
+        };
+        let now = std::time::Instant::now();
+        retry_at.retain(|_, at| *at > now);
+        let mut deleted = Vec::new();
+        for (link, why) in self.store.due(idle) {
+            if retry_at.contains_key(&link) {
+                continue;
+            }
+            if why == handoff_store::Expiry::Idle
+                && let Some(idle) = idle
+            {
+                // Writes land on every replica: idle at the planner is not idle everywhere.
+                let written = match self.whole(&replicas).parts(&link).await {
+                    Ok(parts) => parts
+                        .iter()
+                        .filter_map(|p| p["last_write_unix_ms"].as_u64())
+                        .max()
+                        .unwrap_or(0),
+                    Err(status) => {
+                        tracing::warn!(link = %link, error = %status.message(), "idle at the planner; cannot ask the other replicas, trying again later");
+                        retry_at.insert(link, now + EXPIRY_RETRY);
+                        continue;
+                    }
+                };
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                let since = now_ms.saturating_sub(written);
+                if u128::from(since) < idle.as_millis() {
+                    continue;
+                }
+            }
+            match self.delete_over_replicas(&replicas, &link).await {
+                Ok(_) => {
+                    tracing::info!(link = %link, reason = why.label(), "link expired and was deleted on every replica");
+                    deleted.push((link, why));
+                }
+                Err(status) => {
+                    tracing::warn!(link = %link, reason = why.label(), error = %status.message(), "link expired, but deleting it on every replica failed; trying again later");
+                    retry_at.insert(link, now + EXPIRY_RETRY);
+                }
+            }
+        }
+        deleted
     }
 
     /// Drop staged attempts where they are staged: each on its owner; all of them on every
@@ -419,12 +482,14 @@ impl HandoffService {
             .with_total_records(i64::try_from(spec.rows_for_rank(total)).unwrap_or(-1))
             .with_ordered(true);
         let mut next = 0u64;
+        let mut read_from = Vec::new();
         for (replica, list) in ranges.into_iter().enumerate() {
             if list.is_empty() {
                 continue;
             }
             endpoint_of[replica] = next;
             next += 1;
+            read_from.push(replica as u32);
             let ticket = proto::ReadRanges {
                 link: shard.link.clone(),
                 ranges: list,
@@ -434,6 +499,8 @@ impl HandoffService {
                 epoch: spec.epoch,
                 columns: shard.columns.clone(),
                 filter: shard.filter.clone(),
+                world_size: spec.world_size,
+                rank: spec.rank,
             };
             let ticket = proto::Ticket {
                 kind: Some(proto::ticket::Kind::Ranges(ticket)),
@@ -449,6 +516,8 @@ impl HandoffService {
                 *piece = endpoint_of[*piece as usize];
             }
         }
+        // The read TTL starts once every rank has read every part it was planned.
+        local.expect_read(spec.world_size, spec.epoch, spec.rank, read_from);
         let about = serde_json::json!({ "batches": plan });
         Ok(info.with_app_metadata(about.to_string()))
     }
@@ -663,6 +732,75 @@ impl HandoffService {
         self.authorize(md, Access::Admin, Some(&req.link))?;
         let rows = self.count_local(&req.link, &req.filter).await?;
         json_result(&serde_json::json!({ "rows": rows }))
+    }
+
+    /// What serving a rank's whole part of a read ends with, over replicas, when the link has
+    /// a read TTL: the planner hears of it (itself directly, the others by `read-done`).
+    pub(super) fn read_done_hook(
+        &self,
+        link: &Arc<handoff_store::Link>,
+        ranges: &proto::ReadRanges,
+    ) -> Option<Box<dyn FnOnce() + Send>> {
+        let replicas = self.several()?;
+        if ranges.world_size == 0 || !link.counts_reads() {
+            return None;
+        }
+        let done = proto::ReadDone {
+            link: ranges.link.clone(),
+            world_size: ranges.world_size,
+            epoch: ranges.epoch,
+            rank: ranges.rank,
+            replica: replicas.index(),
+        };
+        if replicas.is_planner() {
+            let link = Arc::clone(link);
+            return Some(Box::new(move || {
+                link.finish_part_read(done.world_size, done.epoch, done.rank, done.replica)
+            }));
+        }
+        Some(Box::new(move || {
+            tokio::spawn(async move {
+                let body = done.encode_to_vec();
+                if let Err(status) = replicas.call(0, proto::actions::READ_DONE, body).await {
+                    // The link then stays until it is deleted (or its TTL after seal).
+                    tracing::warn!(link = %done.link, rank = done.rank, error = %status.message(),
+                        "could not tell the planner that a rank's part was read; the read TTL will not start from this read");
+                }
+            });
+        }))
+    }
+
+    /// Replica to planner: a replica served its whole part of a rank's read.
+    pub(super) fn read_done_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let req = body_of::<proto::ReadDone>(&body, "read-done", "ReadDone")?;
+        self.authorize(md, Access::Admin, Some(&req.link))?;
+        let Some(replicas) = self.several().filter(|r| r.is_planner()) else {
+            return Err(Status::failed_precondition(
+                "'read-done' is sent to the planner (replica 0) of a link over replicas",
+            ));
+        };
+        if req.world_size == 0
+            || req.world_size > handoff_store::MAX_WORLD_SIZE
+            || req.rank >= req.world_size
+            || req.replica >= replicas.count()
+        {
+            return Err(invalid(format!(
+                "read-done of rank {} of world {} from replica {}: out of range (world 1 to {}, \
+                 rank below it, replica below {})",
+                req.rank,
+                req.world_size,
+                req.replica,
+                handoff_store::MAX_WORLD_SIZE,
+                replicas.count()
+            )));
+        }
+        let link = self.link(&req.link)?;
+        link.finish_part_read(req.world_size, req.epoch, req.rank, req.replica);
+        json_result(&serde_json::json!({}))
     }
 
     /// Replica to replica: check or publish this replica's part of a commit.
