@@ -540,15 +540,41 @@ fn merge_stats(
 /// the link would miss them.
 pub(crate) fn refuse_lost(stats: &serde_json::Value, link: &str) -> Result<(), Status> {
     match stats["lost"].as_array().and_then(|l| l.first()) {
-        Some(lost) => Err(Status::data_loss(format!(
-            "replica {} ({}) restarted and lost partitions {} of link '{}'; write them again \
-             (rerun the job, or its tasks for them) and commit",
-            lost["replica"],
-            lost["endpoint"].as_str().unwrap_or(""),
-            lost["partitions"],
-            handoff_store::echo(link)
-        ))),
+        Some(lost) => {
+            let ids: Vec<u64> = lost["partitions"]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(serde_json::Value::as_u64).collect())
+                .unwrap_or_default();
+            Err(Status::data_loss(format!(
+                "replica {} ({}) restarted and lost partitions {} of link '{}'; {}",
+                lost["replica"],
+                lost["endpoint"].as_str().unwrap_or(""),
+                lost["partitions"],
+                handoff_store::echo(link),
+                lost_fix(&ids)
+            )))
+        }
         None => Ok(()),
+    }
+}
+
+/// What a writer does about lost partitions: a staged one is written again under its id; an
+/// append's id was the server's, so only writing the link again brings its rows back.
+pub(crate) fn lost_fix(partitions: &[u64]) -> String {
+    let appends = partitions
+        .iter()
+        .filter(|p| **p >= handoff_store::APPEND_IDS_FROM)
+        .count();
+    match appends {
+        0 => "write them again (rerun the job, or its tasks for them) and commit".into(),
+        n if n == partitions.len() => format!(
+            "they were {n} appends, which cannot be written again under their ids: delete the \
+             link and write it again"
+        ),
+        n => format!(
+            "{n} of them were appends, which cannot be written again under their ids: delete \
+             the link and write it again"
+        ),
     }
 }
 

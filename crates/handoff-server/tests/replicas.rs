@@ -104,7 +104,17 @@ impl Cluster {
     /// Like `restart`; with `restore`, the replica loads its snapshots first, as
     /// `serve --restore-from` does.
     async fn restart_restoring(&mut self, i: usize, restore: bool) {
+        self.down(i).await;
+        self.up(i, restore).await;
+    }
+
+    /// Stop replica `i`.
+    async fn down(&mut self, i: usize) {
         self.servers[i].take().expect("running").stop().await;
+    }
+
+    /// Start replica `i` again on its address, restoring its snapshots with `restore`.
+    async fn up(&mut self, i: usize, restore: bool) {
         let addr = self.peers[i].trim_start_matches("grpc://");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
         let store = handoff_store::Store::new(StoreConfig {
@@ -718,7 +728,7 @@ async fn a_restarted_planner_finishes_a_recorded_commit() {
     let err = eventually("the seal refused", || async {
         let mut admin = cluster.client(0, ADMIN).await;
         match admin.seal(lost).await {
-            Err(e) if e.to_string().contains("recorded but not applied") => Some(e),
+            Err(e) if e.to_string().contains("is recorded but cannot be applied") => Some(e),
             _ => None,
         }
     })
@@ -1046,5 +1056,94 @@ async fn ttls_and_the_idle_timeout_expire_the_whole_link_on_every_replica() {
     gone_everywhere(&cluster, read).await;
     let gone = admin.stats(read).await.expect_err("deleted");
     assert_eq!(code(&gone), Some(tonic::Code::NotFound), "{gone}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_are_committed_by_the_planner_and_their_loss_is_reported() {
+    let mut cluster = Cluster::start().await;
+    // Plain appends (PATH descriptors) at every replica: each is staged there under an id it
+    // owns and committed by the planner, so it is in a commit record.
+    let mut ids = BTreeMap::<usize, Vec<u64>>::new();
+    for (at, count) in [(0usize, 1usize), (1, 1), (2, 3)] {
+        let mut client = cluster.client(at, WRITER).await;
+        for n in 0..count {
+            let put = client
+                .put(LINK, stream_of(vec![batch(n as i64 * 10, 10)]))
+                .await
+                .expect("append");
+            assert!(put.committed && put.rows == 10, "{put:?}");
+            assert!(put.partition >= handoff_store::APPEND_IDS_FROM, "{put:?}");
+            assert_eq!(owner(LINK, put.partition, REPLICAS) as usize, at);
+            ids.entry(at).or_default().push(put.partition);
+        }
+    }
+    let records = storage(&cluster.dirs[0])
+        .pending_commits()
+        .await
+        .expect("records");
+    assert!(records.is_empty(), "every append applied: {records:?}");
+    let mut admin = cluster.client(0, ADMIN).await;
+    assert_eq!(admin.stats(LINK).await.expect("stats").rows, 50);
+
+    // Replica 2 restarts without a snapshot: its three appends are reported lost, by id, and
+    // the seal is refused with what to do.
+    cluster.restart(2).await;
+    let stats: serde_json::Value = serde_json::from_slice(
+        &admin
+            .raw_action("stats", LINK.as_bytes().to_vec())
+            .await
+            .expect("stats"),
+    )
+    .expect("json");
+    let mut lost = ids[&2].clone();
+    lost.sort_unstable();
+    assert_eq!(stats["lost"][0]["replica"], 2, "{stats}");
+    assert_eq!(
+        stats["lost"][0]["partitions"],
+        serde_json::json!(lost),
+        "{stats}"
+    );
+    let err = admin.seal(LINK).await.expect_err("lost appends");
+    assert_eq!(code(&err), Some(tonic::Code::DataLoss), "{err}");
+    assert!(err.to_string().contains("they were 3 appends"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("delete the link and write it again"),
+        "{err}"
+    );
+
+    // An append while the planner is down is refused, and not published.
+    let other = "team/other";
+    admin
+        .create(handoff_client::CreateLink {
+            link: other.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    cluster.down(0).await;
+    let mut at_one = cluster.client(1, WRITER).await;
+    let err = at_one
+        .put(other, stream_of(vec![batch(0, 10)]))
+        .await
+        .expect_err("no planner");
+    assert_eq!(code(&err), Some(tonic::Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("did not commit it"), "{err}");
+    assert_eq!(cluster.server(1).store.stats(other).expect("stats").rows, 0);
+    cluster.up(0, false).await;
+    // A commit the planner recorded and could not apply is applied by the seal.
+    let mut writer = cluster.client(0, WRITER).await;
+    let late = owned_by(other, 1, 0);
+    stage_in(&mut writer, other, late).await;
+    storage(&cluster.dirs[0])
+        .record_commit(other, false, &[(late, 0)], REPLICAS)
+        .await
+        .expect("record");
+    let sealed = writer
+        .seal(other)
+        .await
+        .expect("seal applies the record first");
+    assert_eq!(sealed.rows, 10);
     cluster.stop().await;
 }

@@ -34,7 +34,7 @@ pub use incoming::IncomingMemory;
 pub use ipc::{Frame, SchemaFrame};
 pub use link::{
     APPEND_IDS_FROM, Expiry, Link, LinkOptions, LinkSnapshot, LinkState, LinkStats, LinkTokens,
-    PartitionWriter, PutOutcome, PutTarget, TokenHash,
+    PartitionWriter, PutOutcome, PutTarget, TokenHash, random_append_id,
 };
 pub use memory::{MemoryPolicy, MemoryPool, Reservation};
 pub use partition::Partition;

@@ -166,6 +166,10 @@ pub enum PutTarget {
     Append,
     /// Stage under (partition, attempt) for a later `commit` (CMD descriptor, two-phase commit).
     Staged { partition: u64, attempt: u64 },
+    /// Stage an append under a server-chosen id from [`APPEND_IDS_FROM`] up (attempt 0), which
+    /// the planner of a link over replicas then commits: recorded like any commit, an append a
+    /// restarted replica lost is reported rather than missing unnoticed.
+    StagedAppend { partition: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,11 +533,18 @@ impl Link {
                 self.bump();
                 Ok(outcome)
             }
-            PutTarget::Staged {
-                partition: id,
-                attempt,
-            } => {
-                check_staged_id(id)?;
+            PutTarget::Staged { .. } | PutTarget::StagedAppend { .. } => {
+                let (id, attempt) = match target {
+                    PutTarget::Staged { partition, attempt } => {
+                        check_staged_id(partition)?;
+                        (partition, attempt)
+                    }
+                    PutTarget::StagedAppend { partition } => {
+                        check_append_id(partition)?;
+                        (partition, 0)
+                    }
+                    PutTarget::Append => unreachable!("matched above"),
+                };
                 if let Some(committed) = inner.committed_ids.get(&id) {
                     return Err(StoreError::AlreadyCommitted {
                         link: self.name.clone(),
@@ -863,6 +874,35 @@ pub const MAX_TRACKED_READS: usize = 1 << 16;
 /// Partition ids from here up are the server's, given to appends in order; writers stage under
 /// ids below it (the Spark sink and import pick random bases under 2^63).
 pub const APPEND_IDS_FROM: u64 = 1 << 63;
+
+/// A staged append's id must be the server's.
+pub(crate) fn check_append_id(id: u64) -> Result<()> {
+    if id < APPEND_IDS_FROM {
+        return Err(StoreError::InvalidArgument(format!(
+            "append id {id} is a writer's: appends are staged under ids from {APPEND_IDS_FROM} up"
+        )));
+    }
+    Ok(())
+}
+
+/// A random append id from [`APPEND_IDS_FROM`] up that `owns` accepts: the id of an append to
+/// one of several replicas, which must be a partition that replica owns. Random, so no two
+/// replicas (or restarts) need to agree on a counter; 2^63 ids make a collision negligible.
+pub fn random_append_id(owns: impl Fn(u64) -> bool) -> Result<u64> {
+    // One draw in n is owned by a given replica of n.
+    for _ in 0..1 << 16 {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| StoreError::Unsupported(format!("no randomness for an append id: {e}")))?;
+        let id = u64::from_le_bytes(bytes) | APPEND_IDS_FROM;
+        if owns(id) {
+            return Ok(id);
+        }
+    }
+    Err(StoreError::Unsupported(
+        "no append id owned by this replica in 65,536 draws; check the replica count".into(),
+    ))
+}
 
 /// A staged partition id must be a writer's.
 pub(crate) fn check_staged_id(id: u64) -> Result<()> {

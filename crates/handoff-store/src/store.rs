@@ -11,7 +11,7 @@ use crate::incoming::IncomingMemory;
 use crate::ipc::SchemaFrame;
 use crate::link::{
     Expiry, Link, LinkOptions, LinkStats, Overflow, PartitionWriter, PutOutcome, PutTarget,
-    check_staged_id,
+    check_append_id, check_staged_id,
 };
 use crate::memory::{MemoryPolicy, MemoryPool};
 use crate::partition::now_ms;
@@ -190,8 +190,10 @@ impl Store {
         create: bool,
     ) -> Result<PartitionWriter> {
         // Refused before any data is received.
-        if let PutTarget::Staged { partition, .. } = target {
-            check_staged_id(partition)?;
+        match target {
+            PutTarget::Staged { partition, .. } => check_staged_id(partition)?,
+            PutTarget::StagedAppend { partition } => check_append_id(partition)?,
+            PutTarget::Append => {}
         }
         let link = match self.link(name) {
             Ok(link) => link,

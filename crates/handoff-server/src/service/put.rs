@@ -46,6 +46,18 @@ impl HandoffService {
             }
         };
         let principal = self.authorize(&md, Access::Write, Some(&link))?;
+        // Over replicas an append is staged under an id this replica owns and committed by the
+        // planner, so it is in a commit record like every other write.
+        let several = self.several();
+        let target = match (target, &several) {
+            (PutTarget::Append, Some(replicas)) => PutTarget::StagedAppend {
+                partition: handoff_store::random_append_id(|id| {
+                    replicas.owner(&link, id) == replicas.index()
+                })
+                .map_err(status_of)?,
+            },
+            (target, _) => target,
+        };
         if let (Some(replicas), PutTarget::Staged { partition, .. }) = (&self.replicas, &target)
             && replicas.owner(&link, *partition) != replicas.index()
         {
@@ -84,7 +96,11 @@ impl HandoffService {
                 }
             };
         }
-        let outcome = writer.finish().await.map_err(status_of)?;
+        let mut outcome = writer.finish().await.map_err(status_of)?;
+        if let (Some(replicas), PutTarget::StagedAppend { partition }) = (&several, target) {
+            self.commit_append(replicas, &link, partition).await?;
+            outcome.committed = true;
+        }
         self.metrics.ingested_bytes.inc_by(outcome.bytes);
         self.metrics.ingested_rows.inc_by(outcome.rows);
         let metadata = serde_json::json!({

@@ -130,6 +130,47 @@ impl HandoffService {
         }))
     }
 
+    /// An append staged here as `partition` (attempt 0), committed by the planner. If that
+    /// fails it stays staged: should the planner have recorded it, the seal applies it;
+    /// otherwise the seal drops it. Either way the writer is told, and nothing is published
+    /// twice by a writer that writes it again.
+    pub(super) async fn commit_append(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        link: &str,
+        partition: u64,
+    ) -> Result<(), Status> {
+        let attempts = [(partition, 0)];
+        let committed = if replicas.is_planner() {
+            self.commit_over_replicas(replicas, link, &attempts, false)
+                .await
+                .map(|_| ())
+        } else {
+            let body = proto::Commit {
+                link: link.to_string(),
+                attempts: proto::PartitionAttempt::list(&attempts),
+                ..Default::default()
+            };
+            replicas
+                .call(0, proto::actions::COMMIT, body.encode_to_vec())
+                .await
+                .map(|_| ())
+        };
+        committed.map_err(|status| {
+            Status::new(
+                status.code(),
+                format!(
+                    "the append to link '{}' reached replica {} but the planner (replica 0) did \
+                     not commit it: {} It is not published now; if the planner recorded it, \
+                     the seal publishes it, so check `stats` before writing these rows again",
+                    echo(link),
+                    replicas.index(),
+                    status.message()
+                ),
+            )
+        })
+    }
+
     /// Seal every replica's part, once no recorded commit of the link waits to be applied.
     pub(super) async fn seal_over_replicas(
         &self,
@@ -140,14 +181,20 @@ impl HandoffService {
             return Err(replicas.planner_only("a seal"));
         }
         if let Some(storage) = self.store.storage() {
+            // A recorded commit whose applies failed (a replica unreachable for a moment, or a
+            // writer gone before retrying) is applied now: applying is idempotent.
             let pending = storage.pending_commits().await.map_err(status_of)?;
-            if let Some(record) = pending.iter().find(|r| r.link == link) {
-                return Err(Status::failed_precondition(format!(
-                    "commit {} of link '{}' is recorded but not applied on every replica yet; \
-                     retry that commit (or restart the planner), then seal",
-                    record.seq,
-                    echo(link)
-                )));
+            let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
+            for record in pending.iter().filter(|r| r.link == link) {
+                if let Err(status) = replicas.apply(storage, record, &local).await {
+                    return Err(Status::failed_precondition(format!(
+                        "commit {} of link '{}' is recorded but cannot be applied on every \
+                         replica: {}; fix that (or restart the planner), then seal",
+                        record.seq,
+                        echo(link),
+                        status.message()
+                    )));
+                }
             }
         }
         // A replica that restarted after commits were applied there lost them: sealing would
@@ -158,10 +205,10 @@ impl HandoffService {
         if let Some((replica, partitions)) = lost.first() {
             return Err(Status::data_loss(format!(
                 "replica {replica} ({}) restarted after partitions {partitions:?} of link '{}' \
-                 were published there, and no longer holds them: they are lost. Write them \
-                 again (rerun the job, or its tasks for them) and commit, then seal",
+                 were published there, and no longer holds them: they are lost. To seal, {}",
                 replicas.url(*replica),
-                echo(link)
+                echo(link),
+                crate::replicas::lost_fix(partitions)
             )));
         }
         for replica in 0..replicas.count() {
