@@ -51,6 +51,9 @@ pub mod actions {
     /// Replica to planner: a replica served its whole part of a rank's read (`ReadDone` in),
     /// for the read TTL.
     pub const READ_DONE: &str = "read-done";
+    /// Replica to replica: take back this replica's published part of a recorded commit that
+    /// the planner abandons (`Commit` in, `{"reverted": n}` out).
+    pub const UNAPPLY: &str = "unapply";
 }
 
 impl PartitionAttempt {

@@ -230,8 +230,9 @@ pub async fn serve(
         let service = service.clone();
         tokio::spawn(async move {
             for what in service.finish_recorded_commits().await {
-                // Said plainly on stderr too: a commit that is neither applied nor dropped.
-                eprintln!("handoff: not finished: {what}");
+                // Said plainly on stderr too: a commit that is neither applied nor dropped, or
+                // one that was abandoned.
+                eprintln!("handoff: {what}");
             }
         })
     };

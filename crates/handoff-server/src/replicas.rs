@@ -204,31 +204,45 @@ impl ReplicaConfig {
             if part.is_empty() && !replace {
                 continue;
             }
-            let applied = if replica == self.index {
-                local(&part, replace, check_only)?
-            } else {
-                let body = proto::Commit {
-                    link: link.to_string(),
-                    attempts: proto::PartitionAttempt::list(&part),
-                    replace,
-                    check_only,
-                };
-                let reply = self
-                    .call(replica, proto::actions::APPLY, body.encode_to_vec())
-                    .await?;
-                serde_json::from_slice(&reply).map_err(|e| {
-                    Status::internal(format!(
-                        "replica {} answered 'apply' with something else than its counts: {e}",
-                        self.url(replica)
-                    ))
-                })?
-            };
+            let applied = self
+                .apply_at(replica, link, &part, replace, check_only, local)
+                .await?;
             total.committed = total.committed.saturating_add(applied.committed);
             total.already = total.already.saturating_add(applied.already);
             total.rows = total.rows.saturating_add(applied.rows);
             total.instances.insert(replica, applied.instance);
         }
         Ok(total)
+    }
+
+    /// Check or publish one owner's part of a commit (`part` must be the partitions it owns).
+    pub(crate) async fn apply_at(
+        &self,
+        replica: u32,
+        link: &str,
+        part: &[(u64, u64)],
+        replace: bool,
+        check_only: bool,
+        local: &ApplyHere<'_>,
+    ) -> Result<Applied, Status> {
+        if replica == self.index {
+            return local(part, replace, check_only);
+        }
+        let body = proto::Commit {
+            link: link.to_string(),
+            attempts: proto::PartitionAttempt::list(part),
+            replace,
+            check_only,
+        };
+        let reply = self
+            .call(replica, proto::actions::APPLY, body.encode_to_vec())
+            .await?;
+        serde_json::from_slice(&reply).map_err(|e| {
+            Status::internal(format!(
+                "replica {} answered 'apply' with something else than its counts: {e}",
+                self.url(replica)
+            ))
+        })
     }
 
     /// Publish a recorded commit on every owner, then mark the record applied. Applying is

@@ -618,6 +618,19 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
         .await
         .expect_err("admin only");
     assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    // So is `unapply`, and each replica takes back only its own partitions.
+    let err = at_one
+        .raw_action("unapply", body.encode_to_vec())
+        .await
+        .expect_err("admin only");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    let err = cluster
+        .client(1, ADMIN)
+        .await
+        .raw_action("unapply", body.encode_to_vec())
+        .await
+        .expect_err("replica 2's partition");
+    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
     // A commit naming an attempt nobody staged is refused before anything is recorded.
     let err = admin
         .commit(LINK, &[(partition, 0)])
@@ -717,8 +730,9 @@ async fn a_restarted_planner_finishes_a_recorded_commit() {
     let stats = writer.seal(LINK).await.expect("seal");
     assert_eq!(stats.rows, elsewhere.len() as u64 * 10);
 
-    // A record whose partition died with the planner is not applied by halves in silence:
-    // it stays recorded, the start says so, and the seal is refused with the reason.
+    // A record from before owners' instances were kept, whose partition died with the
+    // planner, cannot be judged: it stays recorded, the start says so, and the seal is refused
+    // with the reason (never applied by halves in silence).
     let lost = "team/lost";
     storage(&cluster.dirs[0])
         .record_commit(lost, false, &[(0, 0)], REPLICAS)
@@ -1145,5 +1159,89 @@ async fn appends_are_committed_by_the_planner_and_their_loss_is_reported() {
         .await
         .expect("seal applies the record first");
     assert_eq!(sealed.rows, 10);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_whose_planner_died_with_its_attempts_is_taken_back_and_the_job_commits_again() {
+    let mut cluster = Cluster::start().await;
+    let mut writer = cluster.client(1, WRITER).await;
+    // Partitions on every replica, the planner's among them.
+    let partitions: Vec<u64> = (0..12).collect();
+    assert!(partitions.iter().any(|p| owner(LINK, *p, REPLICAS) == 0));
+    for &p in &partitions {
+        stage(&mut writer, p, 0).await;
+    }
+    // The planner checked every part, recorded the decision and applied it on replicas 1
+    // and 2, then was killed before its own apply: its staged attempts died with it.
+    let winners: Vec<(u64, u64)> = partitions.iter().map(|&p| (p, 0)).collect();
+    let mut instances = BTreeMap::new();
+    for i in 0..REPLICAS {
+        instances.insert(i, cluster.server(i as usize).store.instance().to_string());
+    }
+    let record = storage(&cluster.dirs[0])
+        .record_commit_checked(LINK, false, &winners, REPLICAS, instances)
+        .await
+        .expect("record");
+    for replica in [1u32, 2] {
+        let part: Vec<(u64, u64)> = winners
+            .iter()
+            .filter(|(p, _)| owner(LINK, *p, REPLICAS) == replica)
+            .copied()
+            .collect();
+        let body = handoff_proto::Commit {
+            link: LINK.into(),
+            attempts: handoff_proto::PartitionAttempt::list(&part),
+            ..Default::default()
+        };
+        let mut admin = cluster.client(replica as usize, ADMIN).await;
+        admin
+            .raw_action("apply", body.encode_to_vec())
+            .await
+            .expect("apply");
+    }
+    let half: usize = cluster.published(LINK).values().map(Vec::len).sum();
+    assert!(
+        half > 0 && half < partitions.len(),
+        "half published: {half}"
+    );
+    cluster.restart(0).await;
+    // The restarted planner abandons it: what replicas 1 and 2 published is taken back, so
+    // nothing of the commit is published; the record is settled.
+    eventually("the half-applied commit taken back", || async {
+        let pending = storage(&cluster.dirs[0])
+            .pending_commits()
+            .await
+            .expect("records");
+        let published: usize = cluster.published(LINK).values().map(Vec::len).sum();
+        (pending.is_empty() && published == 0).then_some(())
+    })
+    .await;
+    // The marker says why, under the link's commit records (its name is escaped there).
+    let marker = format!("{:020}.abandoned", record.seq);
+    let dir = std::fs::read_dir(cluster.dirs[0].path().join("commits"))
+        .expect("commits")
+        .map(|entry| entry.expect("entry").path())
+        .find(|dir| dir.join(&marker).exists())
+        .expect("abandoned marker");
+    let why = std::fs::read_to_string(dir.join(&marker)).expect("marker");
+    assert!(why.contains("replica 0: partitions"), "{why}");
+    // The job runs again (new attempts) and commits: exactly once, and the link seals whole.
+    for &p in &partitions {
+        stage(&mut writer, p, 1).await;
+    }
+    let again: Vec<(u64, u64)> = partitions.iter().map(|&p| (p, 1)).collect();
+    let committed = writer.commit(LINK, &again).await.expect("commit again");
+    assert_eq!(committed["rows"], partitions.len() * 10, "{committed}");
+    let sealed = writer.seal(LINK).await.expect("seal");
+    assert_eq!(sealed.rows, partitions.len() as u64 * 10);
+    let published = cluster.published(LINK);
+    assert_eq!(published.values().flatten().count(), partitions.len());
+    assert!(
+        published
+            .values()
+            .flatten()
+            .all(|(_, attempt, _)| *attempt == 1)
+    );
     cluster.stop().await;
 }

@@ -41,6 +41,17 @@ pub struct CommitRecord {
     pub attempts: Vec<(u64, u64)>,
     /// How many replicas the placement was computed over.
     pub replicas: u32,
+    /// Each owner's server instance when it checked its part, before the record: an owner
+    /// that has restarted since and lacks an attempt lost it, and the commit can never be
+    /// completed (the planner then abandons it). Older records have none.
+    #[serde(default)]
+    pub instances: BTreeMap<u32, String>,
+}
+
+/// The abandoned marker's content.
+#[derive(Debug, Serialize, Deserialize)]
+struct Abandoned {
+    reason: String,
 }
 
 impl ObjectStorage {
@@ -60,6 +71,19 @@ impl ObjectStorage {
         attempts: &[(u64, u64)],
         replicas: u32,
     ) -> Result<CommitRecord> {
+        self.record_commit_checked(link, replace, attempts, replicas, BTreeMap::new())
+            .await
+    }
+
+    /// [`Self::record_commit`], with the owners' instances when they checked their parts.
+    pub async fn record_commit_checked(
+        &self,
+        link: &str,
+        replace: bool,
+        attempts: &[(u64, u64)],
+        replicas: u32,
+        instances: BTreeMap<u32, String>,
+    ) -> Result<CommitRecord> {
         let mut seq = self
             .list(&self.commits_dir(link))
             .await?
@@ -75,6 +99,7 @@ impl ObjectStorage {
                 replace,
                 attempts: attempts.to_vec(),
                 replicas,
+                instances: instances.clone(),
             };
             let body = serde_json::to_vec(&record).map_err(|e| StoreError::CommitRecord {
                 link: link.to_string(),
@@ -118,6 +143,23 @@ impl ObjectStorage {
         .await
     }
 
+    /// Mark a recorded commit as abandoned: it can never be applied (an attempt died with a
+    /// replica's restart), what it published was taken back, and it is no longer pending.
+    pub async fn mark_abandoned(&self, record: &CommitRecord, reason: &str) -> Result<()> {
+        let body = serde_json::to_vec(&Abandoned {
+            reason: reason.to_string(),
+        })
+        .map_err(|e| StoreError::CommitRecord {
+            link: record.link.clone(),
+            detail: format!("its abandoned marker cannot be encoded: {e}"),
+        })?;
+        self.put(
+            &self.record_path(&record.link, record.seq, "abandoned"),
+            vec![Bytes::from(body)],
+        )
+        .await
+    }
+
     /// Every applied commit of one link, in commit order, with the owners' instances when it
     /// was applied.
     pub async fn applied_commits(
@@ -148,19 +190,28 @@ impl ObjectStorage {
     /// Every recorded commit without its applied marker, in commit order per link. A record
     /// that cannot be read is an error naming it: skipping it would lose a commit silently.
     pub async fn pending_commits(&self) -> Result<Vec<CommitRecord>> {
-        let objects = self.list(&self.path(&["commits"])).await?;
-        let applied: std::collections::HashSet<Path> = objects
+        self.pending_under(&self.path(&["commits"])).await
+    }
+
+    /// [`Self::pending_commits`] of one link.
+    pub async fn pending_commits_of(&self, link: &str) -> Result<Vec<CommitRecord>> {
+        self.pending_under(&self.commits_dir(link)).await
+    }
+
+    async fn pending_under(&self, prefix: &Path) -> Result<Vec<CommitRecord>> {
+        let objects = self.list(prefix).await?;
+        // Applied or abandoned: settled either way.
+        let settled: std::collections::HashSet<Path> = objects
             .iter()
-            .filter(|m| m.location.extension() == Some("applied"))
-            .map(|m| m.location.clone())
+            .filter(|m| matches!(m.location.extension(), Some("applied" | "abandoned")))
+            .map(|m| with_extension(&m.location, "json"))
             .collect();
         let mut pending = Vec::new();
         for meta in objects
             .iter()
             .filter(|m| m.location.extension() == Some("json"))
         {
-            let marker = with_extension(&meta.location, "applied");
-            if applied.contains(&marker) {
+            if settled.contains(&meta.location) {
                 continue;
             }
             let body = self.get(&meta.location).await?;
@@ -244,8 +295,23 @@ mod tests {
         assert_eq!(applied[0].0, first);
         assert_eq!(applied[0].1[&0], "i0");
         let pending = storage.pending_commits().await.expect("pending");
-        assert_eq!(pending, vec![other, second]);
-        assert_eq!(storage.forget_commits("team/a").await.expect("forget"), 3);
+        assert_eq!(pending, vec![other.clone(), second.clone()]);
+        // An abandoned record is settled too, and never counted as applied.
+        storage
+            .mark_abandoned(&second, "an attempt died")
+            .await
+            .expect("abandon");
+        let pending = storage.pending_commits().await.expect("pending");
+        assert_eq!(pending, vec![other]);
+        assert_eq!(
+            storage
+                .applied_commits("team/a")
+                .await
+                .expect("applied")
+                .len(),
+            1
+        );
+        assert_eq!(storage.forget_commits("team/a").await.expect("forget"), 4);
         assert_eq!(storage.pending_commits().await.expect("pending").len(), 1);
     }
 

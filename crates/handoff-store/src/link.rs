@@ -710,6 +710,41 @@ impl Link {
         Ok(outcomes)
     }
 
+    /// Take back published attempts of an open link (those of `attempts` that are published
+    /// as named), for a recorded commit over replicas that can never be completed: the planner
+    /// abandons it, and what it already published elsewhere goes, so the job's next commit
+    /// starts clean. Readers in flight see the link as replaced. Returns how many went.
+    pub fn unapply(&self, attempts: &[(u64, u64)]) -> Result<usize> {
+        let mut inner = self.inner.write();
+        self.ensure_open(&inner)?;
+        let gone: HashSet<u64> = attempts
+            .iter()
+            .filter(|(p, a)| inner.committed_ids.get(p) == Some(a))
+            .map(|(p, _)| *p)
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        inner.committed.retain(|partition| {
+            let keep = !gone.contains(&partition.id);
+            if !keep {
+                rows += partition.rows;
+                bytes += partition.bytes;
+            }
+            keep
+        });
+        for id in &gone {
+            inner.committed_ids.remove(id);
+        }
+        inner.rows -= rows;
+        inner.bytes -= bytes;
+        inner.generation += 1;
+        drop(inner);
+        self.bump();
+        Ok(gone.len())
+    }
+
     /// Drop staged attempts; all of them when `attempts` is empty. Returns how many were dropped.
     pub fn abort(&self, attempts: &[(u64, u64)]) -> usize {
         let mut inner = self.inner.write();

@@ -118,6 +118,7 @@ impl HandoffService {
             proto::actions::PARTS => self.parts_action(md, &body),
             proto::actions::COUNT => self.count_action(md, &body).await,
             proto::actions::READ_DONE => self.read_done_action(md, &body),
+            proto::actions::UNAPPLY => self.unapply_action(md, &body),
             proto::actions::COMMIT => {
                 let req = body_of::<proto::Commit>(&body, "commit", "Commit")?;
                 self.authorize(md, Access::Write, Some(&req.link))?;

@@ -492,6 +492,10 @@ impl FlightService for HandoffService {
                 proto::actions::READ_DONE,
                 "Replica to planner (admin): a replica served its whole part of a rank's read, for the read TTL. Body: handoff.v1.ReadDone",
             ),
+            (
+                proto::actions::UNAPPLY,
+                "Replica to replica (admin): take back this replica's published part of a commit the planner abandons. Body: handoff.v1.Commit",
+            ),
         ];
         let items: Vec<Result<ActionType, Status>> = actions
             .iter()

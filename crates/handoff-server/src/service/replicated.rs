@@ -90,6 +90,9 @@ impl HandoffService {
                 "partition {partition} appears twice in one commit; commit one attempt per partition"
             )));
         }
+        // Commits apply in the order they were recorded: an earlier one left pending is
+        // finished (or abandoned, if it never can be) first.
+        self.settle_pending(replicas, storage, link).await?;
         let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
         let checked = replicas
             .each_owner(link, attempts, replace, true, &local)
@@ -103,7 +106,13 @@ impl HandoffService {
             }));
         }
         let record = storage
-            .record_commit(link, replace, attempts, replicas.count())
+            .record_commit_checked(
+                link,
+                replace,
+                attempts,
+                replicas.count(),
+                checked.instances.clone(),
+            )
             .await
             .map_err(status_of)?;
         let applied = replicas
@@ -128,6 +137,171 @@ impl HandoffService {
             "rows": applied.rows,
             "record": record.seq,
         }))
+    }
+
+    /// Finish the link's recorded commits that are not applied everywhere yet (a replica was
+    /// unreachable for a moment, or a writer went away before retrying; applying is
+    /// idempotent), and abandon those that never can be. One that can be neither is
+    /// FAILED_PRECONDITION with the reason.
+    async fn settle_pending(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        storage: &handoff_store::ObjectStorage,
+        link: &str,
+    ) -> Result<(), Status> {
+        let pending = storage.pending_commits_of(link).await.map_err(status_of)?;
+        let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
+        for record in &pending {
+            if let Some(what) = self.abandon_if_lost(replicas, storage, record).await? {
+                tracing::warn!("{what}");
+                continue;
+            }
+            if let Err(status) = replicas.apply(storage, record, &local).await {
+                return Err(Status::failed_precondition(format!(
+                    "commit {} of link '{}' is recorded but cannot be applied on every \
+                     replica: {}; fix that (or restart the planner), then try again",
+                    record.seq,
+                    echo(link),
+                    status.message()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A recorded commit that can never be applied, because an owner restarted after checking
+    /// its part and no longer has an attempt of it (it died with the process), is taken back:
+    /// each owner unpublishes what this record published there (not what an earlier applied
+    /// record did), and the record is marked abandoned. Returns the sentence said about it;
+    /// `None` if the record can still be applied, or cannot be judged (a replace, whose
+    /// applies dropped older data, or a record from before owners' instances were kept).
+    async fn abandon_if_lost(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        storage: &handoff_store::ObjectStorage,
+        record: &handoff_store::CommitRecord,
+    ) -> Result<Option<String>, Status> {
+        if record.replace || record.instances.is_empty() {
+            return Ok(None);
+        }
+        let link = record.link.as_str();
+        let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
+        let mut lost: Vec<(u32, Vec<u64>)> = Vec::new();
+        for (replica, part) in replicas.split(link, &record.attempts) {
+            if part.is_empty() {
+                continue;
+            }
+            let Err(status) = replicas
+                .apply_at(replica, link, &part, false, true, &local)
+                .await
+            else {
+                continue;
+            };
+            if !matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::NotFound
+            ) {
+                return Err(status);
+            }
+            // Its instance now (an empty check always answers).
+            let now = replicas
+                .apply_at(replica, link, &[], false, true, &local)
+                .await?;
+            if record
+                .instances
+                .get(&replica)
+                .is_some_and(|then| *then != now.instance)
+            {
+                lost.push((replica, part.iter().map(|(p, _)| *p).collect()));
+            }
+        }
+        if lost.is_empty() {
+            return Ok(None);
+        }
+        let earlier: HashSet<(u64, u64)> = storage
+            .applied_commits(link)
+            .await
+            .map_err(status_of)?
+            .into_iter()
+            .filter(|(r, _)| r.seq < record.seq)
+            .flat_map(|(r, _)| r.attempts)
+            .collect();
+        let revert: Vec<(u64, u64)> = record
+            .attempts
+            .iter()
+            .filter(|a| !earlier.contains(a))
+            .copied()
+            .collect();
+        let mut reverted = 0u64;
+        for (replica, part) in replicas.split(link, &revert) {
+            if part.is_empty() {
+                continue;
+            }
+            let count = if replica == replicas.index() {
+                self.unapply_local(link, &part)?
+            } else {
+                let body = proto::Commit {
+                    link: link.to_string(),
+                    attempts: proto::PartitionAttempt::list(&part),
+                    ..Default::default()
+                };
+                let reply = replicas
+                    .call(replica, proto::actions::UNAPPLY, body.encode_to_vec())
+                    .await?;
+                serde_json::from_slice::<serde_json::Value>(&reply)
+                    .ok()
+                    .and_then(|v| v["reverted"].as_u64())
+                    .unwrap_or(0)
+            };
+            reverted = reverted.saturating_add(count);
+        }
+        let lost_text: Vec<String> = lost
+            .iter()
+            .map(|(replica, ids)| format!("replica {replica}: partitions {ids:?}"))
+            .collect();
+        let what = format!(
+            "abandoned commit {} of link '{}': its owners restarted after it was recorded and \
+             lost attempts it names ({}), so it can never be completed; the {reverted} \
+             partitions it had published were taken back, and nothing of it is published. The \
+             job must write and commit those partitions again (rerun it, or its tasks)",
+            record.seq,
+            echo(link),
+            lost_text.join("; ")
+        );
+        storage
+            .mark_abandoned(record, &what)
+            .await
+            .map_err(status_of)?;
+        Ok(Some(what))
+    }
+
+    /// Take back this replica's published part of an abandoned commit.
+    fn unapply_local(&self, link: &str, attempts: &[(u64, u64)]) -> Result<u64, Status> {
+        match self.store.link(link) {
+            Ok(link) => link.unapply(attempts).map(|n| n as u64).map_err(status_of),
+            Err(StoreError::UnknownLink(_)) => Ok(0),
+            Err(e) => Err(status_of(e)),
+        }
+    }
+
+    /// Replica to replica: take back this replica's part of an abandoned commit.
+    pub(super) fn unapply_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let req = body_of::<proto::Commit>(&body, "unapply", "Commit")?;
+        self.authorize(md, Access::Admin, Some(&req.link))?;
+        let attempts: Vec<(u64, u64)> = proto::PartitionAttempt::pairs(&req.attempts);
+        if let Some(replicas) = &self.replicas
+            && let Some((partition, _)) = attempts
+                .iter()
+                .find(|(p, _)| replicas.owner(&req.link, *p) != replicas.index())
+        {
+            return Err(replicas.not_here(&req.link, *partition));
+        }
+        let reverted = self.unapply_local(&req.link, &attempts)?;
+        json_result(&serde_json::json!({ "reverted": reverted }))
     }
 
     /// An append staged here as `partition` (attempt 0), committed by the planner. If that
@@ -181,21 +355,7 @@ impl HandoffService {
             return Err(replicas.planner_only("a seal"));
         }
         if let Some(storage) = self.store.storage() {
-            // A recorded commit whose applies failed (a replica unreachable for a moment, or a
-            // writer gone before retrying) is applied now: applying is idempotent.
-            let pending = storage.pending_commits().await.map_err(status_of)?;
-            let local = |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(link, a, r, c);
-            for record in pending.iter().filter(|r| r.link == link) {
-                if let Err(status) = replicas.apply(storage, record, &local).await {
-                    return Err(Status::failed_precondition(format!(
-                        "commit {} of link '{}' is recorded but cannot be applied on every \
-                         replica: {}; fix that (or restart the planner), then seal",
-                        record.seq,
-                        echo(link),
-                        status.message()
-                    )));
-                }
-            }
+            self.settle_pending(replicas, storage, link).await?;
         }
         // A replica that restarted after commits were applied there lost them: sealing would
         // publish the link without them.
@@ -884,9 +1044,11 @@ impl HandoffService {
         self.stats_json(&link)
     }
 
-    /// At the planner's start: finish every commit that is recorded and not marked applied.
-    /// Replicas may come up later, so an unreachable one is tried again for a while. Returns
-    /// what could not be finished, one sentence each.
+    /// At the planner's start: finish every commit that is recorded and not marked applied,
+    /// or abandon it if an attempt it names died with a restart (the planner's own staged
+    /// attempts do, when it is killed between the record and the applies). Replicas may come
+    /// up later, so an unreachable one is tried again for a while. Returns what could not be
+    /// finished and what was abandoned, one sentence each.
     pub async fn finish_recorded_commits(&self) -> Vec<String> {
         let (Some(replicas), Some(storage)) = (self.several(), self.store.storage()) else {
             return Vec::new();
@@ -904,7 +1066,16 @@ impl HandoffService {
                 |a: &[(u64, u64)], r: bool, c: bool| self.apply_local(&record.link, a, r, c);
             let mut tries = 0;
             loop {
-                match replicas.apply(storage, &record, &local).await {
+                let applied = match self.abandon_if_lost(&replicas, storage, &record).await {
+                    Ok(Some(what)) => {
+                        tracing::warn!("{what}");
+                        unfinished.push(what);
+                        break;
+                    }
+                    Ok(None) => replicas.apply(storage, &record, &local).await,
+                    Err(status) => Err(status),
+                };
+                match applied {
                     Ok(applied) => {
                         tracing::info!(link = %record.link, seq = record.seq, published = applied.committed, already = applied.already, "finished a recorded commit");
                         break;
@@ -917,8 +1088,8 @@ impl HandoffService {
                     }
                     Err(status) => {
                         let what = format!(
-                            "commit {} of link '{}' ({} attempts) is recorded but could not be \
-                             applied: {}",
+                            "not finished: commit {} of link '{}' ({} attempts) is recorded but \
+                             could not be applied: {}",
                             record.seq,
                             record.link,
                             record.attempts.len(),
