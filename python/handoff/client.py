@@ -425,7 +425,7 @@ class HandoffClient:
         """Fill `link` from Parquet the server can reach (`s3://bucket/path/*.parquet`), all files
         or none; the server's AWS_* environment gives credentials and endpoint."""
         message = pb.Import(link=link, url=url, seal=seal)
-        return self._json_action("import", message.SerializeToString())
+        return self._planner_action("import", message.SerializeToString())
 
     def seal(self, link: str) -> dict:
         return self._planner_action("seal", link.encode())

@@ -677,7 +677,7 @@ impl HandoffClient {
             url: url.to_string(),
             seal,
         };
-        self.json_action(proto::actions::IMPORT, request.encode_to_vec())
+        self.planner_action(proto::actions::IMPORT, request.encode_to_vec())
             .await
     }
 

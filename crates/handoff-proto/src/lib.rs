@@ -54,6 +54,9 @@ pub mod actions {
     /// Replica to replica: take back this replica's published part of a recorded commit that
     /// the planner abandons (`Commit` in, `{"reverted": n}` out).
     pub const UNAPPLY: &str = "unapply";
+    /// Planner to replica: stage this replica's share of an import's Parquet files
+    /// (`ImportPart` in, `{"files", "attempts"}` out); the planner commits them all.
+    pub const IMPORT_PART: &str = "import-part";
 }
 
 impl PartitionAttempt {

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
+use arrow_schema::SchemaRef;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -122,13 +123,13 @@ fn partition_cap(store: &Store, link: &str, streams: usize) -> u64 {
 struct StagedAttempts {
     store: Arc<Store>,
     link: String,
-    /// (partition, rows) of every staged attempt not yet committed.
-    attempts: Mutex<Vec<(u64, u64)>>,
+    /// (partition, rows, bytes) of every staged attempt not yet committed.
+    attempts: Mutex<Vec<(u64, u64, u64)>>,
 }
 
 impl StagedAttempts {
-    fn record(&self, partition: u64, rows: u64) {
-        self.attempts.lock().push((partition, rows));
+    fn record(&self, partition: u64, rows: u64, bytes: u64) {
+        self.attempts.lock().push((partition, rows, bytes));
     }
 }
 
@@ -138,7 +139,7 @@ impl Drop for StagedAttempts {
             .attempts
             .get_mut()
             .iter()
-            .map(|(p, _)| (*p, 0))
+            .map(|(p, _, _)| (*p, 0))
             .collect();
         if !staged.is_empty() {
             let _ = self.store.abort(&self.link, &staged);
@@ -155,6 +156,28 @@ struct StreamWrite {
     first_id: u64,
     cap: u64,
     max_flight_data_size: usize,
+    owns: Option<Owns>,
+}
+
+/// Which partition ids this server may stage: over replicas, only those it owns (the
+/// placement hashes each id to one replica).
+pub type Owns = Arc<dyn Fn(u64) -> bool + Send + Sync>;
+
+impl StreamWrite {
+    /// The first id from `id` up that this server may stage, within the stream's stride.
+    fn next_id(&self, mut id: u64) -> Result<u64, ImportError> {
+        loop {
+            if id - self.first_id >= STREAM_STRIDE {
+                return Err(ImportError::Invalid(format!(
+                    "the import would need more than {STREAM_STRIDE} partition ids per stream; raise the memory limit"
+                )));
+            }
+            match &self.owns {
+                Some(owns) if !owns(id) => id += 1,
+                _ => return Ok(id),
+            }
+        }
+    }
 }
 
 impl StreamWrite {
@@ -170,7 +193,7 @@ impl StreamWrite {
             .await
             .ok_or_else(|| read_error("the Parquet scan ended before its schema"))?
             .map_err(read_error)?;
-        let mut id = self.first_id;
+        let mut id = self.next_id(self.first_id)?;
         let begin = |id: u64| {
             let target = PutTarget::Staged {
                 partition: id,
@@ -185,39 +208,33 @@ impl StreamWrite {
         while let Some(message) = data.next().await {
             let message = message.map_err(read_error)?;
             if writer.bytes() >= self.cap {
-                if id + 1 - self.first_id >= STREAM_STRIDE {
-                    return Err(ImportError::Invalid(format!(
-                        "the import would need more than {STREAM_STRIDE} partitions per stream; raise the memory limit"
-                    )));
-                }
-                let done = std::mem::replace(&mut writer, begin(id + 1)?);
-                self.staged.record(id, done.finish().await?.rows);
-                id += 1;
+                let next = self.next_id(id + 1)?;
+                let done = std::mem::replace(&mut writer, begin(next)?);
+                let finished = done.finish().await?;
+                self.staged.record(id, finished.rows, finished.bytes);
+                id = next;
                 writer
                     .push(schema.data_header.clone(), schema.data_body.clone())
                     .await?;
             }
             writer.push(message.data_header, message.data_body).await?;
         }
-        self.staged.record(id, writer.finish().await?.rows);
+        let finished = writer.finish().await?;
+        self.staged.record(id, finished.rows, finished.bytes);
         Ok(())
     }
 }
 
-/// Import `url` (a Parquet file, a directory, or a glob such as `s3://bucket/path/*.parquet`)
-/// into `link`, creating it when `create`. `parallelism` streams are read and written at once,
-/// each on its own task.
-pub async fn import_parquet(
-    store: &Arc<Store>,
-    link: &str,
-    url: &str,
-    create: bool,
-    parallelism: usize,
-    max_flight_data_size: usize,
-) -> Result<ImportOutcome, ImportError> {
-    let table_url = listing_url(url)?;
-    let store_url = table_url.object_store();
-    let objects = ObjectStorage::from_url(store_url.as_str())?;
+/// The Parquet files under a URL (a file, a directory, or a glob), with their sizes, and the
+/// schema they make together: what a planner needs to split an import over replicas.
+#[derive(Debug, Clone)]
+pub struct ParquetListing {
+    /// Each file's full URL and size in bytes, in path order.
+    pub files: Vec<(String, u64)>,
+    pub schema: SchemaRef,
+}
+
+fn parquet_session(parallelism: usize) -> SessionContext {
     // Keep the files' own types: readers expect Utf8 where Spark wrote strings, not views.
     let config = SessionConfig::new()
         .with_target_partitions(parallelism.max(1))
@@ -226,29 +243,137 @@ pub async fn import_parquet(
             false,
         )
         .set_bool("datafusion.execution.parquet.binary_as_string", false);
-    let ctx = SessionContext::new_with_config(config);
+    SessionContext::new_with_config(config)
+}
+
+fn parquet_options() -> ListingOptions {
+    ListingOptions::new(Arc::new(
+        ParquetFormat::default().with_force_view_types(false),
+    ))
+    .with_file_extension(".parquet")
+}
+
+/// List the Parquet files at `url` and infer their schema (from their footers only).
+pub async fn list_parquet(url: &str) -> Result<ParquetListing, ImportError> {
+    let table_url = listing_url(url)?;
+    let store_url = table_url.object_store();
+    let objects = ObjectStorage::from_url(store_url.as_str())?;
+    let ctx = parquet_session(1);
     ctx.register_object_store(store_url.as_ref(), Arc::clone(objects.object_store()));
-    let files = table_url
+    let mut files: Vec<(String, u64)> = table_url
         .list_all_files(&ctx.state(), objects.object_store().as_ref(), ".parquet")
         .await
         .map_err(read_error)?
-        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .map_ok(|meta| {
+            let base = store_url.as_str().trim_end_matches('/');
+            (format!("{base}/{}", meta.location), meta.size)
+        })
+        .try_collect()
         .await
         .map_err(read_error)?;
-    if files == 0 {
+    if files.is_empty() {
         return Err(ImportError::Invalid(format!(
-            "no .parquet files at '{url}'; check the path, the glob and the credentials"
+            "no .parquet files at '{}'; check the path, the glob and the credentials",
+            handoff_store::echo(url)
         )));
     }
-    let options = ListingOptions::new(Arc::new(
-        ParquetFormat::default().with_force_view_types(false),
-    ))
-    .with_file_extension(".parquet");
+    files.sort();
     let config = ListingTableConfig::new(table_url)
-        .with_listing_options(options)
+        .with_listing_options(parquet_options())
         .infer_schema(&ctx.state())
         .await
         .map_err(read_error)?;
+    let schema = config
+        .file_schema
+        .clone()
+        .ok_or_else(|| read_error("the Parquet files' schema could not be inferred"))?;
+    Ok(ParquetListing { files, schema })
+}
+
+/// What [`stage_parquet`] staged and left for a planner to commit: `(partition, rows, bytes)`
+/// of each attempt (attempt 0) with rows.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StagedImport {
+    pub link: String,
+    pub files: u64,
+    pub attempts: Vec<(u64, u64, u64)>,
+}
+
+/// Stage these Parquet files (full URLs, all in one object store) into `link`, read as
+/// `schema`, under partition ids that `owns` accepts, for a planner to commit with the other
+/// replicas' parts. Nothing is committed; on failure nothing stays staged.
+pub async fn stage_parquet(
+    store: &Arc<Store>,
+    link: &str,
+    files: &[String],
+    schema: SchemaRef,
+    parallelism: usize,
+    max_flight_data_size: usize,
+    owns: Owns,
+) -> Result<StagedImport, ImportError> {
+    let Some(first) = files.first() else {
+        return Ok(StagedImport {
+            link: link.to_string(),
+            files: 0,
+            attempts: Vec::new(),
+        });
+    };
+    let urls = files
+        .iter()
+        .map(|f| listing_url(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(other) = urls
+        .iter()
+        .find(|u| u.object_store() != urls[0].object_store())
+    {
+        return Err(ImportError::Invalid(format!(
+            "the files of one import are in one object store: {} and {} are not",
+            handoff_store::echo(first),
+            handoff_store::echo(other.as_str())
+        )));
+    }
+    let store_url = urls[0].object_store();
+    let objects = ObjectStorage::from_url(store_url.as_str())?;
+    let ctx = parquet_session(parallelism);
+    ctx.register_object_store(store_url.as_ref(), Arc::clone(objects.object_store()));
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(parquet_options())
+        .with_schema(schema);
+    let staged = stage_table(
+        store,
+        link,
+        &ctx,
+        config,
+        false,
+        max_flight_data_size,
+        Some(owns),
+    )
+    .await?;
+    let attempts = staged.attempts.lock().clone();
+    // Those with rows stay staged for the planner's commit; empty ones go with `staged`.
+    staged.attempts.lock().retain(|(_, rows, _)| *rows == 0);
+    drop(staged);
+    Ok(StagedImport {
+        link: link.to_string(),
+        files: files.len() as u64,
+        attempts: attempts
+            .into_iter()
+            .filter(|(_, rows, _)| *rows > 0)
+            .collect(),
+    })
+}
+
+/// Run the scan of `config` and stage every stream's output; the staged attempts are dropped
+/// when the returned holder is, unless taken out of it.
+async fn stage_table(
+    store: &Arc<Store>,
+    link: &str,
+    ctx: &SessionContext,
+    config: ListingTableConfig,
+    create: bool,
+    max_flight_data_size: usize,
+    owns: Option<Owns>,
+) -> Result<Arc<StagedAttempts>, ImportError> {
     let table = ListingTable::try_new(config).map_err(read_error)?;
     let frame = ctx.read_table(Arc::new(table)).map_err(read_error)?;
     let streams = frame
@@ -273,6 +398,7 @@ pub async fn import_parquet(
             first_id: base + s as u64 * STREAM_STRIDE,
             cap,
             max_flight_data_size,
+            owns: owns.clone(),
         };
         tasks.spawn(write.run(batches));
     }
@@ -287,16 +413,62 @@ pub async fn import_parquet(
         while tasks.join_next().await.is_some() {}
         return Err(failed.explained());
     }
+    Ok(staged)
+}
+
+/// Import `url` (a Parquet file, a directory, or a glob such as `s3://bucket/path/*.parquet`)
+/// into `link`, creating it when `create`. `parallelism` streams are read and written at once,
+/// each on its own task.
+pub async fn import_parquet(
+    store: &Arc<Store>,
+    link: &str,
+    url: &str,
+    create: bool,
+    parallelism: usize,
+    max_flight_data_size: usize,
+) -> Result<ImportOutcome, ImportError> {
+    let table_url = listing_url(url)?;
+    let store_url = table_url.object_store();
+    let objects = ObjectStorage::from_url(store_url.as_str())?;
+    let ctx = parquet_session(parallelism);
+    ctx.register_object_store(store_url.as_ref(), Arc::clone(objects.object_store()));
+    let files = table_url
+        .list_all_files(&ctx.state(), objects.object_store().as_ref(), ".parquet")
+        .await
+        .map_err(read_error)?
+        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .await
+        .map_err(read_error)?;
+    if files == 0 {
+        return Err(ImportError::Invalid(format!(
+            "no .parquet files at '{url}'; check the path, the glob and the credentials"
+        )));
+    }
+    let config = ListingTableConfig::new(table_url)
+        .with_listing_options(parquet_options())
+        .infer_schema(&ctx.state())
+        .await
+        .map_err(read_error)?;
+    let staged = stage_table(
+        store,
+        link,
+        &ctx,
+        config,
+        create,
+        max_flight_data_size,
+        None,
+    )
+    .await?;
     let mut written = staged.attempts.lock().clone();
     written.sort_unstable();
     // Empty partitions (a stream announces its schema even without rows) are not committed.
     let attempts: Vec<(u64, u64)> = written
         .iter()
-        .filter(|(_, rows)| *rows > 0)
-        .map(|(partition, _)| (*partition, 0))
+        .filter(|(_, rows, _)| *rows > 0)
+        .map(|(partition, _, _)| (*partition, 0))
         .collect();
     let committed = store.commit(link, &attempts, false)?;
-    staged.attempts.lock().retain(|(_, rows)| *rows == 0);
+    staged.attempts.lock().retain(|(_, rows, _)| *rows == 0);
     drop(staged);
     Ok(ImportOutcome {
         link: link.to_string(),

@@ -13,7 +13,10 @@ use datafusion::error::Result;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use filter::{QueryError, plan_read, planner};
-pub use import::{ImportError, ImportOutcome, import_parquet};
+pub use import::{
+    ImportError, ImportOutcome, Owns, ParquetListing, StagedImport, import_parquet, list_parquet,
+    stage_parquet,
+};
 pub use table::{LinkTable, RemotePart};
 
 /// A DataFusion session in which each given link is a table named after it, in `catalog.schema`

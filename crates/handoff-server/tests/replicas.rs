@@ -47,11 +47,14 @@ impl Cluster {
     }
 
     async fn start_with(snapshots: bool) -> Self {
-        Self::start_configured(snapshots, None).await
+        Self::start_configured(snapshots, |_, config| config).await
     }
 
-    /// With `idle`, each replica runs with that idle timeout (`serve --idle-timeout`).
-    async fn start_configured(snapshots: bool, idle: Option<std::time::Duration>) -> Self {
+    /// Each replica's configuration passed through `adjust(index, config)` first.
+    async fn start_configured(
+        snapshots: bool,
+        adjust: impl Fn(u32, ServerConfig) -> ServerConfig,
+    ) -> Self {
         let mut listeners = Vec::new();
         for _ in 0..REPLICAS {
             listeners.push(
@@ -74,10 +77,7 @@ impl Cluster {
                 snapshot_on_seal: snapshots,
                 ..StoreConfig::default()
             };
-            let config = ServerConfig {
-                idle_timeout: idle,
-                ..config(&peers, i as u32)
-            };
+            let config = adjust(i as u32, config(&peers, i as u32));
             servers.push(Some(Fixture::start_on(listener, config, store).await));
         }
         Self {
@@ -631,6 +631,25 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
         .await
         .expect_err("replica 2's partition");
     assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    // `import-part` is the planner's: a writer may not make a replica read files.
+    let share = handoff_proto::ImportPart {
+        link: LINK.into(),
+        files: vec!["file:///etc/passwd".into()],
+        schema: Default::default(),
+    };
+    let err = at_one
+        .raw_action("import-part", share.encode_to_vec())
+        .await
+        .expect_err("admin only");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    // Even the planner's share is checked against the replica's own allowlist (import is off).
+    let err = cluster
+        .client(1, ADMIN)
+        .await
+        .raw_action("import-part", share.encode_to_vec())
+        .await
+        .expect_err("import is off here");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
     // A commit naming an attempt nobody staged is refused before anything is recorded.
     let err = admin
         .commit(LINK, &[(partition, 0)])
@@ -938,7 +957,11 @@ async fn gone_everywhere(cluster: &Cluster, link: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ttls_and_the_idle_timeout_expire_the_whole_link_on_every_replica() {
     let idle = std::time::Duration::from_secs(2);
-    let cluster = Cluster::start_configured(false, Some(idle)).await;
+    let cluster = Cluster::start_configured(false, |_, config| ServerConfig {
+        idle_timeout: Some(idle),
+        ..config
+    })
+    .await;
     let mut admin = cluster.client(0, ADMIN).await;
     let mut writer = cluster.client(2, WRITER).await;
 
@@ -1243,5 +1266,98 @@ async fn a_commit_whose_planner_died_with_its_attempts_is_taken_back_and_the_job
             .flatten()
             .all(|(_, attempt, _)| *attempt == 1)
     );
+    cluster.stop().await;
+}
+
+/// `files` Parquet files of 1,000 rows each, ids from 0 in file order.
+fn parquet_files(files: i64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in 0..files {
+        let file = std::fs::File::create(dir.path().join(format!("part-{f}.parquet")))
+            .expect("create file");
+        let mut writer =
+            datafusion::parquet::arrow::ArrowWriter::try_new(file, schema(), None).expect("writer");
+        writer.write(&batch(f * 1000, 1000)).expect("write");
+        writer.close().expect("close");
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_import_spreads_its_files_over_every_replica_and_commits_them_at_once() {
+    // Imports may read the tests' temporary files, except at replica 2 in the second cluster.
+    let allow = |off: Option<u32>| {
+        move |i: u32, config: ServerConfig| ServerConfig {
+            import_allow: if Some(i) == off {
+                Vec::new()
+            } else {
+                vec![format!("file://{}", std::env::temp_dir().display())]
+            },
+            ..config
+        }
+    };
+    let files = parquet_files(6);
+    let glob = format!("file://{}/*.parquet", files.path().display());
+    let cluster = Cluster::start_configured(false, allow(None)).await;
+    // Asked at replica 1, planned at replica 0: every replica reads a share of the files.
+    let mut admin = cluster.client(1, ADMIN).await;
+    let reply = admin
+        .import("team/imported", &glob, true)
+        .await
+        .expect("import");
+    assert_eq!(
+        (&reply["files"], &reply["rows"], &reply["sealed"]),
+        (
+            &serde_json::json!(6),
+            &serde_json::json!(6000),
+            &serde_json::json!(true)
+        ),
+        "{reply}"
+    );
+    let stats = admin.stats("team/imported").await.expect("stats");
+    assert_eq!((stats.state.as_str(), stats.rows), ("sealed", 6000));
+    // Six files of one size: two to each replica, each partition at its owner.
+    for part in &stats.replicas {
+        assert_eq!(part.rows, 2000, "{part:?}");
+    }
+    for (replica, parts) in cluster.published("team/imported") {
+        for (partition, attempt, _) in parts {
+            assert_eq!(
+                owner("team/imported", partition, REPLICAS) as usize,
+                replica
+            );
+            assert_eq!(attempt, 0);
+        }
+    }
+    let mut reader = cluster.client(2, READER).await;
+    let mut ids = link_ids(&mut reader, "team/imported").await;
+    ids.sort_unstable();
+    assert_eq!(ids, (0..6000).collect::<Vec<i64>>(), "every row once");
+    // A URL outside what the server may read is refused before anything is read.
+    let err = admin
+        .import("team/other", "file:///etc/*.parquet", false)
+        .await
+        .expect_err("not allowed");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    cluster.stop().await;
+
+    // One replica cannot import its share: nothing is committed, nothing stays staged.
+    let cluster = Cluster::start_configured(false, allow(Some(2))).await;
+    let mut admin = cluster.client(0, ADMIN).await;
+    let err = admin
+        .import("team/half", &glob, true)
+        .await
+        .expect_err("replica 2 refuses its share");
+    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    assert!(err.to_string().contains("replica 2"), "{err}");
+    for i in 0..REPLICAS as usize {
+        let stats = cluster.server(i).store.stats("team/half").expect("created");
+        assert_eq!((stats.rows, stats.staged_partitions), (0, 0), "replica {i}");
+    }
+    let records = storage(&cluster.dirs[0])
+        .pending_commits()
+        .await
+        .expect("records");
+    assert!(records.is_empty(), "{records:?}");
     cluster.stop().await;
 }

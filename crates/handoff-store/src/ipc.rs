@@ -485,7 +485,13 @@ impl<'a> Walker<'a> {
                 count: 0,
             });
         }
-        Self::need(field, "offsets", raw.len(), (length + 1) * width)?;
+        // Saturating: `length` comes from the writer (found by the `ingest` fuzz target).
+        Self::need(
+            field,
+            "offsets",
+            raw.len(),
+            length.saturating_add(1).saturating_mul(width),
+        )?;
         if raw.len() % width != 0 {
             return Err(StoreError::InvalidIpc(format!(
                 "the offsets buffer of column '{}' is {} bytes, not a whole number of offsets",
@@ -586,7 +592,7 @@ impl<'a> Walker<'a> {
                 }
                 self.validity(field, length, nulls)?;
                 let have = self.buffer(field)?.len();
-                Self::need(field, "views", have, length * 16)?;
+                Self::need(field, "views", have, length.saturating_mul(16))?;
                 for _ in 0..extra {
                     self.buffer(field)?;
                 }

@@ -235,6 +235,20 @@ pub struct ReadDone {
     #[prost(uint32, tag = "5")]
     pub replica: u32,
 }
+/// Replica to replica ('import-part'): stage these Parquet files (full URLs) into this
+/// replica's part of a link, read as `schema`, under partition ids this replica owns. The planner
+/// splits an import's files over the replicas and commits every part's staged attempts at once.
+/// Answer: JSON {"files": n, "attempts": \[[partition, rows, bytes\], ...]}.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ImportPart {
+    #[prost(string, tag = "1")]
+    pub link: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub files: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// An Arrow IPC schema message: the schema of all the import's files, inferred once.
+    #[prost(bytes = "bytes", tag = "3")]
+    pub schema: ::prost::bytes::Bytes,
+}
 /// Replica to replica ('count'): how many committed rows of this replica's part of a sealed
 /// link pass `filter` (every row when empty), for the planner of a filtered read. Answer: JSON
 /// {"rows": n}.

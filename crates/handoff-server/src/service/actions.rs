@@ -119,6 +119,7 @@ impl HandoffService {
             proto::actions::COUNT => self.count_action(md, &body).await,
             proto::actions::READ_DONE => self.read_done_action(md, &body),
             proto::actions::UNAPPLY => self.unapply_action(md, &body),
+            proto::actions::IMPORT_PART => self.import_part_action(md, &body).await,
             proto::actions::COMMIT => {
                 let req = body_of::<proto::Commit>(&body, "commit", "Commit")?;
                 self.authorize(md, Access::Write, Some(&req.link))?;
@@ -173,14 +174,12 @@ impl HandoffService {
                 let request = body_of::<proto::Import>(&body, "import", "Import")?;
                 // Import reads what the server can reach, under the server's credentials.
                 let principal = self.authorize(md, Access::Admin, Some(&request.link))?;
-                if let Some(replicas) = &several {
-                    return Err(Status::unimplemented(format!(
-                        "import into a link over {} replicas is not built yet; import into a \
-                         single server",
-                        replicas.count()
-                    )));
-                }
                 self.imports.check(&request.url)?;
+                if let Some(replicas) = &several {
+                    return self
+                        .import_over_replicas(replicas, &request, principal.may_create())
+                        .await;
+                }
                 let outcome = handoff_query::import_parquet(
                     &self.store,
                     &request.link,
@@ -190,17 +189,7 @@ impl HandoffService {
                     self.max_flight_data_size,
                 )
                 .await
-                .map_err(|e| match e {
-                    handoff_query::ImportError::Store(e) => status_of(e),
-                    e @ handoff_query::ImportError::Memory(_) => {
-                        Status::resource_exhausted(e.to_string())
-                    }
-                    handoff_query::ImportError::Invalid(m) => invalid(m),
-                    e @ handoff_query::ImportError::InvalidUrl { .. } => invalid(e.to_string()),
-                    handoff_query::ImportError::Read(m) => {
-                        Status::failed_precondition(m.to_string())
-                    }
-                })?;
+                .map_err(import_status)?;
                 self.metrics.ingested_bytes.inc_by(outcome.bytes);
                 self.metrics.ingested_rows.inc_by(outcome.rows);
                 let sealed = if request.seal {

@@ -66,6 +66,18 @@ fn import_parallelism() -> usize {
         .clamp(4, 16)
 }
 
+/// An import's failure as a status: what the user can fix is INVALID_ARGUMENT, unreadable
+/// files FAILED_PRECONDITION, memory RESOURCE_EXHAUSTED.
+fn import_status(e: handoff_query::ImportError) -> Status {
+    match e {
+        handoff_query::ImportError::Store(e) => status_of(e),
+        e @ handoff_query::ImportError::Memory(_) => Status::resource_exhausted(e.to_string()),
+        handoff_query::ImportError::Invalid(m) => invalid(m),
+        e @ handoff_query::ImportError::InvalidUrl { .. } => invalid(e.to_string()),
+        handoff_query::ImportError::Read(m) => Status::failed_precondition(m.to_string()),
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }
@@ -491,6 +503,10 @@ impl FlightService for HandoffService {
             (
                 proto::actions::READ_DONE,
                 "Replica to planner (admin): a replica served its whole part of a rank's read, for the read TTL. Body: handoff.v1.ReadDone",
+            ),
+            (
+                proto::actions::IMPORT_PART,
+                "Planner to replica (admin): stage this replica's share of an import's Parquet files. Body: handoff.v1.ImportPart",
             ),
             (
                 proto::actions::UNAPPLY,

@@ -304,6 +304,209 @@ impl HandoffService {
         json_result(&serde_json::json!({ "reverted": reverted }))
     }
 
+    /// An import into a link over replicas, at the planner: it lists the files and infers their
+    /// schema once, gives each replica a share of the files (balanced by size), has every
+    /// replica stage its share at once under ids it owns, and commits all of it as one
+    /// recorded commit. If any share fails, the others' staged attempts are dropped: all or
+    /// nothing, as on one server.
+    pub(super) async fn import_over_replicas(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        request: &proto::Import,
+        may_create: bool,
+    ) -> Result<arrow_flight::Result, Status> {
+        if !replicas.is_planner() {
+            return Err(replicas.planner_only("an import"));
+        }
+        let link = request.link.as_str();
+        if self.store.storage().is_none() {
+            return Err(Status::failed_precondition(
+                "a link over several replicas records its commits in object storage; start \
+                 the planner with --spill-url",
+            ));
+        }
+        if let Err(StoreError::UnknownLink(_)) = self.store.link(link) {
+            if !may_create {
+                return Err(status_of(StoreError::UnknownLink(echo(link))));
+            }
+            let create = proto::CreateLink {
+                link: link.to_string(),
+                exist_ok: true,
+                ..Default::default()
+            };
+            self.store
+                .create_link(link, None, LinkOptions::default(), true)
+                .map_err(status_of)?;
+            for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
+                replicas
+                    .call(replica, proto::actions::CREATE, create.encode_to_vec())
+                    .await?;
+            }
+        }
+        let listing = handoff_query::list_parquet(&request.url)
+            .await
+            .map_err(import_status)?;
+        let options = arrow_ipc::writer::IpcWriteOptions::default();
+        let schema = arrow_flight::SchemaAsIpc::new(&listing.schema, &options);
+        let arrow_flight::IpcMessage(schema) = schema
+            .try_into()
+            .map_err(|e: arrow_schema::ArrowError| Status::internal(e.to_string()))?;
+        // Largest files first, each to the replica with the fewest bytes so far.
+        let mut by_size = listing.files.clone();
+        by_size.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut shares: Vec<(u64, Vec<String>)> = vec![(0, Vec::new()); replicas.count() as usize];
+        for (file, size) in by_size {
+            if let Some(share) = shares.iter_mut().min_by_key(|(bytes, _)| *bytes) {
+                share.0 = share.0.saturating_add(size);
+                share.1.push(file);
+            }
+        }
+        let parts = futures::future::join_all(shares.into_iter().enumerate().map(
+            |(replica, (_, files))| {
+                let schema = schema.clone();
+                async move {
+                    let replica = replica as u32;
+                    if files.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    if replica == replicas.index() {
+                        return self.stage_import(replicas, link, &files, &schema).await;
+                    }
+                    let body = proto::ImportPart {
+                        link: link.to_string(),
+                        files,
+                        schema,
+                    };
+                    let reply = replicas
+                        .call(replica, proto::actions::IMPORT_PART, body.encode_to_vec())
+                        .await?;
+                    let reply: serde_json::Value = serde_json::from_slice(&reply)
+                        .map_err(|e| Status::internal(format!("import-part reply: {e}")))?;
+                    Ok(reply["attempts"]
+                        .as_array()
+                        .map(|list| {
+                            list.iter()
+                                .filter_map(|a| {
+                                    Some((a[0].as_u64()?, a[1].as_u64()?, a[2].as_u64()?))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default())
+                }
+            },
+        ))
+        .await;
+        let mut staged: Vec<(u64, u64, u64)> = Vec::new();
+        let mut failed = None;
+        for (replica, part) in parts.into_iter().enumerate() {
+            match part {
+                Ok(attempts) => staged.extend(attempts),
+                Err(status) if failed.is_none() => {
+                    failed = Some(Status::new(
+                        status.code(),
+                        format!(
+                            "importing into replica {replica} ({}): {}",
+                            replicas.url(replica as u32),
+                            status.message()
+                        ),
+                    ))
+                }
+                Err(_) => {}
+            }
+        }
+        staged.sort_unstable();
+        let attempts: Vec<(u64, u64)> = staged.iter().map(|(p, _, _)| (*p, 0)).collect();
+        if let Some(status) = failed {
+            // All or nothing: what the other shares staged goes.
+            let abort = proto::Abort {
+                link: link.to_string(),
+                attempts: proto::PartitionAttempt::list(&attempts),
+            };
+            if !attempts.is_empty()
+                && let Err(e) = self.abort_over_replicas(replicas, &abort, &attempts).await
+            {
+                tracing::warn!(link, error = %e.message(), "an import failed and its staged partitions could not all be dropped; the seal drops them");
+            }
+            return Err(status);
+        }
+        // A commit that fails is left to the record: if it was recorded, the next commit or
+        // the seal applies it; if not, the seal drops the staged attempts.
+        let committed = self
+            .commit_over_replicas(replicas, link, &attempts, false)
+            .await?;
+        let committed: serde_json::Value =
+            serde_json::from_slice(&committed.body).unwrap_or_default();
+        let rows: u64 = staged
+            .iter()
+            .map(|(_, r, _)| *r)
+            .fold(0, u64::saturating_add);
+        let bytes: u64 = staged
+            .iter()
+            .map(|(_, _, b)| *b)
+            .fold(0, u64::saturating_add);
+        self.metrics.ingested_bytes.inc_by(bytes);
+        self.metrics.ingested_rows.inc_by(rows);
+        if request.seal {
+            self.seal_over_replicas(replicas, link).await?;
+        }
+        json_result(&serde_json::json!({
+            "link": link, "files": listing.files.len(), "partitions": attempts.len(),
+            "rows": rows, "bytes": bytes, "sealed": request.seal,
+            "record": committed["record"],
+        }))
+    }
+
+    /// Stage this replica's share of an import, under ids it owns.
+    async fn stage_import(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        link: &str,
+        files: &[String],
+        schema: &Bytes,
+    ) -> Result<Vec<(u64, u64, u64)>, Status> {
+        for file in files {
+            self.imports.check(file)?;
+        }
+        let schema = SchemaFrame::parse(strip_encapsulation(schema.clone()))
+            .map_err(|e| invalid(format!("the import's schema: {e}")))?
+            .schema;
+        let owner = Arc::clone(replicas);
+        let (name, index) = (link.to_string(), replicas.index());
+        let owns: handoff_query::Owns = Arc::new(move |id| owner.owner(&name, id) == index);
+        let store = Arc::clone(&self.store);
+        let staged = handoff_query::stage_parquet(
+            &store,
+            link,
+            files,
+            schema,
+            super::import_parallelism(),
+            self.max_flight_data_size,
+            owns,
+        )
+        .await
+        .map_err(import_status)?;
+        Ok(staged.attempts)
+    }
+
+    /// Planner to replica: stage this replica's share of an import.
+    pub(super) async fn import_part_action(
+        &self,
+        md: &MetadataMap,
+        body: &Bytes,
+    ) -> Result<arrow_flight::Result, Status> {
+        let req = body_of::<proto::ImportPart>(&body, "import-part", "ImportPart")?;
+        self.authorize(md, Access::Admin, Some(&req.link))?;
+        let Some(replicas) = self.several() else {
+            return Err(Status::failed_precondition(
+                "'import-part' is sent by the planner of a link over replicas; use 'import'",
+            ));
+        };
+        let attempts = self
+            .stage_import(&replicas, &req.link, &req.files, &req.schema)
+            .await?;
+        json_result(&serde_json::json!({ "files": req.files.len(), "attempts": attempts }))
+    }
+
     /// An append staged here as `partition` (attempt 0), committed by the planner. If that
     /// fails it stays staged: should the planner have recorded it, the seal applies it;
     /// otherwise the seal drops it. Either way the writer is told, and nothing is published
