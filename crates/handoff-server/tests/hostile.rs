@@ -1079,3 +1079,50 @@ fn prost_types_any(type_url: &str, value: Vec<u8>) -> bytes::Bytes {
     }
     out.into()
 }
+
+/// A link's FlightInfo holds an endpoint per partition while it is built and sent, so it is
+/// reserved like data: a listing that does not fit beside what is stored is refused with the
+/// numbers, rather than held beyond the budget, and nothing of it stays counted.
+#[tokio::test]
+async fn listings_of_many_partitions_are_reserved_in_the_budget() {
+    let limit: u64 = 1 << 20;
+    let server = Fixture::start_with(
+        handoff_server::ServerConfig::default(),
+        handoff_store::StoreConfig {
+            memory_limit: Some(limit),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut admin = server.admin().await;
+    admin
+        .put("few", stream_of(vec![batch(0, 1)]))
+        .await
+        .expect("put");
+    // One-row partitions until the budget is nearly full: each stores less than a listing
+    // of it takes beside the others.
+    let mut partitions = 0;
+    while server.store.memory().used() < limit / 100 * 85 {
+        admin
+            .put("many", stream_of(vec![batch(partitions, 1)]))
+            .await
+            .expect("one row");
+        partitions += 1;
+    }
+    let stored = server.store.memory().used();
+    let err = admin.flight_info("many").await.expect_err("too large");
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    assert!(err.to_string().contains("memory limit"), "{err}");
+    let err = admin.list().await.expect_err("too large");
+    assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
+    // A small listing still fits, and the refused ones left nothing counted.
+    let few = admin.flight_info("few").await.expect("one partition");
+    assert_eq!(few.endpoint.len(), 1);
+    handoff_testkit::eventually("the listings are released", || {
+        let used = server.store.memory().used();
+        async move { (used == stored).then_some(()) }
+    })
+    .await;
+    assert!(partitions > 100, "{partitions} partitions");
+    server.stop().await;
+}

@@ -54,8 +54,16 @@ pub(crate) fn shard_spec(shard: &proto::ReadShard) -> (ShardSpec, ReadMode) {
 }
 
 impl HandoffService {
-    pub(super) fn link_info(&self, link: &Link) -> Result<FlightInfo, Status> {
+    /// A link's FlightInfo: an endpoint per partition. Held while it is built and sent, so it
+    /// is reserved in `held` first (see [`info_bytes`]), and refused past the budget.
+    pub(super) fn link_info(
+        &self,
+        link: &Link,
+        held: &mut handoff_store::Reservation,
+    ) -> Result<FlightInfo, Status> {
         let snapshot = link.snapshot();
+        held.try_grow(info_bytes(link.name(), snapshot.partitions.len() as u64))
+            .map_err(status_of)?;
         let schema = Self::schema_of(link)?;
         // Each endpoint says which partition and attempt it is and its rows, so a writer that
         // publishes task by task can check what was published against what Spark says won.
@@ -397,4 +405,12 @@ impl Joiner {
             Err(e) => Some(Err(e)),
         }
     }
+}
+
+/// What a link's FlightInfo takes while it is held, per partition at most: the endpoint
+/// itself, its ticket (which names the link) and its `app_metadata` (checked against the encoded
+/// size in the tests).
+pub(super) fn info_bytes(link: &str, partitions: u64) -> u64 {
+    const ENDPOINT_BYTES: u64 = 256;
+    partitions.saturating_mul(ENDPOINT_BYTES.saturating_add(link.len() as u64))
 }

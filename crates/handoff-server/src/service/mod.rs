@@ -281,9 +281,11 @@ impl FlightService for HandoffService {
         let result = async {
             let principal = self.auth.identify(request.metadata(), &self.store)?;
             let prefix = String::from_utf8_lossy(&request.get_ref().expression).to_string();
+            // The listing is reserved until the last of it is sent.
+            let mut held = self.store.memory().reservation(None);
             let infos = match self.several() {
                 Some(replicas) => {
-                    self.list_over_replicas(&replicas, &principal, &prefix)
+                    self.list_over_replicas(&replicas, &principal, &prefix, &mut held)
                         .await?
                 }
                 None => self
@@ -291,11 +293,14 @@ impl FlightService for HandoffService {
                     .list()
                     .into_iter()
                     .filter(|link| principal.sees(link.name()) && link.name().starts_with(&prefix))
-                    .map(|link| self.link_info(&link))
+                    .map(|link| self.link_info(&link, &mut held))
                     .collect::<Result<Vec<_>, Status>>()?,
             };
+            let release = stream::once(async move { drop(held) }).filter_map(|()| async { None });
             Ok(Response::new(
-                stream::iter(infos.into_iter().map(Ok)).boxed(),
+                stream::iter(infos.into_iter().map(Ok))
+                    .chain(release)
+                    .boxed(),
             ))
         }
         .await;
@@ -335,13 +340,15 @@ impl FlightService for HandoffService {
             match parse_descriptor(&descriptor)? {
                 Target::Link(name) => {
                     self.authorize(request.metadata(), Access::Inspect, Some(&name))?;
+                    let mut held = self.store.memory().reservation(None);
                     if let Some(replicas) = self.several() {
                         return Ok(Response::new(
-                            self.link_info_over_replicas(&replicas, &name).await?,
+                            self.link_info_over_replicas(&replicas, &name, &mut held)
+                                .await?,
                         ));
                     }
                     let link = self.link(&name)?;
-                    Ok(Response::new(self.link_info(&link)?))
+                    Ok(Response::new(self.link_info(&link, &mut held)?))
                 }
                 Target::Shard(shard) => {
                     self.authorize(request.metadata(), Access::Read, Some(&shard.link))?;

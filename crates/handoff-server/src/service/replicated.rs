@@ -945,8 +945,12 @@ impl HandoffService {
         // what each caller may see.
         let one = (!req.link.is_empty()).then_some(req.link.as_str());
         self.authorize(md, Access::Admin, one)?;
-        let infos = self
-            .local_parts(one, &req.prefix)?
+        let mut held = self.store.memory().reservation(None);
+        let infos = self.local_parts(one, &req.prefix, &mut held)?;
+        // Their encoding is held too, until the reply is built.
+        held.try_grow(infos.iter().map(|i| i.encoded_len() as u64).sum())
+            .map_err(status_of)?;
+        let infos = infos
             .iter()
             .map(|info| info.encode_to_vec().into())
             .collect();
@@ -957,7 +961,12 @@ impl HandoffService {
 
     /// This replica's FlightInfo of `one` link, or of every link under `prefix`; none for a
     /// link it does not hold.
-    fn local_parts(&self, one: Option<&str>, prefix: &str) -> Result<Vec<FlightInfo>, Status> {
+    fn local_parts(
+        &self,
+        one: Option<&str>,
+        prefix: &str,
+        held: &mut handoff_store::Reservation,
+    ) -> Result<Vec<FlightInfo>, Status> {
         let links = match one {
             Some(name) => match self.store.link(name) {
                 Ok(link) => vec![link],
@@ -971,7 +980,10 @@ impl HandoffService {
                 .filter(|link| link.name().starts_with(prefix))
                 .collect(),
         };
-        links.iter().map(|link| self.link_info(link)).collect()
+        links
+            .iter()
+            .map(|link| self.link_info(link, held))
+            .collect()
     }
 
     /// Every replica's FlightInfo of `one` link, or of every link under `prefix`, by link:
@@ -981,22 +993,29 @@ impl HandoffService {
         replicas: &Arc<ReplicaConfig>,
         one: Option<&str>,
         prefix: &str,
+        held: &mut handoff_store::Reservation,
     ) -> Result<std::collections::BTreeMap<String, Vec<Option<FlightInfo>>>, Status> {
         let request = proto::ListParts {
             link: one.unwrap_or_default().to_string(),
             prefix: prefix.to_string(),
         }
         .encode_to_vec();
+        // Each reply is reserved as it arrives: its bytes, and as much again decoded.
+        let memory = self.store.memory();
         let replies = futures::future::join_all((0..replicas.count()).map(|replica| {
             let request = request.clone();
             async move {
+                let mut held = memory.reservation(None);
                 if replica == replicas.index() {
                     // The planner's own part, without a call.
-                    self.local_parts(one, prefix)
+                    self.local_parts(one, prefix, &mut held)
+                        .map(|infos| (infos, held))
                 } else {
                     let body = replicas
                         .call(replica, proto::actions::PARTS, request)
                         .await?;
+                    held.try_grow((body.len() as u64).saturating_mul(2))
+                        .map_err(status_of)?;
                     let parts = proto::Parts::decode(body.as_ref()).map_err(|e| {
                         Status::internal(format!(
                             "replica {} answered 'parts' with something else: {e}",
@@ -1014,7 +1033,8 @@ impl HandoffService {
                                 ))
                             })
                         })
-                        .collect()
+                        .collect::<Result<Vec<_>, Status>>()
+                        .map(|infos| (infos, held))
                 }
             }
         }))
@@ -1023,7 +1043,10 @@ impl HandoffService {
         let mut by_link: std::collections::BTreeMap<String, Vec<Option<FlightInfo>>> =
             Default::default();
         for (replica, reply) in replies.into_iter().enumerate() {
-            for info in reply? {
+            let (infos, mut part_held) = reply?;
+            let bytes = part_held.bytes();
+            held.take_from(&mut part_held, bytes).map_err(status_of)?;
+            for info in infos {
                 let Some(name) = info
                     .flight_descriptor
                     .as_ref()
@@ -1046,13 +1069,16 @@ impl HandoffService {
         &self,
         replicas: &Arc<ReplicaConfig>,
         link: &str,
+        held: &mut handoff_store::Reservation,
     ) -> Result<FlightInfo, Status> {
         if !replicas.is_planner() {
             return Err(replicas.planner_only("GetFlightInfo of a whole link"));
         }
         let stats = self.whole(replicas).stats(link).await?;
         crate::replicas::refuse_lost(&stats, link)?;
-        let mut parts = self.parts_over_replicas(replicas, Some(link), "").await?;
+        let mut parts = self
+            .parts_over_replicas(replicas, Some(link), "", held)
+            .await?;
         let parts = parts
             .remove(link)
             .ok_or_else(|| status_of(StoreError::UnknownLink(echo(link))))?;
@@ -1065,11 +1091,12 @@ impl HandoffService {
         replicas: &Arc<ReplicaConfig>,
         principal: &Principal,
         prefix: &str,
+        held: &mut handoff_store::Reservation,
     ) -> Result<Vec<FlightInfo>, Status> {
         if !replicas.is_planner() {
             return Err(replicas.planner_only("ListFlights"));
         }
-        self.parts_over_replicas(replicas, None, prefix)
+        self.parts_over_replicas(replicas, None, prefix, held)
             .await?
             .into_iter()
             .filter(|(name, _)| principal.sees(name))
