@@ -524,7 +524,11 @@ class HandoffClient:
         info = self._plan(request, wait_seal)
         replicas, _ = self.topology()
         try:
-            plan = [list(zip(b[::2], b[1::2])) for b in json.loads(info.app_metadata)["batches"]]
+            about = json.loads(info.app_metadata)
+            if about.get("streaming"):
+                yield from self._read_streaming(info)
+                return
+            plan = [list(zip(b[::2], b[1::2])) for b in about["batches"]]
         except (ValueError, KeyError, TypeError) as e:
             raise HandoffError(f"replica 0 ({replicas[0]}) sent a read over replicas without a "
                                f"readable plan ({e})", "internal") from e
@@ -544,6 +548,30 @@ class HandoffClient:
                 yield parts[0] if len(parts) == 1 else _concat(parts)
         finally:
             # Done, failed, or the caller stopped early: every thread ends before we return.
+            for stream in streams:
+                stream.stop()
+            for stream in streams:
+                stream.join()
+
+    def _read_streaming(self, info: flight.FlightInfo) -> Iterator[pa.RecordBatch]:
+        """A streaming read over replicas: every replica's part at once, each batch yielded as
+        it arrives from whichever replica sent it; done when every part has ended (the seal)."""
+        items: "queue.Queue" = queue.Queue(maxsize=PLAN_PREFETCH * max(1, len(info.endpoints)))
+        streams: List[_PlannedStream] = []
+        try:
+            for endpoint in info.endpoints:
+                client, at = self._at(endpoint)
+                streams.append(_PlannedStream(client, at, endpoint.ticket, self._options, items))
+            ended = 0
+            while ended < len(streams):
+                item = items.get()
+                if item is _END:
+                    ended += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
             for stream in streams:
                 stream.stop()
             for stream in streams:
@@ -597,9 +625,11 @@ class _PlannedStream:
     cuts its messages where it likes)."""
 
     def __init__(self, client: flight.FlightClient, endpoint: str, ticket: flight.Ticket,
-                 options: flight.FlightCallOptions):
+                 options: flight.FlightCallOptions, items: Optional["queue.Queue"] = None):
         self.endpoint = endpoint
-        self._items: "queue.Queue" = queue.Queue(maxsize=PLAN_PREFETCH)
+        # A streaming read shares one queue among its streams (`items`), taken in arrival order.
+        self._items: "queue.Queue" = items if items is not None else queue.Queue(
+            maxsize=PLAN_PREFETCH)
         self._stopped = threading.Event()
         self._reader = None
         self._pending: Optional[pa.RecordBatch] = None  # rows read and not taken yet

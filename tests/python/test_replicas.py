@@ -2,8 +2,8 @@
 the real binary: the placement formula, the refusals a client that does not route gets, and the
 Python client's routing (partitions to their owners, the planner's actions to replica 0), also
 under the Spark sink, and shard reads over replicas (planned at replica 0, read from every replica
-at once) through the client and the torch loader. Whole-link reads over replicas are not built
-yet: the sink's rows are checked through `stats`.
+at once) through the client and the torch loader, streaming reads over replicas, whole-link
+reads and Flight SQL at replica 0.
 """
 
 from __future__ import annotations
@@ -497,13 +497,50 @@ def test_shard_reads_over_replicas(cluster, shard_link):
                               (ShardRequest(link, batch_rows=7, filter="no_such > 3"),
                                "invalid_argument"),
                               (ShardRequest(link, batch_rows=7, streaming=True,
-                                            shuffle=False), "unimplemented")):
+                                            shuffle=False, start_batch=1),
+                               "invalid_argument")):
             with pytest.raises(HandoffError) as refused:
                 next(clients[0].read_shard(request))
             assert refused.value.code == code, refused.value
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_streaming_read_over_replicas_reads_rows_as_they_commit(cluster):
+    link = next(name for name in (f"replicas/stream-{i}" for i in count())
+                if {owner(name, p, REPLICAS) for p in range(SHARD_PARTS)} == {0, 1, 2})
+    with HandoffClient(cluster.endpoints[0], cluster.admin) as admin:
+        admin.create(link)
+    world = 2
+    results, errors = [None] * world, []
+    readers = [HandoffClient(cluster.endpoints[rank + 1], cluster.reader) for rank in range(world)]
+
+    def read(rank: int) -> None:
+        try:
+            results[rank] = [batch_ids(b) for b in readers[rank].read_shard(ShardRequest(
+                link, rank=rank, world_size=world, batch_rows=SHARD_BATCH, streaming=True,
+                shuffle=False))]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    # Every rank reads from before the first write until the seal.
+    threads = [threading.Thread(target=read, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    try:
+        with HandoffClient(cluster.endpoints[2], cluster.writer) as writer:
+            rows = write_shard_link(writer, link)
+        for thread in threads:
+            thread.join(timeout=patience(60))
+        assert not errors, errors
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        for reader in readers:
+            reader.close()
+    assert len(results[0]) == len(results[1]), [len(r) for r in results]
+    assert all(len(b) == SHARD_BATCH for r in results for b in r)
+    assert set(i for r in results for b in r for i in b) == set(range(rows))
 
 
 def test_torch_ranks_over_replicas(cluster, shard_link):

@@ -788,6 +788,17 @@ impl HandoffClient {
             return Ok(stream.map_err(ClientError::from).boxed());
         }
         let info = self.shard_info(&shard).await?;
+        // A streaming read: every replica's part at once, batches as they come.
+        if serde_json::from_slice::<serde_json::Value>(&info.app_metadata)
+            .is_ok_and(|about| about["streaming"] == true)
+        {
+            let mut streams = Vec::with_capacity(info.endpoint.len());
+            for endpoint in &info.endpoint {
+                let (client, ticket) = self.endpoint_client(endpoint).await?;
+                streams.push(client.do_get(ticket).await?.map_err(ClientError::from));
+            }
+            return Ok(futures::stream::select_all(streams).boxed());
+        }
         let plan: Plan =
             serde_json::from_slice(&info.app_metadata).map_err(|source| ClientError::Reply {
                 what: "the plan of a read over replicas".into(),

@@ -1361,3 +1361,122 @@ async fn an_import_spreads_its_files_over_every_replica_and_commits_them_at_once
     assert!(records.is_empty(), "{records:?}");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streaming_read_over_replicas_reads_each_row_as_it_commits() {
+    let cluster = Cluster::start().await;
+    let mut admin = cluster.client(0, ADMIN).await;
+    admin
+        .create(handoff_client::CreateLink {
+            link: LINK.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    let (world, b) = (2u32, 4u64);
+    let streaming = |rank, drop_last| handoff_client::ReadShard {
+        link: LINK.into(),
+        rank,
+        world_size: world,
+        batch_rows: b,
+        drop_last,
+        mode: handoff_client::ReadMode::Streaming as i32,
+        ..Default::default()
+    };
+    // Every rank starts reading before any row is written, from replica 1.
+    let mut readers = Vec::new();
+    for rank in 0..world {
+        for drop_last in [false, true] {
+            let mut client = cluster.client(1, READER).await;
+            let shard = streaming(rank, drop_last);
+            readers.push((
+                drop_last,
+                tokio::spawn(async move {
+                    let mut batches = client.shard_batches(shard).await.expect("plan");
+                    let mut got = Vec::new();
+                    while let Some(batch) = batches.next().await {
+                        got.push(ids(&batch.expect("batch")));
+                    }
+                    got
+                }),
+            ));
+        }
+    }
+    // Two commits of 12 partitions of 10 rows, over every replica, then the seal.
+    let mut writer = cluster.client(2, WRITER).await;
+    for round in 0..2u64 {
+        let partitions: Vec<u64> = (round * 6..round * 6 + 6).collect();
+        for &p in &partitions {
+            stage(&mut writer, p, 0).await;
+        }
+        let winners: Vec<(u64, u64)> = partitions.iter().map(|&p| (p, 0)).collect();
+        writer.commit(LINK, &winners).await.expect("commit");
+    }
+    writer.seal(LINK).await.expect("seal");
+    let all: std::collections::BTreeSet<i64> = (0..12)
+        .flat_map(|p: i64| (p * 100..p * 100 + 10).collect::<Vec<_>>())
+        .collect();
+    let (mut padded, mut dropped) = (Vec::new(), Vec::new());
+    for (drop_last, reader) in readers {
+        let batches = reader.await.expect("reader");
+        assert!(
+            batches.iter().all(|x| x.len() == b as usize),
+            "exactly batch_rows"
+        );
+        if drop_last {
+            dropped.push(batches);
+        } else {
+            padded.push(batches);
+        }
+    }
+    // Equal batch counts across ranks; every row at least once (padding repeats a few).
+    assert_eq!(padded[0].len(), padded[1].len());
+    let seen: std::collections::BTreeSet<i64> =
+        padded.iter().flatten().flatten().copied().collect();
+    assert_eq!(seen, all, "every row is read");
+    let total: usize = padded.iter().flatten().map(Vec::len).sum();
+    assert!(
+        total < all.len() + REPLICAS as usize * (world as usize * b as usize),
+        "padding at most a round per replica: {total} rows for {}",
+        all.len()
+    );
+    // With drop_last: equal counts, no row twice.
+    assert_eq!(dropped[0].len(), dropped[1].len());
+    let rows: Vec<i64> = dropped.iter().flatten().flatten().copied().collect();
+    let unique: std::collections::BTreeSet<i64> = rows.iter().copied().collect();
+    assert_eq!(rows.len(), unique.len(), "no row twice with drop_last");
+    assert!(unique.is_subset(&all));
+    // A streaming read over replicas starts at the beginning.
+    let mut resumed = streaming(0, false);
+    resumed.start_batch = 1;
+    let err = admin.shard_info(&resumed).await.expect_err("no resume");
+    assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    // A shard_part ticket is a streaming part only.
+    let part = handoff_proto::Ticket {
+        kind: Some(handoff_proto::ticket::Kind::ShardPart(
+            handoff_proto::ReadShard {
+                link: LINK.into(),
+                world_size: 1,
+                batch_rows: 4,
+                ..Default::default()
+            },
+        )),
+    };
+    let mut direct = FlightClient::new(cluster.server(1).channel().await);
+    direct
+        .add_header("authorization", &format!("Bearer {READER}"))
+        .expect("header");
+    let err = match direct
+        .do_get(arrow_flight::Ticket::new(part.encode_to_vec()))
+        .await
+    {
+        Ok(mut stream) => stream
+            .next()
+            .await
+            .expect("an answer")
+            .expect_err("refused"),
+        Err(e) => e,
+    };
+    assert_eq!(status_of(err).code(), tonic::Code::InvalidArgument);
+    cluster.stop().await;
+}

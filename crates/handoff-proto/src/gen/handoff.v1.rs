@@ -188,7 +188,7 @@ pub struct ReadRanges {
 /// The opaque Flight ticket that the server hands out in FlightInfo endpoints.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Ticket {
-    #[prost(oneof = "ticket::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "ticket::Kind", tags = "1, 2, 3, 4")]
     pub kind: ::core::option::Option<ticket::Kind>,
 }
 /// Nested message and enum types in `Ticket`.
@@ -201,6 +201,10 @@ pub mod ticket {
         Partition(super::ReadPartition),
         #[prost(message, tag = "3")]
         Ranges(super::ReadRanges),
+        /// One replica's own part of a streaming shard read over replicas, planned at replica 0:
+        /// this replica's rows, sharded among the ranks as one server shards its rows.
+        #[prost(message, tag = "4")]
+        ShardPart(super::ReadShard),
     }
 }
 /// Replica to replica ('parts'): this replica's part of links, for the planner's whole-link

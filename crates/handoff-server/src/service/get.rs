@@ -164,7 +164,14 @@ impl HandoffService {
                 "not a ticket issued by this server ({e}); get one from GetFlightInfo"
             ))
         })?;
-        let chunks: BoxStream<'static, Result<Chunk, StoreError>> = match ticket.kind {
+        // A replica's part of a streaming read over replicas is read as a shard of this replica.
+        let (part, kind) = match ticket.kind {
+            Some(proto::ticket::Kind::ShardPart(shard)) => {
+                (true, Some(proto::ticket::Kind::Shard(shard)))
+            }
+            kind => (false, kind),
+        };
+        let chunks: BoxStream<'static, Result<Chunk, StoreError>> = match kind {
             Some(proto::ticket::Kind::Partition(p)) => {
                 self.authorize(md, Access::Read, Some(&p.link))?;
                 let link = self.link(&p.link)?;
@@ -183,7 +190,14 @@ impl HandoffService {
                     .boxed()
             }
             Some(proto::ticket::Kind::Shard(shard)) => {
-                self.whole_link_here("A shard read")?;
+                if !part {
+                    self.whole_link_here("A shard read")?;
+                } else if self.several().is_none() || shard.mode() != proto::ReadMode::Streaming {
+                    return Err(invalid(
+                        "a shard_part ticket is one replica's part of a streaming read over \
+                         replicas; plan reads with GetFlightInfo",
+                    ));
+                }
                 self.authorize(md, Access::Read, Some(&shard.link))?;
                 let link = self.link(&shard.link)?;
                 let (spec, mode) = shard_spec(&shard);
@@ -257,7 +271,10 @@ impl HandoffService {
                 })
                 .boxed()
             }
-            None => return Err(invalid("empty ticket; get one from GetFlightInfo")),
+            // (A part was turned into its shard above.)
+            None | Some(proto::ticket::Kind::ShardPart(_)) => {
+                return Err(invalid("empty ticket; get one from GetFlightInfo"));
+            }
         };
         let mut encoder = ChunkEncoder::new(self.max_flight_data_size);
         let metrics = Arc::clone(&self.metrics);
@@ -295,7 +312,7 @@ impl HandoffService {
 }
 
 /// How many batches the read asked to share a message, checked; 1 where joining does not apply.
-fn batches_per_message(
+pub(super) fn batches_per_message(
     shard: &proto::ReadShard,
     spec: &ShardSpec,
     mode: ReadMode,

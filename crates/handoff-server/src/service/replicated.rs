@@ -789,9 +789,9 @@ impl HandoffService {
         let (spec, mode) = super::get::shard_spec(&shard);
         spec.validate().map_err(status_of)?;
         if mode == ReadMode::Streaming {
-            return Err(Status::unimplemented(
-                "a streaming read over several replicas is not built yet; read once the link is sealed",
-            ));
+            return self
+                .streaming_info_over_replicas(replicas, shard, descriptor)
+                .await;
         }
         if spec.batch_rows == 0 {
             return Err(invalid(
@@ -929,6 +929,74 @@ impl HandoffService {
         // The read TTL starts once every rank has read every part it was planned.
         local.expect_read(spec.world_size, spec.epoch, spec.rank, read_from);
         let about = serde_json::json!({ "batches": plan });
+        Ok(info.with_app_metadata(about.to_string()))
+    }
+
+    /// A streaming read over replicas, at the planner: one endpoint per replica, each the
+    /// replica's own rows sharded among the ranks as one server shards them (`shard_part`),
+    /// read at once. Batches come as each replica's rows commit, in no fixed order across
+    /// replicas; each replica pads its own tail at the seal, so a rank gets up to
+    /// `world_size * batch_rows - 1` padded rows per replica (one server: once in all). Every
+    /// row is read once (padding apart), and every rank gets as many batches as the others.
+    async fn streaming_info_over_replicas(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        shard: proto::ReadShard,
+        descriptor: FlightDescriptor,
+    ) -> Result<FlightInfo, Status> {
+        // The rules of a streaming read, checked once here rather than by every replica.
+        let (spec, mode) = super::get::shard_spec(&shard);
+        if spec.batch_rows == 0 || spec.shuffle {
+            return Err(invalid(
+                "a streaming read needs batch_rows > 0 and no shuffle",
+            ));
+        }
+        if spec.start_batch > 0 {
+            // Each replica numbers its own batches: a global position has no part to start at.
+            return Err(invalid(
+                "a streaming read over replicas starts at the beginning (start_batch 0); resume \
+                 a read once the link is sealed",
+            ));
+        }
+        super::get::batches_per_message(&shard, &spec, mode)?;
+        // Every replica holds the link, so each part's stream can start before its first rows.
+        if let Err(StoreError::UnknownLink(_)) = self.store.link(&shard.link) {
+            return Err(status_of(StoreError::UnknownLink(echo(&shard.link))));
+        }
+        let create = proto::CreateLink {
+            link: shard.link.clone(),
+            exist_ok: true,
+            ..Default::default()
+        };
+        for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
+            replicas
+                .call(replica, proto::actions::CREATE, create.encode_to_vec())
+                .await?;
+        }
+        let local = self.link(&shard.link)?;
+        let (_, projected) = super::get::shard_query(&shard, &local)?;
+        let schema = match projected {
+            Some(schema) => schema,
+            None => Arc::clone(&Self::schema_of(&local)?.schema),
+        };
+        let mut info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_descriptor(descriptor)
+            .with_total_records(-1)
+            .with_total_bytes(-1)
+            .with_ordered(false);
+        for replica in 0..replicas.count() {
+            let ticket = proto::Ticket {
+                kind: Some(proto::ticket::Kind::ShardPart(shard.clone())),
+            };
+            info = info.with_endpoint(
+                FlightEndpoint::new()
+                    .with_ticket(Ticket::new(ticket.encode_to_vec()))
+                    .with_location(replicas.url(replica)),
+            );
+        }
+        let about = serde_json::json!({ "streaming": true });
         Ok(info.with_app_metadata(about.to_string()))
     }
 
