@@ -552,13 +552,7 @@ async fn a_replica_lost_before_the_seal_says_which_partitions_and_blocks_the_sea
 async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
     let cluster = Cluster::start().await;
     let mut admin = cluster.client(0, ADMIN).await;
-    admin
-        .create(handoff_client::CreateLink {
-            link: LINK.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
+    create(&mut admin, LINK).await;
     // The link exists on every replica, so each can take its partitions.
     for i in 0..REPLICAS as usize {
         assert!(cluster.server(i).store.link(LINK).is_ok(), "replica {i}");
@@ -613,43 +607,49 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
     assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition));
     assert!(err.to_string().contains(&cluster.peers[0]), "{err}");
     // `apply` is replica to replica: a writer cannot skip the planner's record.
-    let err = at_one
-        .raw_action("apply", body.encode_to_vec())
-        .await
-        .expect_err("admin only");
-    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    assert_eq!(
+        refusal(&mut at_one, "apply", body.encode_to_vec()).await,
+        tonic::Code::PermissionDenied,
+        "admin only"
+    );
     // So is `unapply`, and each replica takes back only its own partitions.
-    let err = at_one
-        .raw_action("unapply", body.encode_to_vec())
-        .await
-        .expect_err("admin only");
-    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
-    let err = cluster
-        .client(1, ADMIN)
-        .await
-        .raw_action("unapply", body.encode_to_vec())
-        .await
-        .expect_err("replica 2's partition");
-    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert_eq!(
+        refusal(&mut at_one, "unapply", body.encode_to_vec()).await,
+        tonic::Code::PermissionDenied,
+        "admin only"
+    );
+    assert_eq!(
+        refusal(
+            &mut cluster.client(1, ADMIN).await,
+            "unapply",
+            body.encode_to_vec()
+        )
+        .await,
+        tonic::Code::FailedPrecondition,
+        "replica 2's partition"
+    );
     // `import-part` is the planner's: a writer may not make a replica read files.
     let share = handoff_proto::ImportPart {
         link: LINK.into(),
         files: vec!["file:///etc/passwd".into()],
         schema: Default::default(),
     };
-    let err = at_one
-        .raw_action("import-part", share.encode_to_vec())
-        .await
-        .expect_err("admin only");
-    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    assert_eq!(
+        refusal(&mut at_one, "import-part", share.encode_to_vec()).await,
+        tonic::Code::PermissionDenied,
+        "admin only"
+    );
     // Even the planner's share is checked against the replica's own allowlist (import is off).
-    let err = cluster
-        .client(1, ADMIN)
-        .await
-        .raw_action("import-part", share.encode_to_vec())
-        .await
-        .expect_err("import is off here");
-    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    assert_eq!(
+        refusal(
+            &mut cluster.client(1, ADMIN).await,
+            "import-part",
+            share.encode_to_vec()
+        )
+        .await,
+        tonic::Code::PermissionDenied,
+        "import is off here"
+    );
     // A commit naming an attempt nobody staged is refused before anything is recorded.
     let err = admin
         .commit(LINK, &[(partition, 0)])
@@ -679,17 +679,17 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
         }
         .encode_to_vec()
     };
-    let err = at_one
-        .raw_action("read-done", done(1, 0, 1))
-        .await
-        .expect_err("admin only");
-    assert_eq!(code(&err), Some(tonic::Code::PermissionDenied), "{err}");
+    assert_eq!(
+        refusal(&mut at_one, "read-done", done(1, 0, 1)).await,
+        tonic::Code::PermissionDenied,
+        "admin only"
+    );
     let mut admin_at_one = cluster.client(1, ADMIN).await;
-    let err = admin_at_one
-        .raw_action("read-done", done(1, 0, 1))
-        .await
-        .expect_err("not the planner");
-    assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert_eq!(
+        refusal(&mut admin_at_one, "read-done", done(1, 0, 1)).await,
+        tonic::Code::FailedPrecondition,
+        "not the planner"
+    );
     for (world, rank, replica) in [(0, 0, 0), (2, 2, 0), (u32::MAX, 0, 0), (2, 0, 3)] {
         let err = admin
             .raw_action("read-done", done(world, rank, replica))
@@ -697,11 +697,11 @@ async fn a_careless_or_hostile_client_is_refused_with_where_to_go() {
             .expect_err("out of range");
         assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
     }
-    let err = admin
-        .raw_action("read-done", vec![0xff; 7])
-        .await
-        .expect_err("not a ReadDone");
-    assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+    assert_eq!(
+        refusal(&mut admin, "read-done", vec![0xff; 7]).await,
+        tonic::Code::InvalidArgument,
+        "not a ReadDone"
+    );
     cluster.stop().await;
 }
 
@@ -925,6 +925,24 @@ async fn whole_link_reads_listings_and_flight_sql_span_every_replica() {
     cluster.stop().await;
 }
 
+/// The code of an action that must be refused (the message is printed on a mismatch).
+async fn refusal(client: &mut HandoffClient, action: &str, body: Vec<u8>) -> tonic::Code {
+    let err = client.raw_action(action, body).await.expect_err("refused");
+    println!("{action}: {err}");
+    code(&err).unwrap_or(tonic::Code::Unknown)
+}
+
+/// Create `link` (with no options) through the planner, on every replica.
+async fn create(admin: &mut HandoffClient, link: &str) {
+    admin
+        .create(handoff_client::CreateLink {
+            link: link.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+}
+
 /// Ten rows into `partition` of `link` (staged as attempt 0), at its owner.
 async fn stage_in(client: &mut HandoffClient, link: &str, partition: u64) {
     client
@@ -970,13 +988,7 @@ async fn ttls_and_the_idle_timeout_expire_the_whole_link_on_every_replica() {
     // written. Before, replica 2 dropped its part on its own, and the seal then went through
     // without that partition.
     let busy = "team/busy";
-    admin
-        .create(handoff_client::CreateLink {
-            link: busy.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
+    create(&mut admin, busy).await;
     let early = owned_by(busy, 2, 0);
     stage_in(&mut writer, busy, early).await;
     writer.commit(busy, &[(early, 0)]).await.expect("commit");
@@ -1152,13 +1164,7 @@ async fn appends_are_committed_by_the_planner_and_their_loss_is_reported() {
 
     // An append while the planner is down is refused, and not published.
     let other = "team/other";
-    admin
-        .create(handoff_client::CreateLink {
-            link: other.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
+    create(&mut admin, other).await;
     cluster.down(0).await;
     let mut at_one = cluster.client(1, WRITER).await;
     let err = at_one
@@ -1366,13 +1372,7 @@ async fn an_import_spreads_its_files_over_every_replica_and_commits_them_at_once
 async fn a_streaming_read_over_replicas_reads_each_row_as_it_commits() {
     let cluster = Cluster::start().await;
     let mut admin = cluster.client(0, ADMIN).await;
-    admin
-        .create(handoff_client::CreateLink {
-            link: LINK.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
+    create(&mut admin, LINK).await;
     let (world, b) = (2u32, 4u64);
     let streaming = |rank, drop_last| handoff_client::ReadShard {
         link: LINK.into(),

@@ -284,6 +284,19 @@ impl HandoffService {
         }
     }
 
+    /// The attempts of a commit sent to this replica, each of a partition it owns.
+    fn owned_here(&self, req: &proto::Commit) -> Result<Vec<(u64, u64)>, Status> {
+        let attempts = proto::PartitionAttempt::pairs(&req.attempts);
+        if let Some(replicas) = &self.replicas
+            && let Some((partition, _)) = attempts
+                .iter()
+                .find(|(p, _)| replicas.owner(&req.link, *p) != replicas.index())
+        {
+            return Err(replicas.not_here(&req.link, *partition));
+        }
+        Ok(attempts)
+    }
+
     /// Replica to replica: take back this replica's part of an abandoned commit.
     pub(super) fn unapply_action(
         &self,
@@ -292,14 +305,7 @@ impl HandoffService {
     ) -> Result<arrow_flight::Result, Status> {
         let req = body_of::<proto::Commit>(&body, "unapply", "Commit")?;
         self.authorize(md, Access::Admin, Some(&req.link))?;
-        let attempts: Vec<(u64, u64)> = proto::PartitionAttempt::pairs(&req.attempts);
-        if let Some(replicas) = &self.replicas
-            && let Some((partition, _)) = attempts
-                .iter()
-                .find(|(p, _)| replicas.owner(&req.link, *p) != replicas.index())
-        {
-            return Err(replicas.not_here(&req.link, *partition));
-        }
+        let attempts = self.owned_here(&req)?;
         let reverted = self.unapply_local(&req.link, &attempts)?;
         json_result(&serde_json::json!({ "reverted": reverted }))
     }
@@ -1318,14 +1324,7 @@ impl HandoffService {
         // Only replicas call it (with the admin token): a writer commits at the planner, which
         // records the commit first.
         self.authorize(md, Access::Admin, Some(&req.link))?;
-        let attempts: Vec<(u64, u64)> = proto::PartitionAttempt::pairs(&req.attempts);
-        if let Some(replicas) = &self.replicas
-            && let Some((partition, _)) = attempts
-                .iter()
-                .find(|(p, _)| replicas.owner(&req.link, *p) != replicas.index())
-        {
-            return Err(replicas.not_here(&req.link, *partition));
-        }
+        let attempts = self.owned_here(&req)?;
         let applied = self.apply_local(&req.link, &attempts, req.replace, req.check_only)?;
         json_result(&applied)
     }
