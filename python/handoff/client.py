@@ -470,9 +470,11 @@ class HandoffClient:
                    wait_seal: Optional[float] = None) -> Iterator[pa.RecordBatch]:
         """The shard's batches. From one server, as it sends them (a message may join up to
         `batches_per_message` batches). Over replicas, each batch alone, exactly `batch_rows`
-        rows, in the order one server would give; the read starts once the link is sealed on
-        every replica and waits for that up to `wait_seal` seconds (default: the client's
-        `timeout`, else DEFAULT_WAIT_SEAL_SECONDS)."""
+        rows (replicas join messages as asked; they are cut here), in the order one server
+        would give; the read starts once the link is sealed on every replica and waits for that
+        up to `wait_seal` seconds (default: the client's `timeout`, else
+        DEFAULT_WAIT_SEAL_SECONDS). A streaming read over replicas yields batches as they
+        arrive from any replica."""
         if len(self.topology()[0]) > 1:
             yield from self._read_planned(request, wait_seal)
             return

@@ -582,6 +582,7 @@ impl handoff_query::RemotePart for ReplicaPart {
                     // No rank's read: it does not count towards the read TTL.
                     world_size: 0,
                     rank: 0,
+                    batches_per_message: 0,
                 },
             )),
         };

@@ -1480,3 +1480,57 @@ async fn a_streaming_read_over_replicas_reads_each_row_as_it_commits() {
     assert_eq!(status_of(err).code(), tonic::Code::InvalidArgument);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joined_messages_over_replicas_give_the_same_batches_in_fewer_messages() {
+    let cluster = Cluster::start().await;
+    let mut writer = cluster.client(1, WRITER).await;
+    let winners: Vec<(u64, u64)> = (0..12).map(|p| (p, 0)).collect();
+    for &(p, _) in &winners {
+        stage(&mut writer, p, 0).await;
+    }
+    writer.commit(LINK, &winners).await.expect("commit");
+    writer.seal(LINK).await.expect("seal");
+    for rank in 0..2 {
+        let alone = handoff_client::ReadShard {
+            shuffle: true,
+            seed: 5,
+            ..shard(rank, 2, 4)
+        };
+        let joined = handoff_client::ReadShard {
+            batches_per_message: 4,
+            ..alone.clone()
+        };
+        assert_eq!(
+            batch_ids(&cluster, 2, joined.clone()).await,
+            batch_ids(&cluster, 2, alone).await,
+            "rank {rank}: the same batches, joined or not"
+        );
+        // Each replica's stream joins whole batches: fewer, larger messages.
+        let mut client = cluster.client(0, READER).await;
+        let plan = client.shard_info(&joined).await.expect("plan");
+        let endpoint = &plan.endpoint[0];
+        let at = cluster
+            .peers
+            .iter()
+            .position(|p| endpoint.location.iter().any(|l| &l.uri == p))
+            .expect("located at a replica");
+        let mut direct = FlightClient::new(cluster.server(at).channel().await);
+        direct
+            .add_header("authorization", &format!("Bearer {READER}"))
+            .expect("header");
+        let messages: Vec<_> = direct
+            .do_get(endpoint.ticket.clone().expect("ticket"))
+            .await
+            .expect("read")
+            .try_collect()
+            .await
+            .expect("messages");
+        assert!(
+            messages.iter().any(|m| m.num_rows() > 4),
+            "some message joins batches: {:?}",
+            messages.iter().map(|m| m.num_rows()).collect::<Vec<_>>()
+        );
+    }
+    cluster.stop().await;
+}

@@ -184,6 +184,9 @@ pub struct ReadRanges {
     pub world_size: u32,
     #[prost(uint32, tag = "10")]
     pub rank: u32,
+    /// As in ReadShard: whole batches of batch_rows joined into one message, up to this many.
+    #[prost(uint32, tag = "11")]
+    pub batches_per_message: u32,
 }
 /// The opaque Flight ticket that the server hands out in FlightInfo endpoints.
 #[derive(Clone, PartialEq, ::prost::Message)]

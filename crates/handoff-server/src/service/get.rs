@@ -217,23 +217,7 @@ impl HandoffService {
                     rx.recv().await.map(|item| (item, rx))
                 })
                 .boxed();
-                if join > 1 {
-                    Joiner {
-                        input: chunks,
-                        per_message: join,
-                        batch_rows,
-                        max_bytes: self.max_flight_data_size,
-                        link,
-                        memory,
-                        pending: Vec::new(),
-                        pending_bytes: 0,
-                        queued: Default::default(),
-                        ended: false,
-                    }
-                    .into_stream()
-                } else {
-                    chunks
-                }
+                self.joined(chunks, join, batch_rows, link, memory)
             }
             Some(proto::ticket::Kind::Ranges(ranges)) => {
                 self.authorize(md, Access::Read, Some(&ranges.link))?;
@@ -255,21 +239,31 @@ impl HandoffService {
                     ..Default::default()
                 };
                 let (planner, _) = shard_query(&shard, &link)?;
+                let join = batches_per_message(
+                    &proto::ReadShard {
+                        batches_per_message: ranges.batches_per_message,
+                        ..Default::default()
+                    },
+                    &base,
+                    ReadMode::WaitForSeal,
+                )?;
                 let list = ranges.ranges.iter().map(|r| (r.start, r.rows)).collect();
                 let on_done = self.read_done_hook(&link, &ranges);
+                let memory = self.store.read_memory().clone();
                 let rx = handoff_store::read_ranges(
-                    link,
+                    Arc::clone(&link),
                     list,
                     base,
                     planner,
-                    self.store.read_memory().clone(),
+                    memory.clone(),
                     on_done,
                 )
                 .map_err(status_of)?;
-                stream::unfold(rx, |mut rx| async move {
+                let chunks = stream::unfold(rx, |mut rx| async move {
                     rx.recv().await.map(|item| (item, rx))
                 })
-                .boxed()
+                .boxed();
+                self.joined(chunks, join, ranges.batch_rows, link, memory)
             }
             // (A part was turned into its shard above.)
             None | Some(proto::ticket::Kind::ShardPart(_)) => {
@@ -308,6 +302,35 @@ impl HandoffService {
                 stream::iter(items).chain(release)
             })
             .boxed())
+    }
+}
+
+impl HandoffService {
+    /// `chunks`, with whole batches of `batch_rows` joined `join` to a message (see [`Joiner`]).
+    fn joined(
+        &self,
+        chunks: BoxStream<'static, Result<Chunk, StoreError>>,
+        join: usize,
+        batch_rows: u64,
+        link: Arc<Link>,
+        memory: handoff_store::ReadMemory,
+    ) -> BoxStream<'static, Result<Chunk, StoreError>> {
+        if join <= 1 {
+            return chunks;
+        }
+        Joiner {
+            input: chunks,
+            per_message: join,
+            batch_rows,
+            max_bytes: self.max_flight_data_size,
+            link,
+            memory,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            queued: Default::default(),
+            ended: false,
+        }
+        .into_stream()
     }
 }
 

@@ -847,6 +847,7 @@ impl HandoffService {
                 None => Arc::new(arrow_schema::Schema::empty()),
             },
         };
+        let join = super::get::batches_per_message(&shard, &spec, mode)?;
         let filtered = !shard.filter.trim().is_empty();
         // Checked here once, so a bad filter or column is refused before any replica is asked.
         let projection = if filtered || !shard.columns.is_empty() {
@@ -917,6 +918,7 @@ impl HandoffService {
                 filter: shard.filter.clone(),
                 world_size: spec.world_size,
                 rank: spec.rank,
+                batches_per_message: join as u32,
             };
             let ticket = proto::Ticket {
                 kind: Some(proto::ticket::Kind::Ranges(ticket)),
