@@ -857,19 +857,45 @@ impl<'a> Scenario<'a> {
     /// The DataLink once `condition` holds with `reason`.
     async fn wait_condition(&self, condition: &str, reason: &str) -> DataLink {
         let links = self.links();
-        eventually(
-            &format!("condition {condition}={reason} in {}", self.namespace),
-            || async {
-                let link = links.get("features").await.ok()?;
-                link.status
-                    .as_ref()?
+        let waited = handoff_testkit::patience();
+        let found = handoff_testkit::poll_until(waited, || async {
+            let link = links.get("features").await.ok()?;
+            link.status
+                .as_ref()?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == condition && c.reason == reason && c.status == "True")
+                .then_some(link)
+        })
+        .await;
+        if let Some(link) = found {
+            return link;
+        }
+        // Say what the controller last wrote, so that a failure in CI can be read.
+        let status = links
+            .get("features")
+            .await
+            .ok()
+            .and_then(|l| l.status)
+            .map(|s| {
+                let conditions: Vec<String> = s
                     .conditions
                     .iter()
-                    .any(|c| c.type_ == condition && c.reason == reason && c.status == "True")
-                    .then_some(link)
-            },
-        )
-        .await
+                    .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                    .collect();
+                format!(
+                    "phase {:?}; server instance {:?}; restarts {:?}; {}",
+                    s.phase,
+                    s.server_instance,
+                    s.server_restarts,
+                    conditions.join("; ")
+                )
+            });
+        panic!(
+            "timed out after {waited:?} waiting for condition {condition}={reason} in {}; the \
+             DataLink: {status:?}",
+            self.namespace
+        );
     }
 
     /// The DataLink once the controller has read `rows` rows from the server.
