@@ -59,6 +59,17 @@ pub mod actions {
     pub const IMPORT_PART: &str = "import-part";
 }
 
+impl CreateLink {
+    /// A link with no options of its own, kept as it is where it exists (`exist_ok`).
+    pub fn keeping(link: &str) -> Self {
+        Self {
+            link: link.to_string(),
+            exist_ok: true,
+            ..Default::default()
+        }
+    }
+}
+
 impl PartitionAttempt {
     /// The message form of (partition, attempt) pairs.
     pub fn list(pairs: &[(u64, u64)]) -> Vec<Self> {

@@ -925,6 +925,29 @@ async fn whole_link_reads_listings_and_flight_sql_span_every_replica() {
     cluster.stop().await;
 }
 
+/// Every message of one endpoint, read directly at the replica it is located at, as a reader.
+async fn read_endpoint(
+    cluster: &Cluster,
+    endpoint: &arrow_flight::FlightEndpoint,
+) -> Vec<arrow_array::RecordBatch> {
+    let at = cluster
+        .peers
+        .iter()
+        .position(|p| endpoint.location.iter().any(|l| &l.uri == p))
+        .expect("located at a replica");
+    let mut direct = FlightClient::new(cluster.server(at).channel().await);
+    direct
+        .add_header("authorization", &format!("Bearer {READER}"))
+        .expect("header");
+    direct
+        .do_get(endpoint.ticket.clone().expect("ticket"))
+        .await
+        .expect("read")
+        .try_collect()
+        .await
+        .expect("every message")
+}
+
 /// The code of an action that must be refused (the message is printed on a mismatch).
 async fn refusal(client: &mut HandoffClient, action: &str, body: Vec<u8>) -> tonic::Code {
     let err = client.raw_action(action, body).await.expect_err("refused");
@@ -1065,23 +1088,7 @@ async fn ttls_and_the_idle_timeout_expire_the_whole_link_on_every_replica() {
         plan.endpoint.len() >= 2,
         "rank 1 reads from several replicas"
     );
-    let first = &plan.endpoint[0];
-    let at = cluster
-        .peers
-        .iter()
-        .position(|p| first.location.iter().any(|l| &l.uri == p))
-        .expect("located at a replica");
-    let mut one_part = FlightClient::new(cluster.server(at).channel().await);
-    one_part
-        .add_header("authorization", &format!("Bearer {READER}"))
-        .expect("header");
-    let part: Vec<_> = one_part
-        .do_get(first.ticket.clone().expect("ticket"))
-        .await
-        .expect("read one part")
-        .try_collect()
-        .await
-        .expect("the whole part");
+    let part = read_endpoint(&cluster, &plan.endpoint[0]).await;
     assert!(!part.is_empty());
     let mut rank0 = reader.shard_batches(rank_shard(0)).await.expect("plan");
     let mut rows = 0;
@@ -1509,23 +1516,7 @@ async fn joined_messages_over_replicas_give_the_same_batches_in_fewer_messages()
         // Each replica's stream joins whole batches: fewer, larger messages.
         let mut client = cluster.client(0, READER).await;
         let plan = client.shard_info(&joined).await.expect("plan");
-        let endpoint = &plan.endpoint[0];
-        let at = cluster
-            .peers
-            .iter()
-            .position(|p| endpoint.location.iter().any(|l| &l.uri == p))
-            .expect("located at a replica");
-        let mut direct = FlightClient::new(cluster.server(at).channel().await);
-        direct
-            .add_header("authorization", &format!("Bearer {READER}"))
-            .expect("header");
-        let messages: Vec<_> = direct
-            .do_get(endpoint.ticket.clone().expect("ticket"))
-            .await
-            .expect("read")
-            .try_collect()
-            .await
-            .expect("messages");
+        let messages = read_endpoint(&cluster, &plan.endpoint[0]).await;
         assert!(
             messages.iter().any(|m| m.num_rows() > 4),
             "some message joins batches: {:?}",

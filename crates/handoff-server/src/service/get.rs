@@ -236,17 +236,11 @@ impl HandoffService {
                     link: ranges.link.clone(),
                     columns: ranges.columns.clone(),
                     filter: ranges.filter.clone(),
+                    batches_per_message: ranges.batches_per_message,
                     ..Default::default()
                 };
                 let (planner, _) = shard_query(&shard, &link)?;
-                let join = batches_per_message(
-                    &proto::ReadShard {
-                        batches_per_message: ranges.batches_per_message,
-                        ..Default::default()
-                    },
-                    &base,
-                    ReadMode::WaitForSeal,
-                )?;
+                let join = batches_per_message(&shard, &base, ReadMode::WaitForSeal)?;
                 let list = ranges.ranges.iter().map(|r| (r.start, r.rows)).collect();
                 let on_done = self.read_done_hook(&link, &ranges);
                 let memory = self.store.read_memory().clone();

@@ -335,19 +335,11 @@ impl HandoffService {
             if !may_create {
                 return Err(status_of(StoreError::UnknownLink(echo(link))));
             }
-            let create = proto::CreateLink {
-                link: link.to_string(),
-                exist_ok: true,
-                ..Default::default()
-            };
             self.store
                 .create_link(link, None, LinkOptions::default(), true)
                 .map_err(status_of)?;
-            for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
-                replicas
-                    .call(replica, proto::actions::CREATE, create.encode_to_vec())
-                    .await?;
-            }
+            self.create_on_others(replicas, &proto::CreateLink::keeping(link))
+                .await?;
         }
         let listing = handoff_query::list_parquet(&request.url)
             .await
@@ -634,12 +626,23 @@ impl HandoffService {
         let created = self.create(md, body)?;
         let mut request = body_of::<proto::CreateLink>(&body, "create", "CreateLink")?;
         request.exist_ok = true;
+        self.create_on_others(replicas, &request).await?;
+        Ok(created)
+    }
+
+    /// Send `request` (with `exist_ok`) to every other replica.
+    async fn create_on_others(
+        &self,
+        replicas: &Arc<ReplicaConfig>,
+        request: &proto::CreateLink,
+    ) -> Result<(), Status> {
+        let body = request.encode_to_vec();
         for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
             replicas
-                .call(replica, proto::actions::CREATE, request.encode_to_vec())
+                .call(replica, proto::actions::CREATE, body.clone())
                 .await?;
         }
-        Ok(created)
+        Ok(())
     }
 
     /// Delete the link on every replica, and its commit records. The planner's own part goes
@@ -971,16 +974,8 @@ impl HandoffService {
         if let Err(StoreError::UnknownLink(_)) = self.store.link(&shard.link) {
             return Err(status_of(StoreError::UnknownLink(echo(&shard.link))));
         }
-        let create = proto::CreateLink {
-            link: shard.link.clone(),
-            exist_ok: true,
-            ..Default::default()
-        };
-        for replica in (0..replicas.count()).filter(|r| *r != replicas.index()) {
-            replicas
-                .call(replica, proto::actions::CREATE, create.encode_to_vec())
-                .await?;
-        }
+        self.create_on_others(replicas, &proto::CreateLink::keeping(&shard.link))
+            .await?;
         let local = self.link(&shard.link)?;
         let (_, projected) = super::get::shard_query(&shard, &local)?;
         let schema = match projected {
