@@ -42,6 +42,10 @@ MAX_REPLICAS = 1024
 DEFAULT_WAIT_SEAL_SECONDS = 3600.0
 # Messages each replica's stream of a read over replicas holds ahead of the batch being taken.
 PLAN_PREFETCH = 4
+# How long a read over replicas waits for a replica that broke off mid-read (its pod restarting
+# and restoring its snapshot) to answer again before the read fails (handoff_client's
+# DEFAULT_RESUME_WITHIN).
+DEFAULT_RESUME_WITHIN_SECONDS = 60.0
 
 _GRPC_MESSAGE = re.compile(r"(?:gRPC|Flight) returned (?P<code>[a-z ]+) error, with message: (?P<message>.*?)(?:\. gRPC client debug context:.*)?$", re.S)
 
@@ -246,11 +250,19 @@ class HandoffClient:
 
     def __init__(self, endpoint: Optional[str] = None, token: Optional[str] = None, *,
                  timeout: Optional[float] = None, tls: Optional[TlsSettings] = None,
-                 keepalive: float = DEFAULT_KEEPALIVE_SECONDS):
+                 keepalive: float = DEFAULT_KEEPALIVE_SECONDS,
+                 resume_within: float = DEFAULT_RESUME_WITHIN_SECONDS):
         """`keepalive`: seconds between HTTP/2 pings while a call is open, and how long an
         answer may take. A server that vanished without closing the connection (its pod killed,
         its network gone) is then noticed within about twice that, and the call fails with
-        `ServerUnavailable` instead of waiting forever."""
+        `ServerUnavailable` instead of waiting forever.
+
+        `resume_within`: over replicas, how long a shard read waits for a replica that broke
+        off mid-read (restarting, restoring its snapshot) to answer again; the read then goes
+        on from the first row it did not send."""
+        if not resume_within >= 0:
+            raise ValueError(f"resume_within is seconds, 0 or more; got {resume_within!r}")
+        self._resume_within = float(resume_within)
         # gRPC takes milliseconds as a C int: a day is far inside it.
         if not 0 < keepalive <= MAX_KEEPALIVE_SECONDS:
             raise ValueError(f"keepalive is seconds between pings, more than 0 and at most "
@@ -541,7 +553,8 @@ class HandoffClient:
                     raise HandoffError("the plan names an endpoint without a location",
                                        "internal")
                 client, at = self._at(endpoint)
-                streams.append(_PlannedStream(client, at, endpoint.ticket, self._options))
+                streams.append(_PlannedStream(client, at, endpoint.ticket, self._options,
+                                              resume_within=self._resume_within))
             for pieces in plan:
                 if any(not 0 <= e < len(streams) for e, _ in pieces):
                     raise HandoffError(f"the plan names endpoints {pieces} of {len(streams)}",
@@ -621,14 +634,71 @@ class HandoffClient:
 _END = object()
 
 
+class _Broken:
+    """A reader whose opening failed the way a broken stream does: reading it raises that."""
+
+    def __init__(self, error: Exception):
+        self._error = error
+
+    def read_chunk(self):
+        raise self._error
+
+    def cancel(self) -> None:
+        pass
+
+
+def _skipping(ranges: "pb.ReadRanges", rows: int) -> "pb.ReadRanges":
+    """The rest of a ranges read after its first `rows` rows (handoff_proto's
+    ReadRanges::skipping)."""
+    rest = pb.ReadRanges()
+    rest.CopyFrom(ranges)
+    del rest.ranges[:]
+    left = rows
+    for r in ranges.ranges:
+        if left >= r.rows:
+            left -= r.rows
+            continue
+        rest.ranges.add(start=r.start + left, rows=r.rows - left)
+        left = 0
+    return rest
+
+
+# A stream's end that is its connection's, not a server's refusal: pyarrow reports a server
+# that went away as UNAVAILABLE, or as an internal error naming the transport.
+_TRANSPORT = re.compile(r"RST_STREAM|GOAWAY|[Ss]ocket closed|[Cc]onnection reset|[Bb]roken pipe|"
+                        r"[Ee]nd of TCP stream|[Cc]onnection refused|failed to connect")
+
+
+def _broke_off(error: Exception) -> bool:
+    if isinstance(error, flight.FlightUnavailableError):
+        return True
+    return isinstance(error, flight.FlightInternalError) and bool(_TRANSPORT.search(str(error)))
+
+
 class _PlannedStream:
     """One endpoint of a read over replicas: its DoGet at its replica, read by a thread of its
     own into a queue of PLAN_PREFETCH messages, from which `take` cuts rows by count (a replica
-    cuts its messages where it likes)."""
+    cuts its messages where it likes).
+
+    A replica may break off mid-read: a pod restarted and restoring its snapshot holds the same
+    rows in the same order, so the read goes on from the first row not received yet, for up to
+    `resume_within` seconds. A replica back without its part (no snapshot) fails the read with
+    DATA_LOSS saying how many rows are lost."""
 
     def __init__(self, client: flight.FlightClient, endpoint: str, ticket: flight.Ticket,
-                 options: flight.FlightCallOptions, items: Optional["queue.Queue"] = None):
+                 options: flight.FlightCallOptions, items: Optional["queue.Queue"] = None,
+                 resume_within: float = DEFAULT_RESUME_WITHIN_SECONDS):
         self.endpoint = endpoint
+        self._resume_within = resume_within
+        self._ranges: Optional["pb.ReadRanges"] = None
+        try:
+            decoded = pb.Ticket.FromString(ticket.ticket)
+            if decoded.WhichOneof("kind") == "ranges":
+                self._ranges = decoded.ranges
+        except Exception:  # not ours to judge: the replica reads it
+            pass
+        self.received = 0  # rows received, over every attempt
+        self._reopened = False
         # A streaming read shares one queue among its streams (`items`), taken in arrival order.
         self._items: "queue.Queue" = items if items is not None else queue.Queue(
             maxsize=PLAN_PREFETCH)
@@ -646,13 +716,51 @@ class _PlannedStream:
             if self._stopped.is_set():
                 self._reader.cancel()
                 return
+            broke_at: Optional[float] = None
+            pause = 0.1
             while True:
                 try:
                     chunk = self._reader.read_chunk()
                 except StopIteration:
                     break
-                if chunk.data is not None and chunk.data.num_rows and not self._put(chunk.data):
-                    return
+                except pa.ArrowException as e:
+                    if self._stopped.is_set():
+                        raise
+                    if self._ranges is None:
+                        if _broke_off(e):
+                            raise HandoffError(
+                                f"the replica at {self.endpoint} broke off this streaming read "
+                                f"after {self.received} rows ({_translate(e, self.endpoint)}); a "
+                                f"streaming read cannot go on where it broke: read the link again "
+                                f"once it is sealed", "unavailable") from e
+                        raise
+                    total = sum(r.rows for r in self._ranges.ranges)
+                    if not _broke_off(e):
+                        if self._reopened:
+                            raise self._lost(e, total) from e
+                        raise
+                    if self.received >= total:
+                        break  # every row arrived; only the stream's end did not
+                    now = time.monotonic()
+                    broke_at = now if broke_at is None else broke_at
+                    if now - broke_at >= self._resume_within:
+                        raise HandoffError(
+                            f"the replica at {self.endpoint} broke off this read after "
+                            f"{self.received} of its {total} rows and did not answer again within "
+                            f"{self._resume_within:g} s ({_translate(e, self.endpoint)}); once it "
+                            f"is back, read the shard again (or resume from the batch reached)",
+                            "unavailable") from e
+                    self._stopped.wait(min(pause, self._resume_within - (now - broke_at)))
+                    pause = min(pause * 2, 2.0)
+                    if self._stopped.is_set():
+                        return
+                    self._reader = self._reopen(client, options, total)
+                    continue
+                if chunk.data is not None and chunk.data.num_rows:
+                    broke_at, pause = None, 0.1
+                    self.received += chunk.data.num_rows
+                    if not self._put(chunk.data):
+                        return
             self._put(_END)
         except pa.ArrowException as e:
             if not self._stopped.is_set():  # else: our own cancel
@@ -661,6 +769,30 @@ class _PlannedStream:
                 self._put(error)
         except BaseException as e:  # handed to the reader, which raises it
             self._put(e)
+
+    def _reopen(self, client, options, total: int):
+        """The rest of the endpoint's rows, asked again of its replica."""
+        rest = _skipping(self._ranges, self.received)
+        ticket = flight.Ticket(pb.Ticket(ranges=rest).SerializeToString())
+        self._reopened = True
+        try:
+            return client.do_get(ticket, options)
+        except pa.ArrowException as e:
+            if _broke_off(e):
+                return _Broken(e)
+            raise self._lost(e, total) from e
+
+    def _lost(self, error: Exception, total: int) -> HandoffError:
+        """A reopened read's refusal; NOT_FOUND says the replica came back without the link."""
+        translated = _translate(error, self.endpoint)
+        if not isinstance(translated, LinkNotFound):
+            return translated
+        return HandoffError(
+            f"the replica at {self.endpoint} broke off this read after {self.received} of its "
+            f"{total} rows and came back without link '{self._ranges.link}' (it restarted with "
+            f"no snapshot to restore): the other {total - self.received} rows of this rank's "
+            f"shard are lost; write the link again, or run its replicas with --snapshot-on-seal "
+            f"and --restore-from ({translated})", "data_loss")
 
     def _put(self, item) -> bool:
         # Bounded wait, so that a full queue never keeps the thread past `stop`.

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from itertools import count
 from pathlib import Path
@@ -44,9 +45,32 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, procs, endpoints, logs, admin, writer, reader):
+    def __init__(self, procs, endpoints, logs, admin, writer, reader, commands, spills):
         self.procs, self.endpoints, self.logs = procs, endpoints, logs
         self.admin, self.writer, self.reader = admin, writer, reader
+        self.commands, self.spills = commands, spills
+
+    def launch(self, i: int, extra=()) -> None:
+        """Start replica `i` (again) with its command and `extra`, logging to a new file."""
+        self.logs[i] = self.logs[i].with_name(f"replica-{i}-{time.monotonic_ns()}.log")
+        with open(self.logs[i], "wb") as log:
+            # stdout and stderr to a file: a pipe nobody reads would stall the server.
+            self.procs[i] = subprocess.Popen([*self.commands[i], *extra], stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self) -> None:
+        def ready():
+            for proc in self.procs:
+                assert proc.poll() is None, f"a replica exited early\n{self.log_tails()}"
+            return all(any(READY_RE.match(line) for line in log.read_text(errors="replace")
+                           .splitlines()) for log in self.logs)
+
+        eventually("every replica printed its readiness line", ready, timeout=60, interval=0.1)
+
+    def crash(self, i: int) -> None:
+        """SIGKILL replica `i`, as a pod's node losing it does: no drain, its memory gone."""
+        self.procs[i].kill()
+        self.procs[i].wait()
 
     def log_tails(self, n: int = 30) -> str:
         return "\n".join(f"--- replica {i}:\n" + "\n".join(
@@ -63,32 +87,23 @@ def replicas(scheme: str = "grpc", extra=()):
     with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
         ports = [free_port() for _ in range(REPLICAS)]
         endpoints = [f"{scheme}://127.0.0.1:{p}" for p in ports]
-        procs, logs = [], []
+        spills = [Path(tmp) / f"spill-{i}" for i in range(REPLICAS)]
+        commands = [[str(binary), "serve", "--peers", ",".join(endpoints),
+                     "--replica-index", str(i), "--token", admin, "--writer-token", writer,
+                     "--reader-token", reader,
+                     "--listen", f"127.0.0.1:{port}", "--http-listen", "127.0.0.1:0",
+                     "--spill-url", spills[i].as_uri(), *extra] for i, port in enumerate(ports)]
+        procs = [None] * REPLICAS
+        logs = [Path(tmp) / f"replica-{i}.log" for i in range(REPLICAS)]
+        running = Cluster(procs, endpoints, logs, admin, writer, reader, commands, spills)
         try:
-            for i, port in enumerate(ports):
-                spill = Path(tmp) / f"spill-{i}"
-                spill.mkdir()
-                logs.append(Path(tmp) / f"replica-{i}.log")
-                # stdout and stderr to a file: a pipe nobody reads would stall the server.
-                with open(logs[-1], "wb") as log:
-                    procs.append(subprocess.Popen(
-                        [str(binary), "serve", "--peers", ",".join(endpoints),
-                         "--replica-index", str(i), "--token", admin, "--writer-token", writer,
-                         "--reader-token", reader,
-                         "--listen", f"127.0.0.1:{port}", "--http-listen", "127.0.0.1:0",
-                         "--spill-url", spill.as_uri(), *extra],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-            running = Cluster(procs, endpoints, logs, admin, writer, reader)
-
-            def ready():
-                for proc in procs:
-                    assert proc.poll() is None, f"a replica exited early\n{running.log_tails()}"
-                return all(any(READY_RE.match(line) for line in log.read_text(errors="replace")
-                               .splitlines()) for log in logs)
-
-            eventually("every replica printed its readiness line", ready, timeout=60, interval=0.1)
+            for i in range(REPLICAS):
+                spills[i].mkdir()
+                running.launch(i)
+            running.wait_ready()
             yield running
         finally:
+            procs = [proc for proc in procs if proc is not None]
             for proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -593,6 +608,71 @@ def test_a_read_over_replicas_waits_for_the_seal(cluster):
         finally:
             sealer.join()
     assert sorted(set(ids)) == list(range(rows))
+
+
+def test_a_read_over_replicas_goes_on_when_a_replica_restarts_from_its_snapshot():
+    """A replica SIGKILLed in the middle of a rank's read, and started again restoring its
+    snapshot: the read goes on from the first row that replica had not sent, and yields exactly
+    what an undisturbed read does. Started again without its snapshot, the read fails with
+    DATA_LOSS saying how many rows are lost."""
+    with replicas(extra=("--snapshot-on-seal",)) as c:
+        link = fresh_link("resume")
+        # 1 KiB rows, about 8 MiB per replica: more than the transport and the read-ahead hold,
+        # so the crash breaks the replica's stream.
+        attempts = []
+        with HandoffClient(c.endpoints[0], c.writer) as writer:
+            for partition in range(24):
+                ids = pa.array(range(partition * 1000, (partition + 1) * 1000), pa.int64())
+                pad = pa.array([bytes([partition]) * 1024] * 1000, pa.binary())
+                writer.put_partition(link, partition, 0, pa.table({"id": ids, "pad": pad}))
+                attempts.append((partition, 0))
+            writer.commit(link, attempts)
+            sealed = writer.seal(link)
+        held = [part["rows"] for part in sealed["replicas"]]
+        victim = max((1, 2), key=lambda r: held[r])
+        assert held[victim] > 4000, held
+        request = ShardRequest(link, batch_rows=500, columns=["id"])
+        with HandoffClient(c.endpoints[0], c.reader) as reader:
+            want = [b.column(0).to_pylist() for b in reader.read_shard(request)]
+        assert sorted(i for b in want for i in b) == list(range(24000))
+        request = ShardRequest(link, batch_rows=500)
+
+        def crash_midway(reader: HandoffClient, restore: bool):
+            batches = reader.read_shard(request)
+            got = [next(batches) for _ in range(3)]
+            c.crash(victim)
+            c.launch(victim, ["--restore-from", c.spills[victim].as_uri()] if restore else [])
+            c.wait_ready()
+            return got, batches
+
+        with HandoffClient(c.endpoints[0], c.reader) as reader:
+            got, rest = crash_midway(reader, restore=True)
+            got.extend(rest)
+        assert all(b.num_rows == 500 for b in got)
+        assert [b.column(0).to_pylist() for b in got] == want
+        assert all(b.column(1).to_pylist() == [bytes([i // 1000]) * 1024 for i in
+                                               b.column(0).to_pylist()] for b in got)
+        # The restarted replica sent the rest: the read did go on there, not from a buffer.
+        assert 0 < served_rows(c, victim) < held[victim], held
+
+        with HandoffClient(c.endpoints[0], c.reader) as reader:
+            got, rest = crash_midway(reader, restore=False)
+            with pytest.raises(HandoffError, match=r"broke off this read after \d+ of its \d+ "
+                               r"rows and came back without link .* rows of this rank's shard "
+                               r"are lost") as lost:
+                got.extend(rest)
+        assert lost.value.code == "data_loss"
+
+
+def served_rows(c: Cluster, i: int) -> float:
+    """`handoff_served_rows_total` of replica `i`, from its /metrics."""
+    line = next(m for m in map(READY_RE.match, c.logs[i].read_text().splitlines()) if m)
+    url = f"http://{line.group(3)}:{line.group(4)}/metrics"
+    with urllib.request.urlopen(url, timeout=patience(30)) as r:
+        for text in r.read().decode().splitlines():
+            if text.startswith("handoff_served_rows_total "):
+                return float(text.split()[1])
+    raise AssertionError(f"handoff_served_rows_total is not in {url}")
 
 
 def test_tls_replicas_verify_each_other_and_clients_route_over_tls(tmp_path):

@@ -189,7 +189,13 @@ pub struct ClientConfig {
     /// The name the server's certificate must carry, when it differs from the endpoint's host
     /// (an address, a port-forward).
     pub tls_domain: Option<String>,
+    /// How long a read over replicas waits for a replica that broke off mid-read (its pod
+    /// restarting and restoring its snapshot) to answer again, before the read fails.
+    pub resume_within: Duration,
 }
+
+/// [`ClientConfig::resume_within`] by default: a pod's restart and snapshot restore.
+pub const DEFAULT_RESUME_WITHIN: Duration = Duration::from_secs(60);
 
 impl ClientConfig {
     pub fn new(endpoint: impl Into<String>, token: Option<String>) -> Self {
@@ -202,6 +208,7 @@ impl ClientConfig {
             tls_ca_pem: None,
             tls_identity: None,
             tls_domain: None,
+            resume_within: DEFAULT_RESUME_WITHIN,
         }
     }
 
@@ -795,7 +802,18 @@ impl HandoffClient {
             let mut streams = Vec::with_capacity(info.endpoint.len());
             for endpoint in &info.endpoint {
                 let (client, ticket) = self.endpoint_client(endpoint).await?;
-                streams.push(client.do_get(ticket).await?.map_err(ClientError::from));
+                let at = client.config.endpoint.clone();
+                streams.push(client.do_get(ticket).await?.map_err(move |e| {
+                    let e = ClientError::from(e);
+                    if !broke_off(&e) {
+                        return e;
+                    }
+                    // Its position in a replica's part is not a row count until the seal.
+                    ClientError::Status(tonic::Status::unavailable(format!(
+                        "the replica at {at} broke off this streaming read ({e}); a streaming \
+                         read cannot go on where it broke: read the link again once it is sealed"
+                    )))
+                }));
             }
             return Ok(futures::stream::select_all(streams).boxed());
         }
@@ -805,9 +823,10 @@ impl HandoffClient {
                 source,
             })?;
         let mut streams = Vec::with_capacity(info.endpoint.len());
+        let resume_within = self.config.resume_within;
         for endpoint in &info.endpoint {
             let (client, ticket) = self.endpoint_client(endpoint).await?;
-            streams.push(client.do_get(ticket).await?);
+            streams.push(PartStream::open(client, ticket, resume_within).await?);
         }
         let reader = PlanReader {
             pending: vec![None; streams.len()],
@@ -830,7 +849,7 @@ struct Plan {
 
 /// Takes each planned batch's pieces off the endpoints' streams, in plan order.
 struct PlanReader {
-    streams: Vec<FlightRecordBatchStream>,
+    streams: Vec<PartStream>,
     /// Rows read from each stream and not used yet.
     pending: Vec<Option<RecordBatch>>,
     batches: std::vec::IntoIter<Vec<u64>>,
@@ -899,5 +918,141 @@ impl PlanReader {
                     .map_err(|e| ClientError::Flight(FlightError::Arrow(e)))
             }
         }
+    }
+}
+
+/// One endpoint of a read over replicas. Its replica may break off mid-read: a pod restarted
+/// and restoring its snapshot holds the same rows in the same order, so the read goes on from
+/// the first row not received yet (its ranges, less those rows), for up to `resume_within`.
+/// A replica back without its part (no snapshot) ends the read with DATA_LOSS saying so.
+struct PartStream {
+    /// A handle on the replica's connection (tonic reconnects it when the replica is back).
+    flight: FlightClient,
+    endpoint: String,
+    /// The endpoint's ticket, when it is a ranges read (the only kind that can be resumed).
+    ranges: Option<proto::ReadRanges>,
+    stream: FlightRecordBatchStream,
+    /// Rows received from this endpoint, over every attempt.
+    received: u64,
+    resume_within: Duration,
+}
+
+impl PartStream {
+    async fn open(
+        client: &mut HandoffClient,
+        ticket: Ticket,
+        resume_within: Duration,
+    ) -> Result<Self> {
+        let ranges = match proto::Ticket::decode(ticket.ticket.clone()) {
+            Ok(proto::Ticket {
+                kind: Some(proto::ticket::Kind::Ranges(ranges)),
+            }) => Some(ranges),
+            _ => None,
+        };
+        let mut flight = FlightClient::new_from_inner(client.flight.inner().clone());
+        *flight.metadata_mut() = client.flight.metadata().clone();
+        let stream = flight.do_get(ticket).await?;
+        Ok(Self {
+            flight,
+            endpoint: client.config.endpoint.clone(),
+            ranges,
+            stream,
+            received: 0,
+            resume_within,
+        })
+    }
+
+    async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        loop {
+            match self.stream.next().await? {
+                Ok(batch) => {
+                    self.received = self.received.saturating_add(batch.num_rows() as u64);
+                    return Some(Ok(batch));
+                }
+                Err(e) => {
+                    let e = ClientError::from(e);
+                    let Some(ranges) = self.ranges.clone().filter(|_| broke_off(&e)) else {
+                        return Some(Err(e));
+                    };
+                    if self.received >= ranges.rows() {
+                        // Every row arrived; only the stream's end did not.
+                        return None;
+                    }
+                    if let Err(e) = self.resume(&ranges).await {
+                        return Some(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ask the replica again for the rows not received yet, until it answers or
+    /// `resume_within` passes.
+    async fn resume(&mut self, ranges: &proto::ReadRanges) -> Result<()> {
+        let rest = ranges.skipping(self.received);
+        let ticket = Ticket::new(
+            proto::Ticket {
+                kind: Some(proto::ticket::Kind::Ranges(rest.clone())),
+            }
+            .encode_to_vec(),
+        );
+        let deadline = tokio::time::Instant::now() + self.resume_within;
+        let mut pause = Duration::from_millis(100);
+        let mut last;
+        loop {
+            match self
+                .flight
+                .do_get(ticket.clone())
+                .await
+                .map_err(ClientError::from)
+            {
+                Ok(stream) => {
+                    self.stream = stream;
+                    return Ok(());
+                }
+                Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                    return Err(ClientError::Status(tonic::Status::data_loss(format!(
+                        "the replica at {} broke off this read after {} of its {} rows and came \
+                         back without link '{}' (it restarted with no snapshot to restore): the \
+                         other {} rows of this rank's shard are lost; write the link again, or \
+                         run its replicas with --snapshot-on-seal and --restore-from ({})",
+                        self.endpoint,
+                        self.received,
+                        ranges.rows(),
+                        ranges.link,
+                        rest.rows(),
+                        e
+                    ))));
+                }
+                Err(e) if broke_off(&e) => last = e,
+                Err(e) => return Err(e),
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Status(tonic::Status::unavailable(format!(
+                    "the replica at {} broke off this read after {} of its {} rows and did not \
+                     answer again within {} s ({last}); once it is back, read the shard again \
+                     (or resume it from the batch reached)",
+                    self.endpoint,
+                    self.received,
+                    ranges.rows(),
+                    self.resume_within.as_secs()
+                ))));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// A stream that ended because its connection did, not because the server refused: the server
+/// went away (UNAVAILABLE), or the transport failed under the call, which tonic reports with
+/// the transport's error as the status's source (a server's own status has none).
+fn broke_off(e: &ClientError) -> bool {
+    match e {
+        ClientError::Status(status) => {
+            status.code() == tonic::Code::Unavailable || std::error::Error::source(status).is_some()
+        }
+        _ => false,
     }
 }

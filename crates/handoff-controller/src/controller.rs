@@ -1623,10 +1623,11 @@ impl<'a> Run<'a> {
             Ok(Ok(stats)) => Ok(Some(stats)),
             Ok(Err(e)) if e.code() == Some(tonic::Code::NotFound) => Ok(None),
             Ok(Err(source)) => Err(Error::Server { endpoint, source }),
-            Err(_) => Err(Error::Config(format!(
-                "handoff server at {endpoint} did not answer stats in {} s",
-                FLIGHT_TIMEOUT.as_secs()
-            ))),
+            Err(_) => Err(Error::ServerTimeout {
+                endpoint,
+                call: "stats",
+                waited: FLIGHT_TIMEOUT,
+            }),
         }
     }
 
@@ -1643,10 +1644,11 @@ impl<'a> Run<'a> {
             Ok(Ok(_)) => {}
             Ok(Err(source)) => return Err(Error::Server { endpoint, source }),
             Err(_) => {
-                return Err(Error::Config(format!(
-                    "handoff server at {endpoint} did not answer create in {} s",
-                    FLIGHT_TIMEOUT.as_secs()
-                )));
+                return Err(Error::ServerTimeout {
+                    endpoint,
+                    call: "create",
+                    waited: FLIGHT_TIMEOUT,
+                });
             }
         }
         info!(link = %self.name, "created the link on its server for a streaming consumer");

@@ -16,6 +16,14 @@ pub enum Error {
         #[source]
         source: handoff_client::ClientError,
     },
+    /// The server took longer than the controller waits for one call: busy or restarting, like
+    /// an unreachable one, so it is retried as one (never backed off past the poll interval).
+    #[error("handoff server at {endpoint} did not answer {call} in {} s", .waited.as_secs())]
+    ServerTimeout {
+        endpoint: String,
+        call: &'static str,
+        waited: std::time::Duration,
+    },
     #[error("{kind} {name} does not have the shape the controller expects: {why}")]
     Workload {
         kind: &'static str,
@@ -41,7 +49,7 @@ impl Error {
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",
             },
-            Error::Server { .. } => "server",
+            Error::Server { .. } | Error::ServerTimeout { .. } => "server",
             Error::Workload { .. } => "workload",
             Error::Serialize(_) => "serialize",
             Error::Config(_) => "config",
@@ -72,5 +80,16 @@ mod tests {
         assert_eq!(wrapped.metric_label(), "conflict");
         let invalid = Error::InvalidSpec(InvalidSpec("no".into()));
         assert_eq!(invalid.metric_label(), "invalid_spec");
+        // A slow server is retried like an unreachable one, not backed off for minutes.
+        let slow = Error::ServerTimeout {
+            endpoint: "grpc://x:1".into(),
+            call: "stats",
+            waited: std::time::Duration::from_secs(10),
+        };
+        assert_eq!(slow.metric_label(), "server");
+        assert_eq!(
+            slow.to_string(),
+            "handoff server at grpc://x:1 did not answer stats in 10 s"
+        );
     }
 }

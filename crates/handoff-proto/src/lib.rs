@@ -103,6 +103,72 @@ impl Ticket {
     }
 }
 
+impl ReadRanges {
+    /// The rest of this read after its first `rows` rows: what a reader asks again of a
+    /// replica that broke off after sending them (it restarted and restored its snapshot, so
+    /// its order is the same).
+    pub fn skipping(&self, rows: u64) -> Self {
+        let mut left = rows;
+        let mut ranges = Vec::with_capacity(self.ranges.len());
+        for range in &self.ranges {
+            if left >= range.rows {
+                left -= range.rows;
+                continue;
+            }
+            ranges.push(RowRange {
+                start: range.start.saturating_add(left),
+                rows: range.rows - left,
+            });
+            left = 0;
+        }
+        Self {
+            ranges,
+            ..self.clone()
+        }
+    }
+
+    /// Rows this read sends, in all.
+    pub fn rows(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|r| r.rows)
+            .fold(0, u64::saturating_add)
+    }
+}
+
 /// DoPut `app_metadata` of a message without data that abandons the stream: the server keeps
 /// nothing of it and ends the call with CANCELLED. For clients that cannot cancel a call.
 pub const ABORT_PUT: &[u8] = b"handoff.abort";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(list: &[(u64, u64)]) -> ReadRanges {
+        ReadRanges {
+            link: "l".into(),
+            ranges: list
+                .iter()
+                .map(|&(start, rows)| RowRange { start, rows })
+                .collect(),
+            batch_rows: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn skipping_drops_whole_ranges_then_the_head_of_the_next() {
+        let read = ranges(&[(0, 8), (20, 4), (40, 8)]);
+        assert_eq!(read.rows(), 20);
+        assert_eq!(read.skipping(0), read);
+        assert_eq!(read.skipping(3), ranges(&[(3, 5), (20, 4), (40, 8)]));
+        assert_eq!(read.skipping(8), ranges(&[(20, 4), (40, 8)]));
+        assert_eq!(read.skipping(13), ranges(&[(41, 7)]));
+        assert_eq!(read.skipping(20), ranges(&[]));
+        // More than it holds (a hostile or confused count): nothing left, no overflow.
+        assert_eq!(read.skipping(u64::MAX), ranges(&[]));
+        let huge = ranges(&[(u64::MAX - 1, 1), (0, u64::MAX)]);
+        assert_eq!(huge.rows(), u64::MAX);
+        assert_eq!(huge.skipping(2).ranges[0].start, 1);
+    }
+}
