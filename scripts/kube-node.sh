@@ -21,7 +21,8 @@
 #
 # Settings this machine needs (it runs in a sandbox without CAP_SYS_RESOURCE, with cgroups v1):
 # containerd restricts OOM score adjustments, the kubelet and kube-proxy leave their own score
-# alone, the cgroup driver is cgroupfs. There is no cluster DNS: pods use ClusterIPs or env.
+# alone, the cgroup driver is cgroupfs. Debian has no CoreDNS: dnsmasq on the bridge answers
+# for cluster.local from the API's Services and Endpoints instead (see "cluster DNS" below).
 # Test traffic stays on the machine: the service range is routed to the bridge, and pods may not
 # forward out through the uplink.
 #
@@ -89,6 +90,8 @@ down() {
     kill -KILL "$pid" 2>/dev/null || true
   done
   stop_pid "$(pid_of kube-proxy)" kube-proxy
+  stop_pid "$(pid_of dns-sync)" dns-sync
+  stop_pid "$(pid_of dnsmasq)" dnsmasq
   stop_pid "$(pid_of kube-scheduler)" kube-scheduler
   stop_pid "$(pid_of kube-controller-manager)" kube-controller-manager
   stop_pid "$(pid_of containerd)" containerd
@@ -200,7 +203,7 @@ grep -qw overlay /proc/filesystems || as_root modprobe overlay 2>/dev/null ||
   die "the kernel has no overlay filesystem: containerd's overlayfs snapshotter cannot run"
 
 missing=()
-for p in containerd runc containernetworking-plugins iptables conntrack; do
+for p in containerd runc containernetworking-plugins iptables conntrack dnsmasq-base; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -369,6 +372,46 @@ setsid nohup "$BIN/kube-proxy" --config="$DIR/kube-proxy.yaml" \
   </dev/null >"$DIR/kube-proxy.log" 2>&1 &
 record kube-proxy $!
 
+# --- cluster DNS -----------------------------------------------------------------------------
+# Debian has no CoreDNS, so this stands in for it (a test double, said plainly): dnsmasq on the
+# bridge answers for cluster.local from a hosts file, and a loop keeps that file to what cluster
+# DNS would answer from the API: each Service's ClusterIP as <svc>.<ns>.svc.cluster.local, and
+# each endpoint whose pod has a hostname (a StatefulSet's pods under their headless Service) as
+# <hostname>.<svc>.<ns>.svc.cluster.local. Every other name gets no answer: test traffic stays
+# on this machine. dnsmasq rereads the file on SIGHUP, dropping records that went away (a pod
+# restarted elsewhere), which its watched hosts directories would keep.
+mkdir -p "$DIR/dns"
+: >"$DIR/dns/cluster.hosts"
+log "starting dnsmasq on $GATEWAY:53 for cluster.local, log $DIR/dnsmasq.log"
+setsid nohup dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts \
+  --listen-address="$GATEWAY" --bind-interfaces --addn-hosts="$DIR/dns/cluster.hosts" \
+  --local=/cluster.local/ --no-negcache --user=root --pid-file="$DIR/dns/dnsmasq.pid" \
+  --log-facility="$DIR/dnsmasq.log" </dev/null >>"$DIR/dnsmasq.log" 2>&1 &
+record dnsmasq $!
+cat >"$DIR/dns/sync.sh" <<'EOF'
+# Keeps DIR/dns/cluster.hosts to the API's Services and Endpoints; SIGHUPs dnsmasq on a change.
+DIR=$1 DNSMASQ=$2
+template='{{range .items}}{{$ns := .metadata.namespace}}{{$svc := .metadata.name}}'\
+'{{if eq .kind "Service"}}{{if and .spec.clusterIP (ne .spec.clusterIP "None")}}'\
+'{{.spec.clusterIP}} {{$svc}}.{{$ns}}.svc.cluster.local{{"\n"}}{{end}}'\
+'{{else}}{{range .subsets}}{{range .addresses}}{{if .hostname}}'\
+'{{.ip}} {{.hostname}}.{{$svc}}.{{$ns}}.svc.cluster.local{{"\n"}}'\
+'{{end}}{{end}}{{end}}{{end}}{{end}}'
+last=""
+while kill -0 "$DNSMASQ" 2>/dev/null; do
+  if now=$(kubectl get services,endpoints --all-namespaces -o go-template="$template" 2>/dev/null) &&
+    [ "$now" != "$last" ]; then
+    printf '%s\n' "$now" >"$DIR/dns/cluster.hosts.new"
+    mv "$DIR/dns/cluster.hosts.new" "$DIR/dns/cluster.hosts"
+    kill -HUP "$DNSMASQ" 2>/dev/null || true
+    last=$now
+  fi
+  sleep 1
+done
+EOF
+setsid nohup bash "$DIR/dns/sync.sh" "$DIR" "$(pid_of dnsmasq)" </dev/null >>"$DIR/dns-sync.log" 2>&1 &
+record dns-sync $!
+
 # --- kubelet ---------------------------------------------------------------------------------
 cat >"$DIR/kubelet/config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -389,7 +432,10 @@ cgroupDriver: cgroupfs
 failSwapOn: false
 # No CAP_SYS_RESOURCE here.
 oomScoreAdj: 0
-# No cluster DNS: pods get no resolver (test traffic never leaves this machine).
+# Cluster DNS is the dnsmasq above; pods get none of this machine's resolvers.
+clusterDNS:
+- $GATEWAY
+clusterDomain: cluster.local
 resolvConf: ""
 # The test machine's disk is shared with builds: never evict or garbage-collect images for it.
 evictionHard:

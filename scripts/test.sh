@@ -52,7 +52,7 @@ fi
 
 # The single-node cluster of tests/python/test_cluster.py (scripts/kube-node.sh) runs on these.
 node_packages=()
-for p in containerd runc containernetworking-plugins iptables conntrack buildah catatonit; do
+for p in containerd runc containernetworking-plugins iptables conntrack buildah catatonit dnsmasq-base; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || node_packages+=("$p")
 done
 if [ "${#node_packages[@]}" -gt 0 ]; then

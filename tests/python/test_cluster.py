@@ -16,8 +16,9 @@ Test doubles, said plainly:
   /usr (the JDK included), its Python and the checkout's python/ read-only by hostPath. The Spark
   job is real PySpark (local[2]) writing through the project's sink; the readers are real torch
   with HandoffDataset.
-- No cluster DNS (Debian has no CoreDNS): job pods get hostAliases that map the link Service's
-  names to its ClusterIP, the answer cluster DNS would give.
+- Debian has no CoreDNS: scripts/kube-node.sh runs dnsmasq on the node's bridge as the cluster
+  DNS, answering each Service's name with its ClusterIP and each StatefulSet pod's name under its
+  headless Service with the pod's IP, from the API (what CoreDNS answers for those names).
 
 A node that cannot start fails these tests with the reason; they never skip.
 """
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,10 +292,9 @@ class Operators:
     """Plays the Spark Operator and the Training Operator (they cannot be installed here): pods
     for unsuspended jobs, and the jobs' status from those pods."""
 
-    def __init__(self, node: Node, namespace: str, server_service: str):
+    def __init__(self, node: Node, namespace: str):
         self.node = node
         self.namespace = namespace
-        self.server_service = server_service
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -330,21 +331,9 @@ class Operators:
         return self.node.core.list_namespaced_pod(self.namespace,
                                                   label_selector=selector).items
 
-    def _host_aliases(self):
-        """The link Service's names at its ClusterIP, as cluster DNS would answer."""
-        try:
-            service = self.node.core.read_namespaced_service(self.server_service, self.namespace)
-        except ApiException:
-            return []
-        name, ns = self.server_service, self.namespace
-        return [{"ip": service.spec.cluster_ip,
-                 "hostnames": [f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local",
-                               f"{name}.{ns}", name]}]
-
     def _pod(self, name, owner, labels, script, env):
         container = {"name": "main", "command": ["python3", "-c", script], "env": list(env)}
-        spec = {"restartPolicy": "Never", "hostAliases": self._host_aliases(),
-                "containers": [container]}
+        spec = {"restartPolicy": "Never", "containers": [container]}
         if self.node.job_image is not None:
             container["image"] = self.node.job_image
         else:
@@ -588,7 +577,7 @@ def test_the_happy_path_in_pods_through_ttl_cleanup(node, scenario):
                                "server": {"memory": "64Mi"},
                                "policy": {"ttlSecondsAfterFinished": 15}},
                     rows=rows, dim=8, workers=world - 1)
-    with Operators(node, ns, "features-handoff"):
+    with Operators(node, ns):
         status = wait_phase(node, ns, ["Sealed", "Consuming", "Finished"])
         # The server is the pod the controller's Deployment describes, ready behind its Service.
         [pod] = server_pods(node, ns)
@@ -624,6 +613,40 @@ def test_the_happy_path_in_pods_through_ttl_cleanup(node, scenario):
                lambda: not node.core.list_namespaced_pod(ns).items, timeout=120, interval=1)
 
 
+def test_three_replicas_in_pods_write_and_read_exactly_once(node, scenario):
+    """spec.server.replicas: 3 runs the server as a StatefulSet of three pods that reach each
+    other by their names under the headless Service (through cluster DNS); the Spark job's
+    tasks write each partition to the replica that owns it, and the torch ranks read plans that
+    span every replica: every row exactly once, equal batch counts."""
+    ns, rows, batch_rows, world = "replicas" + node.namespace_suffix, 12_288, 256, 3
+    scenario(ns, {"read": {"batchRows": batch_rows, "shuffle": True, "seed": 3},
+                  "server": {"replicas": 3, "memory": "64Mi"}},
+             rows=rows, dim=8, workers=world - 1)
+    with Operators(node, ns):
+        status = wait_phase(node, ns, "Finished")
+    pods = sorted(server_pods(node, ns), key=lambda p: p.metadata.name)
+    assert [p.metadata.name for p in pods] == [f"features-handoff-{i}" for i in range(3)]
+    assert [p.status.container_statuses[0].restart_count for p in pods] == [0, 0, 0]
+    assert status["rows"] == rows and status.get("reason") == "ConsumerSucceeded", status
+    assert len(status["serverInstance"].split(",")) == 3, status
+    check_exactly_once(read_results(node, ns, world), rows, batch_rows)
+    if node.job_image is None:
+        # On this machine the pods' addresses are reachable: the rows were read from several
+        # replicas, not all from the one behind the Service.
+        served = [metric(f"http://{pod.status.pod_ip}:8816", "handoff_served_rows_total")
+                  for pod in pods]
+        assert sum(served) >= rows and sum(1 for n in served if n > 0) >= 2, served
+
+
+def metric(http_url: str, name: str) -> float:
+    """One unlabelled counter or gauge from a server's /metrics."""
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=patience(30)) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not in {http_url}/metrics")
+
+
 def test_a_server_pod_deleted_mid_read_comes_back_and_the_loss_is_reported(node, scenario):
     # No spec.server.spillUrl: the link lives in the pod's memory and emptyDir only, so a new
     # pod cannot have it, and the controller must say what was lost (onServerLoss: Fail).
@@ -634,7 +657,7 @@ def test_a_server_pod_deleted_mid_read_comes_back_and_the_loss_is_reported(node,
     ns, rows, batch_rows = "restart" + node.namespace_suffix, 300_032, 1024
     scenario(ns, {"read": {"batchRows": batch_rows}}, rows=rows, dim=64, workers=0,
              batch_pause=0.1, columns="id,embedding")
-    with Operators(node, ns, "features-handoff"):
+    with Operators(node, ns):
         wait_phase(node, ns, ["Consuming"])
         eventually("the reader is mid-read",
                    lambda: reader_progress(node, ns, "train-master-0") >= 10, timeout=300,
@@ -665,7 +688,7 @@ def test_the_server_at_its_memory_limit_spills_and_is_not_oom_killed(node, scena
     scenario(ns, {"read": {"batchRows": batch_rows}, "server": {"memory": "16Mi"},
                                "policy": {"memoryPolicy": "spill"}},
                     rows=rows, dim=64, workers=0)
-    with Operators(node, ns, "features-handoff"):
+    with Operators(node, ns):
         status = wait_phase(node, ns, "Finished")
     assert status["rows"] == rows, status
     assert int(status.get("spilledBytes") or 0) > 0, f"nothing spilled: {status}"
@@ -699,7 +722,7 @@ def test_pods_reach_services_but_nothing_past_this_machine(node):
     ns = "egress"
     create_namespace(node, ns)
     try:
-        pod = Operators(node, ns, "none")._pod("probe", None, {}, EGRESS,
+        pod = Operators(node, ns)._pod("probe", None, {}, EGRESS,
                                                [{"name": "OUTSIDE", "value": outside}])
         node.core.create_namespaced_pod(ns, pod)
         eventually("the probe pod finishes", lambda: node.core.read_namespaced_pod(
