@@ -4,6 +4,10 @@ on a small machine the servers, not the readers, are the bottleneck. Reports eac
 count's rate and its ratio to one replica under the same cap (issue 17).
 
     sudo python3 benches/replicas.py --bin target/dist/handoff [--replicas 1,2,3] [--cpu 0.25]
+    sudo python3 benches/replicas.py --what import ...
+
+`--what import` times a Parquet import at replica 0 instead (`import`, files spread over the
+replicas by size, each replica decoding its share under its own cap), against one replica.
 
 Needs root (namespaces, a bridge, cgroups). The readers are `handoff get` processes, one per
 rank, in the root namespace and not capped; they read every rank's shard at once, as the ranks
@@ -44,7 +48,7 @@ def quiet(*args: str) -> None:
 class Replicas:
     """n `handoff serve --peers` processes, replica i in namespace hb<i> at 10.88.0.<10+i>."""
 
-    def __init__(self, binary: str, n: int, cpu: float, tmp: Path):
+    def __init__(self, binary: str, n: int, cpu: float, tmp: Path, extra=()):
         self.n = n
         self.addrs = [f"{SUBNET}.{10 + i}" for i in range(n)]
         self.peers = [f"grpc://{a}:{PORT}" for a in self.addrs]
@@ -71,7 +75,7 @@ class Replicas:
                 ["ip", "netns", "exec", ns, binary, "serve", "--no-auth",
                  "--listen", f"{addr}:{PORT}", "--http-listen", "127.0.0.1:0",
                  "--spill-url", f"file://{spill}", "--peers", ",".join(self.peers),
-                 "--replica-index", str(i)],
+                 "--replica-index", str(i), *extra],
                 stdout=subprocess.PIPE, stderr=log, text=True,
                 env=dict(os.environ, RUST_LOG="warn"))
             # The cap holds from here on: loading and reading both run under it.
@@ -108,6 +112,33 @@ def load(endpoint: str, link: str, partitions: int, rows: int) -> int:
             client.put_partition(link, p, 0, wide_rows(p * rows, rows))
         client.commit(link, [(p, 0) for p in range(partitions)])
         return client.seal(link)["bytes"]
+
+
+def parquet_files(directory: Path, files: int, rows: int) -> int:
+    """`files` Parquet files of `rows` 1 KiB rows each (uncompressed, so that decoding, not
+    decompression, is the work); returns the bytes of Arrow data they hold."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir()
+    size = 0
+    for f in range(files):
+        batch = wide_rows(f * rows, rows)
+        size += batch.nbytes
+        pq.write_table(pa.Table.from_batches([batch]), directory / f"part-{f:04}.parquet", compression="none")
+    return size
+
+
+def import_seconds(endpoint: str, link: str, url: str) -> float:
+    """One import of every file at replica 0, committed; the wall seconds."""
+    from handoff.client import HandoffClient
+
+    with HandoffClient(endpoint) as client:
+        started = time.perf_counter()
+        client.import_parquet(link, url)
+        elapsed = time.perf_counter() - started
+        client.delete(link)
+    return elapsed
 
 
 def plan_ms(endpoint: str, link: str, world: int, batch_rows: int, calls: int = 20) -> float:
@@ -155,12 +186,15 @@ def main() -> int:
     parser.add_argument("--world", type=int, default=4, help="ranks reading at once")
     parser.add_argument("--batch-rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--what", choices=["read", "import"], default="read")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not CGROUP.is_dir():
         print("needs root, iproute2 and cgroup v1's cpu controller; nothing measured")
         return 2
     binary = str(Path(args.bin).resolve())
     counts = [int(n) for n in args.replicas.split(",")]
+    if args.what == "import":
+        return bench_import(binary, counts, args)
     print(f"{args.partitions} partitions x {args.rows} rows of 1 KiB, {args.world} ranks, "
           f"batch_rows {args.batch_rows}, each replica capped at {args.cpu} core, "
           f"{args.rounds} rounds (median)")
@@ -187,6 +221,35 @@ def main() -> int:
         cpu_per_gib = statistics.median(cpus) / (size / 2**30)
         print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} {planning:>8.2f}",
               flush=True)
+    return 0
+
+
+def bench_import(binary: str, counts: list, args) -> int:
+    print(f"import of {args.partitions} Parquet files x {args.rows} rows of 1 KiB, each replica "
+          f"capped at {args.cpu} core, {args.rounds} rounds (median)")
+    print(f"{'replicas':>8} {'MB/s':>8} {'x one':>6} {'server CPU s/GiB':>17}")
+    base = None
+    with tempfile.TemporaryDirectory(prefix="handoff-import-") as files:
+        files = Path(files)
+        os.chmod(files, 0o755)
+        size = parquet_files(files / "data", args.partitions, args.rows)
+        url = f"file://{files}/data/"
+        for n in counts:
+            with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
+                tmp = Path(tmp)
+                replicas = Replicas(binary, n, args.cpu, tmp, ["--import-allow", url])
+                try:
+                    times, cpus = [], []
+                    for r in range(args.rounds):
+                        before = replicas.cpu()
+                        times.append(import_seconds(replicas.peers[0], f"bench/import-{r}", url))
+                        cpus.append(replicas.cpu() - before)
+                finally:
+                    replicas.close()
+            rate = size / statistics.median(times) / 1e6
+            base = base or rate
+            cpu_per_gib = statistics.median(cpus) / (size / 2**30)
+            print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f}", flush=True)
     return 0
 
 
