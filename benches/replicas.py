@@ -8,6 +8,9 @@ count's rate and its ratio to one replica under the same cap (issue 17).
 
 `--what import` times a Parquet import at replica 0 instead (`import`, files spread over the
 replicas by size, each replica decoding its share under its own cap), against one replica.
+`--what streaming` times a streaming read: the ranks (`handoff get --streaming`) start before the
+first write, partitions are written and committed one by one, and the time runs until every rank
+has read the seal; ingest and reads share the caps.
 
 Needs root (namespaces, a bridge, cgroups). The readers are `handoff get` processes, one per
 rank, in the root namespace and not capped; they read every rank's shard at once, as the ranks
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +91,9 @@ class Replicas:
 
     def cpu(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def planner_cpu(self) -> float:
+        return cpu_seconds(self.procs[0].pid)
 
     def close(self) -> None:
         for proc in self.procs:
@@ -186,7 +193,9 @@ def main() -> int:
     parser.add_argument("--world", type=int, default=4, help="ranks reading at once")
     parser.add_argument("--batch-rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--what", choices=["read", "import"], default="read")
+    parser.add_argument("--what", choices=["read", "import", "streaming"], default="read")
+    parser.add_argument("--writers", type=int, default=4,
+                        help="streaming: tasks writing and committing at once")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not CGROUP.is_dir():
         print("needs root, iproute2 and cgroup v1's cpu controller; nothing measured")
@@ -195,6 +204,8 @@ def main() -> int:
     counts = [int(n) for n in args.replicas.split(",")]
     if args.what == "import":
         return bench_import(binary, counts, args)
+    if args.what == "streaming":
+        return bench_streaming(binary, counts, args)
     print(f"{args.partitions} partitions x {args.rows} rows of 1 KiB, {args.world} ranks, "
           f"batch_rows {args.batch_rows}, each replica capped at {args.cpu} core, "
           f"{args.rounds} rounds (median)")
@@ -221,6 +232,72 @@ def main() -> int:
         cpu_per_gib = statistics.median(cpus) / (size / 2**30)
         print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} {planning:>8.2f}",
               flush=True)
+    return 0
+
+
+def stream_seconds(binary: str, endpoint: str, link: str, args, tmp: Path) -> tuple:
+    """Every rank reads as the partitions commit (each written and committed by its own task,
+    `--writers` at once) until the seal; returns the bytes and the wall seconds from the first
+    write to the last rank's end."""
+    from handoff.client import HandoffClient
+
+    with HandoffClient(endpoint) as client:
+        client.create(link)
+        procs = [subprocess.Popen(
+            [binary, "get", "--link", link, "--endpoint", endpoint, "--rank", str(r),
+             "--world-size", str(args.world), "--batch-rows", str(args.batch_rows), "--streaming",
+             "--quiet", "--format", "arrow", "--out", str(tmp / f"rank{r}.arrow")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for r in range(args.world)]
+        batches = [wide_rows(p * args.rows, args.rows) for p in range(args.partitions)]
+
+        def task(p: int) -> None:
+            # One writer per task, as Spark's executors write and commit (commit=task).
+            with HandoffClient(endpoint) as writer:
+                writer.put_partition(link, p, 0, batches[p])
+                writer.commit(link, [(p, 0)])
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.writers) as pool:
+            list(pool.map(task, range(args.partitions)))
+        size = client.seal(link)["bytes"]
+        for r, proc in enumerate(procs):
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"rank {r}: {err.strip()}")
+        elapsed = time.perf_counter() - started
+        client.delete(link)
+    for r in range(args.world):
+        (tmp / f"rank{r}.arrow").unlink()
+    return size, elapsed
+
+
+def bench_streaming(binary: str, counts: list, args) -> int:
+    print(f"streaming read of {args.partitions} partitions x {args.rows} rows of 1 KiB "
+          f"({args.writers} writing at once), {args.world} ranks, batch_rows {args.batch_rows}, each replica capped at {args.cpu} "
+          f"core, {args.rounds} rounds (median)")
+    print(f"{'replicas':>8} {'MB/s':>8} {'x one':>6} {'server CPU s/GiB':>17} {'planner cores':>11}")
+    base = None
+    for n in counts:
+        with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
+            tmp = Path(tmp)
+            replicas = Replicas(binary, n, args.cpu, tmp)
+            try:
+                times, cpus, planner = [], [], []
+                for r in range(args.rounds):
+                    before, planner_before = replicas.cpu(), replicas.planner_cpu()
+                    size, took = stream_seconds(binary, replicas.peers[0], f"bench/stream-{r}",
+                                                args, tmp)
+                    times.append(took)
+                    cpus.append(replicas.cpu() - before)
+                    planner.append((replicas.planner_cpu() - planner_before) / took)
+            finally:
+                replicas.close()
+        rate = size / statistics.median(times) / 1e6
+        base = base or rate
+        cpu_per_gib = statistics.median(cpus) / (size / 2**30)
+        print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} "
+              f"{statistics.median(planner):>11.2f}", flush=True)
     return 0
 
 
