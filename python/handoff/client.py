@@ -281,19 +281,24 @@ class HandoffClient:
         # Connections to the other replicas, by index, opened when first needed.
         self._peers: Dict[int, flight.FlightClient] = {}
 
+    def _channel_options(self) -> List[Tuple[str, int]]:
+        """gRPC channel arguments of every connection this client opens."""
+        ms = self._keepalive_ms
+        return [
+            ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+            # Flow-control pings stand in for keepalive pings while data flows; they time
+            # out after a minute unless told otherwise.
+            ("grpc.http2.ping_timeout_ms", ms),
+            # A reader sends no data while it receives; by default gRPC stops pinging after
+            # two pings without data, and a dead server would go unnoticed again.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
     def _connect(self, endpoint: str) -> flight.FlightClient:
         tls_kwargs = self._tls.flight_kwargs(endpoint)
-        ms = self._keepalive_ms
         try:
-            return flight.FlightClient(endpoint, generic_options=[
-                ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
-                # Flow-control pings stand in for keepalive pings while data flows; they time
-                # out after a minute unless told otherwise.
-                ("grpc.http2.ping_timeout_ms", ms),
-                # A reader sends no data while it receives; by default gRPC stops pinging after
-                # two pings without data, and a dead server would go unnoticed again.
-                ("grpc.http2.max_pings_without_data", 0),
-            ], **tls_kwargs)
+            return flight.FlightClient(endpoint, generic_options=self._channel_options(),
+                                       **tls_kwargs)
         except (pa.ArrowException, OSError) as e:
             raise ServerUnavailable(f"bad endpoint {endpoint!r}: {e}", "invalid_argument") from e
 
@@ -711,7 +716,13 @@ class _PlannedStream:
 
     def _run(self, client, ticket, options) -> None:
         try:
-            self._reader = client.do_get(ticket, options)
+            try:
+                self._reader = client.do_get(ticket, options)
+            except pa.ArrowException as e:
+                # A replica down when the read starts is waited for like one that broke off.
+                if self._ranges is None or not _broke_off(e):
+                    raise
+                self._reader = _Broken(e)
             # Stopped while opening: `stop` may have looked before the reader was there.
             if self._stopped.is_set():
                 self._reader.cancel()
