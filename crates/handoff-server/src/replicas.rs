@@ -345,7 +345,7 @@ impl Whole {
     /// restarted replica lost partitions, `lost`.
     pub(crate) async fn stats(&self, link: &str) -> Result<serde_json::Value, Status> {
         let parts = self.parts(link).await?;
-        let mut whole = merge_stats(link, &self.replicas, &parts);
+        let mut whole = merge_stats(link, &self.replicas, &parts, self.store.instance());
         let lost = self.lost(link, &parts).await?;
         if !lost.is_empty() {
             whole["lost"] = lost
@@ -477,6 +477,7 @@ fn merge_stats(
     link: &str,
     replicas: &ReplicaConfig,
     parts: &[serde_json::Value],
+    own_instance: &str,
 ) -> serde_json::Value {
     const SUMMED: [&str; 8] = [
         "partitions",
@@ -525,10 +526,17 @@ fn merge_stats(
     if let Some(ms) = last_write {
         whole.insert("last_write_unix_ms".into(), ms.into());
     }
-    // A restart of any replica changes the whole's instance.
+    // A restart of any replica changes the whole's instance. The replica answering (the
+    // planner) gives its own even where it holds no part of the link, so that its restart
+    // shows when its part was empty before and after.
     let instances: Vec<&str> = parts
         .iter()
-        .map(|p| p["server_instance"].as_str().unwrap_or(""))
+        .enumerate()
+        .map(|(i, p)| match p["server_instance"].as_str() {
+            Some(instance) => instance,
+            None if i as u32 == replicas.index() => own_instance,
+            None => "",
+        })
         .collect();
     whole.insert("server_instance".into(), instances.join(",").into());
     let each: Vec<serde_json::Value> = parts
