@@ -121,6 +121,12 @@ def load(endpoint: str, link: str, partitions: int, rows: int) -> int:
         return client.seal(link)["bytes"]
 
 
+def figures(size: int, times: list, cpus: list) -> tuple:
+    """MB/s and server CPU seconds per GiB, from the rounds' medians."""
+    return (size / statistics.median(times) / 1e6,
+            statistics.median(cpus) / (size / 2**30))
+
+
 def parquet_files(directory: Path, files: int, rows: int) -> int:
     """`files` Parquet files of `rows` 1 KiB rows each (uncompressed, so that decoding, not
     decompression, is the work); returns the bytes of Arrow data they hold."""
@@ -227,9 +233,8 @@ def main() -> int:
                                    args.batch_rows)
             finally:
                 replicas.close()
-        rate = size / statistics.median(times) / 1e6
+        rate, cpu_per_gib = figures(size, times, cpus)
         base = base or rate
-        cpu_per_gib = statistics.median(cpus) / (size / 2**30)
         print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} {planning:>8.2f}",
               flush=True)
     return 0
@@ -274,8 +279,9 @@ def stream_seconds(binary: str, endpoint: str, link: str, args, tmp: Path) -> tu
 
 def bench_streaming(binary: str, counts: list, args) -> int:
     print(f"streaming read of {args.partitions} partitions x {args.rows} rows of 1 KiB "
-          f"({args.writers} writing at once), {args.world} ranks, batch_rows {args.batch_rows}, each replica capped at {args.cpu} "
-          f"core, {args.rounds} rounds (median)")
+          f"({args.writers} writing at once), {args.world} ranks, batch_rows "
+          f"{args.batch_rows}, each replica capped at {args.cpu} core, {args.rounds} rounds "
+          f"(median)")
     print(f"{'replicas':>8} {'MB/s':>8} {'x one':>6} {'server CPU s/GiB':>17} {'planner cores':>11}")
     base = None
     for n in counts:
@@ -293,9 +299,8 @@ def bench_streaming(binary: str, counts: list, args) -> int:
                     planner.append((replicas.planner_cpu() - planner_before) / took)
             finally:
                 replicas.close()
-        rate = size / statistics.median(times) / 1e6
+        rate, cpu_per_gib = figures(size, times, cpus)
         base = base or rate
-        cpu_per_gib = statistics.median(cpus) / (size / 2**30)
         print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} "
               f"{statistics.median(planner):>11.2f}", flush=True)
     return 0
@@ -323,9 +328,8 @@ def bench_import(binary: str, counts: list, args) -> int:
                         cpus.append(replicas.cpu() - before)
                 finally:
                     replicas.close()
-            rate = size / statistics.median(times) / 1e6
+            rate, cpu_per_gib = figures(size, times, cpus)
             base = base or rate
-            cpu_per_gib = statistics.median(cpus) / (size / 2**30)
             print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f}", flush=True)
     return 0
 
