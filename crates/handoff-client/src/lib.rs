@@ -72,6 +72,17 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The server never gave this status: the transport failed under the call (refused, reset,
+    /// or a connection that closed mid-request, which hyper reports as CANCELLED). tonic puts
+    /// the transport's error under such a status as its source; a server's own status has none.
+    pub fn from_transport(&self) -> bool {
+        match self {
+            ClientError::Status(status) => std::error::Error::source(status).is_some(),
+            ClientError::Connect { .. } | ClientError::Flight(_) => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<FlightError> for ClientError {
@@ -1046,12 +1057,11 @@ impl PartStream {
 }
 
 /// A stream that ended because its connection did, not because the server refused: the server
-/// went away (UNAVAILABLE), or the transport failed under the call, which tonic reports with
-/// the transport's error as the status's source (a server's own status has none).
+/// went away (UNAVAILABLE), or the transport failed under the call.
 fn broke_off(e: &ClientError) -> bool {
     match e {
         ClientError::Status(status) => {
-            status.code() == tonic::Code::Unavailable || std::error::Error::source(status).is_some()
+            status.code() == tonic::Code::Unavailable || e.from_transport()
         }
         _ => false,
     }

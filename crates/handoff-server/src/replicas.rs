@@ -291,13 +291,9 @@ impl ReplicaConfig {
         };
         let result = client.raw_action(action, body).await;
         // A connection that answered (even with an error status) is kept; a broken one is not.
-        // A status with a source never reached the peer's handler: the transport failed.
         let answered = match &result {
             Ok(_) => true,
-            Err(handoff_client::ClientError::Status(status)) => {
-                std::error::Error::source(status).is_none()
-            }
-            Err(_) => false,
+            Err(e) => matches!(e, handoff_client::ClientError::Status(_)) && !e.from_transport(),
         };
         if answered && let Ok(mut idle) = self.idle.lock() {
             let list = idle.entry(replica).or_default();
@@ -602,9 +598,12 @@ pub(crate) fn lost_fix(partitions: &[u64]) -> String {
 
 /// A peer's failure, as the caller's status: its code, and which replica said it.
 fn peer_status(url: &str, what: &str, e: handoff_client::ClientError) -> Status {
+    let transport = e.from_transport();
     match e {
-        // The peer's own sentence, not tonic's description of its code.
-        handoff_client::ClientError::Status(status) => Status::new(
+        // The peer's own sentence, not tonic's description of its code. A status the transport
+        // made (a connection to a replica that went down closes mid-call as CANCELLED) is the
+        // peer being unreachable, below: the caller retries that, not a cancellation.
+        handoff_client::ClientError::Status(status) if !transport => Status::new(
             status.code(),
             format!("replica {url} ({what}): {}", status.message()),
         ),
@@ -645,6 +644,41 @@ mod tests {
         assert!(err.contains("all speak TLS or all plain text"), "{err}");
         let err = ReplicaConfig::new(vec!["http://h:1".into()], 0, None).expect_err("scheme");
         assert!(err.contains("not grpc://HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn a_peer_that_went_down_mid_call_is_unavailable_not_cancelled() {
+        /// A transport failure whose cause tonic reads a code from, as it reads CANCELLED from
+        /// hyper's "operation was canceled" when a replica's connection closes under a call.
+        #[derive(Debug)]
+        struct Closed(tonic::Status);
+        impl std::fmt::Display for Closed {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("connection closed")
+            }
+        }
+        impl std::error::Error for Closed {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let url = "grpc://127.0.0.1:9000";
+        let closed = tonic::Status::from_error(Box::new(Closed(tonic::Status::cancelled(
+            "operation was canceled",
+        ))));
+        assert_eq!(closed.code(), tonic::Code::Cancelled);
+        let err = peer_status(url, "commit", handoff_client::ClientError::Status(closed));
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        assert!(err.message().contains("is unreachable from this replica"), "{err}");
+        assert!(err.message().contains("connection closed"), "{err}");
+        // The peer's own status (no source) keeps its code and sentence.
+        let own = tonic::Status::cancelled("the seal was cancelled");
+        let err = peer_status(url, "seal", handoff_client::ClientError::Status(own));
+        assert_eq!(err.code(), tonic::Code::Cancelled, "{err}");
+        assert_eq!(
+            err.message(),
+            "replica grpc://127.0.0.1:9000 (seal): the seal was cancelled"
+        );
     }
 
     #[test]
