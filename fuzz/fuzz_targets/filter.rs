@@ -1,6 +1,12 @@
 //! Filters and projections: any text a reader sends as `filter` (and any column list) is refused
-//! with a sentence, or plans and evaluates. Planning runs on a 2 MiB stack, a quarter of what the
-//! server's workers have: the size and depth limits must keep every accepted filter inside it.
+//! with a sentence, or plans and evaluates. Planning runs on an 8 MiB stack, what the server's
+//! workers have: the size and depth limits must keep every accepted filter inside it. This build
+//! leaves DataFusion and the SQL parser unoptimised, with stack frames several times those of
+//! the shipped one (40 nested `NOT`s took 2 MiB here), so that is the margin; the unit test
+//! `every_deep_shape_the_limits_allow_runs_on_a_small_stack` checks 2 MiB at the tests' opt-level.
+//!
+//! A stack overflow kills the process before libFuzzer can save the input (its handler runs on
+//! the overflowed stack): a run that dies with SIGSEGV and no artifact is most likely one.
 
 #![no_main]
 
@@ -20,7 +26,7 @@ fuzz_target!(
     |data: &[u8]| filter(data)
 );
 
-const STACK: usize = 2 << 20;
+const STACK: usize = 8 << 20;
 
 fn batch() -> RecordBatch {
     let rows = 8;

@@ -218,6 +218,79 @@ mod tests {
         assert!(err.to_string().contains("operators"), "{err}");
     }
 
+    /// Every shape that chains or nests, made as deep as the limits let it: each plans (or is
+    /// refused with a sentence) and evaluates on a 2 MiB stack. Shapes the tokenizer's count
+    /// let through unbounded once (`IN`, `AT TIME ZONE`) are among them.
+    #[test]
+    fn every_deep_shape_the_limits_allow_runs_on_a_small_stack() {
+        use crate::limits::{MAX_FILTER_BYTES, MAX_NESTING, MAX_OPERATORS, check_expression};
+        // The deepest `shape(n)` that the limits accept.
+        let deepest_of = |shape: &dyn Fn(usize) -> String| {
+            (0..=MAX_OPERATORS)
+                .rev()
+                .map(shape)
+                .find(|text| check_expression("filter", text, MAX_FILTER_BYTES).is_ok())
+                .expect("a shape the limits accept")
+        };
+        // The most copies of `unit` after `head` (and before `tail`).
+        let deepest = |head: &str, unit: &str, tail: &str| {
+            deepest_of(&|n| format!("{head}{}{tail}", unit.repeat(n)))
+        };
+        let nested = format!(
+            "{}id{} > 0",
+            "(".repeat(MAX_NESTING),
+            " + 1)".repeat(MAX_NESTING)
+        );
+        let shapes = [
+            deepest("id", " IN (1)", ""),
+            deepest("id", " + 1", " > 0"),
+            deepest("", "NOT ", "id = 1"),
+            deepest("", "- ", "id > 0"),
+            deepest("score", " AT TIME ZONE 'UTC'", " IS NULL"),
+            deepest("id", "::BIGINT", " > 0"),
+            deepest("id IS NULL", " IS NULL", ""),
+            deepest_of(&|n| {
+                format!(
+                    "{}TRUE{}",
+                    "CASE WHEN id > 0 THEN ".repeat(n),
+                    " END".repeat(n)
+                )
+            }),
+            deepest("split", " || 'x'", " = 'x'"),
+            nested,
+        ];
+        for sql in shapes {
+            let shown = sql.chars().take(60).collect::<String>();
+            let worker = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || {
+                    let batch = RecordBatch::try_new(
+                        schema(),
+                        vec![
+                            Arc::new(Int64Array::from(vec![-1, 0, 1])),
+                            Arc::new(StringArray::from(vec![Some("a"), None, Some("x")])),
+                            Arc::new(Float64Array::from(vec![Some(0.5), None, Some(1.0)])),
+                        ],
+                    )
+                    .expect("batch");
+                    match plan_read(&schema(), &[], &sql) {
+                        Ok(query) => {
+                            let filter = query.filter.expect("filter");
+                            let input = batch.project(filter.columns()).expect("columns");
+                            filter.evaluate(&input).map(|mask| mask.len()).ok()
+                        }
+                        Err(e) => {
+                            assert!(e.to_string().starts_with("filter '"), "{e}");
+                            None
+                        }
+                    }
+                })
+                .expect("spawn");
+            let evaluated = worker.join().expect("no overflow");
+            assert!(evaluated.is_none_or(|rows| rows == 3), "{shown}…");
+        }
+    }
+
     fn arrow_select_free_true_count(a: &BooleanArray) -> usize {
         (0..a.len())
             .filter(|&i| a.is_valid(i) && a.value(i))
