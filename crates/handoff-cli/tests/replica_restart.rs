@@ -2,6 +2,7 @@
 //! the middle of the read: started again restoring its snapshot, the Rust client's read goes on
 //! from the first row that replica had not sent and yields exactly what an undisturbed read
 //! does; started again without its snapshot, the read fails with DATA_LOSS saying what is lost.
+//! A replica already down when a read starts is waited for the same way.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -288,6 +289,49 @@ async fn a_read_goes_on_over_a_replica_restarted_from_its_snapshot() {
         "a replica restarted"
     );
     assert_eq!(stats.replicas[victim].rows, sealed.replicas[victim].rows);
+
+    // Down when the read starts, and back from its snapshot a moment later: the read waits
+    // for it and gives the same batches.
+    replicas.crash(victim);
+    let endpoint = replicas.endpoints[0].clone();
+    let read = tokio::spawn(async move {
+        let mut reader = HandoffClient::connect(&endpoint, Some(READER.into()))
+            .await
+            .expect("connect");
+        let mut batches = reader.shard_batches(shard()).await?;
+        let mut got = Vec::new();
+        while let Some(batch) = batches.next().await {
+            got.push(ids(&batch?));
+        }
+        Ok::<_, ClientError>(got)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if read.is_finished() {
+        panic!("the read did not wait for the replica: {:?}", read.await);
+    }
+    replicas.launch(victim, true);
+    let got = read.await.expect("the read's task").expect("the read");
+    assert_eq!(got, want, "the same batches as an undisturbed read");
+
+    // Down for longer than the reader waits: it says which replica, and what to do.
+    replicas.crash(victim);
+    let mut config =
+        handoff_client::ClientConfig::new(&replicas.endpoints[0], Some(READER.into()));
+    config.resume_within = Duration::from_millis(300);
+    let mut impatient = HandoffClient::connect_with(config).await.expect("connect");
+    let error = match impatient.shard_batches(shard()).await {
+        Ok(_) => panic!("a read with a replica down"),
+        Err(e) => e,
+    };
+    assert_eq!(error.code(), Some(tonic::Code::Unavailable), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("the planner could not plan this read within 300ms")
+            && text.contains(&format!("replica {} (", replicas.endpoints[victim]))
+            && text.contains("is unreachable"),
+        "{text}"
+    );
+    replicas.launch(victim, true);
 
     // Back without its part: the read says what is lost.
     let (got, error) = crash_midway(&mut replicas, victim, false).await;

@@ -79,7 +79,7 @@ impl ClientError {
     pub fn from_transport(&self) -> bool {
         match self {
             ClientError::Status(status) => std::error::Error::source(status).is_some(),
-            ClientError::Connect { .. } | ClientError::Flight(_) => true,
+            ClientError::Connect { .. } => true,
             _ => false,
         }
     }
@@ -805,7 +805,7 @@ impl HandoffClient {
             let stream = self.read_shard(shard).await?;
             return Ok(stream.map_err(ClientError::from).boxed());
         }
-        let info = self.shard_info(&shard).await?;
+        let info = self.plan_over_replicas(&shard).await?;
         // A streaming read: every replica's part at once, batches as they come.
         if serde_json::from_slice::<serde_json::Value>(&info.app_metadata)
             .is_ok_and(|about| about["streaming"] == true)
@@ -834,10 +834,8 @@ impl HandoffClient {
                 source,
             })?;
         let mut streams = Vec::with_capacity(info.endpoint.len());
-        let resume_within = self.config.resume_within;
         for endpoint in &info.endpoint {
-            let (client, ticket) = self.endpoint_client(endpoint).await?;
-            streams.push(PartStream::open(client, ticket, resume_within).await?);
+            streams.push(self.open_part(endpoint).await?);
         }
         let reader = PlanReader {
             pending: vec![None; streams.len()],
@@ -848,6 +846,78 @@ impl HandoffClient {
             reader.next().await.map(|item| (item, reader))
         })
         .boxed())
+    }
+
+    /// One endpoint of a sealed read over replicas. A replica down when the read reaches it
+    /// (a pod restarting) is waited for, as one that breaks off mid-read is, for up to
+    /// `resume_within`.
+    async fn open_part(&mut self, endpoint: &arrow_flight::FlightEndpoint) -> Result<PartStream> {
+        let resume_within = self.config.resume_within;
+        let mut patience = Patience::new(resume_within);
+        loop {
+            let opened = match self.endpoint_client(endpoint).await {
+                Ok((client, ticket)) => PartStream::open(client, ticket, resume_within).await,
+                Err(e) => Err(e),
+            };
+            let e = match opened {
+                Err(e) if broke_off(&e) => e,
+                opened => return opened,
+            };
+            if !patience.wait().await {
+                let at = endpoint.location.first().map_or("", |l| l.uri.as_str());
+                return Err(ClientError::Status(tonic::Status::unavailable(format!(
+                    "the replica at {at} holds rows of this shard and did not answer within \
+                     {resume_within:?} ({e}); once it is back, read the shard again"
+                ))));
+            }
+        }
+    }
+
+    /// The planner's FlightInfo of a read over replicas. The planner asks every replica for its
+    /// part, so a replica restarting makes it answer UNAVAILABLE for a moment; that (and a
+    /// planner restarting) is waited for, for up to `resume_within`, like a replica that
+    /// breaks off mid-read.
+    async fn plan_over_replicas(&mut self, shard: &ReadShard) -> Result<FlightInfo> {
+        let mut patience = Patience::new(self.config.resume_within);
+        loop {
+            match self.shard_info(shard).await {
+                Err(e) if broke_off(&e) => {
+                    if !patience.wait().await {
+                        return Err(ClientError::Status(tonic::Status::unavailable(format!(
+                            "the planner could not plan this read within {:?}: {e}",
+                            self.config.resume_within
+                        ))));
+                    }
+                }
+                planned => return planned,
+            }
+        }
+    }
+}
+
+/// Pauses between tries, 0.1 s doubling to 2 s, for up to a deadline.
+struct Patience {
+    deadline: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Patience {
+    fn new(within: Duration) -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + within,
+            pause: Duration::from_millis(100),
+        }
+    }
+
+    /// Pause before the next try; false (at once) once the deadline has passed.
+    async fn wait(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.pause.min(self.deadline - now)).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+        true
     }
 }
 
@@ -1007,11 +1077,9 @@ impl PartStream {
             }
             .encode_to_vec(),
         );
-        let deadline = tokio::time::Instant::now() + self.resume_within;
-        let mut pause = Duration::from_millis(100);
-        let mut last;
+        let mut patience = Patience::new(self.resume_within);
         loop {
-            match self
+            let e = match self
                 .flight
                 .do_get(ticket.clone())
                 .await
@@ -1021,48 +1089,42 @@ impl PartStream {
                     self.stream = stream;
                     return Ok(());
                 }
-                Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-                    return Err(ClientError::Status(tonic::Status::data_loss(format!(
-                        "the replica at {} broke off this read after {} of its {} rows and came \
-                         back without link '{}' (it restarted with no snapshot to restore): the \
-                         other {} rows of this rank's shard are lost; write the link again, or \
-                         run its replicas with --snapshot-on-seal and --restore-from ({})",
-                        self.endpoint,
-                        self.received,
-                        ranges.rows(),
-                        ranges.link,
-                        rest.rows(),
-                        e
-                    ))));
-                }
-                Err(e) if broke_off(&e) => last = e,
-                Err(e) => return Err(e),
+                Err(e) => e,
+            };
+            if e.code() == Some(tonic::Code::NotFound) {
+                return Err(ClientError::Status(tonic::Status::data_loss(format!(
+                    "the replica at {} broke off this read after {} of its {} rows and came \
+                     back without link '{}' (it restarted with no snapshot to restore): the \
+                     other {} rows of this rank's shard are lost; write the link again, or \
+                     run its replicas with --snapshot-on-seal and --restore-from ({})",
+                    self.endpoint,
+                    self.received,
+                    ranges.rows(),
+                    ranges.link,
+                    rest.rows(),
+                    e
+                ))));
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if !broke_off(&e) {
+                return Err(e);
+            }
+            if !patience.wait().await {
                 return Err(ClientError::Status(tonic::Status::unavailable(format!(
                     "the replica at {} broke off this read after {} of its {} rows and did not \
-                     answer again within {} s ({last}); once it is back, read the shard again \
+                     answer again within {:?} ({e}); once it is back, read the shard again \
                      (or resume it from the batch reached)",
                     self.endpoint,
                     self.received,
                     ranges.rows(),
-                    self.resume_within.as_secs()
+                    self.resume_within
                 ))));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 }
 
-/// A stream that ended because its connection did, not because the server refused: the server
-/// went away (UNAVAILABLE), or the transport failed under the call.
+/// A call that ended because its connection did (or never got one), not because the server
+/// refused: the server went away (UNAVAILABLE), or the transport failed under the call.
 fn broke_off(e: &ClientError) -> bool {
-    match e {
-        ClientError::Status(status) => {
-            status.code() == tonic::Code::Unavailable || e.from_transport()
-        }
-        _ => false,
-    }
+    e.code() == Some(tonic::Code::Unavailable) || e.from_transport()
 }
