@@ -396,7 +396,8 @@ impl Whole {
         };
         let mut expected: BTreeMap<u32, HashSet<u64>> = Default::default();
         let mut stale: BTreeMap<u32, BTreeSet<u64>> = Default::default();
-        for (record, instances) in applied {
+        for commit in &applied {
+            let (record, instances) = &**commit;
             if record.replace {
                 expected.clear();
                 stale.clear();

@@ -10,8 +10,10 @@
 //! names sort in commit order.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use object_store::ObjectMeta;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,9 @@ pub struct CommitRecord {
     #[serde(default)]
     pub instances: BTreeMap<u32, String>,
 }
+
+/// An applied commit: its record, and each owner's server instance when it applied its part.
+pub type AppliedCommit = (CommitRecord, BTreeMap<u32, String>);
 
 /// The abandoned marker's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -161,17 +166,23 @@ impl ObjectStorage {
     }
 
     /// Every applied commit of one link, in commit order, with the owners' instances when it
-    /// was applied.
-    pub async fn applied_commits(
-        &self,
-        link: &str,
-    ) -> Result<Vec<(CommitRecord, BTreeMap<u32, String>)>> {
-        let objects = self.list(&self.commits_dir(link)).await?;
-        let mut applied = Vec::new();
-        for meta in objects
+    /// was applied. A record and its marker never change once the marker is written, and over
+    /// replicas every plan and stats call goes through all of a link's applied commits: so each
+    /// is read from object storage once and kept decoded (a job of thousands of task commits
+    /// would otherwise cost two reads per commit per rank's plan). A call lists the records.
+    pub async fn applied_commits(&self, link: &str) -> Result<Vec<Arc<AppliedCommit>>> {
+        let dir = self.commits_dir(link);
+        let objects = self.list(&dir).await?;
+        let markers: Vec<&ObjectMeta> = objects
             .iter()
             .filter(|m| m.location.extension() == Some("applied"))
-        {
+            .collect();
+        let mut applied = Vec::with_capacity(markers.len());
+        for meta in &markers {
+            if let Some(commit) = self.decoded.get::<AppliedCommit>(meta) {
+                applied.push(commit);
+                continue;
+            }
             let record_path = with_extension(&meta.location, "json");
             let bad = |what: &str, e: serde_json::Error| StoreError::CommitRecord {
                 link: link.to_string(),
@@ -181,9 +192,12 @@ impl ObjectStorage {
                 .map_err(|e| bad("the record of", e))?;
             let marker: Applied = serde_json::from_slice(&self.get(&meta.location).await?)
                 .map_err(|e| bad("the applied marker", e))?;
-            applied.push((record, marker.instances));
+            let commit = Arc::new((record, marker.instances));
+            self.decoded.put(meta, Arc::clone(&commit));
+            applied.push(commit);
         }
-        applied.sort_by_key(|(record, _)| record.seq);
+        self.decoded.retain_under(&dir, &markers);
+        applied.sort_by_key(|commit| commit.0.seq);
         Ok(applied)
     }
 
@@ -233,7 +247,9 @@ impl ObjectStorage {
 
     /// Remove a link's commit records, when the link is deleted.
     pub async fn forget_commits(&self, link: &str) -> Result<usize> {
-        self.remove_prefix(&self.commits_dir(link)).await
+        let dir = self.commits_dir(link);
+        self.decoded.retain_under(&dir, &[]);
+        self.remove_prefix(&dir).await
     }
 }
 
@@ -294,6 +310,10 @@ mod tests {
         assert_eq!(applied.len(), 1);
         assert_eq!(applied[0].0, first);
         assert_eq!(applied[0].1[&0], "i0");
+        // Read once: a second call takes the same commit from the cache.
+        let again = storage.applied_commits("team/a").await.expect("applied");
+        assert!(Arc::ptr_eq(&applied[0], &again[0]));
+        assert_eq!(storage.decoded.len(), 1);
         let pending = storage.pending_commits().await.expect("pending");
         assert_eq!(pending, vec![other.clone(), second.clone()]);
         // An abandoned record is settled too, and never counted as applied.
@@ -313,6 +333,7 @@ mod tests {
         );
         assert_eq!(storage.forget_commits("team/a").await.expect("forget"), 4);
         assert_eq!(storage.pending_commits().await.expect("pending").len(), 1);
+        assert_eq!(storage.decoded.len(), 0, "the link's commits left the cache");
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ mod spill;
 mod storage;
 mod store;
 
-pub use commits::CommitRecord;
+pub use commits::{AppliedCommit, CommitRecord};
 pub use error::{Result, StoreError, echo, head};
 pub use incoming::IncomingMemory;
 pub use ipc::{Frame, SchemaFrame};

@@ -2,8 +2,10 @@
 //! stream (schema, the stored frames byte for byte, end-of-stream), readable by any Arrow
 //! library. Spill and snapshot both build on this; it knows frames but not partitions or links.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
@@ -31,6 +33,51 @@ pub struct ObjectStorage {
     /// For `file://`: the directory named by the URL. What we write below it is kept private
     /// (files 0600, directories 0700): spilled partitions and snapshots are tenants' data.
     local_root: Option<std::path::PathBuf>,
+    /// Objects that never change once written, already read and decoded (shared by clones).
+    pub(crate) decoded: DecodedCache,
+}
+
+/// Decoded objects by path, each used only while a listing shows the object unchanged (one
+/// deleted and written again under the same name has a new modification time and tag). For
+/// objects that are written once and then only read or removed.
+#[derive(Default, Clone)]
+pub(crate) struct DecodedCache(Arc<Mutex<HashMap<Path, (ObjectMeta, Arc<dyn Any + Send + Sync>)>>>);
+
+impl std::fmt::Debug for DecodedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecodedCache({} objects)", self.len())
+    }
+}
+
+impl DecodedCache {
+    /// The decoded object, if `listed` is what was decoded.
+    pub(crate) fn get<T: Any + Send + Sync>(&self, listed: &ObjectMeta) -> Option<Arc<T>> {
+        let cache = self.0.lock().ok()?;
+        let (seen, value) = cache.get(&listed.location)?;
+        if seen != listed {
+            return None;
+        }
+        Arc::clone(value).downcast::<T>().ok()
+    }
+
+    pub(crate) fn put<T: Any + Send + Sync>(&self, listed: &ObjectMeta, value: Arc<T>) {
+        if let Ok(mut cache) = self.0.lock() {
+            cache.insert(listed.location.clone(), (listed.clone(), value));
+        }
+    }
+
+    /// Drop what is under `dir` and not in `listed` (removed since).
+    pub(crate) fn retain_under(&self, dir: &Path, listed: &[&ObjectMeta]) {
+        if let Ok(mut cache) = self.0.lock() {
+            cache.retain(|path, _| {
+                !path.prefix_matches(dir) || listed.iter().any(|m| &m.location == path)
+            });
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().map_or(0, |cache| cache.len())
+    }
 }
 
 fn storage_error(url: &str, source: object_store::Error) -> StoreError {
@@ -64,6 +111,7 @@ impl ObjectStorage {
             local_root: (parsed.scheme() == "file")
                 .then(|| parsed.to_file_path().ok())
                 .flatten(),
+            decoded: Default::default(),
         })
     }
 

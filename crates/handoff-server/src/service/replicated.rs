@@ -222,9 +222,9 @@ impl HandoffService {
             .applied_commits(link)
             .await
             .map_err(status_of)?
-            .into_iter()
-            .filter(|(r, _)| r.seq < record.seq)
-            .flat_map(|(r, _)| r.attempts)
+            .iter()
+            .filter(|commit| commit.0.seq < record.seq)
+            .flat_map(|commit| commit.0.attempts.iter().copied())
             .collect();
         let revert: Vec<(u64, u64)> = record
             .attempts
