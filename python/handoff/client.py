@@ -517,22 +517,36 @@ class HandoffClient:
 
     def _plan(self, request: ShardRequest, wait_seal: Optional[float]) -> flight.FlightInfo:
         """The read's FlightInfo from replica 0, asked again with a growing pause until the link
-        is sealed on every replica, within `wait_seal` seconds."""
+        is sealed on every replica, within `wait_seal` seconds. The planner asks every replica
+        for its part, so a replica restarting (or the planner) makes it unavailable for a
+        moment: that is waited for too, for up to `resume_within` seconds, like a replica that
+        breaks off mid-read."""
         if wait_seal is None:
             wait_seal = self._timeout if self._timeout is not None else DEFAULT_WAIT_SEAL_SECONDS
         deadline = time.monotonic() + wait_seal
+        down_until: Optional[float] = None  # since the first unavailable answer
         pause = 0.1
         while True:
             try:
                 return self.shard_info(request)
             except HandoffError as e:
-                left = deadline - time.monotonic()
-                if _NOT_SEALED not in str(e):
+                now = time.monotonic()
+                if _NOT_SEALED in str(e):
+                    left = deadline - now
+                    if left <= 0:
+                        raise HandoffError(
+                            f"{e} (waited {wait_seal:g} s for the seal; seal the link, or wait "
+                            f"longer with read_shard(wait_seal=...) or the client's timeout=)",
+                            e.code) from e
+                elif e.code == "unavailable":
+                    down_until = down_until or now + self._resume_within
+                    left = down_until - now
+                    if left <= 0:
+                        raise HandoffError(
+                            f"the planner could not plan this read within "
+                            f"{self._resume_within:g} s: {e}", e.code) from e
+                else:
                     raise
-                if left <= 0:
-                    raise HandoffError(
-                        f"{e} (waited {wait_seal:g} s for the seal; seal the link, or wait longer "
-                        f"with read_shard(wait_seal=...) or the client's timeout=)", e.code) from e
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, 2.0)
 

@@ -613,8 +613,9 @@ def test_a_read_over_replicas_waits_for_the_seal(cluster):
 def test_a_read_over_replicas_goes_on_when_a_replica_restarts_from_its_snapshot():
     """A replica SIGKILLed in the middle of a rank's read, and started again restoring its
     snapshot: the read goes on from the first row that replica had not sent, and yields exactly
-    what an undisturbed read does. Started again without its snapshot, the read fails with
-    DATA_LOSS saying how many rows are lost."""
+    what an undisturbed read does; a read that starts while the replica is down waits for it.
+    Started again without its snapshot, the read fails with DATA_LOSS saying how many rows are
+    lost."""
     with replicas(extra=("--snapshot-on-seal",)) as c:
         link = fresh_link("resume")
         # 1 KiB rows, about 8 MiB per replica: more than the transport and the read-ahead hold,
@@ -662,6 +663,31 @@ def test_a_read_over_replicas_goes_on_when_a_replica_restarts_from_its_snapshot(
                                                b.column(0).to_pylist()] for b in got)
         # The restarted replica sent the rest: the read did go on there, not from a buffer.
         assert 0 < served_rows(c, victim) < held[victim], held
+
+        # Down when the read starts, and back from its snapshot a second later: the read waits
+        # for it (the planner cannot plan without it) and yields the same batches.
+        restore = ["--restore-from", c.spills[victim].as_uri()]
+        c.crash(victim)
+        relaunch = threading.Timer(1.0, c.launch, args=(victim, restore))
+        started = time.monotonic()
+        relaunch.start()
+        try:
+            with HandoffClient(c.endpoints[0], c.reader) as reader:
+                waited = [b.column(0).to_pylist() for b in reader.read_shard(request)]
+        finally:
+            relaunch.join()
+        c.wait_ready()
+        assert waited == want and time.monotonic() - started >= 1.0
+
+        # Down for longer than the reader waits: it says so, and what it was told.
+        c.crash(victim)
+        with HandoffClient(c.endpoints[0], c.reader, resume_within=0.3) as reader:
+            with pytest.raises(HandoffError, match=r"the planner could not plan this read "
+                               r"within 0.3 s: .*unreachable") as down:
+                next(reader.read_shard(request))
+        assert down.value.code == "unavailable"
+        c.launch(victim, restore)
+        c.wait_ready()
 
         with NarrowWindow(c.endpoints[0], c.reader) as reader:
             got, rest = crash_midway(reader, restore=False)
