@@ -11,6 +11,9 @@ replicas by size, each replica decoding its share under its own cap), against on
 `--what streaming` times a streaming read: the ranks (`handoff get --streaming`) start before the
 first write, partitions are written and committed one by one, and the time runs until every rank
 has read the seal; ingest and reads share the caps.
+`--what plan` times one rank's plan at the planner against the number of commits the link was
+written in (`--commits`, one partition each, as Spark tasks commit): the first plan after the
+planner restarts reads every applied commit record from object storage, later ones keep them.
 
 Needs root (namespaces, a bridge, cgroups). The readers are `handoff get` processes, one per
 rank, in the root namespace and not capped; they read every rank's shard at once, as the ranks
@@ -91,6 +94,22 @@ class Replicas:
 
     def cpu(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.procs)
+
+    def restart_planner(self, tmp: Path) -> None:
+        """SIGTERM replica 0 and start it again, restoring its snapshots: a planner with
+        nothing in memory but what it restored."""
+        proc = self.procs[0]
+        proc.terminate()
+        proc.wait(timeout=60)
+        command = proc.args + ["--restore-from", f"file://{tmp / 'r0'}"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                                stderr=open(tmp / "r0-again.log", "w"), text=True,
+                                env=dict(os.environ, RUST_LOG="warn"))
+        (CGROUP / "handoff-bench-r0" / "cgroup.procs").write_text(str(proc.pid))
+        line = proc.stdout.readline()
+        if not line.startswith("handoff listening"):
+            raise RuntimeError(f"replica 0 did not start again: {line!r}; see {tmp}/r0-again.log")
+        self.procs[0] = proc
 
     def planner_cpu(self) -> float:
         return cpu_seconds(self.procs[0].pid)
@@ -199,7 +218,10 @@ def main() -> int:
     parser.add_argument("--world", type=int, default=4, help="ranks reading at once")
     parser.add_argument("--batch-rows", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--what", choices=["read", "import", "streaming"], default="read")
+    parser.add_argument("--what", choices=["read", "import", "streaming", "plan"],
+                        default="read")
+    parser.add_argument("--commits", default="10,100,1000",
+                        help="plan: commit counts to measure")
     parser.add_argument("--writers", type=int, default=4,
                         help="streaming: tasks writing and committing at once")
     args = parser.parse_args()
@@ -212,6 +234,8 @@ def main() -> int:
         return bench_import(binary, counts, args)
     if args.what == "streaming":
         return bench_streaming(binary, counts, args)
+    if args.what == "plan":
+        return bench_plan(binary, max(counts), args)
     print(f"{args.partitions} partitions x {args.rows} rows of 1 KiB, {args.world} ranks, "
           f"batch_rows {args.batch_rows}, each replica capped at {args.cpu} core, "
           f"{args.rounds} rounds (median)")
@@ -303,6 +327,32 @@ def bench_streaming(binary: str, counts: list, args) -> int:
         base = base or rate
         print(f"{n:>8} {rate:>8.0f} {rate / base:>6.2f} {cpu_per_gib:>17.2f} "
               f"{statistics.median(planner):>11.2f}", flush=True)
+    return 0
+
+
+def bench_plan(binary: str, n: int, args) -> int:
+    from handoff.client import HandoffClient
+
+    print(f"one rank's plan at the planner of {n} replicas (each capped at {args.cpu} core), "
+          f"against the commits the link was written in; 100 rows each, world {args.world}")
+    print(f"{'commits':>8} {'first plan ms':>14} {'later plans ms':>15} {'first / later':>14}")
+    for commits in [int(c) for c in args.commits.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="handoff-replicas-") as tmp:
+            tmp = Path(tmp)
+            replicas = Replicas(binary, n, args.cpu, tmp, ["--snapshot-on-seal"])
+            try:
+                link = "bench/commits"
+                with HandoffClient(replicas.peers[0]) as client:
+                    for p in range(commits):
+                        client.put_partition(link, p, 0, wide_rows(p * 100, 100))
+                        client.commit(link, [(p, 0)])
+                    client.seal(link)
+                replicas.restart_planner(tmp)
+                first = plan_ms(replicas.peers[0], link, args.world, 100, calls=1)
+                later = plan_ms(replicas.peers[0], link, args.world, 100)
+            finally:
+                replicas.close()
+        print(f"{commits:>8} {first:>14.1f} {later:>15.1f} {first / later:>14.1f}", flush=True)
     return 0
 
 
