@@ -68,10 +68,9 @@ impl DecodedCache {
 
     /// Drop what is under `dir` and not in `listed` (removed since).
     pub(crate) fn retain_under(&self, dir: &Path, listed: &[&ObjectMeta]) {
+        let listed: std::collections::HashSet<&Path> = listed.iter().map(|m| &m.location).collect();
         if let Ok(mut cache) = self.0.lock() {
-            cache.retain(|path, _| {
-                !path.prefix_matches(dir) || listed.iter().any(|m| &m.location == path)
-            });
+            cache.retain(|path, _| !path.prefix_matches(dir) || listed.contains(path));
         }
     }
 
