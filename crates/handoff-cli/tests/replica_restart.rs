@@ -315,8 +315,7 @@ async fn a_read_goes_on_over_a_replica_restarted_from_its_snapshot() {
 
     // Down for longer than the reader waits: it says which replica, and what to do.
     replicas.crash(victim);
-    let mut config =
-        handoff_client::ClientConfig::new(&replicas.endpoints[0], Some(READER.into()));
+    let mut config = handoff_client::ClientConfig::new(&replicas.endpoints[0], Some(READER.into()));
     config.resume_within = Duration::from_millis(300);
     let mut impatient = HandoffClient::connect_with(config).await.expect("connect");
     let error = match impatient.shard_batches(shard()).await {

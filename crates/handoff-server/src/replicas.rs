@@ -670,7 +670,10 @@ mod tests {
         assert_eq!(closed.code(), tonic::Code::Cancelled);
         let err = peer_status(url, "commit", handoff_client::ClientError::Status(closed));
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-        assert!(err.message().contains("is unreachable from this replica"), "{err}");
+        assert!(
+            err.message().contains("is unreachable from this replica"),
+            "{err}"
+        );
         assert!(err.message().contains("connection closed"), "{err}");
         // The peer's own status (no source) keeps its code and sentence.
         let own = tonic::Status::cancelled("the seal was cancelled");

@@ -254,7 +254,10 @@ async fn deep_filters_and_sql_are_refused_and_the_allowed_depth_runs() {
     let in_chain = format!("id{}", " IN (1)".repeat(2300));
     let err = read_refusal(&mut reader, shard(in_chain.clone())).await;
     assert_eq!(code(&err), Some(Code::InvalidArgument), "{err}");
-    assert!(err.to_string().contains("operators; the limit is 256"), "{err}");
+    assert!(
+        err.to_string().contains("operators; the limit is 256"),
+        "{err}"
+    );
 
     let mut sql = arrow_flight::sql::client::FlightSqlServiceClient::new(server.channel().await);
     sql.set_header("authorization", format!("Bearer {READER}"));

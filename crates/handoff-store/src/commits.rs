@@ -333,7 +333,11 @@ mod tests {
         );
         assert_eq!(storage.forget_commits("team/a").await.expect("forget"), 4);
         assert_eq!(storage.pending_commits().await.expect("pending").len(), 1);
-        assert_eq!(storage.decoded.len(), 0, "the link's commits left the cache");
+        assert_eq!(
+            storage.decoded.len(),
+            0,
+            "the link's commits left the cache"
+        );
     }
 
     #[tokio::test]
