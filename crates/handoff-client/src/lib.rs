@@ -903,8 +903,13 @@ struct Patience {
 
 impl Patience {
     fn new(within: Duration) -> Self {
+        let now = tokio::time::Instant::now();
         Self {
-            deadline: tokio::time::Instant::now() + within,
+            // `within` is the user's (ClientConfig::resume_within): Duration::MAX would overflow
+            // an Instant, and means "wait as long as it takes" (a century will do).
+            deadline: now
+                .checked_add(within)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600)),
             pause: Duration::from_millis(100),
         }
     }
@@ -1127,4 +1132,19 @@ impl PartStream {
 /// refused: the server went away (UNAVAILABLE), or the transport failed under the call.
 fn broke_off(e: &ClientError) -> bool {
     e.code() == Some(tonic::Code::Unavailable) || e.from_transport()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn patience_takes_any_duration_and_ends_at_its_deadline() {
+        // The user's duration: the largest one must not overflow the deadline.
+        let mut forever = Patience::new(Duration::MAX);
+        assert!(forever.deadline > tokio::time::Instant::now() + Duration::from_secs(3600));
+        let mut none = Patience::new(Duration::ZERO);
+        assert!(!none.wait().await);
+        assert!(forever.wait().await);
+    }
 }
